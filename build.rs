@@ -1,0 +1,25 @@
+//! Generates the gRPC code and the descriptor set served by reflection.
+//! `protoc` comes from the `protoc-bin-vendored` crate: no system protoc needed.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path()?;
+        // Edition 2024 marks set_var unsafe; a build script is single-threaded and
+        // prost-build reads PROTOC from the environment.
+        unsafe { env::set_var("PROTOC", protoc) };
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("m2m_descriptor.bin"))
+        .compile_protos(
+            &[
+                "proto/m2m/gateway/v1/gateway.proto",
+                "proto/m2m/demo/v1/echo.proto",
+            ],
+            &["proto"],
+        )?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,2 @@
+//! m2m-gateway
+#![forbid(unsafe_code)]
