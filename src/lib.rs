@@ -1,2 +1,13 @@
-//! m2m-gateway
+//! # m2m-gateway
+//!
+//! A gRPC machine-to-machine auth gateway in front of Amazon Cognito: a caching,
+//! coalescing broker for the OAuth 2.0 `client_credentials` grant (`GetToken`) and
+//! an RS256 access-token validator (`Validate`) that follows AWS's verification
+//! steps and RFC 8725.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod emulator;
+pub mod jwt;
+pub mod registry;

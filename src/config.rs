@@ -1,0 +1,784 @@
+//! Typed configuration: loading (TOML + `M2M_GATEWAY__SECTION__KEY` environment
+//! overrides), derivation of the Cognito URLs, validation, and a redacted view for
+//! `check-config`.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+use url::Url;
+
+use crate::registry::{self, ScopeError};
+
+/// Prefix of the environment variables that override configuration keys:
+/// `M2M_GATEWAY__SERVER__LISTEN=127.0.0.1:6000` sets `[server] listen`.
+pub const ENV_PREFIX: &str = "M2M_GATEWAY__";
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The Cognito user pool the gateway fronts.
+    pub cognito: CognitoConfig,
+    /// Token validation settings.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    /// Token cache settings.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Abuse limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The registry of third-party clients.
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Admin HTTP listener (metrics, health); off when unset.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// TLS on the gRPC listener.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Longest time one RPC may take, in milliseconds (a smaller `grpc-timeout` wins).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// How long SIGTERM waits for in-flight calls before exiting, in milliseconds.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_listen: None,
+            tls: None,
+            request_timeout_ms: default_request_timeout_ms(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+        }
+    }
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle; set = client certificates required (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[cognito]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CognitoConfig {
+    /// AWS Region of the user pool, e.g. `us-east-1`.
+    pub region: String,
+    /// The user pool id, e.g. `us-east-1_AbCdEf123`.
+    pub user_pool_id: String,
+    /// The user pool domain; the token endpoint is `domain + /oauth2/token`.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Overrides the derived token endpoint.
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    /// Overrides the derived issuer.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Overrides the derived JWKS URI.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// TCP connect timeout for Cognito calls, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Total timeout of one token request (retry included), in milliseconds.
+    #[serde(default = "default_total_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Total timeout of one JWKS fetch, in milliseconds.
+    #[serde(default = "default_jwks_timeout_ms")]
+    pub jwks_timeout_ms: u64,
+}
+
+/// `[validation]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[serde(default = "default_leeway_secs")]
+    pub leeway_secs: u64,
+    /// Tokens longer than this are rejected as malformed before any decoding.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// Minimum time between two JWKS refetches caused by unknown `kid`s, in seconds.
+    #[serde(default = "default_jwks_cooldown_secs")]
+    pub jwks_cooldown_secs: u64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            leeway_secs: default_leeway_secs(),
+            max_token_bytes: default_max_token_bytes(),
+            jwks_cooldown_secs: default_jwks_cooldown_secs(),
+        }
+    }
+}
+
+/// Cache backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    /// In-process cache (the default).
+    #[default]
+    Memory,
+    /// Fleet-wide cache on Redis.
+    Redis,
+}
+
+/// `[cache]`.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// `memory` (default) or `redis`.
+    #[serde(default)]
+    pub backend: CacheBackend,
+    /// Redis URL, with `backend = "redis"`.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// Base64 of 32 bytes; encrypts cached tokens and keys the secret verifiers.
+    #[serde(default, serialize_with = "redact_opt")]
+    pub encryption_key: Option<SecretString>,
+    /// Most (client, scope set) entries kept in memory.
+    #[serde(default = "default_max_entries")]
+    pub max_entries: u64,
+    /// Share of a token's lifetime after which it is refreshed (AWS advises 0.75).
+    #[serde(default = "default_refresh_ratio")]
+    pub refresh_ratio: f64,
+    /// A token with less life than this is never handed out, in seconds.
+    #[serde(default = "default_min_remaining_secs")]
+    pub min_remaining_secs: u64,
+}
+
+impl fmt::Debug for CacheConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheConfig")
+            .field("backend", &self.backend)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "..."))
+            .field(
+                "encryption_key",
+                &self.encryption_key.as_ref().map(|_| "..."),
+            )
+            .field("max_entries", &self.max_entries)
+            .field("refresh_ratio", &self.refresh_ratio)
+            .field("min_remaining_secs", &self.min_remaining_secs)
+            .finish()
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            backend: CacheBackend::Memory,
+            redis_url: None,
+            encryption_key: None,
+            max_entries: default_max_entries(),
+            refresh_ratio: default_refresh_ratio(),
+            min_remaining_secs: default_min_remaining_secs(),
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Upstream attempts per client and minute with a secret that does not match the
+    /// cached one (or that Cognito refused); beyond it callers get RESOURCE_EXHAUSTED.
+    #[serde(default = "default_failed_auth_per_minute")]
+    pub failed_auth_per_minute: u32,
+    /// Most scopes in one GetToken request.
+    #[serde(default = "default_max_scopes")]
+    pub max_scopes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            failed_auth_per_minute: default_failed_auth_per_minute(),
+            max_scopes: default_max_scopes(),
+        }
+    }
+}
+
+/// One `[[clients]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The Cognito app client id.
+    pub client_id: String,
+    /// Name for logs and metrics.
+    pub name: String,
+    /// Scopes this client may ask for.
+    pub allowed_scopes: Vec<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 50051))
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_total_timeout_ms() -> u64 {
+    5_000
+}
+fn default_jwks_timeout_ms() -> u64 {
+    5_000
+}
+fn default_leeway_secs() -> u64 {
+    5
+}
+fn default_max_token_bytes() -> usize {
+    8 * 1024
+}
+fn default_jwks_cooldown_secs() -> u64 {
+    10
+}
+fn default_max_entries() -> u64 {
+    10_000
+}
+fn default_refresh_ratio() -> f64 {
+    0.75
+}
+fn default_min_remaining_secs() -> u64 {
+    10
+}
+fn default_failed_auth_per_minute() -> u32 {
+    10
+}
+fn default_max_scopes() -> usize {
+    50
+}
+
+fn redact_opt<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+/// A configuration error, with the file and the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Parsing or typing failed.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Figment's message (names the key).
+        message: String,
+    },
+    /// A value is present but not acceptable.
+    #[error("{path}: invalid value for key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// The dotted key.
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The Cognito endpoints after derivation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoints {
+    /// `/oauth2/token` URL.
+    pub token_endpoint: Url,
+    /// Expected `iss`, byte for byte.
+    pub issuer: String,
+    /// JWKS URL.
+    pub jwks_uri: Url,
+}
+
+impl Config {
+    /// Loads `path` (must exist) with environment overrides, then validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Self::from_figment(figment, &shown)
+    }
+
+    /// Parses a TOML string (no environment), then validates. `origin` names it in errors.
+    pub fn from_toml_str(toml: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(toml)), origin)
+    }
+
+    fn from_figment(figment: Figment, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Checks every value; errors name the key.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let c = &self.cognito;
+        if !is_region(&c.region) {
+            return Err(invalid(
+                "cognito.region",
+                format!("{:?} is not an AWS Region such as us-east-1", c.region),
+            ));
+        }
+        if !is_pool_id(&c.user_pool_id) {
+            return Err(invalid(
+                "cognito.user_pool_id",
+                format!(
+                    "{:?} is not a user pool id such as us-east-1_AbCdEf123",
+                    c.user_pool_id
+                ),
+            ));
+        }
+        let endpoints = self.endpoints().map_err(|(key, m)| invalid(key, m))?;
+        check_transport(&endpoints.token_endpoint)
+            .map_err(|m| invalid("cognito.token_endpoint", m))?;
+        check_transport(&endpoints.jwks_uri).map_err(|m| invalid("cognito.jwks_uri", m))?;
+        for (key, v) in [
+            ("cognito.connect_timeout_ms", c.connect_timeout_ms),
+            ("cognito.timeout_ms", c.timeout_ms),
+            ("cognito.jwks_timeout_ms", c.jwks_timeout_ms),
+            ("server.request_timeout_ms", self.server.request_timeout_ms),
+        ] {
+            if !(1..=600_000).contains(&v) {
+                return Err(invalid(key, format!("{v} is outside 1..=600000")));
+            }
+        }
+        if self.validation.leeway_secs > 300 {
+            return Err(invalid(
+                "validation.leeway_secs",
+                format!("{} is more than 300 s", self.validation.leeway_secs),
+            ));
+        }
+        if !(512..=65_536).contains(&self.validation.max_token_bytes) {
+            return Err(invalid(
+                "validation.max_token_bytes",
+                format!("{} is outside 512..=65536", self.validation.max_token_bytes),
+            ));
+        }
+        if !(1..=3600).contains(&self.validation.jwks_cooldown_secs) {
+            return Err(invalid(
+                "validation.jwks_cooldown_secs",
+                format!("{} is outside 1..=3600", self.validation.jwks_cooldown_secs),
+            ));
+        }
+        let cache = &self.cache;
+        if !(cache.refresh_ratio > 0.0 && cache.refresh_ratio <= 0.95) {
+            return Err(invalid(
+                "cache.refresh_ratio",
+                format!("{} is outside (0, 0.95]", cache.refresh_ratio),
+            ));
+        }
+        if cache.max_entries == 0 {
+            return Err(invalid("cache.max_entries", "must be at least 1".into()));
+        }
+        if let Some(key) = &cache.encryption_key {
+            decode_key(key).map_err(|m| invalid("cache.encryption_key", m))?;
+        }
+        if cache.backend == CacheBackend::Redis {
+            if cache.redis_url.is_none() {
+                return Err(invalid(
+                    "cache.redis_url",
+                    "required with backend = \"redis\"".into(),
+                ));
+            }
+            if cache.encryption_key.is_none() {
+                return Err(invalid(
+                    "cache.encryption_key",
+                    "required with backend = \"redis\" (base64 of 32 bytes)".into(),
+                ));
+            }
+        }
+        if self.limits.failed_auth_per_minute == 0 {
+            return Err(invalid(
+                "limits.failed_auth_per_minute",
+                "must be at least 1".into(),
+            ));
+        }
+        if !(1..=100).contains(&self.limits.max_scopes) {
+            return Err(invalid(
+                "limits.max_scopes",
+                format!("{} is outside 1..=100", self.limits.max_scopes),
+            ));
+        }
+        if self.clients.is_empty() {
+            return Err(invalid(
+                "clients",
+                "at least one [[clients]] entry is required".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, client) in self.clients.iter().enumerate() {
+            let key = |k: &str| format!("clients[{i}].{k}");
+            if !registry::is_valid_client_id(&client.client_id) {
+                return Err(invalid(
+                    &key("client_id"),
+                    "must be 1-128 characters of [A-Za-z0-9_+-]".into(),
+                ));
+            }
+            if !seen.insert(client.client_id.as_str()) {
+                return Err(invalid(
+                    &key("client_id"),
+                    format!("{:?} is registered twice", client.client_id),
+                ));
+            }
+            if client.name.trim().is_empty() || client.name.len() > 128 {
+                return Err(invalid(&key("name"), "must be 1-128 characters".into()));
+            }
+            if client.allowed_scopes.is_empty() {
+                return Err(invalid(
+                    &key("allowed_scopes"),
+                    "must list at least one scope".into(),
+                ));
+            }
+            for scope in &client.allowed_scopes {
+                registry::validate_scope(scope)
+                    .map_err(|e: ScopeError| invalid(&key("allowed_scopes"), e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The token endpoint, issuer and JWKS URI, derived unless set.
+    /// Errors carry the key they concern.
+    pub fn endpoints(&self) -> Result<Endpoints, (&'static str, String)> {
+        let c = &self.cognito;
+        let issuer = match &c.issuer {
+            Some(i) => {
+                Url::parse(i).map_err(|e| ("cognito.issuer", format!("{i:?}: {e}")))?;
+                i.clone()
+            }
+            None => format!(
+                "https://cognito-idp.{}.amazonaws.com/{}",
+                c.region, c.user_pool_id
+            ),
+        };
+        let jwks_uri = match &c.jwks_uri {
+            Some(u) => u.clone(),
+            None => format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')),
+        };
+        let jwks_uri = Url::parse(&jwks_uri)
+            .map_err(|e| ("cognito.jwks_uri", format!("{jwks_uri:?}: {e}")))?;
+        let token_endpoint = match (&c.token_endpoint, &c.domain) {
+            (Some(t), _) => {
+                Url::parse(t).map_err(|e| ("cognito.token_endpoint", format!("{t:?}: {e}")))?
+            }
+            (None, Some(d)) => {
+                let base = Url::parse(d).map_err(|e| ("cognito.domain", format!("{d:?}: {e}")))?;
+                if base.query().is_some() || base.fragment().is_some() {
+                    return Err((
+                        "cognito.domain",
+                        "must not carry a query or fragment".into(),
+                    ));
+                }
+                let joined = format!("{}/oauth2/token", base.as_str().trim_end_matches('/'));
+                Url::parse(&joined).map_err(|e| ("cognito.domain", format!("{d:?}: {e}")))?
+            }
+            (None, None) => {
+                return Err((
+                    "cognito.domain",
+                    "missing: set the user pool domain (or cognito.token_endpoint)".into(),
+                ));
+            }
+        };
+        Ok(Endpoints {
+            token_endpoint,
+            issuer,
+            jwks_uri,
+        })
+    }
+
+    /// Upstream connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.cognito.connect_timeout_ms)
+    }
+
+    /// The effective settings, secrets redacted, for `check-config`.
+    pub fn redacted_json(&self) -> String {
+        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let (Ok(endpoints), Some(obj)) = (self.endpoints(), value.get_mut("cognito")) {
+            if let Some(map) = obj.as_object_mut() {
+                map.insert(
+                    "token_endpoint".into(),
+                    endpoints.token_endpoint.as_str().into(),
+                );
+                map.insert("issuer".into(), endpoints.issuer.into());
+                map.insert("jwks_uri".into(), endpoints.jwks_uri.as_str().into());
+            }
+        }
+        if let Some(url) = value.pointer_mut("/cache/redis_url") {
+            if let Some(s) = url.as_str() {
+                *url = redact_url_password(s).into();
+            }
+        }
+        serde_json::to_string_pretty(&value).unwrap_or_default()
+    }
+}
+
+/// Decodes `[cache] encryption_key`: base64 of exactly 32 bytes.
+pub fn decode_key(key: &SecretString) -> Result<[u8; 32], String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key.expose_secret().trim())
+        .map_err(|_| "not valid base64".to_owned())?;
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| format!("decodes to {} bytes, need 32", bytes.len()))
+}
+
+fn redact_url_password(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn is_region(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn is_pool_id(s: &str) -> bool {
+    match s.split_once('_') {
+        Some((region, id)) => {
+            is_region(region)
+                && !id.is_empty()
+                && id.len() <= 64
+                && id.bytes().all(|b| b.is_ascii_alphanumeric())
+        }
+        None => false,
+    }
+}
+
+/// Whether `url` may carry client secrets or keys: `https`, or `http` to loopback.
+pub fn check_transport(url: &Url) -> Result<(), String> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(url) => Ok(()),
+        "http" => Err(format!(
+            "{url} uses plain http to a non-loopback host; secrets and keys travel only over https"
+        )),
+        other => Err(format!("{url}: unsupported scheme {other:?}")),
+    }
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[cognito]
+region = "us-east-1"
+user_pool_id = "us-east-1_AbCdEf123"
+domain = "https://example.auth.us-east-1.amazoncognito.com"
+
+[[clients]]
+client_id = "k6h0hnjenh7auvi2as"
+name = "acme-billing"
+allowed_scopes = ["orders/read", "orders/write"]
+"#;
+
+    #[test]
+    fn derives_cognito_urls() {
+        let c = Config::from_toml_str(BASE, "t.toml").unwrap();
+        let e = c.endpoints().unwrap();
+        assert_eq!(
+            e.token_endpoint.as_str(),
+            "https://example.auth.us-east-1.amazoncognito.com/oauth2/token"
+        );
+        assert_eq!(
+            e.issuer,
+            "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123"
+        );
+        assert_eq!(
+            e.jwks_uri.as_str(),
+            "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
+        );
+        assert_eq!(c.server.listen.port(), 50051);
+        assert_eq!(c.cache.refresh_ratio, 0.75);
+    }
+
+    #[test]
+    fn bad_listen_names_the_key() {
+        let toml = format!("[server]\nlisten = \"not-an-address\"\n{BASE}");
+        let err = Config::from_toml_str(&toml, "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gw.toml"), "{err}");
+        assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn missing_user_pool_id_names_the_key() {
+        let toml = BASE.replace("user_pool_id = \"us-east-1_AbCdEf123\"\n", "");
+        let err = Config::from_toml_str(&toml, "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("user_pool_id"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_refused_except_loopback() {
+        let remote = BASE.replace(
+            "domain = \"https://example.auth.us-east-1.amazoncognito.com\"",
+            "domain = \"http://example.com\"",
+        );
+        let err = Config::from_toml_str(&remote, "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cognito.token_endpoint") && err.contains("https"),
+            "{err}"
+        );
+
+        let jwks = format!("{BASE}").replace(
+            "[cognito]\n",
+            "[cognito]\njwks_uri = \"http://10.0.0.1/jwks.json\"\n",
+        );
+        let err = Config::from_toml_str(&jwks, "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cognito.jwks_uri"), "{err}");
+
+        for host in ["127.0.0.1:9000", "localhost:9000", "[::1]:9000"] {
+            let local = BASE.replace(
+                "domain = \"https://example.auth.us-east-1.amazoncognito.com\"",
+                &format!(
+                    "domain = \"http://{host}\"\njwks_uri = \"http://{host}/p/.well-known/jwks.json\"\nissuer = \"http://{host}/p\""
+                ),
+            );
+            Config::from_toml_str(&local, "gw.toml").unwrap();
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_scopes_are_refused() {
+        let typo = BASE.replace("[cognito]\n", "[cognito]\nregoin = \"x\"\n");
+        let err = Config::from_toml_str(&typo, "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("regoin"), "{err}");
+
+        let bad_scope = BASE.replace("\"orders/write\"", "\"orders write\"");
+        let err = Config::from_toml_str(&bad_scope, "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("clients[0].allowed_scopes"), "{err}");
+    }
+
+    #[test]
+    fn redis_requires_a_32_byte_key_and_it_is_redacted() {
+        let redis = format!(
+            "{BASE}\n[cache]\nbackend = \"redis\"\nredis_url = \"redis://:pw@127.0.0.1:6379\"\n"
+        );
+        let err = Config::from_toml_str(&redis, "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.encryption_key"), "{err}");
+
+        let short = format!("{redis}encryption_key = \"AAAA\"\n");
+        let err = Config::from_toml_str(&short, "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("need 32"), "{err}");
+
+        let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+        let ok = format!("{redis}encryption_key = \"{key}\"\n");
+        let c = Config::from_toml_str(&ok, "gw.toml").unwrap();
+        let shown = c.redacted_json();
+        assert!(!shown.contains(key), "{shown}");
+        assert!(!shown.contains(":pw@"), "{shown}");
+        assert!(!format!("{c:?}").contains(key));
+    }
+
+    #[test]
+    fn duplicate_client_refused() {
+        let dup = format!(
+            "{BASE}\n[[clients]]\nclient_id = \"k6h0hnjenh7auvi2as\"\nname = \"again\"\nallowed_scopes = [\"a/b\"]\n"
+        );
+        let err = Config::from_toml_str(&dup, "gw.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("clients[1].client_id") && err.contains("twice"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,503 @@
+//! The key set of one issuer: fetched from its JWKS URI, parsed once, refetched on
+//! an unknown `kid` at most once per cool-down, and kept when a fetch fails.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use tokio::{sync::watch, time::Instant};
+use url::Url;
+
+/// Largest JWKS document accepted.
+pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// Longest `kid` accepted, from a JWKS or a token header.
+pub const MAX_KID_LEN: usize = 256;
+
+/// Why a JWKS fetch did not produce a key set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwksError {
+    /// Transport failure, timeout, or non-200 status.
+    #[error("JWKS fetch failed: {0}")]
+    Fetch(String),
+    /// The document is not a JWKS or holds no usable RSA signing key.
+    #[error("JWKS answer unusable: {0}")]
+    Garbage(String),
+}
+
+/// Fetches the raw JWKS document. Implemented over HTTP by [`HttpFetcher`]; tests
+/// supply their own.
+pub trait JwksFetcher: Send + Sync + 'static {
+    /// One fetch attempt.
+    fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, JwksError>>;
+}
+
+/// Fetches a JWKS over HTTP(S) with a total timeout and a size limit.
+#[derive(Debug, Clone)]
+pub struct HttpFetcher {
+    client: reqwest::Client,
+    uri: Url,
+}
+
+impl HttpFetcher {
+    /// A fetcher for `uri` (transport rules are checked by config validation).
+    pub fn new(uri: Url, connect_timeout: Duration, timeout: Duration) -> Result<Self, JwksError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("m2m-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| JwksError::Fetch(e.to_string()))?;
+        Ok(Self { client, uri })
+    }
+}
+
+impl JwksFetcher for HttpFetcher {
+    fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, JwksError>> {
+        Box::pin(async move {
+            let mut resp = self
+                .client
+                .get(self.uri.clone())
+                .header("accept", "application/json")
+                .send()
+                .await
+                .map_err(|e| JwksError::Fetch(without_url(e)))?;
+            if resp.status() != reqwest::StatusCode::OK {
+                return Err(JwksError::Fetch(format!("HTTP {}", resp.status())));
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| JwksError::Fetch(without_url(e)))?
+            {
+                if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                    return Err(JwksError::Garbage(format!(
+                        "document larger than {MAX_JWKS_BYTES} bytes"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(body)
+        })
+    }
+}
+
+fn without_url(e: reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect error"
+    } else {
+        "transport error"
+    };
+    format!("{kind}: {}", e.without_url())
+}
+
+/// One RSA verification key, parsed once at load.
+pub struct VerifyingKey {
+    kid: String,
+    alg: Option<String>,
+    key: ParsedPublicKey,
+}
+
+impl VerifyingKey {
+    /// Builds a key from the JWK's base64url `n` and `e`.
+    pub fn from_components(
+        kid: &str,
+        alg: Option<&str>,
+        n: &[u8],
+        e: &[u8],
+    ) -> Result<Self, String> {
+        let n = strip_zeros(n);
+        if n.len() < 256 {
+            return Err(format!("modulus of {} bits is under 2048", n.len() * 8));
+        }
+        let der = rsa_public_key_der(n, strip_zeros(e));
+        let key = ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der)
+            .map_err(|e| format!("key rejected: {e}"))?;
+        Ok(Self {
+            kid: kid.to_owned(),
+            alg: alg.map(str::to_owned),
+            key,
+        })
+    }
+
+    /// The key id.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The JWK's `alg`, when it declares one.
+    pub fn alg(&self) -> Option<&str> {
+        self.alg.as_deref()
+    }
+
+    /// Verifies an RS256 signature over `message`.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        self.key.verify_sig(message, signature).is_ok()
+    }
+}
+
+impl fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifyingKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn strip_zeros(b: &[u8]) -> &[u8] {
+    let first = b.iter().position(|&x| x != 0).unwrap_or(b.len());
+    &b[first..]
+}
+
+/// DER of PKCS#1 `RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }`.
+fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
+    fn integer(out: &mut Vec<u8>, v: &[u8]) {
+        let pad = v.first().is_none_or(|&b| b & 0x80 != 0);
+        out.push(0x02);
+        length(out, v.len() + usize::from(pad));
+        if pad {
+            out.push(0);
+        }
+        out.extend_from_slice(v);
+    }
+    fn length(out: &mut Vec<u8>, len: usize) {
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes = len.to_be_bytes();
+            let skip = bytes
+                .iter()
+                .position(|&b| b != 0)
+                .unwrap_or(bytes.len() - 1);
+            out.push(0x80 | (bytes.len() - skip) as u8);
+            out.extend_from_slice(&bytes[skip..]);
+        }
+    }
+    let mut body = Vec::with_capacity(n.len() + e.len() + 16);
+    integer(&mut body, n);
+    integer(&mut body, e);
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.push(0x30);
+    length(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+#[derive(Deserialize)]
+struct JwkSetDoc {
+    keys: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RsaJwk<'a> {
+    kty: &'a str,
+    kid: Option<String>,
+    alg: Option<String>,
+    #[serde(rename = "use")]
+    use_: Option<String>,
+    key_ops: Option<Vec<String>>,
+    n: Option<String>,
+    e: Option<String>,
+}
+
+/// Parses a JWKS document into verification keys: RSA signing keys only; a key
+/// that cannot be used is skipped; no usable key at all is an error.
+pub fn parse_jwks(body: &[u8]) -> Result<HashMap<String, Arc<VerifyingKey>>, JwksError> {
+    let doc: JwkSetDoc = serde_json::from_slice(body)
+        .map_err(|e| JwksError::Garbage(format!("not a JWK set: {e}")))?;
+    let mut keys = HashMap::new();
+    for raw in &doc.keys {
+        let Ok(jwk) = RsaJwk::deserialize(raw) else {
+            tracing::debug!("skipping a JWK with unexpected member types");
+            continue;
+        };
+        if jwk.kty != "RSA"
+            || jwk.use_.as_deref().is_some_and(|u| u != "sig")
+            || jwk
+                .key_ops
+                .as_ref()
+                .is_some_and(|ops| !ops.iter().any(|o| o == "verify"))
+        {
+            continue;
+        }
+        let (Some(kid), Some(n), Some(e)) = (jwk.kid, jwk.n, jwk.e) else {
+            continue;
+        };
+        if kid.is_empty() || kid.len() > MAX_KID_LEN {
+            continue;
+        }
+        let (Ok(n), Ok(e)) = (URL_SAFE_NO_PAD.decode(&n), URL_SAFE_NO_PAD.decode(&e)) else {
+            tracing::warn!(kid = %kid, "skipping a JWK with bad base64url components");
+            continue;
+        };
+        match VerifyingKey::from_components(&kid, jwk.alg.as_deref(), &n, &e) {
+            Ok(key) => {
+                if keys.contains_key(&kid) {
+                    tracing::warn!(kid = %kid, "duplicate kid in JWKS; keeping the first");
+                    continue;
+                }
+                keys.insert(kid, Arc::new(key));
+            }
+            Err(reason) => tracing::warn!(kid = %kid, %reason, "skipping a JWK"),
+        }
+    }
+    if keys.is_empty() {
+        return Err(JwksError::Garbage("no usable RSA signing key".into()));
+    }
+    Ok(keys)
+}
+
+type KeyMap = HashMap<String, Arc<VerifyingKey>>;
+
+/// Counters of JWKS activity.
+#[derive(Debug, Default)]
+pub struct JwksStats {
+    /// Fetches that produced a key set.
+    pub fetch_ok: AtomicU64,
+    /// Fetches that failed or answered garbage.
+    pub fetch_failed: AtomicU64,
+    /// Unknown-kid refetches skipped because of the cool-down.
+    pub refetch_suppressed: AtomicU64,
+}
+
+/// The key set of one issuer. Readers take a short read lock (never across an
+/// await) and clone an `Arc`; refreshes swap the whole map.
+pub struct KeySet {
+    issuer: String,
+    fetcher: Arc<dyn JwksFetcher>,
+    keys: RwLock<Arc<KeyMap>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    cooldown: Duration,
+    loaded_tx: watch::Sender<Option<Instant>>,
+    stats: JwksStats,
+}
+
+impl fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeySet")
+            .field("issuer", &self.issuer)
+            .field("kids", &self.kids())
+            .field("cooldown", &self.cooldown)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeySet {
+    /// An empty key set for `issuer`, filled by [`KeySet::refresh`].
+    pub fn new(
+        issuer: impl Into<String>,
+        fetcher: Arc<dyn JwksFetcher>,
+        cooldown: Duration,
+    ) -> Self {
+        Self {
+            issuer: issuer.into(),
+            fetcher,
+            keys: RwLock::new(Arc::new(HashMap::new())),
+            last_fetch: tokio::sync::Mutex::new(None),
+            cooldown,
+            loaded_tx: watch::Sender::new(None),
+            stats: JwksStats::default(),
+        }
+    }
+
+    /// The issuer these keys belong to.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The key for `kid`, if loaded. Never waits.
+    pub fn get(&self, kid: &str) -> Option<Arc<VerifyingKey>> {
+        self.snapshot().get(kid).cloned()
+    }
+
+    fn snapshot(&self) -> Arc<KeyMap> {
+        match self.keys.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The loaded key ids, sorted.
+    pub fn kids(&self) -> Vec<String> {
+        let mut kids: Vec<String> = self.snapshot().keys().cloned().collect();
+        kids.sort();
+        kids
+    }
+
+    /// Whether a key set has ever been loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded_tx.borrow().is_some()
+    }
+
+    /// When the current key set was loaded.
+    pub fn loaded_at(&self) -> Option<Instant> {
+        *self.loaded_tx.borrow()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &JwksStats {
+        &self.stats
+    }
+
+    /// Resolves once a key set has been loaded.
+    pub async fn wait_loaded(&self) {
+        let mut rx = self.loaded_tx.subscribe();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    /// Fetches now, whatever the cool-down. A failure keeps the last good set.
+    pub async fn refresh(&self) -> Result<usize, JwksError> {
+        let mut last = self.last_fetch.lock().await;
+        *last = Some(Instant::now());
+        self.fetch_and_swap().await
+    }
+
+    /// Fetches unless a fetch started within the cool-down; concurrent callers wait
+    /// for the one fetch in progress. Returns whether this call fetched.
+    pub async fn refresh_if_cool(&self) -> bool {
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|t| t.elapsed() < self.cooldown) {
+            self.stats
+                .refetch_suppressed
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        *last = Some(Instant::now());
+        let _ = self.fetch_and_swap().await;
+        true
+    }
+
+    async fn fetch_and_swap(&self) -> Result<usize, JwksError> {
+        let result = match self.fetcher.fetch().await {
+            Ok(body) => parse_jwks(&body),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(map) => {
+                let count = map.len();
+                let changed = {
+                    let mut guard = match self.keys.write() {
+                        Ok(g) => g,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    let changed =
+                        guard.len() != map.len() || map.keys().any(|k| !guard.contains_key(k));
+                    *guard = Arc::new(map);
+                    changed
+                };
+                self.loaded_tx.send_replace(Some(Instant::now()));
+                self.stats.fetch_ok.fetch_add(1, Ordering::Relaxed);
+                if changed {
+                    tracing::info!(issuer = %self.issuer, keys = count, kids = ?self.kids(), "JWKS loaded");
+                }
+                Ok(count)
+            }
+            Err(e) => {
+                self.stats.fetch_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(issuer = %self.issuer, error = %e, "JWKS fetch failed; keeping the last good key set");
+                Err(e)
+            }
+        }
+    }
+
+    /// Loads the first key set (retrying with backoff), then refreshes every
+    /// `period`. Runs until the returned task is aborted.
+    pub fn spawn_loader(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(250);
+            while this.refresh().await.is_err() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            loop {
+                tokio::time::sleep(period).await;
+                let _ = this.refresh().await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A fetcher whose answers tests script and count.
+    pub(crate) struct ScriptedFetcher {
+        pub(crate) answer: Mutex<Result<Vec<u8>, JwksError>>,
+        pub(crate) calls: AtomicU64,
+    }
+
+    impl ScriptedFetcher {
+        pub(crate) fn new(answer: Result<Vec<u8>, JwksError>) -> Arc<Self> {
+            Arc::new(Self {
+                answer: Mutex::new(answer),
+                calls: AtomicU64::new(0),
+            })
+        }
+        pub(crate) fn set(&self, answer: Result<Vec<u8>, JwksError>) {
+            *self.answer.lock().unwrap() = answer;
+        }
+        pub(crate) fn calls(&self) -> u64 {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl JwksFetcher for ScriptedFetcher {
+        fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, JwksError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let answer = self.answer.lock().unwrap().clone();
+            Box::pin(async move { answer })
+        }
+    }
+
+    #[test]
+    fn der_lengths_encode_long_and_short_forms() {
+        let der = rsa_public_key_der(&[0x80; 256], &[1, 0, 1]);
+        // SEQUENCE, long length of two bytes; INTEGER with a leading zero pad.
+        assert_eq!(&der[..2], &[0x30, 0x82]);
+        assert_eq!(&der[4..8], &[0x02, 0x82, 0x01, 0x01]);
+        assert_eq!(der[8], 0);
+        let tail = &der[der.len() - 5..];
+        assert_eq!(tail, &[0x02, 0x03, 1, 0, 1]);
+    }
+
+    #[test]
+    fn garbage_documents_are_errors() {
+        for body in [
+            &b"not json"[..],
+            b"{}",
+            b"{\"keys\": []}",
+            b"{\"keys\": [{\"kty\": \"EC\", \"kid\": \"x\"}]}",
+            b"[]",
+        ] {
+            assert!(
+                matches!(parse_jwks(body), Err(JwksError::Garbage(_))),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn short_rsa_keys_are_skipped() {
+        let n = URL_SAFE_NO_PAD.encode([0xc3u8; 128]);
+        let body = format!(r#"{{"keys":[{{"kty":"RSA","kid":"k","n":"{n}","e":"AQAB"}}]}}"#);
+        assert!(parse_jwks(body.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,265 @@
+//! The registry of third-party clients and the scope policy: which client may ask
+//! for which scopes, and how a requested scope set is normalised.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use crate::config::ClientConfig;
+
+/// Longest scope string accepted.
+pub const MAX_SCOPE_LEN: usize = 256;
+
+/// Why a scope string is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    /// Empty string.
+    #[error("empty scope")]
+    Empty,
+    /// Too long.
+    #[error("scope longer than {MAX_SCOPE_LEN} bytes")]
+    TooLong,
+    /// Whitespace, control, quote, backslash or non-ASCII byte.
+    #[error("scope contains a character outside printable ASCII (or a space, quote or backslash)")]
+    BadCharacter,
+}
+
+/// RFC 6749 `scope-token`: `%x21 / %x23-5B / %x5D-7E`, bounded length.
+pub fn validate_scope(scope: &str) -> Result<(), ScopeError> {
+    if scope.is_empty() {
+        return Err(ScopeError::Empty);
+    }
+    if scope.len() > MAX_SCOPE_LEN {
+        return Err(ScopeError::TooLong);
+    }
+    if !scope
+        .bytes()
+        .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+    {
+        return Err(ScopeError::BadCharacter);
+    }
+    Ok(())
+}
+
+/// Cognito app client ids are alphanumeric; accept a slightly wider, still safe set.
+pub fn is_valid_client_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+'))
+}
+
+/// A registered client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The Cognito app client id.
+    pub client_id: Arc<str>,
+    /// Name for logs and metrics.
+    pub name: Arc<str>,
+    /// The scopes it may ask for, sorted.
+    pub allowed_scopes: BTreeSet<String>,
+}
+
+/// Why a scope request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeRequestError {
+    /// Malformed scope string.
+    #[error("invalid scope: {0}")]
+    Invalid(#[from] ScopeError),
+    /// More scopes than allowed in one request.
+    #[error("too many scopes: at most {max}")]
+    TooMany {
+        /// The limit.
+        max: usize,
+    },
+    /// A scope outside the client's `allowed_scopes`.
+    #[error("scope {0:?} is not allowed for this client")]
+    NotAllowed(String),
+}
+
+/// A normalised scope set: deduplicated, sorted, never empty.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopeSet(BTreeSet<String>);
+
+impl ScopeSet {
+    /// The scopes, sorted.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// Space-separated, sorted: the form sent to Cognito and used in cache keys.
+    pub fn to_param(&self) -> String {
+        self.0
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Whether `scope` is in the set.
+    pub fn contains(&self, scope: &str) -> bool {
+        self.0.contains(scope)
+    }
+
+    /// Number of scopes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the set is empty (never, for a normalised request).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The registry of clients, immutable after load.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    clients: Arc<HashMap<String, Client>>,
+    max_scopes: usize,
+}
+
+impl Registry {
+    /// Builds the registry from validated config entries.
+    pub fn new(clients: &[ClientConfig], max_scopes: usize) -> Self {
+        let clients = clients
+            .iter()
+            .map(|c| {
+                (
+                    c.client_id.clone(),
+                    Client {
+                        client_id: Arc::from(c.client_id.as_str()),
+                        name: Arc::from(c.name.as_str()),
+                        allowed_scopes: c.allowed_scopes.iter().cloned().collect(),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            clients: Arc::new(clients),
+            max_scopes,
+        }
+    }
+
+    /// The client registered under `client_id`.
+    pub fn get(&self, client_id: &str) -> Option<&Client> {
+        self.clients.get(client_id)
+    }
+
+    /// Whether `client_id` is registered.
+    pub fn contains(&self, client_id: &str) -> bool {
+        self.clients.contains_key(client_id)
+    }
+
+    /// Validates and normalises a request's scopes for `client`: deduplicated and
+    /// sorted; empty means every allowed scope.
+    pub fn normalise(
+        &self,
+        client: &Client,
+        requested: &[String],
+    ) -> Result<ScopeSet, ScopeRequestError> {
+        if requested.len() > self.max_scopes {
+            return Err(ScopeRequestError::TooMany {
+                max: self.max_scopes,
+            });
+        }
+        for scope in requested {
+            validate_scope(scope)?;
+        }
+        if requested.is_empty() {
+            return Ok(ScopeSet(client.allowed_scopes.clone()));
+        }
+        let mut set = BTreeSet::new();
+        for scope in requested {
+            if !client.allowed_scopes.contains(scope) {
+                return Err(ScopeRequestError::NotAllowed(scope.clone()));
+            }
+            set.insert(scope.clone());
+        }
+        Ok(ScopeSet(set))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> Registry {
+        Registry::new(
+            &[ClientConfig {
+                client_id: "c1".into(),
+                name: "one".into(),
+                allowed_scopes: vec!["a/read".into(), "a/write".into(), "b/x".into()],
+            }],
+            3,
+        )
+    }
+
+    #[test]
+    fn order_and_duplicates_normalise_to_one_set() {
+        let r = registry();
+        let c = r.get("c1").unwrap();
+        let a = r
+            .normalise(c, &["a/write".into(), "a/read".into(), "a/write".into()])
+            .unwrap();
+        let b = r
+            .normalise(c, &["a/read".into(), "a/write".into()])
+            .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.to_param(), "a/read a/write");
+    }
+
+    #[test]
+    fn empty_request_means_all_allowed_scopes() {
+        let r = registry();
+        let c = r.get("c1").unwrap();
+        let all = r.normalise(c, &[]).unwrap();
+        let listed = r
+            .normalise(c, &["b/x".into(), "a/write".into(), "a/read".into()])
+            .unwrap();
+        assert_eq!(all, listed);
+    }
+
+    #[test]
+    fn scope_outside_allowed_set_refused() {
+        let r = registry();
+        let c = r.get("c1").unwrap();
+        assert_eq!(
+            r.normalise(c, &["a/admin".into()]),
+            Err(ScopeRequestError::NotAllowed("a/admin".into()))
+        );
+    }
+
+    #[test]
+    fn malformed_and_too_many_scopes_refused() {
+        let r = registry();
+        let c = r.get("c1").unwrap();
+        for bad in ["", "a b", "a\"b", "a\\b", "é", "a\nb"] {
+            assert!(
+                matches!(
+                    r.normalise(c, &[bad.into()]),
+                    Err(ScopeRequestError::Invalid(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            r.normalise(c, &["x".repeat(MAX_SCOPE_LEN + 1)]),
+            Err(ScopeRequestError::Invalid(ScopeError::TooLong))
+        ));
+        let four = vec!["a/read".to_string(); 4];
+        assert_eq!(
+            r.normalise(c, &four),
+            Err(ScopeRequestError::TooMany { max: 3 })
+        );
+    }
+
+    #[test]
+    fn client_ids() {
+        assert!(is_valid_client_id("k6h0hnjenh7auvi2as"));
+        assert!(!is_valid_client_id(""));
+        assert!(!is_valid_client_id("a:b"));
+        assert!(!is_valid_client_id(&"a".repeat(129)));
+    }
+}
