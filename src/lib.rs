@@ -7,7 +7,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod broker;
 pub mod config;
 pub mod emulator;
+mod http;
 pub mod jwt;
 pub mod registry;

@@ -51,13 +51,7 @@ pub struct HttpFetcher {
 impl HttpFetcher {
     /// A fetcher for `uri` (transport rules are checked by config validation).
     pub fn new(uri: Url, connect_timeout: Duration, timeout: Duration) -> Result<Self, JwksError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .timeout(timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("m2m-gateway/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| JwksError::Fetch(e.to_string()))?;
+        let client = crate::http::client(connect_timeout, timeout).map_err(JwksError::Fetch)?;
         Ok(Self { client, uri })
     }
 }
@@ -65,43 +59,24 @@ impl HttpFetcher {
 impl JwksFetcher for HttpFetcher {
     fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, JwksError>> {
         Box::pin(async move {
-            let mut resp = self
+            let resp = self
                 .client
                 .get(self.uri.clone())
                 .header("accept", "application/json")
                 .send()
                 .await
-                .map_err(|e| JwksError::Fetch(without_url(e)))?;
+                .map_err(|e| JwksError::Fetch(crate::http::describe(&e)))?;
             if resp.status() != reqwest::StatusCode::OK {
                 return Err(JwksError::Fetch(format!("HTTP {}", resp.status())));
             }
-            let mut body = Vec::new();
-            while let Some(chunk) = resp
-                .chunk()
+            crate::http::read_limited(resp, MAX_JWKS_BYTES)
                 .await
-                .map_err(|e| JwksError::Fetch(without_url(e)))?
-            {
-                if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                    return Err(JwksError::Garbage(format!(
-                        "document larger than {MAX_JWKS_BYTES} bytes"
-                    )));
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(body)
+                .map_err(|e| match e {
+                    crate::http::BodyError::TooLarge(_) => JwksError::Garbage(e.to_string()),
+                    crate::http::BodyError::Transport(m) => JwksError::Fetch(m),
+                })
         })
     }
-}
-
-fn without_url(e: reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect error"
-    } else {
-        "transport error"
-    };
-    format!("{kind}: {}", e.without_url())
 }
 
 /// One RSA verification key, parsed once at load.

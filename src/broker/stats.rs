@@ -1,0 +1,143 @@
+//! Broker counters, exported by the admin listener.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+/// Upper bounds of the upstream latency histogram, in seconds.
+pub const LATENCY_BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+const OUTCOMES: [&str; 7] = [
+    "ok",
+    "invalid_client",
+    "invalid_scope",
+    "unauthorized_client",
+    "rejected",
+    "throttled",
+    "unavailable",
+];
+
+/// Counters of the broker.
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    refreshes: AtomicU64,
+    coalesced: AtomicU64,
+    stale_served: AtomicU64,
+    secret_mismatches: AtomicU64,
+    rate_limited: AtomicU64,
+    upstream: [AtomicU64; OUTCOMES.len()],
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+}
+
+/// A point-in-time copy of [`BrokerStats`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatsSnapshot {
+    /// Served from cache.
+    pub hits: u64,
+    /// Not in cache.
+    pub misses: u64,
+    /// Past the refresh point.
+    pub refreshes: u64,
+    /// Joined an upstream call already in flight.
+    pub coalesced: u64,
+    /// Served the old token because a refresh failed.
+    pub stale_served: u64,
+    /// Cached entry presented with another secret.
+    pub secret_mismatches: u64,
+    /// Refused by the failed-attempt limit.
+    pub rate_limited: u64,
+    /// Upstream calls by outcome label.
+    pub upstream: Vec<(&'static str, u64)>,
+    /// Cumulative latency histogram: (upper bound in seconds, count).
+    pub latency_buckets: Vec<(f64, u64)>,
+    /// Upstream calls timed.
+    pub latency_count: u64,
+    /// Sum of upstream latencies, seconds.
+    pub latency_sum_secs: f64,
+}
+
+impl StatsSnapshot {
+    /// Upstream calls with outcome `label`.
+    pub fn upstream_calls(&self, label: &str) -> u64 {
+        self.upstream
+            .iter()
+            .find(|(l, _)| *l == label)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// Upstream calls of every outcome.
+    pub fn upstream_total(&self) -> u64 {
+        self.upstream.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl BrokerStats {
+    pub(crate) fn hit(&self) {
+        self.hits.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn miss(&self) {
+        self.misses.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn refresh(&self) {
+        self.refreshes.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn coalesced(&self) {
+        self.coalesced.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn stale_served(&self) {
+        self.stale_served.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn secret_mismatch(&self) {
+        self.secret_mismatches.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn upstream(&self, outcome: &str, latency: Duration) {
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.upstream[i].fetch_add(1, Relaxed);
+        }
+        let secs = latency.as_secs_f64();
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.latency_buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_micros.fetch_add(
+            latency.as_micros().min(u128::from(u64::MAX)) as u64,
+            Relaxed,
+        );
+    }
+
+    /// A copy of every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            hits: self.hits.load(Relaxed),
+            misses: self.misses.load(Relaxed),
+            refreshes: self.refreshes.load(Relaxed),
+            coalesced: self.coalesced.load(Relaxed),
+            stale_served: self.stale_served.load(Relaxed),
+            secret_mismatches: self.secret_mismatches.load(Relaxed),
+            rate_limited: self.rate_limited.load(Relaxed),
+            upstream: OUTCOMES
+                .iter()
+                .zip(&self.upstream)
+                .map(|(l, n)| (*l, n.load(Relaxed)))
+                .collect(),
+            latency_buckets: LATENCY_BUCKETS
+                .iter()
+                .zip(&self.latency_buckets)
+                .map(|(b, n)| (*b, n.load(Relaxed)))
+                .collect(),
+            latency_count: self.latency_count.load(Relaxed),
+            latency_sum_secs: self.latency_sum_micros.load(Relaxed) as f64 / 1e6,
+        }
+    }
+}

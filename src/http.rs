@@ -1,0 +1,71 @@
+//! Small helpers shared by the HTTP clients (JWKS and token endpoint).
+
+/// Reads a response body, refusing more than `max` bytes.
+pub(crate) async fn read_limited(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, BodyError> {
+    if resp.content_length().is_some_and(|len| len > max as u64) {
+        return Err(BodyError::TooLarge(max));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Transport(describe(&e)))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(BodyError::TooLarge(max));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Why a body could not be read.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum BodyError {
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// A reqwest error without its URL (which may carry credentials in userinfo).
+pub(crate) fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect error"
+    } else if e.is_body() || e.is_decode() {
+        "body error"
+    } else {
+        "transport error"
+    };
+    let mut msg = kind.to_owned();
+    let mut source = std::error::Error::source(e);
+    // The innermost cause says what happened (refused, reset, DNS, TLS).
+    while let Some(s) = source {
+        if s.source().is_none() {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+        }
+        source = s.source();
+    }
+    msg
+}
+
+/// A reqwest client with the gateway's defaults: no redirects (credentials must
+/// never follow one), bounded connect and total timeouts.
+pub(crate) fn client(
+    connect_timeout: std::time::Duration,
+    timeout: std::time::Duration,
+) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("m2m-gateway/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| describe(&e))
+}
