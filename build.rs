@@ -11,15 +11,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { env::set_var("PROTOC", protoc) };
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    // Separate descriptor sets: reflection on the gateway must not list the demo
+    // service, which only the protected-server example serves.
     tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("m2m_descriptor.bin"))
-        .compile_protos(
-            &[
-                "proto/m2m/gateway/v1/gateway.proto",
-                "proto/m2m/demo/v1/echo.proto",
-            ],
-            &["proto"],
-        )?;
+        .file_descriptor_set_path(out_dir.join("gateway_descriptor.bin"))
+        .compile_protos(&["proto/m2m/gateway/v1/gateway.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("demo_descriptor.bin"))
+        .compile_protos(&["proto/m2m/demo/v1/echo.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -9,7 +9,11 @@
 
 pub mod broker;
 pub mod config;
+pub mod dev;
 pub mod emulator;
 mod http;
 pub mod jwt;
+pub mod proto;
 pub mod registry;
+pub mod server;
+pub mod service;

@@ -1,1 +1,173 @@
-fn main() {}
+//! The `m2m-gateway` command line: parse arguments, load config, call the library.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use m2m_gateway::{
+    config::Config,
+    emulator::{Emulator, EmulatorClient, EmulatorConfig},
+    server::Gateway,
+};
+use tracing_subscriber::{EnvFilter, fmt};
+
+#[derive(Parser)]
+#[command(
+    name = "m2m-gateway",
+    version,
+    about = "gRPC machine-to-machine auth gateway in front of Amazon Cognito"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// TOML configuration file (keys overridable by M2M_GATEWAY__SECTION__KEY).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration and print the effective settings (secrets redacted).
+    CheckConfig {
+        /// TOML configuration file.
+        file: PathBuf,
+    },
+    /// Run a local Cognito emulator and the gateway wired to it (no AWS needed).
+    Dev {
+        /// gRPC listen address (loopback only).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+    },
+    /// Run only the Cognito-compatible emulator, for other projects' tests.
+    Emulator {
+        /// HTTP listen address.
+        #[arg(long, default_value = "127.0.0.1:9229")]
+        listen: SocketAddr,
+        /// User pool id used in paths and in `iss`.
+        #[arg(long, default_value = "us-east-1_Emulated1")]
+        pool_id: String,
+        /// An app client, ID:SECRET:SCOPE[,SCOPE...]; repeatable.
+        #[arg(long = "client", value_parser = EmulatorClient::parse)]
+        clients: Vec<EmulatorClient>,
+        /// Access-token lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        expires_in: u64,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(config) => {
+                println!("{}: OK\n{}", file.display(), config.redacted_json());
+                Ok(())
+            }
+            Err(e) => Err(anyhow::anyhow!(e)),
+        },
+        Command::Serve { config } => serve(config).await,
+        Command::Dev { listen } => m2m_gateway::dev::run(listen, shutdown_signal()).await,
+        Command::Emulator {
+            listen,
+            pool_id,
+            clients,
+            expires_in,
+        } => emulator(listen, pool_id, clients, expires_in).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let listen = config.server.listen;
+    let gateway = Gateway::from_config(config)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    gateway.serve(listener, shutdown_signal()).await
+}
+
+async fn emulator(
+    listen: SocketAddr,
+    pool_id: String,
+    clients: Vec<EmulatorClient>,
+    expires_in: u64,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !pool_id.is_empty()
+            && pool_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+        "--pool-id must be letters, digits, '_' or '-'"
+    );
+    let emu = Emulator::start(
+        listen,
+        EmulatorConfig {
+            pool_id,
+            expires_in,
+            clients,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    println!(
+        "Cognito emulator on {}\n  token endpoint: {}\n  issuer:         {}\n  jwks_uri:       {}",
+        emu.addr(),
+        emu.token_endpoint(),
+        emu.issuer(),
+        emu.jwks_uri()
+    );
+    shutdown_signal().await;
+    emu.shutdown().await;
+    Ok(())
+}

@@ -26,7 +26,7 @@ use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
 pub use cognito::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
-pub use stats::{BrokerStats, StatsSnapshot};
+pub use stats::{BrokerStats, LATENCY_BUCKETS, StatsSnapshot};
 
 use crate::registry::{Registry, ScopeRequestError, ScopeSet};
 

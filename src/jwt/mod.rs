@@ -88,6 +88,33 @@ impl fmt::Display for Rejection {
     }
 }
 
+/// Counters of validation outcomes, by [`Rejection`].
+#[derive(Debug, Default)]
+pub struct ValidationStats {
+    valid: std::sync::atomic::AtomicU64,
+    rejected: [std::sync::atomic::AtomicU64; Rejection::ALL.len()],
+}
+
+impl ValidationStats {
+    pub(crate) fn record(&self, result: &Result<Claims, Invalid>) {
+        let counter = match result {
+            Ok(_) => &self.valid,
+            Err(e) => &self.rejected[e.rejection as usize],
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tokens accepted.
+    pub fn valid(&self) -> u64 {
+        self.valid.load(Ordering::Relaxed)
+    }
+
+    /// Tokens refused for `rejection`.
+    pub fn rejected(&self, rejection: Rejection) -> u64 {
+        self.rejected[rejection as usize].load(Ordering::Relaxed)
+    }
+}
+
 /// A refused token: the reason and a human detail that never echoes the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{rejection}: {detail}")]

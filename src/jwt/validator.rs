@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
-    Claims, Clock, Invalid, Rejection, SystemClock,
+    Claims, Clock, Invalid, Rejection, SystemClock, ValidationStats,
     jwks::{KeySet, MAX_KID_LEN, VerifyingKey},
 };
 
@@ -66,6 +66,7 @@ struct Inner {
     leeway: i64,
     max_token_bytes: usize,
     clock: Arc<dyn Clock>,
+    stats: ValidationStats,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +111,7 @@ impl JwtValidator {
                 leeway: settings.leeway.as_secs().min(i64::MAX as u64) as i64,
                 max_token_bytes: settings.max_token_bytes,
                 clock: Arc::new(SystemClock),
+                stats: ValidationStats::default(),
             }),
         }
     }
@@ -123,6 +125,7 @@ impl JwtValidator {
             leeway: arc.leeway,
             max_token_bytes: arc.max_token_bytes,
             clock: arc.clock.clone(),
+            stats: ValidationStats::default(),
         });
         Self {
             inner: Arc::new(Inner { clock, ..inner }),
@@ -146,6 +149,21 @@ impl JwtValidator {
         token: &str,
         required_scopes: &[String],
     ) -> Result<Claims, Invalid> {
+        let result = self.validate_inner(token, required_scopes).await;
+        self.inner.stats.record(&result);
+        result
+    }
+
+    /// Outcome counters.
+    pub fn stats(&self) -> &ValidationStats {
+        &self.inner.stats
+    }
+
+    async fn validate_inner(
+        &self,
+        token: &str,
+        required_scopes: &[String],
+    ) -> Result<Claims, Invalid> {
         let parsed = self.parse(token)?;
         let key = match self.inner.keys.get(&parsed.kid) {
             Some(key) => key,
@@ -164,9 +182,12 @@ impl JwtValidator {
         token: &str,
         required_scopes: &[String],
     ) -> Result<Claims, Invalid> {
-        let parsed = self.parse(token)?;
-        let key = self.lookup_after_refresh(&parsed.kid)?;
-        self.finish(parsed, &key, required_scopes)
+        let result = self.parse(token).and_then(|parsed| {
+            let key = self.lookup_after_refresh(&parsed.kid)?;
+            self.finish(parsed, &key, required_scopes)
+        });
+        self.inner.stats.record(&result);
+        result
     }
 
     fn lookup_after_refresh(&self, kid: &str) -> Result<Arc<VerifyingKey>, Invalid> {

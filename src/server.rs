@@ -1,0 +1,202 @@
+//! Assembles the gateway from its configuration and serves it: the Gateway
+//! service, `grpc.health.v1.Health`, server reflection v1 and v1alpha, limits,
+//! and graceful shutdown.
+
+use std::{future::Future, num::NonZeroU32, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use crate::{
+    broker::{Broker, BrokerSettings, CognitoClient},
+    config::{self, Config},
+    jwt::{HttpFetcher, JwtValidator, KeySet, ValidatorSettings},
+    proto::{self, gateway::v1::gateway_server::GatewayServer},
+    registry::Registry,
+    service::GatewayService,
+};
+
+/// Largest decoded request message accepted by the Gateway service.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// How often the key set is refreshed when nothing else triggers it.
+pub const JWKS_REFRESH_PERIOD: Duration = Duration::from_secs(3600);
+
+/// The gateway's parts, built from a validated [`Config`].
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// The configuration it was built from.
+    pub config: Config,
+    /// Registered clients.
+    pub registry: Registry,
+    /// The GetToken broker.
+    pub broker: Broker,
+    /// The access-token validator.
+    pub validator: JwtValidator,
+}
+
+impl Gateway {
+    /// Builds every part; fails on an unusable configuration (e.g. TLS files).
+    pub fn from_config(config: Config) -> anyhow::Result<Self> {
+        config.validate("config").map_err(|e| anyhow::anyhow!(e))?;
+        let endpoints = config
+            .endpoints()
+            .map_err(|(key, m)| anyhow::anyhow!("{key}: {m}"))?;
+        let registry = Registry::new(&config.clients, config.limits.max_scopes);
+        let upstream = CognitoClient::new(
+            endpoints.token_endpoint.clone(),
+            config.connect_timeout(),
+            Duration::from_millis(config.cognito.timeout_ms),
+        )
+        .map_err(|e| anyhow::anyhow!("token endpoint client: {e}"))?;
+        let verifier_key = config
+            .cache
+            .encryption_key
+            .as_ref()
+            .map(config::decode_key)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("cache.encryption_key: {e}"))?;
+        let broker = Broker::new(
+            registry.clone(),
+            Arc::new(upstream),
+            BrokerSettings {
+                max_entries: config.cache.max_entries,
+                refresh_ratio: config.cache.refresh_ratio,
+                min_remaining: Duration::from_secs(config.cache.min_remaining_secs),
+                failed_auth_per_minute: NonZeroU32::new(config.limits.failed_auth_per_minute)
+                    .context("limits.failed_auth_per_minute must be at least 1")?,
+                verifier_key,
+            },
+        );
+        let fetcher = HttpFetcher::new(
+            endpoints.jwks_uri.clone(),
+            config.connect_timeout(),
+            Duration::from_millis(config.cognito.jwks_timeout_ms),
+        )
+        .map_err(|e| anyhow::anyhow!("JWKS client: {e}"))?;
+        let keys = Arc::new(KeySet::new(
+            endpoints.issuer.clone(),
+            Arc::new(fetcher),
+            Duration::from_secs(config.validation.jwks_cooldown_secs),
+        ));
+        let validator = JwtValidator::new(
+            endpoints.issuer,
+            config.clients.iter().map(|c| c.client_id.clone()),
+            keys,
+            ValidatorSettings {
+                leeway: Duration::from_secs(config.validation.leeway_secs),
+                max_token_bytes: config.validation.max_token_bytes,
+            },
+        );
+        Ok(Self {
+            config,
+            registry,
+            broker,
+            validator,
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then stops accepting, drains
+    /// in-flight calls for up to `server.shutdown_grace_ms`, and returns.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let keys = self.validator.keys().clone();
+        let loader = keys.spawn_loader(JWKS_REFRESH_PERIOD);
+
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        reporter
+            .set_not_serving::<GatewayServer<GatewayService>>()
+            .await;
+        let readiness = {
+            let keys = keys.clone();
+            let reporter = reporter.clone();
+            tokio::spawn(async move {
+                keys.wait_loaded().await;
+                reporter
+                    .set_serving::<GatewayServer<GatewayService>>()
+                    .await;
+                reporter
+                    .set_service_status("", ServingStatus::Serving)
+                    .await;
+            })
+        };
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building reflection v1")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building reflection v1alpha")?;
+
+        let server_cfg = &self.config.server;
+        let mut builder = Server::builder()
+            .timeout(Duration::from_millis(server_cfg.request_timeout_ms))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        if let Some(tls) = &server_cfg.tls {
+            builder = builder
+                .tls_config(tls_config(tls)?)
+                .context("configuring TLS")?;
+        }
+        let gateway = GatewayServer::new(GatewayService::new(
+            self.broker.clone(),
+            self.validator.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+
+        let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections, draining in-flight calls");
+            let _ = stopping_tx.send(());
+        };
+        let addr = listener.local_addr().ok();
+        tracing::info!(?addr, issuer = %self.validator.issuer(), clients = self.config.clients.len(), "gateway listening");
+        let serve = builder
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(gateway)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        let result = tokio::select! {
+            r = serve => r.context("gRPC server failed"),
+            () = async {
+                let _ = stopping_rx.await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "shutdown grace period over; closing remaining calls");
+                Ok(())
+            }
+        };
+        loader.abort();
+        readiness.abort();
+        result
+    }
+}
+
+fn tls_config(tls: &config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .with_context(|| format!("server.tls.{what}: cannot read {}", path.display()))
+    };
+    let cert = read(&tls.cert, "cert")?;
+    let key = read(&tls.key, "key")?;
+    let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &tls.client_ca {
+        cfg = cfg.client_ca_root(Certificate::from_pem(read(ca, "client_ca")?));
+    }
+    Ok(cfg)
+}

@@ -1,0 +1,322 @@
+//! The tonic `Gateway` service: thin. Extracts credentials, calls the broker or the
+//! validator, and is the only place that turns their errors into `tonic::Status`.
+
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use secrecy::SecretString;
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+
+use crate::{
+    broker::{Broker, BrokerError, Credentials},
+    jwt::{Claims, JwtValidator, Rejection},
+    proto::gateway::v1 as pb,
+    registry,
+};
+
+/// Most `required_scopes` in one Validate request.
+const MAX_REQUIRED_SCOPES: usize = 50;
+
+/// The `m2m.gateway.v1.Gateway` implementation.
+#[derive(Debug, Clone)]
+pub struct GatewayService {
+    broker: Broker,
+    validator: JwtValidator,
+}
+
+impl GatewayService {
+    /// A service over a broker and a validator.
+    pub fn new(broker: Broker, validator: JwtValidator) -> Self {
+        Self { broker, validator }
+    }
+}
+
+/// The one message for every authentication failure: no client enumeration.
+const BAD_CREDENTIALS: &str = "invalid client credentials";
+
+/// Maps a broker error onto the DESIGN status table.
+pub fn broker_status(e: &BrokerError) -> Status {
+    match e {
+        BrokerError::Unauthenticated => Status::unauthenticated(BAD_CREDENTIALS),
+        BrokerError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+        BrokerError::PermissionDenied(m) => Status::permission_denied(m.clone()),
+        BrokerError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+        BrokerError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
+        BrokerError::Unavailable(m) => Status::unavailable(m.clone()),
+        BrokerError::Internal(m) => Status::internal(m.clone()),
+    }
+}
+
+/// The proto value of a [`Rejection`].
+pub fn rejection_to_proto(r: Rejection) -> pb::Rejection {
+    match r {
+        Rejection::Malformed => pb::Rejection::Malformed,
+        Rejection::UnsupportedAlgorithm => pb::Rejection::UnsupportedAlgorithm,
+        Rejection::UnknownKey => pb::Rejection::UnknownKey,
+        Rejection::BadSignature => pb::Rejection::BadSignature,
+        Rejection::Expired => pb::Rejection::Expired,
+        Rejection::NotYetValid => pb::Rejection::NotYetValid,
+        Rejection::WrongIssuer => pb::Rejection::WrongIssuer,
+        Rejection::WrongTokenUse => pb::Rejection::WrongTokenUse,
+        Rejection::ClientNotAllowed => pb::Rejection::ClientNotAllowed,
+        Rejection::InsufficientScope => pb::Rejection::InsufficientScope,
+        Rejection::KeysUnavailable => pb::Rejection::KeysUnavailable,
+    }
+}
+
+/// Credentials from the request body or from `authorization: Basic` metadata.
+fn credentials(metadata: &MetadataMap, req: &pb::GetTokenRequest) -> Result<Credentials, Status> {
+    let from_header = match metadata.get("authorization") {
+        None => None,
+        Some(value) => {
+            let value = value
+                .to_str()
+                .map_err(|_| Status::invalid_argument("authorization metadata is not ASCII"))?;
+            match value.split_once(' ') {
+                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("basic") => {
+                    Some(parse_basic(rest.trim())?)
+                }
+                // Another scheme (e.g. Bearer) carries no client credentials.
+                _ => None,
+            }
+        }
+    };
+    let in_body = !req.client_id.is_empty() || !req.client_secret.is_empty();
+    match (from_header, in_body) {
+        (Some((id, secret)), true) => {
+            let same_id = req.client_id.is_empty() || req.client_id == id;
+            let same_secret = req.client_secret.is_empty() || req.client_secret == secret;
+            if !(same_id && same_secret) {
+                return Err(Status::invalid_argument(
+                    "credentials in both the request and the authorization metadata, and they differ",
+                ));
+            }
+            Ok(Credentials {
+                client_id: id,
+                secret: SecretString::from(secret),
+            })
+        }
+        (Some((id, secret)), false) => Ok(Credentials {
+            client_id: id,
+            secret: SecretString::from(secret),
+        }),
+        (None, true) if !req.client_id.is_empty() && !req.client_secret.is_empty() => {
+            Ok(Credentials {
+                client_id: req.client_id.clone(),
+                secret: SecretString::from(req.client_secret.clone()),
+            })
+        }
+        _ => Err(Status::unauthenticated(BAD_CREDENTIALS)),
+    }
+}
+
+fn parse_basic(encoded: &str) -> Result<(String, String), Status> {
+    let bad = || {
+        Status::invalid_argument(
+            "malformed Basic authorization: need base64(client_id:client_secret)",
+        )
+    };
+    let decoded = STANDARD.decode(encoded).map_err(|_| bad())?;
+    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    let (id, secret) = text.split_once(':').ok_or_else(bad)?;
+    if id.is_empty() || secret.is_empty() {
+        return Err(bad());
+    }
+    Ok((id.to_owned(), secret.to_owned()))
+}
+
+/// Converts verified claims into the proto message (`all` as a `Struct`).
+pub fn claims_to_proto(c: Claims) -> pb::Claims {
+    pb::Claims {
+        client_id: c.client_id,
+        subject: c.subject,
+        issuer: c.issuer,
+        scopes: c.scopes,
+        token_use: c.token_use,
+        jti: c.jti,
+        issued_at: c.issued_at,
+        expires_at: c.expires_at,
+        all: Some(json_object_to_struct(c.all)),
+    }
+}
+
+fn json_object_to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map
+            .into_iter()
+            .map(|(k, v)| (k, json_to_value(v)))
+            .collect(),
+    }
+}
+
+fn json_to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(json_object_to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// Strips a leading `Bearer ` (any case) and surrounding whitespace.
+pub fn strip_bearer(token: &str) -> &str {
+    let t = token.trim();
+    match t.get(..7) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("bearer ") => t[7..].trim_start(),
+        _ => t,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::gateway_server::Gateway for GatewayService {
+    async fn get_token(
+        &self,
+        request: Request<pb::GetTokenRequest>,
+    ) -> Result<Response<pb::GetTokenResponse>, Status> {
+        let credentials = credentials(request.metadata(), request.get_ref())?;
+        let req = request.into_inner();
+        match self.broker.get_token(&credentials, &req.scopes).await {
+            Ok(token) => Ok(Response::new(pb::GetTokenResponse {
+                access_token: token.access_token.expose().to_owned(),
+                token_type: "Bearer".to_owned(),
+                expires_in: i64::try_from(token.expires_in).unwrap_or(i64::MAX),
+                scopes: token.scopes,
+            })),
+            Err(e) => {
+                tracing::debug!(client_id = %credentials.client_id, outcome = e.label(), "GetToken refused");
+                Err(broker_status(&e))
+            }
+        }
+    }
+
+    async fn validate(
+        &self,
+        request: Request<pb::ValidateRequest>,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        let req = request.into_inner();
+        let token = strip_bearer(&req.token);
+        if token.is_empty() {
+            return Err(Status::invalid_argument("token is empty"));
+        }
+        if req.required_scopes.len() > MAX_REQUIRED_SCOPES {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_REQUIRED_SCOPES} required_scopes"
+            )));
+        }
+        for (i, scope) in req.required_scopes.iter().enumerate() {
+            registry::validate_scope(scope)
+                .map_err(|e| Status::invalid_argument(format!("required_scopes[{i}]: {e}")))?;
+        }
+        let response = match self.validator.validate(token, &req.required_scopes).await {
+            Ok(claims) => pb::ValidateResponse {
+                valid: true,
+                rejection: pb::Rejection::Unspecified as i32,
+                detail: String::new(),
+                claims: Some(claims_to_proto(claims)),
+            },
+            Err(invalid) => pb::ValidateResponse {
+                valid: false,
+                rejection: rejection_to_proto(invalid.rejection) as i32,
+                detail: invalid.detail,
+                claims: None,
+            },
+        };
+        Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: &str, secret: &str) -> pb::GetTokenRequest {
+        pb::GetTokenRequest {
+            client_id: id.into(),
+            client_secret: secret.into(),
+            scopes: vec![],
+        }
+    }
+
+    fn basic(id_secret: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert(
+            "authorization",
+            format!("Basic {}", STANDARD.encode(id_secret))
+                .parse()
+                .unwrap(),
+        );
+        m
+    }
+
+    #[test]
+    fn credentials_from_body_or_basic() {
+        let c = credentials(&MetadataMap::new(), &req("a", "s")).unwrap();
+        assert_eq!(c.client_id, "a");
+        let c = credentials(&basic("a:s:with:colons"), &req("", "")).unwrap();
+        assert_eq!(c.client_id, "a");
+        assert!(!format!("{c:?}").contains("with:colons"));
+        // Both, agreeing.
+        assert!(credentials(&basic("a:s"), &req("a", "s")).is_ok());
+        assert!(credentials(&basic("a:s"), &req("a", "")).is_ok());
+    }
+
+    #[test]
+    fn conflicting_or_malformed_credentials() {
+        let code = |m: &MetadataMap, r: &pb::GetTokenRequest| credentials(m, r).unwrap_err().code();
+        assert_eq!(
+            code(&basic("a:s"), &req("b", "s")),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(&basic("a:s"), &req("a", "t")),
+            tonic::Code::InvalidArgument
+        );
+        let mut m = MetadataMap::new();
+        m.insert("authorization", "Basic !!!".parse().unwrap());
+        assert_eq!(code(&m, &req("", "")), tonic::Code::InvalidArgument);
+        assert_eq!(
+            code(&basic("no-colon"), &req("", "")),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(&basic(":s"), &req("", "")),
+            tonic::Code::InvalidArgument
+        );
+        // Nothing, or half of it: the one UNAUTHENTICATED message.
+        for r in [req("", ""), req("a", ""), req("", "s")] {
+            let s = credentials(&MetadataMap::new(), &r).unwrap_err();
+            assert_eq!(
+                (s.code(), s.message()),
+                (tonic::Code::Unauthenticated, BAD_CREDENTIALS)
+            );
+        }
+    }
+
+    #[test]
+    fn bearer_prefix_is_tolerated() {
+        assert_eq!(strip_bearer("Bearer abc"), "abc");
+        assert_eq!(strip_bearer("bearer  abc "), "abc");
+        assert_eq!(strip_bearer("abc"), "abc");
+        assert_eq!(strip_bearer("Bearer "), "");
+    }
+
+    #[test]
+    fn every_rejection_maps_to_a_distinct_proto_value() {
+        let mut seen = std::collections::HashSet::new();
+        for r in Rejection::ALL {
+            let p = rejection_to_proto(r);
+            assert_ne!(p, pb::Rejection::Unspecified);
+            assert!(seen.insert(p as i32));
+            // Same order as the proto enum: the snake-case names agree.
+            assert_eq!(
+                p.as_str_name().to_ascii_lowercase(),
+                format!("rejection_{}", r.as_str())
+            );
+        }
+    }
+}
