@@ -255,7 +255,10 @@ pub struct KeySet {
     issuer: String,
     fetcher: Arc<dyn JwksFetcher>,
     keys: RwLock<Arc<KeyMap>>,
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Serialises fetches: concurrent callers wait for the one in progress.
+    fetching: tokio::sync::Mutex<()>,
+    /// When an unknown `kid` last caused a fetch (the cool-down clock).
+    last_triggered: std::sync::Mutex<Option<Instant>>,
     cooldown: Duration,
     loaded_tx: watch::Sender<Option<Instant>>,
     stats: JwksStats,
@@ -282,7 +285,8 @@ impl KeySet {
             issuer: issuer.into(),
             fetcher,
             keys: RwLock::new(Arc::new(HashMap::new())),
-            last_fetch: tokio::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+            last_triggered: std::sync::Mutex::new(None),
             cooldown,
             loaded_tx: watch::Sender::new(None),
             stats: JwksStats::default(),
@@ -334,24 +338,31 @@ impl KeySet {
         let _ = rx.wait_for(Option::is_some).await;
     }
 
-    /// Fetches now, whatever the cool-down. A failure keeps the last good set.
+    /// Fetches now, whatever the cool-down (start-up and periodic refresh). A
+    /// failure keeps the last good set.
     pub async fn refresh(&self) -> Result<usize, JwksError> {
-        let mut last = self.last_fetch.lock().await;
-        *last = Some(Instant::now());
+        let _fetching = self.fetching.lock().await;
         self.fetch_and_swap().await
     }
 
-    /// Fetches unless a fetch started within the cool-down; concurrent callers wait
-    /// for the one fetch in progress. Returns whether this call fetched.
+    /// The refetch for an unknown `kid`: skipped when another one started within
+    /// the cool-down, whoever asked; concurrent callers wait for the one fetch in
+    /// progress. Returns whether this call fetched.
     pub async fn refresh_if_cool(&self) -> bool {
-        let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|t| t.elapsed() < self.cooldown) {
-            self.stats
-                .refetch_suppressed
-                .fetch_add(1, Ordering::Relaxed);
-            return false;
+        let _fetching = self.fetching.lock().await;
+        {
+            let mut last = self
+                .last_triggered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < self.cooldown) {
+                self.stats
+                    .refetch_suppressed
+                    .fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            *last = Some(Instant::now());
         }
-        *last = Some(Instant::now());
         let _ = self.fetch_and_swap().await;
         true
     }

@@ -1,0 +1,127 @@
+//! Spawns the emulator and the gateway on loopback for end-to-end tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use m2m_gateway::{
+    config::Config,
+    dev,
+    emulator::{Emulator, EmulatorClient, EmulatorConfig},
+    proto::gateway::v1::gateway_client::GatewayClient,
+    server::Gateway,
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+pub const CLIENT: &str = "client-a";
+pub const SECRET: &str = "secret-a";
+
+/// A gateway running in this process.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gateway: Gateway,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestGateway {
+    pub async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gateway = Gateway::from_config(config).unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.clone().serve(listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            gateway,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Waits until the first key set is loaded (readiness).
+    pub async fn ready(self) -> Self {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.gateway.validator.keys().wait_loaded(),
+        )
+        .await
+        .expect("keys loaded");
+        self
+    }
+
+    pub async fn client(&self) -> GatewayClient<Channel> {
+        GatewayClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// An emulator with `client-a` (scopes orders/read orders/write) and whatever else.
+pub async fn emulator(extra: Vec<EmulatorClient>) -> Emulator {
+    let mut clients = vec![EmulatorClient::new(
+        CLIENT,
+        SECRET,
+        &["orders/read", "orders/write"],
+    )];
+    clients.extend(extra);
+    Emulator::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        EmulatorConfig {
+            clients,
+            ..EmulatorConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// A gateway config for `emu` registering the given clients.
+pub fn config(emu: &Emulator, registered: &[EmulatorClient]) -> Config {
+    dev::config_for(emu, SocketAddr::from(([127, 0, 0, 1], 0)), registered)
+}
+
+pub fn client_a() -> EmulatorClient {
+    EmulatorClient::new(CLIENT, SECRET, &["orders/read", "orders/write"])
+}
+
+/// Whether a required external tool is present; under CI=true its absence fails
+/// the test, elsewhere the test is skipped loudly.
+pub fn require_tool(ok: bool, what: &str, install: &str) -> bool {
+    if ok {
+        return true;
+    }
+    let msg = format!("{what} is missing; install it with: {install}");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPING: {msg}");
+    false
+}
