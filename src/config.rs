@@ -708,7 +708,7 @@ allowed_scopes = ["orders/read", "orders/write"]
             "{err}"
         );
 
-        let jwks = format!("{BASE}").replace(
+        let jwks = BASE.replace(
             "[cognito]\n",
             "[cognito]\njwks_uri = \"http://10.0.0.1/jwks.json\"\n",
         );

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::{
-    config::{ClientConfig, CognitoConfig, Config},
+    config::Config,
     emulator::{Emulator, EmulatorClient, EmulatorConfig},
     server::Gateway,
 };
@@ -19,31 +19,25 @@ pub const DEV_CLIENT_SECRET: &str = "dev-secret";
 pub const DEV_SCOPES: [&str; 2] = ["demo/read", "demo/write"];
 
 /// A gateway configuration pointing at a running emulator, listening on `listen`,
-/// with one registered client per emulator client given.
+/// with one registered client per emulator client given (at least one).
 pub fn config_for(emulator: &Emulator, listen: SocketAddr, clients: &[EmulatorClient]) -> Config {
-    let toml = format!(
-        "[cognito]\nregion = \"us-east-1\"\nuser_pool_id = {pool:?}\ntoken_endpoint = {te:?}\nissuer = {iss:?}\njwks_uri = {jwks:?}\n",
+    let mut toml = format!(
+        "[server]\nlisten = {listen:?}\n\n[cognito]\nregion = \"us-east-1\"\nuser_pool_id = {pool:?}\n\
+         token_endpoint = {te:?}\nissuer = {iss:?}\njwks_uri = {jwks:?}\n",
+        listen = listen.to_string(),
         pool = emulator.pool_id(),
         te = emulator.token_endpoint(),
         iss = emulator.issuer(),
         jwks = emulator.jwks_uri(),
     );
-    let mut config = Config::from_toml_str(
-        &format!("{toml}[[clients]]\nclient_id = \"placeholder\"\nname = \"placeholder\"\nallowed_scopes = [\"x/y\"]\n"),
-        "dev",
-    )
-    .expect("the dev configuration is valid");
-    config.server.listen = listen;
-    config.clients = clients
-        .iter()
-        .map(|c| ClientConfig {
-            client_id: c.client_id.clone(),
-            name: c.client_id.clone(),
-            allowed_scopes: c.scopes.clone(),
-        })
-        .collect();
-    let _: &CognitoConfig = &config.cognito;
-    config
+    for c in clients {
+        toml.push_str(&format!(
+            "\n[[clients]]\nclient_id = {id:?}\nname = {id:?}\nallowed_scopes = {scopes}\n",
+            id = c.client_id,
+            scopes = serde_json::to_string(&c.scopes).unwrap_or_default(),
+        ));
+    }
+    Config::from_toml_str(&toml, "dev").expect("the dev configuration is valid")
 }
 
 /// Runs the emulator and the gateway until `shutdown` resolves. `listen` must be a

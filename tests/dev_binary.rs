@@ -1,0 +1,87 @@
+//! Drives the built `m2m-gateway dev` binary as a newcomer would: spawn it, call
+//! it with a tonic client, stop it with SIGTERM, expect a clean exit.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use m2m_gateway::proto::gateway::v1::{
+    GetTokenRequest, ValidateRequest, gateway_client::GatewayClient,
+};
+
+#[tokio::test]
+async fn dev_binary_serves_and_stops_cleanly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // The banner is printed once the gateway is ready; it names the address.
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            text.push_str(&line);
+            text.push('\n');
+            if line.contains("Ctrl-C stops.") {
+                break;
+            }
+        }
+        text
+    });
+    let banner = tokio::time::timeout(Duration::from_secs(30), banner)
+        .await
+        .expect("dev mode ready in time")
+        .unwrap();
+    assert!(banner.contains("grpcurl -plaintext"), "{banner}");
+    assert!(
+        banner.contains("m2m.gateway.v1.Gateway/GetToken"),
+        "{banner}"
+    );
+    let addr = banner
+        .split("gateway on ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .expect("address in banner")
+        .to_owned();
+
+    let mut client = GatewayClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let token = client
+        .get_token(GetTokenRequest {
+            client_id: "dev-client".into(),
+            client_secret: "dev-secret".into(),
+            scopes: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(token.scopes, vec!["demo/read", "demo/write"]);
+    let v = client
+        .validate(ValidateRequest {
+            token: token.access_token,
+            required_scopes: vec!["demo/write".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.valid, "{}", v.detail);
+    drop(client);
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap());
+    let status = tokio::time::timeout(Duration::from_secs(20), status)
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
