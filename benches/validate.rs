@@ -1,1 +1,96 @@
-fn main() {}
+//! Validation hot path: full verification of a Cognito-shaped RS256 access token,
+//! against the bare RSA check and jsonwebtoken's `decode` on the same token.
+
+use std::{hint::black_box, sync::Arc, time::Duration};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use criterion::{Criterion, criterion_group, criterion_main};
+use futures::future::BoxFuture;
+use m2m_gateway::{
+    emulator::SigningKey,
+    jwt::{JwksError, JwksFetcher, JwtValidator, KeySet, ValidatorSettings, VerifyingKey},
+};
+use serde_json::json;
+
+const ISS: &str = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Bench0001";
+
+struct Static(Vec<u8>);
+
+impl JwksFetcher for Static {
+    fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, JwksError>> {
+        let body = self.0.clone();
+        Box::pin(async move { Ok(body) })
+    }
+}
+
+fn cognito_claims() -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    json!({
+        "sub": "k6h0hnjenh7auvi2as",
+        "token_use": "access",
+        "scope": "orders/read orders/write",
+        "auth_time": now,
+        "iss": ISS,
+        "exp": now + 3600,
+        "iat": now,
+        "version": 2,
+        "jti": "7f9c1a2e-9d3b-4c55-8a1e-2f6b3c4d5e6f",
+        "client_id": "k6h0hnjenh7auvi2as",
+    })
+}
+
+fn bench(c: &mut Criterion) {
+    let key = SigningKey::generate("bench-key");
+    let token = key.sign(&cognito_claims());
+    let jwk = key.jwk();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let keys = Arc::new(KeySet::new(
+        ISS,
+        Arc::new(Static(json!({"keys": [jwk.clone()]}).to_string().into_bytes())),
+        Duration::from_secs(10),
+    ));
+    rt.block_on(keys.refresh()).unwrap();
+    let validator = JwtValidator::new(
+        ISS,
+        ["k6h0hnjenh7auvi2as".to_string()],
+        keys,
+        ValidatorSettings::default(),
+    );
+    let required = vec!["orders/read".to_string()];
+    assert!(validator.validate_loaded(&token, &required).is_ok());
+
+    let mut g = c.benchmark_group("validate");
+    g.bench_function("full_first_seen", |b| {
+        b.iter(|| validator.validate_loaded(black_box(&token), black_box(&required)))
+    });
+
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
+    let n = URL_SAFE_NO_PAD.decode(jwk["n"].as_str().unwrap()).unwrap();
+    let e = URL_SAFE_NO_PAD.decode(jwk["e"].as_str().unwrap()).unwrap();
+    let vk = VerifyingKey::from_components("bench-key", Some("RS256"), &n, &e).unwrap();
+    g.bench_function("rsa_verify_only", |b| {
+        b.iter(|| assert!(vk.verify(black_box(input.as_bytes()), black_box(&sig))))
+    });
+
+    let dk = jsonwebtoken::DecodingKey::from_rsa_components(
+        jwk["n"].as_str().unwrap(),
+        jwk["e"].as_str().unwrap(),
+    )
+    .unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    v.set_issuer(&[ISS]);
+    v.validate_aud = false;
+    g.bench_function("jsonwebtoken_decode", |b| {
+        b.iter(|| {
+            jsonwebtoken::decode::<serde_json::Value>(black_box(&token), &dk, &v).unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

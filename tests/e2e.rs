@@ -294,3 +294,30 @@ async fn hung_cognito_answers_the_caller_within_the_timeout() {
     assert_eq!(s.code(), Code::Unavailable, "{s:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn caller_deadline_bounds_a_hung_cognito() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let emu = emulator(vec![]).await;
+    let mut cfg = config(&emu, &[client_a()]);
+    cfg.cognito.token_endpoint = Some(format!("http://{addr}/oauth2/token"));
+    cfg.cognito.timeout_ms = 60_000;
+    let gw = TestGateway::start(cfg).await.ready().await;
+    let mut c = gw.client().await;
+    let mut req = Request::new(get(CLIENT, SECRET, &[]));
+    req.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let s = c.get_token(req).await.unwrap_err();
+    assert!(
+        matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{s:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
