@@ -61,7 +61,8 @@ fn bench(c: &mut Criterion) {
             .iter(|| broker.get_token(black_box(&creds), black_box(&scopes)))
     });
     c.bench_function("broker/cache_hit_all_scopes", |b| {
-        b.to_async(&rt).iter(|| broker.get_token(black_box(&creds), &[]))
+        b.to_async(&rt)
+            .iter(|| broker.get_token(black_box(&creds), &[]))
     });
 }
 

@@ -49,7 +49,9 @@ fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let keys = Arc::new(KeySet::new(
         ISS,
-        Arc::new(Static(json!({"keys": [jwk.clone()]}).to_string().into_bytes())),
+        Arc::new(Static(
+            json!({"keys": [jwk.clone()]}).to_string().into_bytes(),
+        )),
         Duration::from_secs(10),
     ));
     rt.block_on(keys.refresh()).unwrap();
@@ -85,9 +87,7 @@ fn bench(c: &mut Criterion) {
     v.set_issuer(&[ISS]);
     v.validate_aud = false;
     g.bench_function("jsonwebtoken_decode", |b| {
-        b.iter(|| {
-            jsonwebtoken::decode::<serde_json::Value>(black_box(&token), &dk, &v).unwrap()
-        })
+        b.iter(|| jsonwebtoken::decode::<serde_json::Value>(black_box(&token), &dk, &v).unwrap())
     });
     g.finish();
 }

@@ -319,5 +319,9 @@ async fn caller_deadline_bounds_a_hung_cognito() {
         matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{s:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }

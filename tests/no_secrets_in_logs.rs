@@ -38,7 +38,10 @@ async fn trace_logs_never_contain_secrets_or_tokens() {
         .init();
 
     let emu = emulator(vec![]).await;
-    let gw = TestGateway::start(config(&emu, &[client_a()])).await.ready().await;
+    let gw = TestGateway::start(config(&emu, &[client_a()]))
+        .await
+        .ready()
+        .await;
     let mut c = gw.client().await;
     let wrong = "wrong-secret-7f3a9";
 
@@ -54,7 +57,9 @@ async fn trace_logs_never_contain_secrets_or_tokens() {
     let mut basic = Request::new(GetTokenRequest::default());
     basic.metadata_mut().insert(
         "authorization",
-        format!("Basic {}", STANDARD.encode(format!("{CLIENT}:{SECRET}"))).parse().unwrap(),
+        format!("Basic {}", STANDARD.encode(format!("{CLIENT}:{SECRET}")))
+            .parse()
+            .unwrap(),
     );
     c.get_token(basic).await.unwrap();
     let refused = c
@@ -87,7 +92,10 @@ async fn trace_logs_never_contain_secrets_or_tokens() {
     gw.stop().await;
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.len() > 1000, "trace logging captured too little to mean anything");
+    assert!(
+        logs.len() > 1000,
+        "trace logging captured too little to mean anything"
+    );
     let basic_value = STANDARD.encode(format!("{CLIENT}:{SECRET}"));
     let signature = t.access_token.rsplit('.').next().unwrap();
     let payload = t.access_token.split('.').nth(1).unwrap();
