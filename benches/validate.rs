@@ -55,7 +55,17 @@ fn bench(c: &mut Criterion) {
         Duration::from_secs(10),
     ));
     rt.block_on(keys.refresh()).unwrap();
+    // First-seen: the verified-token cache off, so every call does the full check.
     let validator = JwtValidator::new(
+        ISS,
+        ["k6h0hnjenh7auvi2as".to_string()],
+        keys.clone(),
+        ValidatorSettings {
+            verified_cache_size: 0,
+            ..ValidatorSettings::default()
+        },
+    );
+    let cached = JwtValidator::new(
         ISS,
         ["k6h0hnjenh7auvi2as".to_string()],
         keys,
@@ -63,10 +73,14 @@ fn bench(c: &mut Criterion) {
     );
     let required = vec!["orders/read".to_string()];
     assert!(validator.validate_loaded(&token, &required).is_ok());
+    assert!(cached.validate_loaded(&token, &required).is_ok());
 
     let mut g = c.benchmark_group("validate");
     g.bench_function("full_first_seen", |b| {
         b.iter(|| validator.validate_loaded(black_box(&token), black_box(&required)))
+    });
+    g.bench_function("seen_before", |b| {
+        b.iter(|| cached.validate_loaded(black_box(&token), black_box(&required)))
     });
 
     let (input, sig) = token.rsplit_once('.').unwrap();

@@ -137,6 +137,9 @@ pub struct ValidationConfig {
     /// Minimum time between two JWKS refetches caused by unknown `kid`s, in seconds.
     #[serde(default = "default_jwks_cooldown_secs")]
     pub jwks_cooldown_secs: u64,
+    /// Verified tokens remembered so a repeat skips the RSA check (0 = off).
+    #[serde(default = "default_verified_cache_size")]
+    pub verified_cache_size: u64,
 }
 
 impl Default for ValidationConfig {
@@ -145,6 +148,7 @@ impl Default for ValidationConfig {
             leeway_secs: default_leeway_secs(),
             max_token_bytes: default_max_token_bytes(),
             jwks_cooldown_secs: default_jwks_cooldown_secs(),
+            verified_cache_size: default_verified_cache_size(),
         }
     }
 }
@@ -273,6 +277,9 @@ fn default_max_token_bytes() -> usize {
 }
 fn default_jwks_cooldown_secs() -> u64 {
     10
+}
+fn default_verified_cache_size() -> u64 {
+    100_000
 }
 fn default_max_entries() -> u64 {
     10_000

@@ -88,6 +88,7 @@ impl Gateway {
             ValidatorSettings {
                 leeway: Duration::from_secs(config.validation.leeway_secs),
                 max_token_bytes: config.validation.max_token_bytes,
+                verified_cache_size: config.validation.verified_cache_size,
             },
         );
         Ok(Self {

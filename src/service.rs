@@ -124,17 +124,17 @@ fn parse_basic(encoded: &str) -> Result<(String, String), Status> {
 }
 
 /// Converts verified claims into the proto message (`all` as a `Struct`).
-pub fn claims_to_proto(c: Claims) -> pb::Claims {
+pub fn claims_to_proto(c: &Claims) -> pb::Claims {
     pb::Claims {
-        client_id: c.client_id,
-        subject: c.subject,
-        issuer: c.issuer,
-        scopes: c.scopes,
-        token_use: c.token_use,
-        jti: c.jti,
+        client_id: c.client_id.clone(),
+        subject: c.subject.clone(),
+        issuer: c.issuer.clone(),
+        scopes: c.scopes.clone(),
+        token_use: c.token_use.clone(),
+        jti: c.jti.clone(),
         issued_at: c.issued_at,
         expires_at: c.expires_at,
-        all: Some(json_object_to_struct(c.all)),
+        all: Some(json_object_to_struct(c.all())),
     }
 }
 
@@ -166,8 +166,13 @@ fn json_to_value(v: serde_json::Value) -> prost_types::Value {
 /// Strips a leading `Bearer ` (any case) and surrounding whitespace.
 pub fn strip_bearer(token: &str) -> &str {
     let t = token.trim();
-    match t.get(..7) {
-        Some(prefix) if prefix.eq_ignore_ascii_case("bearer ") => t[7..].trim_start(),
+    match (t.get(..6), t.as_bytes().get(6)) {
+        (Some(scheme), None) if scheme.eq_ignore_ascii_case("bearer") => "",
+        (Some(scheme), Some(b))
+            if scheme.eq_ignore_ascii_case("bearer") && b.is_ascii_whitespace() =>
+        {
+            t[6..].trim_start()
+        }
         _ => t,
     }
 }
@@ -217,7 +222,7 @@ impl pb::gateway_server::Gateway for GatewayService {
                 valid: true,
                 rejection: pb::Rejection::Unspecified as i32,
                 detail: String::new(),
-                claims: Some(claims_to_proto(claims)),
+                claims: Some(claims_to_proto(&claims)),
             },
             Err(invalid) => pb::ValidateResponse {
                 valid: false,
@@ -303,6 +308,8 @@ mod tests {
         assert_eq!(strip_bearer("bearer  abc "), "abc");
         assert_eq!(strip_bearer("abc"), "abc");
         assert_eq!(strip_bearer("Bearer "), "");
+        assert_eq!(strip_bearer("BEARER\tabc"), "abc");
+        assert_eq!(strip_bearer("Bearerabc"), "Bearerabc");
     }
 
     #[test]

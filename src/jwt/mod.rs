@@ -96,7 +96,7 @@ pub struct ValidationStats {
 }
 
 impl ValidationStats {
-    pub(crate) fn record(&self, result: &Result<Claims, Invalid>) {
+    pub(crate) fn record(&self, result: &Result<Arc<Claims>, Invalid>) {
         let counter = match result {
             Ok(_) => &self.valid,
             Err(e) => &self.rejected[e.rejection as usize],
@@ -153,14 +153,20 @@ pub struct Claims {
     pub issued_at: i64,
     /// `exp`, unix seconds.
     pub expires_at: i64,
-    /// Every claim, custom ones included.
-    pub all: serde_json::Map<String, serde_json::Value>,
+    /// The decoded payload (a JSON object), kept as text: parsed only when
+    /// [`Claims::all`] is asked for.
+    raw: Box<str>,
 }
 
 impl Claims {
     /// Whether the token grants `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == scope)
+    }
+
+    /// Every claim, custom ones included.
+    pub fn all(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(&self.raw).unwrap_or_default()
     }
 }
 

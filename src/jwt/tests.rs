@@ -118,8 +118,9 @@ async fn valid_token_yields_claims() {
     assert_eq!(c.token_use, "access");
     assert_eq!(c.expires_at, NOW + 3600);
     assert_eq!(c.issued_at, NOW - 10);
-    assert_eq!(c.all["custom"]["tenant"], "t1");
-    assert_eq!(c.all["version"], 2);
+    let all = c.all();
+    assert_eq!(all["custom"]["tenant"], "t1");
+    assert_eq!(all["version"], 2);
 }
 
 #[tokio::test]
@@ -573,7 +574,60 @@ proptest! {
         if let Ok(claims) = result {
             let decoded = |t: &str| t.split('.').map(|s| URL_SAFE_NO_PAD.decode(s).ok()).collect::<Vec<_>>();
             prop_assert_eq!(decoded(&token), decoded(valid_token()));
-            prop_assert_eq!(claims.client_id, "client-a");
+            prop_assert_eq!(claims.client_id.as_str(), "client-a");
         }
     }
+}
+
+#[tokio::test]
+async fn verified_cache_hits_still_run_every_rejection_that_can_change() {
+    let f = fixture().await;
+    let token = key().sign(&with(claims(), "exp", json!(NOW + 60)));
+    f.validator.validate(&token, &[]).await.unwrap();
+    assert_eq!(f.validator.cached_verifications(), 1);
+    // A hit with a scope the token lacks.
+    let err = f
+        .validator
+        .validate(&token, &["orders/admin".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(err.rejection, Rejection::InsufficientScope);
+    // A hit that expired since it was cached.
+    f.clock.advance(66);
+    assert_eq!(rejection(&f, &token).await, Rejection::Expired);
+    assert_eq!(
+        f.validator
+            .validate_loaded(&token, &[])
+            .unwrap_err()
+            .rejection,
+        Rejection::Expired
+    );
+}
+
+#[tokio::test]
+async fn verified_cache_drops_tokens_whose_key_is_withdrawn() {
+    let f = fixture().await;
+    let token = key().sign(&claims());
+    f.validator.validate(&token, &[]).await.unwrap();
+    f.fetcher.set(Ok(jwks(&[other_key()])));
+    f.validator.keys().refresh().await.unwrap();
+    assert_eq!(rejection(&f, &token).await, Rejection::UnknownKey);
+}
+
+#[tokio::test]
+async fn only_successes_are_cached() {
+    let f = fixture().await;
+    for t in [
+        other_key().sign(&claims()),
+        key().sign(&with(claims(), "client_id", json!("client-b"))),
+        key().sign(&with(claims(), "exp", json!(NOW - 100))),
+    ] {
+        assert!(f.validator.validate(&t, &[]).await.is_err());
+    }
+    assert_eq!(f.validator.cached_verifications(), 0);
+    let stats = f.validator.stats();
+    assert_eq!(stats.rejected(Rejection::UnknownKey), 1);
+    assert_eq!(stats.rejected(Rejection::ClientNotAllowed), 1);
+    assert_eq!(stats.rejected(Rejection::Expired), 1);
+    assert_eq!(stats.valid(), 0);
 }
