@@ -7,8 +7,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod demo;
 pub mod dev;
 pub mod emulator;
 mod http;

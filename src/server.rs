@@ -70,27 +70,7 @@ impl Gateway {
                 verifier_key,
             },
         );
-        let fetcher = HttpFetcher::new(
-            endpoints.jwks_uri.clone(),
-            config.connect_timeout(),
-            Duration::from_millis(config.cognito.jwks_timeout_ms),
-        )
-        .map_err(|e| anyhow::anyhow!("JWKS client: {e}"))?;
-        let keys = Arc::new(KeySet::new(
-            endpoints.issuer.clone(),
-            Arc::new(fetcher),
-            Duration::from_secs(config.validation.jwks_cooldown_secs),
-        ));
-        let validator = JwtValidator::new(
-            endpoints.issuer,
-            config.clients.iter().map(|c| c.client_id.clone()),
-            keys,
-            ValidatorSettings {
-                leeway: Duration::from_secs(config.validation.leeway_secs),
-                max_token_bytes: config.validation.max_token_bytes,
-                verified_cache_size: config.validation.verified_cache_size,
-            },
-        );
+        let validator = build_validator(&config)?;
         Ok(Self {
             config,
             registry,
@@ -186,6 +166,36 @@ impl Gateway {
         readiness.abort();
         result
     }
+}
+
+/// The access-token validator of a configuration: its issuer, its JWKS URI, its
+/// registered clients. The key set is empty until loaded
+/// ([`KeySet::spawn_loader`] or [`KeySet::refresh`]).
+pub fn build_validator(config: &Config) -> anyhow::Result<JwtValidator> {
+    let endpoints = config
+        .endpoints()
+        .map_err(|(key, m)| anyhow::anyhow!("{key}: {m}"))?;
+    let fetcher = HttpFetcher::new(
+        endpoints.jwks_uri.clone(),
+        config.connect_timeout(),
+        Duration::from_millis(config.cognito.jwks_timeout_ms),
+    )
+    .map_err(|e| anyhow::anyhow!("JWKS client: {e}"))?;
+    let keys = Arc::new(KeySet::new(
+        endpoints.issuer.clone(),
+        Arc::new(fetcher),
+        Duration::from_secs(config.validation.jwks_cooldown_secs),
+    ));
+    Ok(JwtValidator::new(
+        endpoints.issuer,
+        config.clients.iter().map(|c| c.client_id.clone()),
+        keys,
+        ValidatorSettings {
+            leeway: Duration::from_secs(config.validation.leeway_secs),
+            max_token_bytes: config.validation.max_token_bytes,
+            verified_cache_size: config.validation.verified_cache_size,
+        },
+    ))
 }
 
 fn tls_config(tls: &config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {

@@ -62,6 +62,13 @@ pub fn rejection_to_proto(r: Rejection) -> pb::Rejection {
     }
 }
 
+/// The [`Rejection`] of a proto value (`None` for UNSPECIFIED or unknown values).
+pub fn rejection_from_proto(value: i32) -> Option<Rejection> {
+    Rejection::ALL
+        .into_iter()
+        .find(|r| rejection_to_proto(*r) as i32 == value)
+}
+
 /// Credentials from the request body or from `authorization: Basic` metadata.
 fn credentials(metadata: &MetadataMap, req: &pb::GetTokenRequest) -> Result<Credentials, Status> {
     let from_header = match metadata.get("authorization") {

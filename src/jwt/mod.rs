@@ -164,6 +164,33 @@ impl Claims {
         self.scopes.iter().any(|s| s == scope)
     }
 
+    /// Claims received from a trusted verifier (the gateway's Validate RPC); `all`
+    /// is every claim as a JSON object.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_verified(
+        client_id: String,
+        subject: String,
+        issuer: String,
+        scopes: Vec<String>,
+        token_use: String,
+        jti: String,
+        issued_at: i64,
+        expires_at: i64,
+        all: &serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
+        Self {
+            client_id,
+            subject,
+            issuer,
+            scopes,
+            token_use,
+            jti,
+            issued_at,
+            expires_at,
+            raw: serde_json::to_string(all).unwrap_or_default().into(),
+        }
+    }
+
     /// Every claim, custom ones included.
     pub fn all(&self) -> serde_json::Map<String, serde_json::Value> {
         serde_json::from_str(&self.raw).unwrap_or_default()

@@ -1,0 +1,58 @@
+//! The same check as a synchronous tonic interceptor.
+
+use std::sync::Arc;
+
+use tonic::{Request, Status, service::Interceptor};
+
+use super::{VerifiedClaims, bearer_token, refusal};
+use crate::jwt::JwtValidator;
+
+/// A tonic [`Interceptor`] requiring a valid token with `required_scopes` on every
+/// method of the service it wraps.
+///
+/// Trade-off against [`super::AuthLayer`]: an interceptor is synchronous and sees
+/// neither the method path nor the network, so it has one scope list for the whole
+/// service (no per-method policy, no public methods) and validates with the keys
+/// already loaded — an unknown `kid` is refused at once instead of triggering a
+/// JWKS refetch. Keep the key set fresh with [`crate::jwt::KeySet::spawn_loader`],
+/// or use the layer.
+///
+/// ```no_run
+/// # fn demo(validator: m2m_gateway::jwt::JwtValidator) {
+/// use m2m_gateway::{auth, proto::demo::v1::echo_server::EchoServer, demo::EchoService};
+/// let svc = EchoServer::with_interceptor(EchoService, auth::interceptor(validator, ["demo/read"]));
+/// # let _ = svc;
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct AuthInterceptor {
+    validator: JwtValidator,
+    required_scopes: Arc<[String]>,
+}
+
+/// An [`AuthInterceptor`] over `validator`.
+pub fn interceptor<I: IntoIterator<Item = S>, S: Into<String>>(
+    validator: JwtValidator,
+    required_scopes: I,
+) -> AuthInterceptor {
+    AuthInterceptor {
+        validator,
+        required_scopes: required_scopes.into_iter().map(Into::into).collect(),
+    }
+}
+
+impl Interceptor for AuthInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap_or("non-ascii"));
+        let token = bearer_token(header)?;
+        let claims = self
+            .validator
+            .validate_loaded(token, &self.required_scopes)
+            .map_err(|invalid| refusal(&invalid, &self.required_scopes))?;
+        request.extensions_mut().insert(VerifiedClaims(claims));
+        Ok(request)
+    }
+}

@@ -1,0 +1,153 @@
+//! Validation through the gateway's Validate RPC, with a bounded cache.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use aws_lc_rs::digest;
+use tonic::transport::Channel;
+
+use crate::{
+    jwt::{Claims, Clock, Invalid, Rejection, SystemClock},
+    proto::gateway::v1::{ValidateRequest, gateway_client::GatewayClient},
+    service::rejection_from_proto,
+};
+
+/// Asks a running gateway whether tokens are valid. Answers for valid tokens are
+/// cached by SHA-256 of the token, never beyond the token's `exp`; scopes and
+/// expiry are checked locally on every hit.
+#[derive(Clone)]
+pub struct RemoteValidator {
+    client: GatewayClient<Channel>,
+    cache: moka::sync::Cache<[u8; 32], Arc<Claims>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl fmt::Debug for RemoteValidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteValidator")
+            .field("cached", &self.cache.entry_count())
+            .finish_non_exhaustive()
+    }
+}
+
+struct UntilExp(Arc<dyn Clock>);
+
+impl moka::Expiry<[u8; 32], Arc<Claims>> for UntilExp {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<Claims>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_secs(
+            (value.expires_at - self.0.now()).max(0) as u64,
+        ))
+    }
+}
+
+impl RemoteValidator {
+    /// A validator calling the gateway on `channel`, remembering up to
+    /// `cache_size` valid tokens.
+    pub fn new(channel: Channel, cache_size: u64) -> Self {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        Self {
+            client: GatewayClient::new(channel),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(cache_size)
+                .expire_after(UntilExp(clock.clone()))
+                .build(),
+            clock,
+        }
+    }
+
+    /// Validates `token` and checks `required_scopes` against its claims.
+    pub async fn validate(
+        &self,
+        token: &str,
+        required_scopes: &[String],
+    ) -> Result<Arc<Claims>, Invalid> {
+        let key = <[u8; 32]>::try_from(digest::digest(&digest::SHA256, token.as_bytes()).as_ref())
+            .expect("SHA-256 is 32 bytes");
+        let claims = match self.cache.get(&key) {
+            Some(claims) => claims,
+            None => {
+                let claims = self.ask(token).await?;
+                self.cache.insert(key, claims.clone());
+                claims
+            }
+        };
+        if claims.expires_at <= self.clock.now() {
+            return Err(Invalid::new(Rejection::Expired, "token has expired"));
+        }
+        if let Some(missing) = required_scopes.iter().find(|s| !claims.has_scope(s)) {
+            return Err(Invalid::new(
+                Rejection::InsufficientScope,
+                format!("scope {missing:?} not granted"),
+            ));
+        }
+        Ok(claims)
+    }
+
+    async fn ask(&self, token: &str) -> Result<Arc<Claims>, Invalid> {
+        let response = self
+            .client
+            .clone()
+            .validate(ValidateRequest {
+                token: token.to_owned(),
+                required_scopes: Vec::new(),
+            })
+            .await
+            .map_err(|status| {
+                tracing::warn!(code = ?status.code(), "gateway Validate call failed");
+                Invalid::new(Rejection::KeysUnavailable, "the gateway could not be asked")
+            })?
+            .into_inner();
+        if !response.valid {
+            let rejection =
+                rejection_from_proto(response.rejection).unwrap_or(Rejection::Malformed);
+            return Err(Invalid::new(rejection, response.detail));
+        }
+        let c = response.claims.ok_or_else(|| {
+            Invalid::new(
+                Rejection::Malformed,
+                "gateway answered valid without claims",
+            )
+        })?;
+        let all = c.all.map(struct_to_json).unwrap_or_default();
+        Ok(Arc::new(Claims::from_verified(
+            c.client_id,
+            c.subject,
+            c.issuer,
+            c.scopes,
+            c.token_use,
+            c.jti,
+            c.issued_at,
+            c.expires_at,
+            &all,
+        )))
+    }
+}
+
+fn struct_to_json(s: prost_types::Struct) -> serde_json::Map<String, serde_json::Value> {
+    s.fields
+        .into_iter()
+        .map(|(k, v)| (k, value_to_json(v)))
+        .collect()
+}
+
+fn value_to_json(v: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => b.into(),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                (n as i64).into()
+            } else {
+                serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, Into::into)
+            }
+        }
+        Some(Kind::StringValue(s)) => s.into(),
+        Some(Kind::ListValue(l)) => l.values.into_iter().map(value_to_json).collect(),
+        Some(Kind::StructValue(s)) => struct_to_json(s).into(),
+    }
+}

@@ -1,0 +1,347 @@
+//! The library half: AuthLayer (local and remote), the interceptor, and
+//! TokenSource, in front of real tonic servers on loopback.
+
+mod support;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use m2m_gateway::{
+    auth::{self, AuthLayer, AuthPolicy, RemoteValidator, TokenSource},
+    demo::EchoService,
+    emulator::Emulator,
+    jwt::JwtValidator,
+    proto::demo::v1::{EchoRequest, echo_client::EchoClient, echo_server::EchoServer},
+    server::build_validator,
+};
+use support::*;
+use tokio::{net::TcpListener, sync::oneshot};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{
+    Code, Request,
+    transport::{Channel, Server},
+};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+struct Served {
+    addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Served {
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
+async fn serve_with_layer(layer: AuthLayer) -> Served {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (_, health) = tonic_health::server::health_reporter();
+    let router = Server::builder()
+        .layer(layer)
+        .add_service(health)
+        .add_service(EchoServer::new(EchoService));
+    tokio::spawn(
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stopped.await;
+        }),
+    );
+    Served { addr, _stop: stop }
+}
+
+async fn serve_with_interceptor(validator: JwtValidator, scopes: &[&str]) -> Served {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let svc =
+        EchoServer::with_interceptor(EchoService, auth::interceptor(validator, scopes.to_vec()));
+    tokio::spawn(
+        Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stopped.await;
+            }),
+    );
+    Served { addr, _stop: stop }
+}
+
+async fn loaded_validator(emu: &Emulator) -> JwtValidator {
+    let validator = build_validator(&config(emu, &[client_a()])).unwrap();
+    validator.keys().refresh().await.unwrap();
+    validator
+}
+
+fn echo(token: Option<&str>) -> Request<EchoRequest> {
+    let mut req = Request::new(EchoRequest {
+        message: "hello".into(),
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
+fn www_authenticate(status: &tonic::Status) -> String {
+    status
+        .metadata()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// Every outcome of the layer, for a given verifier.
+async fn check_every_outcome(served: &Served, emu: &Emulator) {
+    let mut client = EchoClient::new(served.channel().await);
+    let good = emu.issue(CLIENT, &["orders/read".into(), "orders/write".into()]);
+    let reply = client.echo(echo(Some(&good))).await.unwrap().into_inner();
+    assert_eq!(reply.message, "hello");
+    assert_eq!(reply.client_id, CLIENT, "claims visible to the handler");
+
+    // Scheme is case-insensitive.
+    let mut lower = echo(None);
+    lower
+        .metadata_mut()
+        .insert("authorization", format!("bearer {good}").parse().unwrap());
+    assert!(client.echo(lower).await.is_ok());
+
+    let missing = client.echo(echo(None)).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    assert_eq!(www_authenticate(&missing), "Bearer");
+
+    let garbage = client.echo(echo(Some("not-a-token"))).await.unwrap_err();
+    assert_eq!(garbage.code(), Code::Unauthenticated);
+    assert_eq!(www_authenticate(&garbage), "Bearer error=\"invalid_token\"");
+
+    let mut basic = echo(None);
+    basic
+        .metadata_mut()
+        .insert("authorization", "Basic YTpi".parse().unwrap());
+    let s = client.echo(basic).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    assert!(www_authenticate(&s).contains("invalid_request"));
+
+    let narrow = emu.issue(CLIENT, &["orders/read".into()]);
+    let denied = client.echo(echo(Some(&narrow))).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert_eq!(
+        www_authenticate(&denied),
+        "Bearer error=\"insufficient_scope\", scope=\"orders/write\""
+    );
+
+    let unregistered = emu.issue("someone-else", &["orders/write".into()]);
+    let s = client.echo(echo(Some(&unregistered))).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+
+    // Health is public by default.
+    let mut health = HealthClient::new(served.channel().await);
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn layer_with_local_validator() {
+    let emu = emulator(vec![]).await;
+    let validator = loaded_validator(&emu).await;
+    let served = serve_with_layer(AuthLayer::local(
+        validator,
+        AuthPolicy::new().service("m2m.demo.v1.Echo", ["orders/write"]),
+    ))
+    .await;
+    check_every_outcome(&served, &emu).await;
+}
+
+#[tokio::test]
+async fn layer_with_remote_validator_against_a_running_gateway() {
+    let emu = emulator(vec![]).await;
+    let gw = TestGateway::start(config(&emu, &[client_a()]))
+        .await
+        .ready()
+        .await;
+    let remote = RemoteValidator::new(gw.channel().await, 10_000);
+    let served = serve_with_layer(AuthLayer::remote(
+        remote,
+        AuthPolicy::new().method("/m2m.demo.v1.Echo/Echo", ["orders/write"]),
+    ))
+    .await;
+    check_every_outcome(&served, &emu).await;
+    let stats = gw.gateway.validator.stats();
+    let asked = stats.valid();
+    // Repeats of a valid token are answered from the remote cache.
+    let good = emu.issue(CLIENT, &["orders/write".into()]);
+    let mut client = EchoClient::new(served.channel().await);
+    for _ in 0..5 {
+        client.echo(echo(Some(&good))).await.unwrap();
+    }
+    assert_eq!(stats.valid(), asked + 1);
+}
+
+#[tokio::test]
+async fn keys_not_loadable_is_unavailable() {
+    let emu = emulator(vec![]).await;
+    let mut cfg = config(&emu, &[client_a()]);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    cfg.cognito.jwks_uri = Some(format!("http://127.0.0.1:{port}/jwks.json"));
+    cfg.cognito.connect_timeout_ms = 300;
+    let validator = build_validator(&cfg).unwrap();
+    let served = serve_with_layer(AuthLayer::local(validator, AuthPolicy::new())).await;
+    let mut client = EchoClient::new(served.channel().await);
+    let token = emu.issue(CLIENT, &[]);
+    let s = client.echo(echo(Some(&token))).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+}
+
+#[tokio::test]
+async fn interceptor_variant() {
+    let emu = emulator(vec![]).await;
+    let validator = loaded_validator(&emu).await;
+    let served = serve_with_interceptor(validator, &["orders/read"]).await;
+    let mut client = EchoClient::new(served.channel().await);
+    let good = emu.issue(CLIENT, &["orders/read".into()]);
+    assert_eq!(
+        client
+            .echo(echo(Some(&good)))
+            .await
+            .unwrap()
+            .into_inner()
+            .client_id,
+        CLIENT
+    );
+    assert_eq!(
+        client.echo(echo(None)).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let other = emu.issue(CLIENT, &["orders/write".into()]);
+    let s = client.echo(echo(Some(&other))).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert!(www_authenticate(&s).contains("insufficient_scope"));
+    // The interceptor never refetches: a rotated key is unknown until the key set
+    // is refreshed.
+    emu.rotate_key();
+    let rotated = emu.issue(CLIENT, &["orders/read".into()]);
+    assert_eq!(
+        client.echo(echo(Some(&rotated))).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+}
+
+#[tokio::test]
+async fn token_source_from_the_gateway_calls_a_protected_service() {
+    let emu = emulator(vec![]).await;
+    let gw = TestGateway::start(config(&emu, &[client_a()]))
+        .await
+        .ready()
+        .await;
+    let validator = loaded_validator(&emu).await;
+    let served = serve_with_layer(AuthLayer::local(
+        validator,
+        AuthPolicy::new().require(["orders/read"]),
+    ))
+    .await;
+    let tokens = TokenSource::from_gateway(gw.channel().await, CLIENT, SECRET, ["orders/read"]);
+    let mut client = EchoClient::with_interceptor(served.channel().await, tokens.interceptor());
+    let s = client.echo(echo(None)).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated, "no token fetched yet");
+    tokens.token().await.unwrap();
+    let reply = client.echo(echo(None)).await.unwrap().into_inner();
+    assert_eq!(reply.client_id, CLIENT);
+
+    let wrong = TokenSource::from_gateway(gw.channel().await, CLIENT, "wrong", ["orders/read"]);
+    assert_eq!(
+        wrong.token().await.unwrap_err(),
+        m2m_gateway::broker::UpstreamError::InvalidClient
+    );
+}
+
+mod paused {
+    //! TokenSource timing under paused time, with an in-memory endpoint.
+    use super::*;
+    use futures::future::BoxFuture;
+    use m2m_gateway::broker::{AccessToken, TokenEndpoint, TokenResponse, UpstreamError};
+    use secrecy::SecretString;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    #[derive(Default)]
+    struct Counting {
+        calls: AtomicU64,
+        failing: AtomicBool,
+    }
+
+    impl TokenEndpoint for Counting {
+        fn client_credentials<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a SecretString,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<TokenResponse, UpstreamError>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if self.failing.load(Ordering::SeqCst) {
+                    return Err(UpstreamError::Unavailable("down".into()));
+                }
+                Ok(TokenResponse {
+                    access_token: AccessToken::new(format!("token-{n}")),
+                    expires_in: 100,
+                })
+            })
+        }
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_source_refreshes_at_75_percent_with_single_flight() {
+        let endpoint = Arc::new(Counting::default());
+        let tokens = TokenSource::new(endpoint.clone(), "c", "s", ["a/b"]);
+        let mut waiting = Vec::new();
+        for _ in 0..50 {
+            let t = tokens.clone();
+            waiting.push(tokio::spawn(async move { t.token().await.unwrap() }));
+        }
+        for w in waiting {
+            assert_eq!(w.await.unwrap().expose(), "token-1");
+        }
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 1, "single flight");
+
+        tokio::time::advance(Duration::from_secs(70)).await;
+        assert_eq!(tokens.token().await.unwrap().expose(), "token-1");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(tokens.token().await.unwrap().expose(), "token-2");
+
+        // Refresh failing: the current token while it lives, then the error.
+        endpoint.failing.store(true, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(80)).await;
+        assert_eq!(tokens.token().await.unwrap().expose(), "token-2");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(tokens.token().await.is_err());
+        assert!(tokens.current().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_refresher_keeps_a_fresh_token() {
+        let endpoint = Arc::new(Counting::default());
+        let tokens = TokenSource::new(endpoint.clone(), "c", "s", ["a/b"]);
+        let refresher = tokens.spawn_refresher();
+        // Paused time advances only when every task is idle, so each sleep below
+        // lets the refresher run exactly to its next timer.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(tokens.current().unwrap().expose(), "token-1");
+        tokio::time::sleep(Duration::from_secs(75)).await;
+        assert_eq!(tokens.current().unwrap().expose(), "token-2");
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2);
+        refresher.abort();
+    }
+}
