@@ -564,6 +564,11 @@ impl Config {
         Duration::from_millis(self.cognito.connect_timeout_ms)
     }
 
+    /// The configuration as TOML, secrets redacted (what `dev --write-config` writes).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
     /// The effective settings, secrets redacted, for `check-config`.
     pub fn redacted_json(&self) -> String {
         let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);

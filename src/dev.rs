@@ -1,6 +1,6 @@
 //! `m2m-gateway dev`: the emulator and the gateway wired together on loopback.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, path::Path};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -44,6 +44,7 @@ pub fn config_for(emulator: &Emulator, listen: SocketAddr, clients: &[EmulatorCl
 /// loopback address.
 pub async fn run(
     listen: SocketAddr,
+    write_config: Option<&Path>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -66,6 +67,10 @@ pub async fn run(
     .await
     .context("starting the Cognito emulator")?;
     let config = config_for(&emulator, listen, &[client]);
+    if let Some(path) = write_config {
+        std::fs::write(path, config.to_toml())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let gateway = Gateway::from_config(config)?;
     let keys = gateway.validator.keys().clone();
     let server = tokio::spawn(gateway.serve(listener, shutdown));

@@ -49,6 +49,10 @@ enum Command {
         /// gRPC listen address (loopback only).
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// Also write the gateway configuration of this session to FILE (for the
+        /// examples: `protected_server --config FILE`).
+        #[arg(long, value_name = "FILE")]
+        write_config: Option<PathBuf>,
     },
     /// Run only the Cognito-compatible emulator, for other projects' tests.
     Emulator {
@@ -110,7 +114,10 @@ async fn main() -> ExitCode {
             Err(e) => Err(anyhow::anyhow!(e)),
         },
         Command::Serve { config } => serve(config).await,
-        Command::Dev { listen } => m2m_gateway::dev::run(listen, shutdown_signal()).await,
+        Command::Dev {
+            listen,
+            write_config,
+        } => m2m_gateway::dev::run(listen, write_config.as_deref(), shutdown_signal()).await,
         Command::Emulator {
             listen,
             pool_id,

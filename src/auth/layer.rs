@@ -18,7 +18,7 @@ use crate::jwt::{Claims, Invalid, JwtValidator};
 #[derive(Clone)]
 enum Verifier {
     Local(JwtValidator),
-    Remote(RemoteValidator),
+    Remote(Box<RemoteValidator>),
 }
 
 impl Verifier {
@@ -82,7 +82,7 @@ impl AuthLayer {
 
     /// Validates through the gateway's Validate RPC, caching answers.
     pub fn remote(validator: RemoteValidator, policy: AuthPolicy) -> Self {
-        Self::with(Verifier::Remote(validator), policy)
+        Self::with(Verifier::Remote(Box::new(validator)), policy)
     }
 
     fn with(verifier: Verifier, policy: AuthPolicy) -> Self {
