@@ -31,6 +31,9 @@ struct Args {
     /// Scope every Echo call needs (repeatable).
     #[arg(long = "require-scope")]
     require_scope: Vec<String>,
+    /// Serve without the AuthLayer (baseline for benchmarks).
+    #[arg(long)]
+    no_auth: bool,
 }
 
 #[tokio::main]
@@ -60,18 +63,33 @@ async fn main() -> anyhow::Result<()> {
         .build_v1()?;
 
     let policy = AuthPolicy::new().service("m2m.demo.v1.Echo", args.require_scope.clone());
-    println!(
-        "protected Echo on {} (requires {:?}); health and reflection are public",
-        args.listen, args.require_scope
-    );
-    tonic::transport::Server::builder()
-        .layer(AuthLayer::local(validator, policy))
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(EchoServer::new(EchoService))
-        .serve_with_shutdown(args.listen, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    if args.no_auth {
+        println!("UNPROTECTED Echo on {} (--no-auth)", args.listen);
+    } else {
+        println!(
+            "protected Echo on {} (requires {:?}); health and reflection are public",
+            args.listen, args.require_scope
+        );
+    }
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if args.no_auth {
+        builder
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(EchoServer::new(EchoService))
+            .serve_with_shutdown(args.listen, shutdown)
+            .await?;
+    } else {
+        builder
+            .layer(AuthLayer::local(validator, policy))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(EchoServer::new(EchoService))
+            .serve_with_shutdown(args.listen, shutdown)
+            .await?;
+    }
     Ok(())
 }

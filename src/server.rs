@@ -6,8 +6,7 @@ use std::{future::Future, num::NonZeroU32, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -151,7 +150,13 @@ impl Gateway {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(gateway)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+            .serve_with_incoming_shutdown(
+                // Small responses (tokens, claims) must not wait for Nagle's algorithm.
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60))),
+                signal,
+            );
         let result = tokio::select! {
             r = serve => r.context("gRPC server failed"),
             () = async {
