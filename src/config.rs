@@ -66,6 +66,22 @@ pub struct ServerConfig {
     /// How long SIGTERM waits for in-flight calls before exiting, in milliseconds.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Calls in flight across all connections; beyond it calls are shed at once
+    /// with RESOURCE_EXHAUSTED (never queued).
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// HTTP/2 streams per connection.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Largest decoded request message, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive ping interval, in seconds.
+    #[serde(default = "default_keepalive_interval_secs")]
+    pub http2_keepalive_interval_secs: u64,
+    /// HTTP/2 keepalive ping timeout, in seconds.
+    #[serde(default = "default_keepalive_timeout_secs")]
+    pub http2_keepalive_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +92,11 @@ impl Default for ServerConfig {
             tls: None,
             request_timeout_ms: default_request_timeout_ms(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            max_concurrent_requests: default_max_concurrent_requests(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+            max_message_bytes: default_max_message_bytes(),
+            http2_keepalive_interval_secs: default_keepalive_interval_secs(),
+            http2_keepalive_timeout_secs: default_keepalive_timeout_secs(),
         }
     }
 }
@@ -260,6 +281,21 @@ fn default_request_timeout_ms() -> u64 {
 fn default_shutdown_grace_ms() -> u64 {
     10_000
 }
+fn default_max_concurrent_requests() -> usize {
+    1024
+}
+fn default_max_concurrent_streams() -> u32 {
+    256
+}
+fn default_max_message_bytes() -> usize {
+    64 * 1024
+}
+fn default_keepalive_interval_secs() -> u64 {
+    30
+}
+fn default_keepalive_timeout_secs() -> u64 {
+    10
+}
 fn default_connect_timeout_ms() -> u64 {
     2_000
 }
@@ -413,6 +449,39 @@ impl Config {
         ] {
             if !(1..=600_000).contains(&v) {
                 return Err(invalid(key, format!("{v} is outside 1..=600000")));
+            }
+        }
+        let server = &self.server;
+        if !(1..=1_000_000).contains(&server.max_concurrent_requests) {
+            return Err(invalid(
+                "server.max_concurrent_requests",
+                format!("{} is outside 1..=1000000", server.max_concurrent_requests),
+            ));
+        }
+        if !(1..=10_000).contains(&server.max_concurrent_streams) {
+            return Err(invalid(
+                "server.max_concurrent_streams",
+                format!("{} is outside 1..=10000", server.max_concurrent_streams),
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&server.max_message_bytes) {
+            return Err(invalid(
+                "server.max_message_bytes",
+                format!("{} is outside 1024..=16777216", server.max_message_bytes),
+            ));
+        }
+        for (key, v) in [
+            (
+                "server.http2_keepalive_interval_secs",
+                server.http2_keepalive_interval_secs,
+            ),
+            (
+                "server.http2_keepalive_timeout_secs",
+                server.http2_keepalive_timeout_secs,
+            ),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(key, format!("{v} is outside 1..=3600")));
             }
         }
         if self.validation.leeway_secs > 300 {

@@ -19,3 +19,4 @@ pub mod proto;
 pub mod registry;
 pub mod server;
 pub mod service;
+pub mod telemetry;

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
+use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
     broker::{Broker, BrokerSettings, CognitoClient},
@@ -16,10 +17,9 @@ use crate::{
     proto::{self, gateway::v1::gateway_server::GatewayServer},
     registry::Registry,
     service::GatewayService,
+    telemetry::{RpcStats, Telemetry, serve_admin},
 };
 
-/// Largest decoded request message accepted by the Gateway service.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// How often the key set is refreshed when nothing else triggers it.
 pub const JWKS_REFRESH_PERIOD: Duration = Duration::from_secs(3600);
 
@@ -34,6 +34,8 @@ pub struct Gateway {
     pub broker: Broker,
     /// The access-token validator.
     pub validator: JwtValidator,
+    /// Counters of the Gateway RPCs.
+    pub rpc: Arc<RpcStats>,
 }
 
 impl Gateway {
@@ -75,19 +77,81 @@ impl Gateway {
             registry,
             broker,
             validator,
+            rpc: Arc::new(RpcStats::default()),
         })
     }
 
     /// Serves on `listener` until `shutdown` resolves, then stops accepting, drains
-    /// in-flight calls for up to `server.shutdown_grace_ms`, and returns.
+    /// in-flight calls for up to `server.shutdown_grace_ms`, and returns. Also serves
+    /// the admin endpoints when `server.admin_listen` is set.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let admin_listener = match self.config.server.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("server.admin_listen: cannot listen on {addr}"))?,
+            ),
+            None => None,
+        };
+        self.serve_on(listener, admin_listener, shutdown).await
+    }
+
+    /// [`Gateway::serve`] with the admin listener already bound (or none).
+    pub async fn serve_on(
+        self,
+        listener: TcpListener,
+        admin_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let server_cfg = self.config.server.clone();
+        // Everything that can fail on configuration fails before serving.
+        let tls = server_cfg.tls.as_ref().map(tls_config).transpose()?;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building reflection v1")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building reflection v1alpha")?;
+
+        let mut builder = Server::builder()
+            .timeout(Duration::from_millis(server_cfg.request_timeout_ms))
+            .http2_keepalive_interval(Some(Duration::from_secs(
+                server_cfg.http2_keepalive_interval_secs,
+            )))
+            .http2_keepalive_timeout(Some(Duration::from_secs(
+                server_cfg.http2_keepalive_timeout_secs,
+            )))
+            .max_concurrent_streams(Some(server_cfg.max_concurrent_streams));
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).context("configuring TLS")?;
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        let telemetry = Telemetry::new(
+            self.broker.clone(),
+            self.validator.clone(),
+            self.rpc.clone(),
+        );
+        let admin = admin_listener.map(|l| {
+            tracing::info!(addr = ?l.local_addr().ok(), "admin endpoints listening (/metrics, /healthz, /readyz)");
+            tokio::spawn(serve_admin(l, telemetry.clone(), stopped()))
+        });
+
         let keys = self.validator.keys().clone();
         let loader = keys.spawn_loader(JWKS_REFRESH_PERIOD);
-
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", ServingStatus::NotServing)
@@ -109,43 +173,37 @@ impl Gateway {
             })
         };
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("building reflection v1")?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .context("building reflection v1alpha")?;
-
-        let server_cfg = &self.config.server;
-        let mut builder = Server::builder()
-            .timeout(Duration::from_millis(server_cfg.request_timeout_ms))
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-        if let Some(tls) = &server_cfg.tls {
-            builder = builder
-                .tls_config(tls_config(tls)?)
-                .context("configuring TLS")?;
-        }
         let gateway = GatewayServer::new(GatewayService::new(
             self.broker.clone(),
             self.validator.clone(),
+            self.rpc.clone(),
         ))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(server_cfg.max_message_bytes);
 
         let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
-        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new connections, draining in-flight calls");
-            let _ = stopping_tx.send(());
+        let signal = {
+            let telemetry = telemetry.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: no new connections, draining in-flight calls");
+                telemetry.set_listening(false);
+                let _ = stop_tx.send(true);
+            }
         };
-        let addr = listener.local_addr().ok();
-        tracing::info!(?addr, issuer = %self.validator.issuer(), clients = self.config.clients.len(), "gateway listening");
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        tracing::info!(%addr, issuer = %self.validator.issuer(), clients = self.config.clients.len(), "gateway listening");
+        // Beyond max_concurrent_requests calls in flight, new calls are shed at once
+        // with RESOURCE_EXHAUSTED instead of queueing.
+        let limits =
+            tower::ServiceBuilder::new()
+                .load_shed()
+                .layer(GlobalConcurrencyLimitLayer::new(
+                    server_cfg.max_concurrent_requests,
+                ));
         let serve = builder
+            .layer(limits)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -157,10 +215,12 @@ impl Gateway {
                     .with_keepalive(Some(Duration::from_secs(60))),
                 signal,
             );
+        telemetry.set_listening(true);
+        let drained = stopped();
         let result = tokio::select! {
             r = serve => r.context("gRPC server failed"),
             () = async {
-                let _ = stopping_rx.await;
+                drained.await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::warn!(?grace, "shutdown grace period over; closing remaining calls");
@@ -169,6 +229,9 @@ impl Gateway {
         };
         loader.abort();
         readiness.abort();
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         result
     }
 }

@@ -1,15 +1,18 @@
 //! The tonic `Gateway` service: thin. Extracts credentials, calls the broker or the
 //! validator, and is the only place that turns their errors into `tonic::Status`.
 
+use std::{sync::Arc, time::Instant};
+
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use secrecy::SecretString;
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
     broker::{Broker, BrokerError, Credentials},
     jwt::{Claims, JwtValidator, Rejection},
     proto::gateway::v1 as pb,
     registry,
+    telemetry::RpcStats,
 };
 
 /// Most `required_scopes` in one Validate request.
@@ -20,12 +23,104 @@ const MAX_REQUIRED_SCOPES: usize = 50;
 pub struct GatewayService {
     broker: Broker,
     validator: JwtValidator,
+    rpc: Arc<RpcStats>,
 }
 
 impl GatewayService {
-    /// A service over a broker and a validator.
-    pub fn new(broker: Broker, validator: JwtValidator) -> Self {
-        Self { broker, validator }
+    /// A service over a broker and a validator, counting calls into `rpc`.
+    pub fn new(broker: Broker, validator: JwtValidator, rpc: Arc<RpcStats>) -> Self {
+        Self {
+            broker,
+            validator,
+            rpc,
+        }
+    }
+
+    /// Counts the call and writes its one log line (never a token or a secret).
+    fn finish<T>(
+        &self,
+        method: usize,
+        started: Instant,
+        client_id: &str,
+        result: &Result<T, Status>,
+    ) {
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        let latency = started.elapsed();
+        self.rpc.record(method, code, latency);
+        // The client id comes from the caller: log it only when it looks like one.
+        let client_id = if registry::is_valid_client_id(client_id) {
+            client_id
+        } else {
+            "-"
+        };
+        tracing::info!(
+            target: "m2m_gateway::rpc",
+            method = crate::telemetry::METHODS[method],
+            status = ?code,
+            latency_us = latency.as_micros() as u64,
+            client_id,
+            "rpc"
+        );
+    }
+
+    async fn get_token_inner(
+        &self,
+        request: Request<pb::GetTokenRequest>,
+        client_id: &mut String,
+    ) -> Result<Response<pb::GetTokenResponse>, Status> {
+        let credentials = credentials(request.metadata(), request.get_ref())?;
+        client_id.clone_from(&credentials.client_id);
+        let req = request.into_inner();
+        let token = self
+            .broker
+            .get_token(&credentials, &req.scopes)
+            .await
+            .map_err(|e| broker_status(&e))?;
+        Ok(Response::new(pb::GetTokenResponse {
+            access_token: token.access_token.expose().to_owned(),
+            token_type: "Bearer".to_owned(),
+            expires_in: i64::try_from(token.expires_in).unwrap_or(i64::MAX),
+            scopes: token.scopes,
+        }))
+    }
+
+    async fn validate_inner(
+        &self,
+        request: Request<pb::ValidateRequest>,
+        client_id: &mut String,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        let req = request.into_inner();
+        let token = strip_bearer(&req.token);
+        if token.is_empty() {
+            return Err(Status::invalid_argument("token is empty"));
+        }
+        if req.required_scopes.len() > MAX_REQUIRED_SCOPES {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_REQUIRED_SCOPES} required_scopes"
+            )));
+        }
+        for (i, scope) in req.required_scopes.iter().enumerate() {
+            registry::validate_scope(scope)
+                .map_err(|e| Status::invalid_argument(format!("required_scopes[{i}]: {e}")))?;
+        }
+        let response = match self.validator.validate(token, &req.required_scopes).await {
+            Ok(claims) => {
+                client_id.clone_from(&claims.client_id);
+                pb::ValidateResponse {
+                    valid: true,
+                    rejection: pb::Rejection::Unspecified as i32,
+                    detail: String::new(),
+                    claims: Some(claims_to_proto(&claims)),
+                }
+            }
+            Err(invalid) => pb::ValidateResponse {
+                valid: false,
+                rejection: rejection_to_proto(invalid.rejection) as i32,
+                detail: invalid.detail,
+                claims: None,
+            },
+        };
+        Ok(Response::new(response))
     }
 }
 
@@ -190,55 +285,22 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
-        let credentials = credentials(request.metadata(), request.get_ref())?;
-        let req = request.into_inner();
-        match self.broker.get_token(&credentials, &req.scopes).await {
-            Ok(token) => Ok(Response::new(pb::GetTokenResponse {
-                access_token: token.access_token.expose().to_owned(),
-                token_type: "Bearer".to_owned(),
-                expires_in: i64::try_from(token.expires_in).unwrap_or(i64::MAX),
-                scopes: token.scopes,
-            })),
-            Err(e) => {
-                tracing::debug!(client_id = %credentials.client_id, outcome = e.label(), "GetToken refused");
-                Err(broker_status(&e))
-            }
-        }
+        let started = Instant::now();
+        let mut client_id = String::new();
+        let result = self.get_token_inner(request, &mut client_id).await;
+        self.finish(0, started, &client_id, &result);
+        result
     }
 
     async fn validate(
         &self,
         request: Request<pb::ValidateRequest>,
     ) -> Result<Response<pb::ValidateResponse>, Status> {
-        let req = request.into_inner();
-        let token = strip_bearer(&req.token);
-        if token.is_empty() {
-            return Err(Status::invalid_argument("token is empty"));
-        }
-        if req.required_scopes.len() > MAX_REQUIRED_SCOPES {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_REQUIRED_SCOPES} required_scopes"
-            )));
-        }
-        for (i, scope) in req.required_scopes.iter().enumerate() {
-            registry::validate_scope(scope)
-                .map_err(|e| Status::invalid_argument(format!("required_scopes[{i}]: {e}")))?;
-        }
-        let response = match self.validator.validate(token, &req.required_scopes).await {
-            Ok(claims) => pb::ValidateResponse {
-                valid: true,
-                rejection: pb::Rejection::Unspecified as i32,
-                detail: String::new(),
-                claims: Some(claims_to_proto(&claims)),
-            },
-            Err(invalid) => pb::ValidateResponse {
-                valid: false,
-                rejection: rejection_to_proto(invalid.rejection) as i32,
-                detail: invalid.detail,
-                claims: None,
-            },
-        };
-        Ok(Response::new(response))
+        let started = Instant::now();
+        let mut client_id = String::new();
+        let result = self.validate_inner(request, &mut client_id).await;
+        self.finish(1, started, &client_id, &result);
+        result
     }
 }
 

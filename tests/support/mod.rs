@@ -19,6 +19,7 @@ pub const SECRET: &str = "secret-a";
 /// A gateway running in this process.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub gateway: Gateway,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -28,13 +29,20 @@ impl TestGateway {
     pub async fn start(config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = admin_listener.local_addr().unwrap();
         let gateway = Gateway::from_config(config).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(gateway.clone().serve(listener, async {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(
+            gateway
+                .clone()
+                .serve_on(listener, Some(admin_listener), async {
+                    let _ = rx.await;
+                }),
+        );
         Self {
             addr,
+            admin,
             gateway,
             stop: Some(tx),
             task: Some(task),
@@ -64,6 +72,14 @@ impl TestGateway {
             .connect()
             .await
             .unwrap()
+    }
+
+    /// GET on the admin listener: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let resp = reqwest::get(format!("http://{}{path}", self.admin))
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
     }
 
     pub async fn stop(mut self) {

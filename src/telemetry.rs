@@ -1,0 +1,365 @@
+//! Metrics and the admin HTTP listener: `/metrics` (Prometheus text format),
+//! `/healthz` (alive) and `/readyz` (keys loaded and gRPC listener up). Metric
+//! labels are bounded sets (outcomes, rejection reasons, method names); no metric
+//! ever carries a token, a secret or a client-supplied string.
+
+use std::{
+    fmt::Write as _,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use tokio::net::TcpListener;
+use tonic::Code;
+
+use crate::{
+    broker::Broker,
+    jwt::{JwtValidator, Rejection},
+};
+
+/// The Gateway RPCs counted per method.
+pub const METHODS: [&str; 2] = ["GetToken", "Validate"];
+const CODES: usize = 17;
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+];
+
+#[derive(Debug, Default)]
+struct MethodStats {
+    codes: [AtomicU64; CODES],
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+/// Per-method outcome counters and latency histograms of the Gateway RPCs.
+#[derive(Debug, Default)]
+pub struct RpcStats {
+    methods: [MethodStats; METHODS.len()],
+}
+
+impl RpcStats {
+    /// Records one finished call of `method` (an index into [`METHODS`]).
+    pub fn record(&self, method: usize, code: Code, latency: Duration) {
+        let Some(m) = self.methods.get(method) else {
+            return;
+        };
+        m.codes[(code as usize).min(CODES - 1)].fetch_add(1, Relaxed);
+        let secs = latency.as_secs_f64();
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                m.buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        m.count.fetch_add(1, Relaxed);
+        m.sum_micros.fetch_add(
+            latency.as_micros().min(u128::from(u64::MAX)) as u64,
+            Relaxed,
+        );
+    }
+
+    /// Calls of `method` that ended with `code`.
+    pub fn count(&self, method: usize, code: Code) -> u64 {
+        self.methods
+            .get(method)
+            .map_or(0, |m| m.codes[(code as usize).min(CODES - 1)].load(Relaxed))
+    }
+}
+
+/// Everything `/metrics` and `/readyz` report on.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    broker: Broker,
+    validator: JwtValidator,
+    rpc: Arc<RpcStats>,
+    listening: Arc<AtomicBool>,
+}
+
+impl Telemetry {
+    /// Telemetry over the gateway's parts.
+    pub fn new(broker: Broker, validator: JwtValidator, rpc: Arc<RpcStats>) -> Self {
+        Self {
+            broker,
+            validator,
+            rpc,
+            listening: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Marks the gRPC listener up or down.
+    pub fn set_listening(&self, up: bool) {
+        self.listening.store(up, Relaxed);
+    }
+
+    /// Ready: the first key set is loaded and the gRPC listener is up.
+    pub fn ready(&self) -> bool {
+        self.listening.load(Relaxed) && self.validator.keys().is_loaded()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let b = self.broker.stats().snapshot();
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP m2m_gateway_{name} {help}\n# TYPE m2m_gateway_{name} counter\nm2m_gateway_{name} {value}"
+            );
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP m2m_gateway_{name} {help}\n# TYPE m2m_gateway_{name} gauge\nm2m_gateway_{name} {value}"
+            );
+        };
+
+        // RPCs.
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_rpc_requests_total Gateway RPCs by method and gRPC status.\n# TYPE m2m_gateway_rpc_requests_total counter"
+        );
+        for (i, method) in METHODS.iter().enumerate() {
+            for code in 0..CODES {
+                let n = self.rpc.methods[i].codes[code].load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "m2m_gateway_rpc_requests_total{{method=\"{method}\",code=\"{:?}\"}} {n}",
+                        Code::from(code as i32)
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_rpc_duration_seconds Gateway RPC latency.\n# TYPE m2m_gateway_rpc_duration_seconds histogram"
+        );
+        for (i, method) in METHODS.iter().enumerate() {
+            let m = &self.rpc.methods[i];
+            for (j, bound) in LATENCY_BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "m2m_gateway_rpc_duration_seconds_bucket{{method=\"{method}\",le=\"{bound}\"}} {}",
+                    m.buckets[j].load(Relaxed)
+                );
+            }
+            let count = m.count.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "m2m_gateway_rpc_duration_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(
+                out,
+                "m2m_gateway_rpc_duration_seconds_sum{{method=\"{method}\"}} {}",
+                m.sum_micros.load(Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "m2m_gateway_rpc_duration_seconds_count{{method=\"{method}\"}} {count}"
+            );
+        }
+
+        // Token cache.
+        counter(
+            &mut out,
+            "token_cache_hits_total",
+            "GetToken answered from the cache.",
+            b.hits,
+        );
+        counter(
+            &mut out,
+            "token_cache_misses_total",
+            "GetToken with no usable cached entry.",
+            b.misses,
+        );
+        counter(
+            &mut out,
+            "token_cache_refreshes_total",
+            "GetToken past the refresh point of its entry.",
+            b.refreshes,
+        );
+        counter(
+            &mut out,
+            "token_cache_coalesced_total",
+            "GetToken that waited for an upstream call already in flight.",
+            b.coalesced,
+        );
+        counter(
+            &mut out,
+            "token_cache_stale_served_total",
+            "Cached tokens served because a refresh failed.",
+            b.stale_served,
+        );
+        counter(
+            &mut out,
+            "token_cache_secret_mismatches_total",
+            "Cached entries presented with another secret.",
+            b.secret_mismatches,
+        );
+        counter(
+            &mut out,
+            "failed_auth_limited_total",
+            "GetToken refused by the failed-attempt limit.",
+            b.rate_limited,
+        );
+        gauge(
+            &mut out,
+            "token_cache_entries",
+            "Cached (client, scope set) entries.",
+            self.broker.cached_entries() as f64,
+        );
+
+        // Upstream.
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_upstream_requests_total Token endpoint calls by outcome.\n# TYPE m2m_gateway_upstream_requests_total counter"
+        );
+        for (label, n) in &b.upstream {
+            let _ = writeln!(
+                out,
+                "m2m_gateway_upstream_requests_total{{outcome=\"{label}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_upstream_duration_seconds Token endpoint call latency.\n# TYPE m2m_gateway_upstream_duration_seconds histogram"
+        );
+        for (bound, n) in &b.latency_buckets {
+            let _ = writeln!(
+                out,
+                "m2m_gateway_upstream_duration_seconds_bucket{{le=\"{bound}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "m2m_gateway_upstream_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            b.latency_count
+        );
+        let _ = writeln!(
+            out,
+            "m2m_gateway_upstream_duration_seconds_sum {}",
+            b.latency_sum_secs
+        );
+        let _ = writeln!(
+            out,
+            "m2m_gateway_upstream_duration_seconds_count {}",
+            b.latency_count
+        );
+
+        // Validation.
+        let v = self.validator.stats();
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_validations_total Token validations by result.\n# TYPE m2m_gateway_validations_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "m2m_gateway_validations_total{{result=\"valid\"}} {}",
+            v.valid()
+        );
+        for r in Rejection::ALL {
+            let _ = writeln!(
+                out,
+                "m2m_gateway_validations_total{{result=\"{}\"}} {}",
+                r.as_str(),
+                v.rejected(r)
+            );
+        }
+        gauge(
+            &mut out,
+            "verified_cache_entries",
+            "Verified tokens remembered.",
+            self.validator.cached_verifications() as f64,
+        );
+
+        // Keys.
+        let keys = self.validator.keys();
+        let s = keys.stats();
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_jwks_fetches_total JWKS fetches by outcome.\n# TYPE m2m_gateway_jwks_fetches_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "m2m_gateway_jwks_fetches_total{{outcome=\"ok\"}} {}",
+            s.fetch_ok.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "m2m_gateway_jwks_fetches_total{{outcome=\"failed\"}} {}",
+            s.fetch_failed.load(Relaxed)
+        );
+        counter(
+            &mut out,
+            "jwks_refetches_suppressed_total",
+            "Unknown-kid refetches skipped by the cool-down.",
+            s.refetch_suppressed.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "jwks_keys",
+            "Keys in the current key set.",
+            keys.kids().len() as f64,
+        );
+        let age = keys.loaded_at().map_or(-1.0, |t| t.elapsed().as_secs_f64());
+        gauge(
+            &mut out,
+            "jwks_age_seconds",
+            "Age of the current key set (-1 = never loaded).",
+            age,
+        );
+        gauge(
+            &mut out,
+            "ready",
+            "1 when keys are loaded and the gRPC listener is up.",
+            if self.ready() { 1.0 } else { 0.0 },
+        );
+        out
+    }
+}
+
+async fn metrics(State(t): State<Telemetry>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        t.render(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(t): State<Telemetry>) -> (StatusCode, &'static str) {
+    if t.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the first key set\n",
+        )
+    }
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` resolves.
+pub async fn serve_admin(
+    listener: TcpListener,
+    telemetry: Telemetry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(telemetry);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,403 @@
+//! Operations: metrics, readiness, TLS and mTLS, load shedding, bad TLS files.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing};
+use m2m_gateway::{
+    proto::gateway::v1::{GetTokenRequest, ValidateRequest, gateway_client::GatewayClient},
+    server::Gateway,
+};
+use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+use support::*;
+use tokio::net::TcpListener;
+use tonic::{
+    Code,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+fn get(scopes: &[&str]) -> GetTokenRequest {
+    GetTokenRequest {
+        client_id: CLIENT.into(),
+        client_secret: SECRET.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn metric(body: &str, name_and_labels: &str) -> f64 {
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)?
+                .strip_prefix(' ')?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{name_and_labels} not in metrics"))
+}
+
+#[tokio::test]
+async fn metrics_move_after_traffic_and_never_carry_secrets() {
+    let emu = emulator(vec![]).await;
+    let gw = TestGateway::start(config(&emu, &[client_a()]))
+        .await
+        .ready()
+        .await;
+    let (status, body) = gw.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&body, "m2m_gateway_token_cache_misses_total"), 0.0);
+
+    let mut c = gw.client().await;
+    let t = c.get_token(get(&[])).await.unwrap().into_inner();
+    c.get_token(get(&[])).await.unwrap();
+    let mut wrong = get(&[]);
+    wrong.client_secret = "wrong-secret-9c2".into();
+    assert!(c.get_token(wrong).await.is_err());
+    c.validate(ValidateRequest {
+        token: t.access_token.clone(),
+        required_scopes: vec![],
+    })
+    .await
+    .unwrap();
+    c.validate(ValidateRequest {
+        token: "x.y.z".into(),
+        required_scopes: vec![],
+    })
+    .await
+    .unwrap();
+
+    let (_, body) = gw.admin_get("/metrics").await;
+    assert_eq!(metric(&body, "m2m_gateway_token_cache_misses_total"), 1.0);
+    assert_eq!(metric(&body, "m2m_gateway_token_cache_hits_total"), 1.0);
+    assert_eq!(
+        metric(&body, "m2m_gateway_token_cache_secret_mismatches_total"),
+        1.0
+    );
+    assert_eq!(
+        metric(&body, "m2m_gateway_upstream_requests_total{outcome=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "m2m_gateway_upstream_requests_total{outcome=\"invalid_client\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&body, "m2m_gateway_upstream_duration_seconds_count"),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "m2m_gateway_rpc_requests_total{method=\"GetToken\",code=\"Ok\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "m2m_gateway_rpc_requests_total{method=\"GetToken\",code=\"Unauthenticated\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "m2m_gateway_rpc_duration_seconds_count{method=\"Validate\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(&body, "m2m_gateway_validations_total{result=\"valid\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&body, "m2m_gateway_validations_total{result=\"malformed\"}"),
+        1.0
+    );
+    assert!(metric(&body, "m2m_gateway_jwks_fetches_total{outcome=\"ok\"}") >= 1.0);
+    assert_eq!(metric(&body, "m2m_gateway_jwks_keys"), 1.0);
+    assert!(metric(&body, "m2m_gateway_jwks_age_seconds") >= 0.0);
+    assert_eq!(metric(&body, "m2m_gateway_ready"), 1.0);
+    for needle in [
+        SECRET,
+        "wrong-secret-9c2",
+        t.access_token.as_str(),
+        t.access_token.split('.').nth(2).unwrap(),
+    ] {
+        assert!(!body.contains(needle), "metrics leak");
+    }
+    // Every sample line is `name{labels} value` with a numeric value.
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        assert!(name.starts_with("m2m_gateway_"), "{line}");
+        value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+    }
+    assert_eq!(gw.admin_get("/healthz").await.0, 200);
+    assert_eq!(gw.admin_get("/readyz").await.0, 200);
+}
+
+/// Serves the emulator's JWKS only once `open` is set; 503 before.
+async fn gated_jwks(emu_jwks: String, open: Arc<AtomicBool>) -> SocketAddr {
+    async fn handler(State((url, open)): State<(String, Arc<AtomicBool>)>) -> impl IntoResponse {
+        if !open.load(Ordering::SeqCst) {
+            return (StatusCode::SERVICE_UNAVAILABLE, String::new());
+        }
+        (
+            StatusCode::OK,
+            reqwest::get(url).await.unwrap().text().await.unwrap(),
+        )
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new()
+        .route("/jwks.json", routing::get(handler))
+        .with_state((emu_jwks, open));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn not_ready_until_keys_load() {
+    let emu = emulator(vec![]).await;
+    let open = Arc::new(AtomicBool::new(false));
+    let jwks = gated_jwks(emu.jwks_uri(), open.clone()).await;
+    let mut cfg = config(&emu, &[client_a()]);
+    cfg.cognito.jwks_uri = Some(format!("http://{jwks}/jwks.json"));
+    let gw = TestGateway::start(cfg).await;
+    let mut health = HealthClient::new(gw.channel().await);
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    assert_eq!(gw.admin_get("/readyz").await.0, 503);
+    assert_eq!(
+        gw.admin_get("/healthz").await.0,
+        200,
+        "alive while not ready"
+    );
+    for service in ["", "m2m.gateway.v1.Gateway"] {
+        let s = health
+            .check(check(service))
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(s, ServingStatus::NotServing as i32);
+    }
+    let mut c = gw.client().await;
+    let v = c
+        .validate(ValidateRequest {
+            token: emu.issue(CLIENT, &[]),
+            required_scopes: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        v.rejection,
+        m2m_gateway::proto::gateway::v1::Rejection::KeysUnavailable as i32
+    );
+
+    open.store(true, Ordering::SeqCst);
+    let gw = gw.ready().await;
+    assert_eq!(gw.admin_get("/readyz").await.0, 200);
+    // The health status follows the key set (set by a task woken by the load).
+    let mut watch = health.watch(check("")).await.unwrap().into_inner();
+    loop {
+        let s = watch.message().await.unwrap().unwrap().status;
+        if s == ServingStatus::Serving as i32 {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn load_shedding_answers_resource_exhausted() {
+    // An upstream that accepts and never answers holds the one permitted call.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = silent.local_addr().unwrap();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+            let _ = accepted_tx.send(()).await;
+        }
+    });
+    let emu = emulator(vec![]).await;
+    let mut cfg = config(&emu, &[client_a()]);
+    cfg.cognito.token_endpoint = Some(format!("http://{upstream}/oauth2/token"));
+    cfg.cognito.timeout_ms = 30_000;
+    cfg.server.max_concurrent_requests = 1;
+    let gw = TestGateway::start(cfg).await.ready().await;
+    let mut first = gw.client().await;
+    let held = tokio::spawn(async move { first.get_token(get(&[])).await });
+    accepted.recv().await.unwrap();
+    let mut second = gw.client().await;
+    let s = second
+        .validate(ValidateRequest {
+            token: "a.b.c".into(),
+            required_scopes: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    held.abort();
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().unwrap();
+    let mut server_params =
+        CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["client.local".into()]).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.crt"), server_cert.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), server_key.serialize_pem()).unwrap();
+    Pki {
+        dir,
+        ca: ca_cert.pem(),
+        client_cert: client_cert.pem(),
+        client_key: client_key.serialize_pem(),
+    }
+}
+
+fn tls_config(pki: &Pki, mtls: bool) -> m2m_gateway::config::TlsConfig {
+    m2m_gateway::config::TlsConfig {
+        cert: pki.dir.path().join("tls.crt"),
+        key: pki.dir.path().join("tls.key"),
+        client_ca: mtls.then(|| pki.dir.path().join("ca.crt")),
+    }
+}
+
+async fn tls_health(addr: SocketAddr, tls: ClientTlsConfig) -> Result<(), String> {
+    let channel = Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[tokio::test]
+async fn tls_and_mtls_handshakes() {
+    let pki = pki();
+    let emu = emulator(vec![]).await;
+    let trust = || {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca))
+            .domain_name("localhost")
+    };
+
+    let mut cfg = config(&emu, &[client_a()]);
+    cfg.server.tls = Some(tls_config(&pki, false));
+    let gw = TestGateway::start(cfg).await.ready().await;
+    tls_health(gw.addr, trust()).await.unwrap();
+    // Plaintext against a TLS listener fails.
+    let plain = GatewayClient::connect(format!("http://{}", gw.addr)).await;
+    let refused = match plain {
+        Err(_) => true,
+        Ok(mut c) => c.get_token(get(&[])).await.is_err(),
+    };
+    assert!(refused);
+    gw.stop().await;
+
+    let mut cfg = config(&emu, &[client_a()]);
+    cfg.server.tls = Some(tls_config(&pki, true));
+    let gw = TestGateway::start(cfg).await.ready().await;
+    assert!(
+        tls_health(gw.addr, trust()).await.is_err(),
+        "no client certificate"
+    );
+    let with_cert = trust().identity(Identity::from_pem(&pki.client_cert, &pki.client_key));
+    tls_health(gw.addr, with_cert).await.unwrap();
+    // A client certificate from another CA is refused.
+    let other = pki_other_identity();
+    assert!(tls_health(gw.addr, trust().identity(other)).await.is_err());
+}
+
+fn pki_other_identity() -> Identity {
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["intruder".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    Identity::from_pem(cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn bad_tls_files_fail_at_start_with_a_clear_error() {
+    let emu = emulator(vec![]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&emu, &[client_a()]);
+    cfg.server.tls = Some(m2m_gateway::config::TlsConfig {
+        cert: dir.path().join("missing.crt"),
+        key: dir.path().join("missing.key"),
+        client_ca: None,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = Gateway::from_config(cfg.clone())
+        .unwrap()
+        .serve(listener, std::future::pending())
+        .await
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("server.tls.cert") && msg.contains("missing.crt"),
+        "{msg}"
+    );
+
+    std::fs::write(dir.path().join("garbage.crt"), "not a certificate").unwrap();
+    std::fs::write(dir.path().join("garbage.key"), "not a key").unwrap();
+    cfg.server.tls = Some(m2m_gateway::config::TlsConfig {
+        cert: dir.path().join("garbage.crt"),
+        key: dir.path().join("garbage.key"),
+        client_ca: None,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = Gateway::from_config(cfg)
+        .unwrap()
+        .serve(listener, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("TLS"), "{err:#}");
+}
