@@ -54,6 +54,19 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         write_config: Option<PathBuf>,
     },
+    /// Exit 0 when the gateway's health check answers SERVING (container health
+    /// checks; plaintext gRPC).
+    Probe {
+        /// gRPC address of the gateway.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: SocketAddr,
+        /// Health service name: "" = ready (keys loaded), "liveness" = alive.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Run only the Cognito-compatible emulator, for other projects' tests.
     Emulator {
         /// HTTP listen address.
@@ -118,6 +131,11 @@ async fn main() -> ExitCode {
             listen,
             write_config,
         } => m2m_gateway::dev::run(listen, write_config.as_deref(), shutdown_signal()).await,
+        Command::Probe {
+            addr,
+            service,
+            timeout_ms,
+        } => probe(addr, service, timeout_ms).await,
         Command::Emulator {
             listen,
             pool_id,
@@ -142,6 +160,32 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     gateway.serve(listener, shutdown_signal()).await
+}
+
+async fn probe(addr: SocketAddr, service: String, timeout_ms: u64) -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.clone(),
+            })
+            .await?
+            .into_inner()
+            .status;
+        anyhow::Ok(status)
+    };
+    let status = tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), check)
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr}: no answer within {timeout_ms} ms"))??;
+    let name = ServingStatus::try_from(status).map_or("UNKNOWN", |s| s.as_str_name());
+    println!("{addr} {service:?}: {name}");
+    anyhow::ensure!(status == ServingStatus::Serving as i32, "not serving");
+    Ok(())
 }
 
 async fn emulator(

@@ -20,6 +20,9 @@ use crate::{
     telemetry::{RpcStats, Telemetry, serve_admin},
 };
 
+/// Health-check service name that reports SERVING as long as the process serves
+/// (for liveness probes); `""` and `m2m.gateway.v1.Gateway` wait for the keys.
+pub const LIVENESS_SERVICE: &str = "liveness";
 /// How often the key set is refreshed when nothing else triggers it.
 pub const JWKS_REFRESH_PERIOD: Duration = Duration::from_secs(3600);
 
@@ -155,6 +158,10 @@ impl Gateway {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", ServingStatus::NotServing)
+            .await;
+        // Liveness probes ask for this name: alive even before the keys load.
+        reporter
+            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
             .await;
         reporter
             .set_not_serving::<GatewayServer<GatewayService>>()

@@ -73,6 +73,34 @@ async fn dev_binary_serves_and_stops_cleanly() {
     assert!(v.valid, "{}", v.detail);
     drop(client);
 
+    let probe = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
+            .arg("probe")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = probe(&["--addr", &addr]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("SERVING"));
+    assert!(
+        probe(&["--addr", &addr, "--service", "liveness"])
+            .status
+            .success()
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    assert!(
+        !probe(&["--addr", &closed_addr, "--timeout-ms", "500"])
+            .status
+            .success()
+    );
+
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

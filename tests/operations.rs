@@ -186,6 +186,17 @@ async fn not_ready_until_keys_load() {
         200,
         "alive while not ready"
     );
+    let alive = health
+        .check(check("liveness"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        alive,
+        ServingStatus::Serving as i32,
+        "alive for liveness probes"
+    );
     for service in ["", "m2m.gateway.v1.Gateway"] {
         let s = health
             .check(check(service))
