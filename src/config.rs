@@ -207,6 +207,12 @@ pub struct CacheConfig {
     /// A token with less life than this is never handed out, in seconds.
     #[serde(default = "default_min_remaining_secs")]
     pub min_remaining_secs: u64,
+    /// Timeout of every Redis call, in milliseconds; past it the local cache serves.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
+    /// Longest wait for another replica's Cognito call before calling oneself, in ms.
+    #[serde(default = "default_lock_wait_ms")]
+    pub lock_wait_ms: u64,
 }
 
 impl fmt::Debug for CacheConfig {
@@ -221,6 +227,8 @@ impl fmt::Debug for CacheConfig {
             .field("max_entries", &self.max_entries)
             .field("refresh_ratio", &self.refresh_ratio)
             .field("min_remaining_secs", &self.min_remaining_secs)
+            .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("lock_wait_ms", &self.lock_wait_ms)
             .finish()
     }
 }
@@ -234,6 +242,8 @@ impl Default for CacheConfig {
             max_entries: default_max_entries(),
             refresh_ratio: default_refresh_ratio(),
             min_remaining_secs: default_min_remaining_secs(),
+            redis_timeout_ms: default_redis_timeout_ms(),
+            lock_wait_ms: default_lock_wait_ms(),
         }
     }
 }
@@ -325,6 +335,12 @@ fn default_refresh_ratio() -> f64 {
 }
 fn default_min_remaining_secs() -> u64 {
     10
+}
+fn default_redis_timeout_ms() -> u64 {
+    100
+}
+fn default_lock_wait_ms() -> u64 {
+    3000
 }
 fn default_failed_auth_per_minute() -> u32 {
     10
@@ -511,6 +527,26 @@ impl Config {
         }
         if cache.max_entries == 0 {
             return Err(invalid("cache.max_entries", "must be at least 1".into()));
+        }
+        for (key, v) in [
+            ("cache.redis_timeout_ms", cache.redis_timeout_ms),
+            ("cache.lock_wait_ms", cache.lock_wait_ms),
+        ] {
+            if !(1..=60_000).contains(&v) {
+                return Err(invalid(key, format!("{v} is outside 1..=60000")));
+            }
+        }
+        if let Some(url) = &cache.redis_url {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+unix://")
+                || url.starts_with("unix://"))
+            {
+                return Err(invalid(
+                    "cache.redis_url",
+                    "must start with redis://, rediss:// or redis+unix://".into(),
+                ));
+            }
         }
         if let Some(key) = &cache.encryption_key {
             decode_key(key).map_err(|m| invalid("cache.encryption_key", m))?;

@@ -11,8 +11,8 @@ use tonic_health::ServingStatus;
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
-    broker::{Broker, BrokerSettings, CognitoClient},
-    config::{self, Config},
+    broker::{Broker, BrokerSettings, CognitoClient, FleetCache, FleetSettings},
+    config::{self, CacheBackend, Config},
     jwt::{HttpFetcher, JwtValidator, KeySet, ValidatorSettings},
     proto::{self, gateway::v1::gateway_server::GatewayServer},
     registry::Registry,
@@ -62,7 +62,26 @@ impl Gateway {
             .map(config::decode_key)
             .transpose()
             .map_err(|e| anyhow::anyhow!("cache.encryption_key: {e}"))?;
-        let broker = Broker::new(
+        let fleet = match (
+            &config.cache.backend,
+            &config.cache.redis_url,
+            &verifier_key,
+        ) {
+            (CacheBackend::Redis, Some(url), Some(key)) => Some(Arc::new(
+                FleetCache::new(
+                    &FleetSettings {
+                        url: url.clone(),
+                        timeout: Duration::from_millis(config.cache.redis_timeout_ms),
+                        lock_ttl: Duration::from_millis(config.cognito.timeout_ms + 1000),
+                        lock_wait: Duration::from_millis(config.cache.lock_wait_ms),
+                    },
+                    key,
+                )
+                .map_err(|e| anyhow::anyhow!(e))?,
+            )),
+            _ => None,
+        };
+        let broker = Broker::with_fleet(
             registry.clone(),
             Arc::new(upstream),
             BrokerSettings {
@@ -73,6 +92,7 @@ impl Gateway {
                     .context("limits.failed_auth_per_minute must be at least 1")?,
                 verifier_key,
             },
+            fleet,
         );
         let validator = build_validator(&config)?;
         Ok(Self {

@@ -214,6 +214,59 @@ impl Telemetry {
             self.broker.cached_entries() as f64,
         );
 
+        // Fleet-wide cache.
+        if let Some(fleet) = self.broker.fleet() {
+            let f = fleet.stats();
+            counter(
+                &mut out,
+                "fleet_cache_hits_total",
+                "Entries found in Redis.",
+                f.hits.load(Relaxed),
+            );
+            counter(
+                &mut out,
+                "fleet_cache_misses_total",
+                "Redis lookups that found nothing.",
+                f.misses.load(Relaxed),
+            );
+            counter(
+                &mut out,
+                "fleet_locks_acquired_total",
+                "Cognito calls made for the fleet by this replica.",
+                f.locks_acquired.load(Relaxed),
+            );
+            counter(
+                &mut out,
+                "fleet_waited_for_peer_total",
+                "Fetches answered by another replica's result.",
+                f.waited_for_peer.load(Relaxed),
+            );
+            counter(
+                &mut out,
+                "fleet_wait_timeouts_total",
+                "Waits for another replica that ran out.",
+                f.wait_timeouts.load(Relaxed),
+            );
+            counter(
+                &mut out,
+                "redis_errors_total",
+                "Redis calls that failed or timed out.",
+                f.errors.load(Relaxed),
+            );
+            counter(
+                &mut out,
+                "redis_bypassed_total",
+                "Redis calls skipped while it was down.",
+                f.bypassed.load(Relaxed),
+            );
+            gauge(
+                &mut out,
+                "redis_up",
+                "1 when the last Redis call succeeded.",
+                if fleet.is_up() { 1.0 } else { 0.0 },
+            );
+        }
+
         // Upstream.
         let _ = writeln!(
             out,

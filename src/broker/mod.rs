@@ -4,6 +4,7 @@
 //! to gRPC statuses by `service`.
 
 pub mod cognito;
+mod fleet;
 mod stats;
 
 use std::{
@@ -26,7 +27,10 @@ use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
 pub use cognito::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
+pub use fleet::{FleetCache, FleetSettings, FleetStats};
 pub use stats::{BrokerStats, LATENCY_BUCKETS, StatsSnapshot};
+
+use fleet::{PeerWait, SharedEntry};
 
 use crate::registry::{Registry, ScopeRequestError, ScopeSet};
 
@@ -209,6 +213,7 @@ struct Inner {
     recent_failures: moka::sync::Cache<Arc<str>, ()>,
     settings: BrokerSettings,
     stats: BrokerStats,
+    fleet: Option<Arc<FleetCache>>,
 }
 
 impl fmt::Debug for Broker {
@@ -227,6 +232,18 @@ impl Broker {
         registry: Registry,
         upstream: Arc<dyn TokenEndpoint>,
         settings: BrokerSettings,
+    ) -> Self {
+        Self::with_fleet(registry, upstream, settings, None)
+    }
+
+    /// A broker that also shares its cache with other replicas through `fleet`.
+    /// The verifier key must then be the same on every replica
+    /// ([`BrokerSettings::verifier_key`] from `cache.encryption_key`).
+    pub fn with_fleet(
+        registry: Registry,
+        upstream: Arc<dyn TokenEndpoint>,
+        settings: BrokerSettings,
+        fleet: Option<Arc<FleetCache>>,
     ) -> Self {
         let key_bytes = settings.verifier_key.map(|k| {
             // Derive rather than reuse the configured key directly.
@@ -260,6 +277,7 @@ impl Broker {
                 recent_failures,
                 settings,
                 stats: BrokerStats::default(),
+                fleet,
             }),
         }
     }
@@ -267,6 +285,11 @@ impl Broker {
     /// Counters.
     pub fn stats(&self) -> &BrokerStats {
         &self.inner.stats
+    }
+
+    /// The fleet-wide cache, when configured.
+    pub fn fleet(&self) -> Option<&FleetCache> {
+        self.inner.fleet.as_deref()
     }
 
     /// Number of cached entries (approximate).
@@ -299,7 +322,24 @@ impl Broker {
         let verifier = self.verifier(&credentials.client_id, &credentials.secret);
         let now = Instant::now();
 
-        let cached = inner.cache.get(&key).await.filter(|e| self.usable(e, now));
+        let mut cached = inner.cache.get(&key).await.filter(|e| self.usable(e, now));
+        if let Some(fleet) = &inner.fleet {
+            // Another replica may hold the entry, or a fresher one.
+            if cached.as_ref().is_none_or(|e| now >= e.refresh_at) {
+                let (shared_key, _) = fleet.keys(&key.0, &key.1);
+                if let Ok(Some(shared)) = fleet.get(&shared_key).await {
+                    if let Some(entry) = self.from_shared(shared) {
+                        let fresher = cached
+                            .as_ref()
+                            .is_none_or(|c| entry.expires_at > c.expires_at);
+                        if fresher && self.usable(&entry, now) {
+                            inner.cache.insert(key.clone(), entry.clone()).await;
+                            cached = Some(entry);
+                        }
+                    }
+                }
+            }
+        }
         let entry = match cached {
             Some(entry) if bool::from(entry.verifier.ct_eq(&verifier)) => {
                 if now < entry.refresh_at {
@@ -307,7 +347,11 @@ impl Broker {
                     entry
                 } else {
                     inner.stats.refresh();
-                    match self.fetch(key, verifier, credentials, scopes).await {
+                    let current = Some(entry.clone());
+                    match self
+                        .fetch(key, verifier, credentials, scopes, current)
+                        .await
+                    {
                         Ok(fresh) => fresh,
                         Err(e) if e.is_transient() && self.usable(&entry, Instant::now()) => {
                             inner.stats.stale_served();
@@ -323,14 +367,14 @@ impl Broker {
                 // but only at the failed-attempt rate.
                 inner.stats.secret_mismatch();
                 self.admit_unverified(&client.client_id)?;
-                self.fetch(key, verifier, credentials, scopes).await?
+                self.fetch(key, verifier, credentials, scopes, None).await?
             }
             None => {
                 inner.stats.miss();
                 if inner.recent_failures.contains_key(&client.client_id) {
                     self.admit_unverified(&client.client_id)?;
                 }
-                self.fetch(key, verifier, credentials, scopes).await?
+                self.fetch(key, verifier, credentials, scopes, None).await?
             }
         };
         let left = entry.expires_at.saturating_duration_since(Instant::now());
@@ -370,6 +414,7 @@ impl Broker {
         verifier: Verifier,
         credentials: &Credentials,
         scopes: ScopeSet,
+        current: Option<Arc<Entry>>,
     ) -> Result<Arc<Entry>, BrokerError> {
         let flight_key = (key, verifier);
         let flight = {
@@ -387,7 +432,7 @@ impl Broker {
                 let task_key = flight_key.clone();
                 let task = tokio::spawn(async move {
                     let result = this
-                        .upstream(&task_key.0, task_key.1, &credentials, &scopes)
+                        .obtain(&task_key.0, task_key.1, &credentials, &scopes, current)
                         .await;
                     if let Ok(entry) = &result {
                         this.inner
@@ -414,6 +459,89 @@ impl Broker {
             }
         };
         flight.await
+    }
+
+    /// One token for the fleet: with a shared cache, the replica holding the lock
+    /// fetches and stores; the others wait for its entry (or, refreshing, keep
+    /// serving `current`), and fetch themselves if the wait runs out. Without
+    /// Redis (absent or failing), a plain upstream call.
+    async fn obtain(
+        &self,
+        key: &CacheKey,
+        verifier: Verifier,
+        credentials: &Credentials,
+        scopes: &ScopeSet,
+        current: Option<Arc<Entry>>,
+    ) -> Result<Arc<Entry>, BrokerError> {
+        let Some(fleet) = self.inner.fleet.clone() else {
+            return self.upstream(key, verifier, credentials, scopes).await;
+        };
+        let (shared_key, lock_key) = fleet.keys(&key.0, &key.1);
+        let deadline = Instant::now() + fleet.lock_wait();
+        loop {
+            match fleet.try_lock(&lock_key).await {
+                Ok(Some(lock)) => {
+                    let result = self.upstream(key, verifier, credentials, scopes).await;
+                    if let Ok(entry) = &result {
+                        let _ = fleet.put(&shared_key, &self.to_shared(entry)).await;
+                    }
+                    fleet.unlock(&lock_key, &lock).await;
+                    return result;
+                }
+                Ok(None) => {
+                    if let Some(current) =
+                        current.as_ref().filter(|c| self.usable(c, Instant::now()))
+                    {
+                        // Another replica is refreshing; the current token still lives.
+                        return Ok(current.clone());
+                    }
+                    match fleet.wait_for_peer(&shared_key, &lock_key, deadline).await {
+                        PeerWait::Entry(shared) => {
+                            if let Some(entry) = self.from_shared(shared) {
+                                if bool::from(entry.verifier.ct_eq(&verifier))
+                                    && self.usable(&entry, Instant::now())
+                                {
+                                    return Ok(entry);
+                                }
+                            }
+                            // Fetched with another secret: ours needs its own answer.
+                            break;
+                        }
+                        PeerWait::Released if Instant::now() < deadline => continue,
+                        PeerWait::Released | PeerWait::TimedOut | PeerWait::Failed => break,
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let result = self.upstream(key, verifier, credentials, scopes).await;
+        if let Ok(entry) = &result {
+            let _ = fleet.put(&shared_key, &self.to_shared(entry)).await;
+        }
+        result
+    }
+
+    fn to_shared(&self, entry: &Entry) -> SharedEntry {
+        SharedEntry {
+            token: entry.token.expose().to_owned(),
+            scopes: entry.scopes.clone(),
+            verifier: URL_SAFE_NO_PAD.encode(entry.verifier),
+            expires_at_ms: fleet::instant_to_ms(entry.expires_at),
+            refresh_at_ms: fleet::instant_to_ms(entry.refresh_at),
+        }
+    }
+
+    fn from_shared(&self, shared: SharedEntry) -> Option<Arc<Entry>> {
+        let verifier = <[u8; 32]>::try_from(URL_SAFE_NO_PAD.decode(&shared.verifier).ok()?).ok()?;
+        let expires_at = fleet::ms_to_instant(shared.expires_at_ms);
+        Some(Arc::new(Entry {
+            token: AccessToken::new(shared.token),
+            scopes: shared.scopes,
+            verifier,
+            lifetime: expires_at.saturating_duration_since(Instant::now()),
+            refresh_at: fleet::ms_to_instant(shared.refresh_at_ms),
+            expires_at,
+        }))
     }
 
     async fn upstream(
