@@ -184,6 +184,31 @@ impl fmt::Debug for Entry {
     }
 }
 
+impl Entry {
+    fn to_shared(&self) -> SharedEntry {
+        SharedEntry {
+            token: self.token.expose().to_owned(),
+            scopes: self.scopes.clone(),
+            verifier: URL_SAFE_NO_PAD.encode(self.verifier),
+            expires_at_ms: fleet::instant_to_ms(self.expires_at),
+            refresh_at_ms: fleet::instant_to_ms(self.refresh_at),
+        }
+    }
+
+    fn from_shared(shared: SharedEntry) -> Option<Arc<Entry>> {
+        let verifier = <[u8; 32]>::try_from(URL_SAFE_NO_PAD.decode(&shared.verifier).ok()?).ok()?;
+        let expires_at = fleet::ms_to_instant(shared.expires_at_ms);
+        Some(Arc::new(Entry {
+            token: AccessToken::new(shared.token),
+            scopes: shared.scopes,
+            verifier,
+            lifetime: expires_at.saturating_duration_since(Instant::now()),
+            refresh_at: fleet::ms_to_instant(shared.refresh_at_ms),
+            expires_at,
+        }))
+    }
+}
+
 struct EntryExpiry;
 
 impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
@@ -328,7 +353,7 @@ impl Broker {
             if cached.as_ref().is_none_or(|e| now >= e.refresh_at) {
                 let (shared_key, _) = fleet.keys(&key.0, &key.1);
                 if let Ok(Some(shared)) = fleet.get(&shared_key).await {
-                    if let Some(entry) = self.from_shared(shared) {
+                    if let Some(entry) = Entry::from_shared(shared) {
                         let fresher = cached
                             .as_ref()
                             .is_none_or(|c| entry.expires_at > c.expires_at);
@@ -483,7 +508,7 @@ impl Broker {
                 Ok(Some(lock)) => {
                     let result = self.upstream(key, verifier, credentials, scopes).await;
                     if let Ok(entry) = &result {
-                        let _ = fleet.put(&shared_key, &self.to_shared(entry)).await;
+                        let _ = fleet.put(&shared_key, &entry.to_shared()).await;
                     }
                     fleet.unlock(&lock_key, &lock).await;
                     return result;
@@ -497,7 +522,7 @@ impl Broker {
                     }
                     match fleet.wait_for_peer(&shared_key, &lock_key, deadline).await {
                         PeerWait::Entry(shared) => {
-                            if let Some(entry) = self.from_shared(shared) {
+                            if let Some(entry) = Entry::from_shared(shared) {
                                 if bool::from(entry.verifier.ct_eq(&verifier))
                                     && self.usable(&entry, Instant::now())
                                 {
@@ -516,32 +541,9 @@ impl Broker {
         }
         let result = self.upstream(key, verifier, credentials, scopes).await;
         if let Ok(entry) = &result {
-            let _ = fleet.put(&shared_key, &self.to_shared(entry)).await;
+            let _ = fleet.put(&shared_key, &entry.to_shared()).await;
         }
         result
-    }
-
-    fn to_shared(&self, entry: &Entry) -> SharedEntry {
-        SharedEntry {
-            token: entry.token.expose().to_owned(),
-            scopes: entry.scopes.clone(),
-            verifier: URL_SAFE_NO_PAD.encode(entry.verifier),
-            expires_at_ms: fleet::instant_to_ms(entry.expires_at),
-            refresh_at_ms: fleet::instant_to_ms(entry.refresh_at),
-        }
-    }
-
-    fn from_shared(&self, shared: SharedEntry) -> Option<Arc<Entry>> {
-        let verifier = <[u8; 32]>::try_from(URL_SAFE_NO_PAD.decode(&shared.verifier).ok()?).ok()?;
-        let expires_at = fleet::ms_to_instant(shared.expires_at_ms);
-        Some(Arc::new(Entry {
-            token: AccessToken::new(shared.token),
-            scopes: shared.scopes,
-            verifier,
-            lifetime: expires_at.saturating_duration_since(Instant::now()),
-            refresh_at: fleet::ms_to_instant(shared.refresh_at_ms),
-            expires_at,
-        }))
     }
 
     async fn upstream(
