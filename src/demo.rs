@@ -14,7 +14,7 @@ pub struct EchoService;
 impl Echo for EchoService {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         let client_id = crate::auth::claims(&request)
-            .map(|c| c.client_id.clone())
+            .map(|c| c.client_id().to_owned())
             .unwrap_or_default();
         Ok(Response::new(EchoReply {
             message: request.into_inner().message,

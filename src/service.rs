@@ -105,7 +105,7 @@ impl GatewayService {
         }
         let response = match self.validator.validate(token, &req.required_scopes).await {
             Ok(claims) => {
-                client_id.clone_from(&claims.client_id);
+                client_id.push_str(claims.client_id());
                 pb::ValidateResponse {
                     valid: true,
                     rejection: pb::Rejection::Unspecified as i32,
@@ -228,14 +228,14 @@ fn parse_basic(encoded: &str) -> Result<(String, String), Status> {
 /// Converts verified claims into the proto message (`all` as a `Struct`).
 pub fn claims_to_proto(c: &Claims) -> pb::Claims {
     pb::Claims {
-        client_id: c.client_id.clone(),
-        subject: c.subject.clone(),
-        issuer: c.issuer.clone(),
-        scopes: c.scopes.clone(),
-        token_use: c.token_use.clone(),
-        jti: c.jti.clone(),
-        issued_at: c.issued_at,
-        expires_at: c.expires_at,
+        client_id: c.client_id().to_owned(),
+        subject: c.subject().to_owned(),
+        issuer: c.issuer().to_owned(),
+        scopes: c.scopes().map(str::to_owned).collect(),
+        token_use: c.token_use().to_owned(),
+        jti: c.jti().to_owned(),
+        issued_at: c.issued_at(),
+        expires_at: c.expires_at(),
         all: Some(json_object_to_struct(c.all())),
     }
 }

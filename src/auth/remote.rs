@@ -39,7 +39,7 @@ impl moka::Expiry<[u8; 32], Arc<Claims>> for UntilExp {
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         Some(Duration::from_secs(
-            (value.expires_at - self.0.now()).max(0) as u64,
+            (value.expires_at() - self.0.now()).max(0) as u64,
         ))
     }
 }
@@ -75,7 +75,7 @@ impl RemoteValidator {
                 claims
             }
         };
-        if claims.expires_at <= self.clock.now() {
+        if claims.expires_at() <= self.clock.now() {
             return Err(Invalid::new(Rejection::Expired, "token has expired"));
         }
         if let Some(missing) = required_scopes.iter().find(|s| !claims.has_scope(s)) {
@@ -114,13 +114,9 @@ impl RemoteValidator {
         })?;
         let all = c.all.map(struct_to_json).unwrap_or_default();
         Ok(Arc::new(Claims::from_verified(
-            c.client_id,
-            c.subject,
-            c.issuer,
-            c.scopes,
-            c.token_use,
-            c.jti,
-            c.issued_at,
+            &c.client_id,
+            &c.subject,
+            &c.issuer,
             c.expires_at,
             &all,
         )))

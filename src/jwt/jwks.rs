@@ -81,7 +81,7 @@ impl JwksFetcher for HttpFetcher {
 
 /// One RSA verification key, parsed once at load.
 pub struct VerifyingKey {
-    kid: String,
+    kid: Arc<str>,
     alg: Option<String>,
     key: ParsedPublicKey,
 }
@@ -102,7 +102,7 @@ impl VerifyingKey {
         let key = ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der)
             .map_err(|e| format!("key rejected: {e}"))?;
         Ok(Self {
-            kid: kid.to_owned(),
+            kid: Arc::from(kid),
             alg: alg.map(str::to_owned),
             key,
         })
@@ -111,6 +111,11 @@ impl VerifyingKey {
     /// The key id.
     pub fn kid(&self) -> &str {
         &self.kid
+    }
+
+    /// The key id, shared.
+    pub fn kid_shared(&self) -> Arc<str> {
+        self.kid.clone()
     }
 
     /// The JWK's `alg`, when it declares one.

@@ -2,6 +2,7 @@
 //! verification steps and RFC 8725. Nothing here knows gRPC: the result is verified
 //! [`Claims`] or an [`Invalid`] carrying a stable [`Rejection`].
 
+mod claims;
 mod jwks;
 mod validator;
 
@@ -14,6 +15,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+pub use claims::Claims;
 pub use jwks::{
     HttpFetcher, JwksError, JwksFetcher, JwksStats, KeySet, MAX_JWKS_BYTES, MAX_KID_LEN,
     VerifyingKey, parse_jwks,
@@ -131,69 +133,6 @@ impl Invalid {
             rejection,
             detail: detail.into(),
         }
-    }
-}
-
-/// The verified claims of an access token.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Claims {
-    /// `client_id`.
-    pub client_id: String,
-    /// `sub`.
-    pub subject: String,
-    /// `iss`.
-    pub issuer: String,
-    /// `scope`, split on spaces.
-    pub scopes: Vec<String>,
-    /// `token_use`.
-    pub token_use: String,
-    /// `jti`.
-    pub jti: String,
-    /// `iat`, unix seconds (0 when absent).
-    pub issued_at: i64,
-    /// `exp`, unix seconds.
-    pub expires_at: i64,
-    /// The decoded payload (a JSON object), kept as text: parsed only when
-    /// [`Claims::all`] is asked for.
-    raw: Box<str>,
-}
-
-impl Claims {
-    /// Whether the token grants `scope`.
-    pub fn has_scope(&self, scope: &str) -> bool {
-        self.scopes.iter().any(|s| s == scope)
-    }
-
-    /// Claims received from a trusted verifier (the gateway's Validate RPC); `all`
-    /// is every claim as a JSON object.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_verified(
-        client_id: String,
-        subject: String,
-        issuer: String,
-        scopes: Vec<String>,
-        token_use: String,
-        jti: String,
-        issued_at: i64,
-        expires_at: i64,
-        all: &serde_json::Map<String, serde_json::Value>,
-    ) -> Self {
-        Self {
-            client_id,
-            subject,
-            issuer,
-            scopes,
-            token_use,
-            jti,
-            issued_at,
-            expires_at,
-            raw: serde_json::to_string(all).unwrap_or_default().into(),
-        }
-    }
-
-    /// Every claim, custom ones included.
-    pub fn all(&self) -> serde_json::Map<String, serde_json::Value> {
-        serde_json::from_str(&self.raw).unwrap_or_default()
     }
 }
 

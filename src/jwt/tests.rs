@@ -111,13 +111,17 @@ async fn valid_token_yields_claims() {
         .validate(&token, &["orders/read".into()])
         .await
         .unwrap();
-    assert_eq!(c.client_id, "client-a");
-    assert_eq!(c.subject, "client-a");
-    assert_eq!(c.issuer, ISS);
-    assert_eq!(c.scopes, vec!["orders/read", "orders/write"]);
-    assert_eq!(c.token_use, "access");
-    assert_eq!(c.expires_at, NOW + 3600);
-    assert_eq!(c.issued_at, NOW - 10);
+    assert_eq!(c.client_id(), "client-a");
+    assert_eq!(c.subject(), "client-a");
+    assert_eq!(c.issuer(), ISS);
+    assert_eq!(
+        c.scopes().collect::<Vec<_>>(),
+        vec!["orders/read", "orders/write"]
+    );
+    assert_eq!(c.token_use(), "access");
+    assert_eq!(c.expires_at(), NOW + 3600);
+    assert_eq!(c.issued_at(), NOW - 10);
+    assert_eq!(c.jti(), "4b7e0f6e-0000-4000-8000-000000000001");
     let all = c.all();
     assert_eq!(all["custom"]["tenant"], "t1");
     assert_eq!(all["version"], 2);
@@ -495,7 +499,7 @@ async fn rotation_is_picked_up_after_the_cooldown() {
     assert_eq!(rejection(&f, &rotated).await, Rejection::UnknownKey);
     tokio::time::advance(Duration::from_secs(10)).await;
     let c = f.validator.validate(&rotated, &[]).await.unwrap();
-    assert_eq!(c.client_id, "client-a");
+    assert_eq!(c.client_id(), "client-a");
     assert_eq!(f.fetcher.calls(), 3);
 }
 
@@ -574,7 +578,7 @@ proptest! {
         if let Ok(claims) = result {
             let decoded = |t: &str| t.split('.').map(|s| URL_SAFE_NO_PAD.decode(s).ok()).collect::<Vec<_>>();
             prop_assert_eq!(decoded(&token), decoded(valid_token()));
-            prop_assert_eq!(claims.client_id.as_str(), "client-a");
+            prop_assert_eq!(claims.client_id(), "client-a");
         }
     }
 }

@@ -1,7 +1,15 @@
 //! The validator: structure, header rules, claims rules, signature, and the cache
 //! of verified tokens.
 
-use std::{borrow::Cow, collections::HashSet, fmt, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use aws_lc_rs::digest;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -9,8 +17,16 @@ use serde::{Deserialize, Deserializer, de};
 
 use super::{
     Claims, Clock, Invalid, Rejection, SystemClock, ValidationStats,
+    claims::{Payload, Text},
     jwks::{KeySet, MAX_KID_LEN, VerifyingKey},
 };
+
+/// A verified token: its claims and the `kid` of the key that signed it.
+type Verified = (Arc<Claims>, Arc<str>);
+
+/// Expired entries are swept from the verified-token cache every this many inserts
+/// (they are refused, and dropped, on any access before that).
+const SWEEP_EVERY: u64 = 4096;
 
 /// Tunables of a [`JwtValidator`].
 #[derive(Debug, Clone)]
@@ -54,7 +70,7 @@ impl Default for ValidatorSettings {
 ///     ValidatorSettings::default(),
 /// );
 /// match validator.validate("eyJ...", &["orders/read".into()]).await {
-///     Ok(claims) => println!("caller {}", claims.client_id),
+///     Ok(claims) => println!("caller {}", claims.client_id()),
 ///     Err(invalid) => println!("refused: {}", invalid.rejection),
 /// }
 /// # }
@@ -65,14 +81,18 @@ pub struct JwtValidator {
 }
 
 struct Inner {
-    issuer: String,
+    issuer: Arc<str>,
     clients: HashSet<String>,
     keys: Arc<KeySet>,
     leeway: i64,
     max_token_bytes: usize,
     clock: Arc<dyn Clock>,
     stats: ValidationStats,
-    verified: Option<moka::sync::Cache<[u8; 32], Arc<Verified>>>,
+    /// quick_cache rather than moka here: ~100 bytes of overhead per entry instead
+    /// of ~400, which matters at 100,000 entries (see BENCHMARKS.md).
+    verified: Option<quick_cache::sync::Cache<[u8; 32], Verified>>,
+    verified_capacity: u64,
+    inserts: AtomicU64,
 }
 
 impl fmt::Debug for Inner {
@@ -81,31 +101,8 @@ impl fmt::Debug for Inner {
             .field("issuer", &self.issuer)
             .field("clients", &self.clients.len())
             .field("leeway", &self.leeway)
-            .field(
-                "verified_cached",
-                &self.verified.as_ref().map(|c| c.entry_count()),
-            )
+            .field("verified_cached", &self.verified.as_ref().map(|c| c.len()))
             .finish_non_exhaustive()
-    }
-}
-
-/// A token that passed every check once.
-struct Verified {
-    claims: Arc<Claims>,
-    kid: Box<str>,
-}
-
-struct VerifiedExpiry(Arc<dyn Clock>, i64);
-
-impl moka::Expiry<[u8; 32], Arc<Verified>> for VerifiedExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        value: &Arc<Verified>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        let left = value.claims.expires_at.saturating_add(self.1) - self.0.now();
-        Some(Duration::from_secs(left.max(0) as u64))
     }
 }
 
@@ -117,61 +114,6 @@ struct Header<'a> {
     kid: Option<Text<'a>>,
     #[serde(default, deserialize_with = "present")]
     crit: Option<de::IgnoredAny>,
-}
-
-/// The registered claims, borrowed from the decoded payload. A present claim of
-/// the wrong JSON type (null included) fails the parse: MALFORMED, never coerced.
-#[derive(Deserialize)]
-struct RawClaims<'a> {
-    #[serde(borrow, default, deserialize_with = "present")]
-    iss: Option<Text<'a>>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    sub: Option<Text<'a>>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    token_use: Option<Text<'a>>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    client_id: Option<Text<'a>>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    scope: Option<Text<'a>>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    jti: Option<Text<'a>>,
-    #[serde(default, deserialize_with = "present")]
-    exp: Option<i64>,
-    #[serde(default, deserialize_with = "present")]
-    nbf: Option<i64>,
-    #[serde(default, deserialize_with = "present")]
-    iat: Option<i64>,
-}
-
-/// A JSON string, borrowed unless it had escapes.
-struct Text<'a>(Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> de::Visitor<'de> for V {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-impl Text<'_> {
-    fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 /// `Some(T)` when present; a present `null` is an error (as is any wrong type).
@@ -205,7 +147,7 @@ impl JwtValidator {
         settings: ValidatorSettings,
     ) -> Self {
         Self::build(
-            issuer.into(),
+            Arc::from(issuer.into()),
             clients.into_iter().collect(),
             keys,
             settings,
@@ -214,19 +156,18 @@ impl JwtValidator {
     }
 
     fn build(
-        issuer: String,
+        issuer: Arc<str>,
         clients: HashSet<String>,
         keys: Arc<KeySet>,
         settings: ValidatorSettings,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        assert_eq!(keys.issuer(), issuer, "a key set is bound to its issuer");
+        assert_eq!(keys.issuer(), &*issuer, "a key set is bound to its issuer");
         let leeway = settings.leeway.as_secs().min(i64::MAX as u64) as i64;
         let verified = (settings.verified_cache_size > 0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(settings.verified_cache_size)
-                .expire_after(VerifiedExpiry(clock.clone(), leeway))
-                .build()
+            quick_cache::sync::Cache::new(
+                usize::try_from(settings.verified_cache_size).unwrap_or(usize::MAX),
+            )
         });
         Self {
             inner: Arc::new(Inner {
@@ -238,6 +179,8 @@ impl JwtValidator {
                 clock,
                 stats: ValidationStats::default(),
                 verified,
+                verified_capacity: settings.verified_cache_size,
+                inserts: AtomicU64::new(0),
             }),
         }
     }
@@ -248,10 +191,7 @@ impl JwtValidator {
         let settings = ValidatorSettings {
             leeway: Duration::from_secs(i.leeway as u64),
             max_token_bytes: i.max_token_bytes,
-            verified_cache_size: i
-                .verified
-                .as_ref()
-                .map_or(0, |c| c.policy().max_capacity().unwrap_or(0)),
+            verified_cache_size: i.verified_capacity,
         };
         Self::build(
             i.issuer.clone(),
@@ -279,10 +219,7 @@ impl JwtValidator {
 
     /// Verified tokens currently remembered (approximate).
     pub fn cached_verifications(&self) -> u64 {
-        self.inner.verified.as_ref().map_or(0, |c| {
-            c.run_pending_tasks();
-            c.entry_count()
-        })
+        self.inner.verified.as_ref().map_or(0, |c| c.len() as u64)
     }
 
     /// Full validation. An unknown `kid` triggers a JWKS refetch, at most once per
@@ -346,15 +283,19 @@ impl JwtValidator {
             return None;
         }
         let digest = token_digest(token);
-        let hit = cache.get(&digest)?;
-        if self.inner.keys.get(&hit.kid).is_none() {
-            cache.invalidate(&digest);
+        let (claims, kid) = cache.get(&digest)?;
+        if self.inner.keys.get(&kid).is_none() {
+            cache.remove(&digest);
             return None;
         }
-        Some(
-            self.check_time_and_scopes(&hit.claims, None, required_scopes)
-                .map(|()| hit.claims.clone()),
-        )
+        let checked = self.check_time_and_scopes(&claims, None, required_scopes);
+        if checked
+            .as_ref()
+            .is_err_and(|e| e.rejection == Rejection::Expired)
+        {
+            cache.remove(&digest);
+        }
+        Some(checked.map(|()| claims))
     }
 
     fn check_time_and_scopes(
@@ -365,7 +306,7 @@ impl JwtValidator {
     ) -> Result<(), Invalid> {
         let now = self.inner.clock.now();
         let leeway = self.inner.leeway;
-        if claims.expires_at.saturating_add(leeway) <= now {
+        if claims.expires_at().saturating_add(leeway) <= now {
             return Err(Invalid::new(Rejection::Expired, "token has expired"));
         }
         if nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
@@ -464,9 +405,9 @@ impl JwtValidator {
 
     /// Parses the claims and checks what needs no key: issuer and token_use (so
     /// that tokens of other issuers never cause a JWKS refetch).
-    fn issuer_checks<'p>(&self, payload: &'p [u8]) -> Result<RawClaims<'p>, Invalid> {
+    fn issuer_checks<'p>(&self, payload: &'p [u8]) -> Result<Payload<'p>, Invalid> {
         let claims = parse_claims(payload)?;
-        if claims.iss.as_ref().map(Text::as_str) != Some(self.inner.issuer.as_str()) {
+        if claims.iss.as_ref().map(Text::as_str) != Some(&*self.inner.issuer) {
             return Err(Invalid::new(
                 Rejection::WrongIssuer,
                 "iss is not the configured issuer",
@@ -486,7 +427,7 @@ impl JwtValidator {
         &self,
         token: &str,
         parsed: &Parsed<'_>,
-        raw: RawClaims<'_>,
+        raw: Payload<'_>,
         key: &VerifyingKey,
         required_scopes: &[String],
     ) -> Result<Arc<Claims>, Invalid> {
@@ -512,31 +453,7 @@ impl JwtValidator {
             .as_ref()
             .map(Text::as_str)
             .ok_or_else(|| Invalid::new(Rejection::ClientNotAllowed, "no client_id claim"))?;
-        let text = |t: &Option<Text<'_>>| {
-            t.as_ref()
-                .map_or_else(String::new, |t| t.as_str().to_owned())
-        };
-        let claims = Claims {
-            client_id: client_id.to_owned(),
-            subject: text(&raw.sub),
-            issuer: inner.issuer.clone(),
-            scopes: raw
-                .scope
-                .as_ref()
-                .map(|s| {
-                    s.as_str()
-                        .split(' ')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            token_use: "access".to_owned(),
-            jti: text(&raw.jti),
-            issued_at: raw.iat.unwrap_or(0),
-            expires_at: exp,
-            raw: String::from_utf8_lossy(&parsed.payload).into(),
-        };
+        let claims = Claims::from_payload(&raw, client_id, exp, inner.issuer.clone());
         // Time first: an expired token is EXPIRED whoever it was issued to.
         self.check_time_and_scopes(&claims, raw.nbf, &[])?;
         if !inner.clients.contains(client_id) {
@@ -547,20 +464,18 @@ impl JwtValidator {
         }
         let claims = Arc::new(claims);
         if let Some(cache) = &inner.verified {
-            cache.insert(
-                token_digest(token),
-                Arc::new(Verified {
-                    claims: claims.clone(),
-                    kid: key.kid().into(),
-                }),
-            );
+            cache.insert(token_digest(token), (claims.clone(), key.kid_shared()));
+            if inner.inserts.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+                let now = inner.clock.now();
+                cache.retain(|_, (c, _)| c.expires_at().saturating_add(inner.leeway) > now);
+            }
         }
         self.check_time_and_scopes(&claims, None, required_scopes)?;
         Ok(claims)
     }
 }
 
-fn parse_claims(payload: &[u8]) -> Result<RawClaims<'_>, Invalid> {
+fn parse_claims(payload: &[u8]) -> Result<Payload<'_>, Invalid> {
     json_object(
         payload,
         "payload is not a JSON object of the expected claim types",

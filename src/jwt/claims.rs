@@ -1,0 +1,377 @@
+//! Verified claims, stored compactly (a verified-token cache holds 100,000 of
+//! them), and the strict one-pass parse of a token payload.
+
+use std::{borrow::Cow, fmt, sync::Arc};
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, MapAccess, Visitor},
+};
+use serde_json::{Map, Value, value::RawValue};
+
+/// A JSON string, borrowed from the input unless it had escapes.
+pub(crate) struct Text<'a>(pub(crate) Cow<'a, str>);
+
+impl Text<'_> {
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The registered claims of a payload, typed strictly (a present claim of the wrong
+/// JSON type, `null` included, fails the parse; a registered claim given twice
+/// fails too), and every other claim kept as JSON text.
+pub(crate) struct Payload<'a> {
+    pub(crate) iss: Option<Text<'a>>,
+    pub(crate) sub: Option<Text<'a>>,
+    pub(crate) token_use: Option<Text<'a>>,
+    pub(crate) client_id: Option<Text<'a>>,
+    pub(crate) scope: Option<Text<'a>>,
+    pub(crate) jti: Option<Text<'a>>,
+    pub(crate) exp: Option<i64>,
+    pub(crate) nbf: Option<i64>,
+    pub(crate) iat: Option<i64>,
+    /// `"name":value` pairs of the other claims, comma-separated.
+    pub(crate) extra: String,
+}
+
+impl<'de> Deserialize<'de> for Payload<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Payload<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object of claims")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut p = Payload {
+                    iss: None,
+                    sub: None,
+                    token_use: None,
+                    client_id: None,
+                    scope: None,
+                    jti: None,
+                    exp: None,
+                    nbf: None,
+                    iat: None,
+                    extra: String::new(),
+                };
+                while let Some(key) = map.next_key::<Text<'de>>()? {
+                    let raw: &'de RawValue = map.next_value()?;
+                    let text = |slot: &mut Option<Text<'de>>| -> Result<(), A::Error> {
+                        if slot.is_some() {
+                            return Err(de::Error::custom("duplicate claim"));
+                        }
+                        *slot = Some(serde_json::from_str(raw.get()).map_err(de::Error::custom)?);
+                        Ok(())
+                    };
+                    let int = |slot: &mut Option<i64>| -> Result<(), A::Error> {
+                        if slot.is_some() {
+                            return Err(de::Error::custom("duplicate claim"));
+                        }
+                        *slot = Some(serde_json::from_str(raw.get()).map_err(de::Error::custom)?);
+                        Ok(())
+                    };
+                    match key.as_str() {
+                        "iss" => text(&mut p.iss)?,
+                        "sub" => text(&mut p.sub)?,
+                        "token_use" => text(&mut p.token_use)?,
+                        "client_id" => text(&mut p.client_id)?,
+                        "scope" => text(&mut p.scope)?,
+                        "jti" => text(&mut p.jti)?,
+                        "exp" => int(&mut p.exp)?,
+                        "nbf" => int(&mut p.nbf)?,
+                        "iat" => int(&mut p.iat)?,
+                        other => {
+                            if !p.extra.is_empty() {
+                                p.extra.push(',');
+                            }
+                            p.extra.push_str(
+                                &serde_json::to_string(other).map_err(de::Error::custom)?,
+                            );
+                            p.extra.push(':');
+                            p.extra.push_str(raw.get());
+                        }
+                    }
+                }
+                Ok(p)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum Subject {
+    Absent,
+    SameAsClient,
+    Other(Box<str>),
+}
+
+/// The verified claims of an access token.
+///
+/// Kept compact: a handful of boxed strings, the issuer shared with the validator,
+/// and any other claims as one JSON text parsed only when [`Claims::all`] is asked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Claims {
+    client_id: Box<str>,
+    subject: Subject,
+    issuer: Arc<str>,
+    scope: Option<Box<str>>,
+    jti: Option<Box<str>>,
+    issued_at: Option<i64>,
+    expires_at: i64,
+    not_before: Option<i64>,
+    extra: Option<Box<str>>,
+}
+
+impl fmt::Debug for Claims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Claims")
+            .field("client_id", &self.client_id())
+            .field("subject", &self.subject())
+            .field("issuer", &self.issuer())
+            .field("scope", &self.scope)
+            .field("jti", &self.jti())
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+fn boxed(t: &Option<Text<'_>>) -> Option<Box<str>> {
+    t.as_ref().map(|t| t.as_str().into())
+}
+
+impl Claims {
+    /// From a parsed payload with `exp` and `client_id` present.
+    pub(crate) fn from_payload(
+        p: &Payload<'_>,
+        client_id: &str,
+        expires_at: i64,
+        issuer: Arc<str>,
+    ) -> Self {
+        let subject = match p.sub.as_ref().map(Text::as_str) {
+            None => Subject::Absent,
+            Some(s) if s == client_id => Subject::SameAsClient,
+            Some(s) => Subject::Other(s.into()),
+        };
+        Self {
+            client_id: client_id.into(),
+            subject,
+            issuer,
+            scope: boxed(&p.scope),
+            jti: boxed(&p.jti),
+            issued_at: p.iat,
+            expires_at,
+            not_before: p.nbf,
+            extra: (!p.extra.is_empty()).then(|| format!("{{{}}}", p.extra).into()),
+        }
+    }
+
+    /// Claims received from a trusted verifier (the gateway's Validate RPC): the
+    /// named fields, and `all` for everything (custom claims included).
+    pub fn from_verified(
+        client_id: &str,
+        subject: &str,
+        issuer: &str,
+        expires_at: i64,
+        all: &Map<String, Value>,
+    ) -> Self {
+        let text = |name: &str| all.get(name).and_then(Value::as_str).map(Box::<str>::from);
+        let int = |name: &str| all.get(name).and_then(Value::as_i64);
+        let extra: Map<String, Value> = all
+            .iter()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    "iss"
+                        | "sub"
+                        | "token_use"
+                        | "client_id"
+                        | "scope"
+                        | "jti"
+                        | "exp"
+                        | "nbf"
+                        | "iat"
+                )
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Self {
+            client_id: client_id.into(),
+            subject: match subject {
+                "" => Subject::Absent,
+                s if s == client_id => Subject::SameAsClient,
+                s => Subject::Other(s.into()),
+            },
+            issuer: issuer.into(),
+            scope: text("scope"),
+            jti: text("jti"),
+            issued_at: int("iat"),
+            expires_at,
+            not_before: int("nbf"),
+            extra: (!extra.is_empty())
+                .then(|| serde_json::to_string(&extra).unwrap_or_default().into()),
+        }
+    }
+
+    /// `client_id`.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// `sub` (empty when absent).
+    pub fn subject(&self) -> &str {
+        match &self.subject {
+            Subject::Absent => "",
+            Subject::SameAsClient => &self.client_id,
+            Subject::Other(s) => s,
+        }
+    }
+
+    /// `iss`.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The scopes of the `scope` claim.
+    pub fn scopes(&self) -> impl Iterator<Item = &str> + '_ {
+        self.scope
+            .as_deref()
+            .unwrap_or("")
+            .split(' ')
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Whether the token grants `scope`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes().any(|s| s == scope)
+    }
+
+    /// `token_use`: always `access` for a verified token.
+    pub fn token_use(&self) -> &str {
+        "access"
+    }
+
+    /// `jti` (empty when absent).
+    pub fn jti(&self) -> &str {
+        self.jti.as_deref().unwrap_or("")
+    }
+
+    /// `iat`, unix seconds (0 when absent).
+    pub fn issued_at(&self) -> i64 {
+        self.issued_at.unwrap_or(0)
+    }
+
+    /// `exp`, unix seconds.
+    pub fn expires_at(&self) -> i64 {
+        self.expires_at
+    }
+
+    /// Every claim, custom ones included.
+    pub fn all(&self) -> Map<String, Value> {
+        let mut all: Map<String, Value> = self
+            .extra
+            .as_deref()
+            .and_then(|e| serde_json::from_str(e).ok())
+            .unwrap_or_default();
+        all.insert("iss".into(), self.issuer().into());
+        all.insert("token_use".into(), "access".into());
+        all.insert("client_id".into(), self.client_id().into());
+        all.insert("exp".into(), self.expires_at.into());
+        if !matches!(self.subject, Subject::Absent) {
+            all.insert("sub".into(), self.subject().into());
+        }
+        if let Some(scope) = &self.scope {
+            all.insert("scope".into(), scope.as_ref().into());
+        }
+        if let Some(jti) = &self.jti {
+            all.insert("jti".into(), jti.as_ref().into());
+        }
+        if let Some(iat) = self.issued_at {
+            all.insert("iat".into(), iat.into());
+        }
+        if let Some(nbf) = self.not_before {
+            all.insert("nbf".into(), nbf.into());
+        }
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: &Value) -> Result<(Claims, Map<String, Value>), String> {
+        let text = v.to_string();
+        let p: Payload<'_> = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        let c = Claims::from_payload(
+            &p,
+            p.client_id.as_ref().unwrap().as_str(),
+            p.exp.unwrap(),
+            "iss-x".into(),
+        );
+        Ok((c, v.as_object().unwrap().clone()))
+    }
+
+    #[test]
+    fn all_reproduces_every_claim() {
+        let v = json!({
+            "sub": "c", "token_use": "access", "scope": "a/b c/d", "auth_time": 1, "iss": "iss-x",
+            "exp": 10, "iat": 2, "nbf": 1, "version": 2, "jti": "j", "client_id": "c",
+            "custom": {"nested": [1, "two", null]}, "esc\"aped": "va\\lue"
+        });
+        let (c, want) = parse(&v).unwrap();
+        assert_eq!(c.all(), want);
+        assert_eq!(c.subject(), "c");
+        assert_eq!(c.scopes().collect::<Vec<_>>(), vec!["a/b", "c/d"]);
+        let round = Claims::from_verified(
+            c.client_id(),
+            c.subject(),
+            c.issuer(),
+            c.expires_at(),
+            &c.all(),
+        );
+        assert_eq!(round, c);
+    }
+
+    #[test]
+    fn wrong_types_and_duplicates_fail() {
+        for bad in [
+            r#"{"exp": "1"}"#,
+            r#"{"exp": 1.5}"#,
+            r#"{"iss": null}"#,
+            r#"{"scope": ["a"]}"#,
+            r#"{"exp": 1, "exp": 2}"#,
+            r#"{"client_id": "a", "client_id": "b"}"#,
+        ] {
+            assert!(serde_json::from_str::<Payload<'_>>(bad).is_err(), "{bad}");
+        }
+        let escaped: Payload<'_> = serde_json::from_str(r#"{"iss": "https:\/\/x"}"#).unwrap();
+        assert_eq!(escaped.iss.unwrap().as_str(), "https://x");
+    }
+}
