@@ -345,3 +345,22 @@ mod paused {
         refresher.abort();
     }
 }
+
+#[tokio::test]
+async fn token_source_straight_from_a_cognito_token_endpoint() {
+    let emu = emulator(vec![]).await;
+    let url = url::Url::parse(&emu.token_endpoint()).unwrap();
+    let tokens = TokenSource::from_cognito(url, CLIENT, SECRET, ["orders/read"]).unwrap();
+    let token = tokens.token().await.unwrap();
+    let validator = loaded_validator(&emu).await;
+    let claims = validator
+        .validate(token.expose(), &["orders/read".into()])
+        .await
+        .unwrap();
+    assert_eq!(claims.client_id(), CLIENT);
+    assert_eq!(tokens.token().await.unwrap(), token, "cached");
+    assert_eq!(emu.token_requests(), 1);
+    // Plain http to a non-loopback host is refused.
+    let remote = url::Url::parse("http://cognito.example/oauth2/token").unwrap();
+    assert!(TokenSource::from_cognito(remote, CLIENT, SECRET, ["orders/read"]).is_err());
+}

@@ -1,0 +1,171 @@
+//! The command line as an operator meets it: check-config, environment overrides,
+//! the emulator command, JSON logs.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_m2m-gateway");
+
+const CONFIG: &str = r#"
+[cognito]
+region = "us-east-1"
+user_pool_id = "us-east-1_AbCdEf123"
+domain = "https://example.auth.us-east-1.amazoncognito.com"
+
+[[clients]]
+client_id = "k6h0hnjenh7auvi2as"
+name = "acme-billing"
+allowed_scopes = ["orders/read", "orders/write"]
+"#;
+
+fn write(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_prints_effective_settings_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, CONFIG);
+    let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .env("M2M_GATEWAY__SERVER__LISTEN", "127.0.0.1:6001")
+        .env("M2M_GATEWAY__CACHE__ENCRYPTION_KEY", key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("127.0.0.1:6001"),
+        "environment override applied: {text}"
+    );
+    assert!(text.contains("https://example.auth.us-east-1.amazoncognito.com/oauth2/token"));
+    assert!(text.contains(
+        "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
+    ));
+    assert!(text.contains("<redacted>") && !text.contains(key), "{text}");
+}
+
+#[test]
+fn check_config_errors_name_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = Command::new(BIN)
+        .args(["check-config", "/nonexistent/gateway.toml"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/gateway.toml"));
+
+    let bad = write(
+        &dir,
+        &format!("[server]\nlisten = \"not-an-address\"\n{CONFIG}"),
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("gateway.toml") && err.contains("listen"),
+        "{err}"
+    );
+
+    let no_pool = write(
+        &dir,
+        &CONFIG.replace("user_pool_id = \"us-east-1_AbCdEf123\"\n", ""),
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&no_pool)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("user_pool_id"));
+
+    let env_bad = write(&dir, CONFIG);
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&env_bad)
+        .env("M2M_GATEWAY__CACHE__REFRESH_RATIO", "2.5")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cache.refresh_ratio"));
+}
+
+#[tokio::test]
+async fn emulator_command_serves_a_token_endpoint() {
+    let mut child = Command::new(BIN)
+        .args([
+            "emulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--pool-id",
+            "us-east-1_Cli00001",
+            "--client",
+            "svc:svc-secret:orders/read,orders/write",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut endpoint = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(url) = line.trim().strip_prefix("token endpoint:") {
+            endpoint = Some(url.trim().to_owned());
+            break;
+        }
+    }
+    let endpoint = endpoint.expect("token endpoint printed");
+    let resp = reqwest::Client::new()
+        .post(&endpoint)
+        .basic_auth("svc", Some("svc-secret"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("scope", "orders/read"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 3600);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "dev", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().expect("a log line").unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(v["level"], "INFO");
+    assert!(
+        v["message"].is_string() && v["timestamp"].is_string(),
+        "{v}"
+    );
+}
