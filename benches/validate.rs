@@ -5,23 +5,13 @@ use std::{hint::black_box, sync::Arc, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use criterion::{Criterion, criterion_group, criterion_main};
-use futures::future::BoxFuture;
 use m2m_gateway::{
     emulator::SigningKey,
-    jwt::{JwksError, JwksFetcher, JwtValidator, KeySet, ValidatorSettings, VerifyingKey},
+    jwt::{JwtValidator, KeySet, StaticJwks, ValidatorSettings, VerifyingKey},
 };
 use serde_json::json;
 
 const ISS: &str = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Bench0001";
-
-struct Static(Vec<u8>);
-
-impl JwksFetcher for Static {
-    fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, JwksError>> {
-        let body = self.0.clone();
-        Box::pin(async move { Ok(body) })
-    }
-}
 
 fn cognito_claims() -> serde_json::Value {
     let now = std::time::SystemTime::now()
@@ -49,7 +39,7 @@ fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let keys = Arc::new(KeySet::new(
         ISS,
-        Arc::new(Static(
+        Arc::new(StaticJwks::new(
             json!({"keys": [jwk.clone()]}).to_string().into_bytes(),
         )),
         Duration::from_secs(10),

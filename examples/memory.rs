@@ -16,7 +16,7 @@ use m2m_gateway::{
     },
     config::ClientConfig,
     emulator::SigningKey,
-    jwt::{JwksError, JwksFetcher, JwtValidator, KeySet, ValidatorSettings},
+    jwt::{JwtValidator, KeySet, StaticJwks, ValidatorSettings},
     registry::Registry,
 };
 use secrecy::SecretString;
@@ -46,14 +46,6 @@ fn rss_mib() -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
-}
-
-struct Static(Vec<u8>);
-impl JwksFetcher for Static {
-    fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, JwksError>> {
-        let body = self.0.clone();
-        Box::pin(async move { Ok(body) })
-    }
 }
 
 /// Answers every grant with a distinct Cognito-sized (~850-byte) JWT-shaped token.
@@ -98,7 +90,7 @@ fn main() -> anyhow::Result<()> {
     let key = SigningKey::generate("memory-key");
     let keys = Arc::new(KeySet::new(
         ISS,
-        Arc::new(Static(
+        Arc::new(StaticJwks::new(
             json!({"keys": [key.jwk()]}).to_string().into_bytes(),
         )),
         Duration::from_secs(10),

@@ -12,24 +12,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::future::BoxFuture;
 use m2m_gateway::{
     emulator::SigningKey,
-    jwt::{JwksError, JwksFetcher, JwtValidator, KeySet, ValidatorSettings},
+    jwt::{JwtValidator, KeySet, StaticJwks, ValidatorSettings},
 };
 use serde_json::json;
 
 const POOL: &str = "us-east-1_Bench0001";
 const CLIENT: &str = "k6h0hnjenh7auvi2as";
-
-struct Static(Vec<u8>);
-
-impl JwksFetcher for Static {
-    fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, JwksError>> {
-        let body = self.0.clone();
-        Box::pin(async move { Ok(body) })
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -49,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     // timed the same way as the Node script: median of rounds of 2,000.
     let keys = Arc::new(KeySet::new(
         &issuer,
-        Arc::new(Static(jwks.to_string().into_bytes())),
+        Arc::new(StaticJwks::new(jwks.to_string().into_bytes())),
         Duration::from_secs(10),
     ));
     keys.refresh().await?;

@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod dev;
 pub mod emulator;
+pub mod histogram;
 mod http;
 pub mod jwt;
 pub mod proto;

@@ -19,6 +19,7 @@ use tonic::Code;
 
 use crate::{
     broker::Broker,
+    histogram::{Histogram, HistogramSnapshot},
     jwt::{JwtValidator, Rejection},
 };
 
@@ -29,12 +30,19 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
 ];
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct MethodStats {
     codes: [AtomicU64; CODES],
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+    latency: Histogram,
+}
+
+impl Default for MethodStats {
+    fn default() -> Self {
+        Self {
+            codes: Default::default(),
+            latency: Histogram::new(&LATENCY_BUCKETS),
+        }
+    }
 }
 
 /// Per-method outcome counters and latency histograms of the Gateway RPCs.
@@ -50,17 +58,7 @@ impl RpcStats {
             return;
         };
         m.codes[(code as usize).min(CODES - 1)].fetch_add(1, Relaxed);
-        let secs = latency.as_secs_f64();
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                m.buckets[i].fetch_add(1, Relaxed);
-            }
-        }
-        m.count.fetch_add(1, Relaxed);
-        m.sum_micros.fetch_add(
-            latency.as_micros().min(u128::from(u64::MAX)) as u64,
-            Relaxed,
-        );
+        m.latency.record(latency);
     }
 
     /// Calls of `method` that ended with `code`.
@@ -68,6 +66,41 @@ impl RpcStats {
         self.methods
             .get(method)
             .map_or(0, |m| m.codes[(code as usize).min(CODES - 1)].load(Relaxed))
+    }
+}
+
+/// Writes one Prometheus histogram family; `series` pairs a label set (`a="b"`,
+/// possibly empty) with its snapshot.
+fn write_histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    series: &[(String, HistogramSnapshot)],
+) {
+    let _ = writeln!(
+        out,
+        "# HELP m2m_gateway_{name} {help}\n# TYPE m2m_gateway_{name} histogram"
+    );
+    for (labels, h) in series {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (bound, n) in &h.buckets {
+            let _ = writeln!(
+                out,
+                "m2m_gateway_{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "m2m_gateway_{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            h.count
+        );
+        let braced = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "m2m_gateway_{name}_sum{braced} {}", h.sum_secs);
+        let _ = writeln!(out, "m2m_gateway_{name}_count{braced} {}", h.count);
     }
 }
 
@@ -135,34 +168,17 @@ impl Telemetry {
                 }
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP m2m_gateway_rpc_duration_seconds Gateway RPC latency.\n# TYPE m2m_gateway_rpc_duration_seconds histogram"
+        let rpc_latency: Vec<(String, HistogramSnapshot)> = METHODS
+            .iter()
+            .zip(&self.rpc.methods)
+            .map(|(method, m)| (format!("method=\"{method}\""), m.latency.snapshot()))
+            .collect();
+        write_histogram(
+            &mut out,
+            "rpc_duration_seconds",
+            "Gateway RPC latency.",
+            &rpc_latency,
         );
-        for (i, method) in METHODS.iter().enumerate() {
-            let m = &self.rpc.methods[i];
-            for (j, bound) in LATENCY_BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "m2m_gateway_rpc_duration_seconds_bucket{{method=\"{method}\",le=\"{bound}\"}} {}",
-                    m.buckets[j].load(Relaxed)
-                );
-            }
-            let count = m.count.load(Relaxed);
-            let _ = writeln!(
-                out,
-                "m2m_gateway_rpc_duration_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {count}"
-            );
-            let _ = writeln!(
-                out,
-                "m2m_gateway_rpc_duration_seconds_sum{{method=\"{method}\"}} {}",
-                m.sum_micros.load(Relaxed) as f64 / 1e6
-            );
-            let _ = writeln!(
-                out,
-                "m2m_gateway_rpc_duration_seconds_count{{method=\"{method}\"}} {count}"
-            );
-        }
 
         // Token cache.
         counter(
@@ -278,30 +294,11 @@ impl Telemetry {
                 "m2m_gateway_upstream_requests_total{{outcome=\"{label}\"}} {n}"
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP m2m_gateway_upstream_duration_seconds Token endpoint call latency.\n# TYPE m2m_gateway_upstream_duration_seconds histogram"
-        );
-        for (bound, n) in &b.latency_buckets {
-            let _ = writeln!(
-                out,
-                "m2m_gateway_upstream_duration_seconds_bucket{{le=\"{bound}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "m2m_gateway_upstream_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            b.latency_count
-        );
-        let _ = writeln!(
-            out,
-            "m2m_gateway_upstream_duration_seconds_sum {}",
-            b.latency_sum_secs
-        );
-        let _ = writeln!(
-            out,
-            "m2m_gateway_upstream_duration_seconds_count {}",
-            b.latency_count
+        write_histogram(
+            &mut out,
+            "upstream_duration_seconds",
+            "Token endpoint call latency.",
+            &[(String::new(), b.latency.clone())],
         );
 
         // Validation.

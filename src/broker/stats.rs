@@ -5,6 +5,8 @@ use std::{
     time::Duration,
 };
 
+use crate::histogram::{Histogram, HistogramSnapshot};
+
 /// Upper bounds of the upstream latency histogram, in seconds.
 pub const LATENCY_BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -19,7 +21,7 @@ const OUTCOMES: [&str; 7] = [
 ];
 
 /// Counters of the broker.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BrokerStats {
     hits: AtomicU64,
     misses: AtomicU64,
@@ -29,9 +31,23 @@ pub struct BrokerStats {
     secret_mismatches: AtomicU64,
     rate_limited: AtomicU64,
     upstream: [AtomicU64; OUTCOMES.len()],
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    latency_count: AtomicU64,
-    latency_sum_micros: AtomicU64,
+    latency: Histogram,
+}
+
+impl Default for BrokerStats {
+    fn default() -> Self {
+        Self {
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            refreshes: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            stale_served: AtomicU64::new(0),
+            secret_mismatches: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            upstream: Default::default(),
+            latency: Histogram::new(&LATENCY_BUCKETS),
+        }
+    }
 }
 
 /// A point-in-time copy of [`BrokerStats`].
@@ -53,12 +69,8 @@ pub struct StatsSnapshot {
     pub rate_limited: u64,
     /// Upstream calls by outcome label.
     pub upstream: Vec<(&'static str, u64)>,
-    /// Cumulative latency histogram: (upper bound in seconds, count).
-    pub latency_buckets: Vec<(f64, u64)>,
-    /// Upstream calls timed.
-    pub latency_count: u64,
-    /// Sum of upstream latencies, seconds.
-    pub latency_sum_secs: f64,
+    /// Upstream latency.
+    pub latency: HistogramSnapshot,
 }
 
 impl StatsSnapshot {
@@ -103,17 +115,7 @@ impl BrokerStats {
         if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
             self.upstream[i].fetch_add(1, Relaxed);
         }
-        let secs = latency.as_secs_f64();
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.latency_buckets[i].fetch_add(1, Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_micros.fetch_add(
-            latency.as_micros().min(u128::from(u64::MAX)) as u64,
-            Relaxed,
-        );
+        self.latency.record(latency);
     }
 
     /// A copy of every counter.
@@ -131,13 +133,7 @@ impl BrokerStats {
                 .zip(&self.upstream)
                 .map(|(l, n)| (*l, n.load(Relaxed)))
                 .collect(),
-            latency_buckets: LATENCY_BUCKETS
-                .iter()
-                .zip(&self.latency_buckets)
-                .map(|(b, n)| (*b, n.load(Relaxed)))
-                .collect(),
-            latency_count: self.latency_count.load(Relaxed),
-            latency_sum_secs: self.latency_sum_micros.load(Relaxed) as f64 / 1e6,
+            latency: self.latency.snapshot(),
         }
     }
 }

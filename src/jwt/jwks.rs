@@ -79,6 +79,25 @@ impl JwksFetcher for HttpFetcher {
     }
 }
 
+/// A JWKS document held in memory: keys shipped with a deployment, or a fixed set
+/// in tests and benchmarks.
+#[derive(Debug, Clone)]
+pub struct StaticJwks(Arc<[u8]>);
+
+impl StaticJwks {
+    /// Serves `document` (the JSON text of a JWK set) on every fetch.
+    pub fn new(document: impl Into<Vec<u8>>) -> Self {
+        Self(document.into().into())
+    }
+}
+
+impl JwksFetcher for StaticJwks {
+    fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, JwksError>> {
+        let body = self.0.to_vec();
+        Box::pin(async move { Ok(body) })
+    }
+}
+
 /// One RSA verification key, parsed once at load.
 pub struct VerifyingKey {
     kid: Arc<str>,

@@ -18,7 +18,7 @@ use std::{
 pub use claims::Claims;
 pub use jwks::{
     HttpFetcher, JwksError, JwksFetcher, JwksStats, KeySet, MAX_JWKS_BYTES, MAX_KID_LEN,
-    VerifyingKey, parse_jwks,
+    StaticJwks, VerifyingKey, parse_jwks,
 };
 pub use validator::{JwtValidator, ValidatorSettings};
 
