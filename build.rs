@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let protoc = protoc_bin_vendored::protoc_bin_path()?;
         // Edition 2024 marks set_var unsafe; a build script is single-threaded and
         // prost-build reads PROTOC from the environment.
-        unsafe { env::set_var("PROTOC", protoc) };
+        #[allow(clippy::disallowed_methods)]
+        unsafe {
+            env::set_var("PROTOC", protoc)
+        };
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     // Separate descriptor sets: reflection on the gateway must not list the demo
