@@ -68,7 +68,10 @@ pub async fn run(
     .context("starting the Cognito emulator")?;
     let config = config_for(&emulator, listen, &[client]);
     if let Some(path) = write_config {
-        std::fs::write(path, config.to_toml())
+        // Written whole, then renamed: a reader never sees half a file.
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, config.to_toml())
+            .and_then(|()| std::fs::rename(&partial, path))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let gateway = Gateway::from_config(config)?;
