@@ -169,7 +169,10 @@ impl Gateway {
             self.rpc.clone(),
         );
         let admin = admin_listener.map(|l| {
-            tracing::info!(addr = ?l.local_addr().ok(), "admin endpoints listening (/metrics, /healthz, /readyz)");
+            let addr = l
+                .local_addr()
+                .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+            tracing::info!(%addr, "admin endpoints listening (/metrics, /healthz, /readyz)");
             tokio::spawn(serve_admin(l, telemetry.clone(), stopped()))
         });
 
@@ -256,8 +259,18 @@ impl Gateway {
         };
         loader.abort();
         readiness.abort();
-        if let Some(admin) = admin {
-            let _ = admin.await;
+        telemetry.set_listening(false);
+        if let Some(mut admin) = admin {
+            // The admin listener got the stop signal with the gRPC one, but a scraper's
+            // kept-alive connection (or a gRPC failure before any signal) must not keep
+            // the process alive: bounded wait, then abort.
+            if result.is_err()
+                || tokio::time::timeout(Duration::from_secs(2), &mut admin)
+                    .await
+                    .is_err()
+            {
+                admin.abort();
+            }
         }
         result
     }

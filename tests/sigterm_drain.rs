@@ -54,7 +54,7 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     std::fs::write(
         &cfg_path,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 20000\n\n[cognito]\nregion = \"us-east-1\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 20000\n\n[cognito]\nregion = \"us-east-1\"\n\
              user_pool_id = \"us-east-1_Drain0001\"\ntoken_endpoint = \"http://{upstream_addr}/oauth2/token\"\n\
              issuer = \"{iss}\"\njwks_uri = \"{jwks}\"\n\n[[clients]]\nclient_id = \"{CLIENT}\"\nname = \"a\"\n\
              allowed_scopes = [\"orders/read\"]\n",
