@@ -412,3 +412,40 @@ async fn bad_tls_files_fail_at_start_with_a_clear_error() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("TLS"), "{err:#}");
 }
+
+#[tokio::test]
+async fn oversized_requests_are_refused_before_any_work() {
+    let emu = emulator(vec![]).await;
+    let mut cfg = config(&emu, &[client_a()]);
+    cfg.server.max_message_bytes = 2048;
+    let gw = TestGateway::start(cfg).await.ready().await;
+    let mut c = gw.client().await;
+    let s = c
+        .validate(ValidateRequest {
+            token: "a".repeat(4096),
+            required_scopes: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{s:?}"
+    );
+    assert_eq!(
+        gw.gateway
+            .validator
+            .stats()
+            .rejected(m2m_gateway::jwt::Rejection::Malformed),
+        0
+    );
+    // Under the limit, the same kind of request is answered.
+    let v = c
+        .validate(ValidateRequest {
+            token: "a".repeat(1024),
+            required_scopes: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.valid);
+}
