@@ -181,48 +181,45 @@ impl Telemetry {
         );
 
         // Token cache.
-        counter(
-            &mut out,
-            "token_cache_hits_total",
-            "GetToken answered from the cache.",
-            b.hits,
-        );
-        counter(
-            &mut out,
-            "token_cache_misses_total",
-            "GetToken with no usable cached entry.",
-            b.misses,
-        );
-        counter(
-            &mut out,
-            "token_cache_refreshes_total",
-            "GetToken past the refresh point of its entry.",
-            b.refreshes,
-        );
-        counter(
-            &mut out,
-            "token_cache_coalesced_total",
-            "GetToken that waited for an upstream call already in flight.",
-            b.coalesced,
-        );
-        counter(
-            &mut out,
-            "token_cache_stale_served_total",
-            "Cached tokens served because a refresh failed.",
-            b.stale_served,
-        );
-        counter(
-            &mut out,
-            "token_cache_secret_mismatches_total",
-            "Cached entries presented with another secret.",
-            b.secret_mismatches,
-        );
-        counter(
-            &mut out,
-            "failed_auth_limited_total",
-            "GetToken refused by the failed-attempt limit.",
-            b.rate_limited,
-        );
+        for (name, help, value) in [
+            (
+                "token_cache_hits_total",
+                "GetToken answered from the cache.",
+                b.hits,
+            ),
+            (
+                "token_cache_misses_total",
+                "GetToken with no usable cached entry.",
+                b.misses,
+            ),
+            (
+                "token_cache_refreshes_total",
+                "GetToken past the refresh point of its entry.",
+                b.refreshes,
+            ),
+            (
+                "token_cache_coalesced_total",
+                "GetToken that waited for an upstream call already in flight.",
+                b.coalesced,
+            ),
+            (
+                "token_cache_stale_served_total",
+                "Cached tokens served because a refresh failed.",
+                b.stale_served,
+            ),
+            (
+                "token_cache_secret_mismatches_total",
+                "Cached entries presented with another secret.",
+                b.secret_mismatches,
+            ),
+            (
+                "failed_auth_limited_total",
+                "GetToken refused by the failed-attempt limit.",
+                b.rate_limited,
+            ),
+        ] {
+            counter(&mut out, name, help, value);
+        }
         gauge(
             &mut out,
             "token_cache_entries",
@@ -233,48 +230,45 @@ impl Telemetry {
         // Fleet-wide cache.
         if let Some(fleet) = self.broker.fleet() {
             let f = fleet.stats();
-            counter(
-                &mut out,
-                "fleet_cache_hits_total",
-                "Entries found in Redis.",
-                f.hits.load(Relaxed),
-            );
-            counter(
-                &mut out,
-                "fleet_cache_misses_total",
-                "Redis lookups that found nothing.",
-                f.misses.load(Relaxed),
-            );
-            counter(
-                &mut out,
-                "fleet_locks_acquired_total",
-                "Cognito calls made for the fleet by this replica.",
-                f.locks_acquired.load(Relaxed),
-            );
-            counter(
-                &mut out,
-                "fleet_waited_for_peer_total",
-                "Fetches answered by another replica's result.",
-                f.waited_for_peer.load(Relaxed),
-            );
-            counter(
-                &mut out,
-                "fleet_wait_timeouts_total",
-                "Waits for another replica that ran out.",
-                f.wait_timeouts.load(Relaxed),
-            );
-            counter(
-                &mut out,
-                "redis_errors_total",
-                "Redis calls that failed or timed out.",
-                f.errors.load(Relaxed),
-            );
-            counter(
-                &mut out,
-                "redis_bypassed_total",
-                "Redis calls skipped while it was down.",
-                f.bypassed.load(Relaxed),
-            );
+            for (name, help, value) in [
+                (
+                    "fleet_cache_hits_total",
+                    "Entries found in Redis.",
+                    f.hits.load(Relaxed),
+                ),
+                (
+                    "fleet_cache_misses_total",
+                    "Redis lookups that found nothing.",
+                    f.misses.load(Relaxed),
+                ),
+                (
+                    "fleet_locks_acquired_total",
+                    "Cognito calls made for the fleet by this replica.",
+                    f.locks_acquired.load(Relaxed),
+                ),
+                (
+                    "fleet_waited_for_peer_total",
+                    "Fetches answered by another replica's result.",
+                    f.waited_for_peer.load(Relaxed),
+                ),
+                (
+                    "fleet_wait_timeouts_total",
+                    "Waits for another replica that ran out.",
+                    f.wait_timeouts.load(Relaxed),
+                ),
+                (
+                    "redis_errors_total",
+                    "Redis calls that failed or timed out.",
+                    f.errors.load(Relaxed),
+                ),
+                (
+                    "redis_bypassed_total",
+                    "Redis calls skipped while it was down.",
+                    f.bypassed.load(Relaxed),
+                ),
+            ] {
+                counter(&mut out, name, help, value);
+            }
             gauge(
                 &mut out,
                 "redis_up",
