@@ -229,9 +229,10 @@ impl JwtValidator {
         token: &str,
         required_scopes: &[String],
     ) -> Result<Arc<Claims>, Invalid> {
-        let result = match self.cached(token, required_scopes) {
+        let digest = self.cache_key(token);
+        let result = match self.cached(digest.as_ref(), required_scopes) {
             Some(hit) => hit,
-            None => self.validate_uncached(token, required_scopes).await,
+            None => self.validate_uncached(token, digest, required_scopes).await,
         };
         self.inner.stats.record(&result);
         result
@@ -244,12 +245,15 @@ impl JwtValidator {
         token: &str,
         required_scopes: &[String],
     ) -> Result<Arc<Claims>, Invalid> {
-        let result = self.cached(token, required_scopes).unwrap_or_else(|| {
-            let parsed = self.parse(token)?;
-            let raw = self.issuer_checks(&parsed.payload)?;
-            let key = self.lookup_after_refresh(&parsed.kid)?;
-            self.finish(token, &parsed, raw, &key, required_scopes)
-        });
+        let digest = self.cache_key(token);
+        let result = self
+            .cached(digest.as_ref(), required_scopes)
+            .unwrap_or_else(|| {
+                let parsed = self.parse(token)?;
+                let raw = self.issuer_checks(&parsed.payload)?;
+                let key = self.lookup_after_refresh(&parsed.kid)?;
+                self.finish(digest, &parsed, raw, &key, required_scopes)
+            });
         self.inner.stats.record(&result);
         result
     }
@@ -257,6 +261,7 @@ impl JwtValidator {
     async fn validate_uncached(
         &self,
         token: &str,
+        digest: Option<[u8; 32]>,
         required_scopes: &[String],
     ) -> Result<Arc<Claims>, Invalid> {
         let parsed = self.parse(token)?;
@@ -268,24 +273,27 @@ impl JwtValidator {
                 self.lookup_after_refresh(&parsed.kid)?
             }
         };
-        self.finish(token, &parsed, raw, &key, required_scopes)
+        self.finish(digest, &parsed, raw, &key, required_scopes)
+    }
+
+    /// The verified-token cache key: SHA-256 of the token, computed once per call;
+    /// `None` when the cache is off or the token too long to be valid.
+    fn cache_key(&self, token: &str) -> Option<[u8; 32]> {
+        (self.inner.verified.is_some() && token.len() <= self.inner.max_token_bytes)
+            .then(|| token_digest(token))
     }
 
     /// A token verified before: re-check what can change (time, the key still
     /// being published, the scopes asked for). `None` = not cached, verify fully.
     fn cached(
         &self,
-        token: &str,
+        digest: Option<&[u8; 32]>,
         required_scopes: &[String],
     ) -> Option<Result<Arc<Claims>, Invalid>> {
-        let cache = self.inner.verified.as_ref()?;
-        if token.len() > self.inner.max_token_bytes {
-            return None;
-        }
-        let digest = token_digest(token);
-        let (claims, kid) = cache.get(&digest)?;
+        let (cache, digest) = (self.inner.verified.as_ref()?, digest?);
+        let (claims, kid) = cache.get(digest)?;
         if self.inner.keys.get(&kid).is_none() {
-            cache.remove(&digest);
+            cache.remove(digest);
             return None;
         }
         let checked = self.check_time_and_scopes(&claims, None, required_scopes);
@@ -293,7 +301,7 @@ impl JwtValidator {
             .as_ref()
             .is_err_and(|e| e.rejection == Rejection::Expired)
         {
-            cache.remove(&digest);
+            cache.remove(digest);
         }
         Some(checked.map(|()| claims))
     }
@@ -425,7 +433,7 @@ impl JwtValidator {
 
     fn finish(
         &self,
-        token: &str,
+        digest: Option<[u8; 32]>,
         parsed: &Parsed<'_>,
         raw: Payload<'_>,
         key: &VerifyingKey,
@@ -463,8 +471,8 @@ impl JwtValidator {
             ));
         }
         let claims = Arc::new(claims);
-        if let Some(cache) = &inner.verified {
-            cache.insert(token_digest(token), (claims.clone(), key.kid_shared()));
+        if let (Some(cache), Some(digest)) = (&inner.verified, digest) {
+            cache.insert(digest, (claims.clone(), key.kid_shared()));
             if inner.inserts.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
                 let now = inner.clock.now();
                 cache.retain(|_, (c, _)| c.expires_at().saturating_add(inner.leeway) > now);
