@@ -1,5 +1,14 @@
 //! Small helpers shared by the HTTP clients (JWKS and token endpoint).
 
+/// Decodes the credentials of an HTTP Basic authorization value (the part after
+/// the scheme): `base64(id:secret)`, split at the first colon.
+pub(crate) fn decode_basic(encoded: &str) -> Option<(String, String)> {
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
+    let text = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
+}
+
 /// Reads a response body, refusing more than `max` bytes.
 pub(crate) async fn read_limited(
     mut resp: reqwest::Response,

@@ -3,7 +3,6 @@
 
 use std::{sync::Arc, time::Instant};
 
-use base64::{Engine as _, engine::general_purpose::STANDARD};
 use secrecy::SecretString;
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
@@ -216,13 +215,9 @@ fn parse_basic(encoded: &str) -> Result<(String, String), Status> {
             "malformed Basic authorization: need base64(client_id:client_secret)",
         )
     };
-    let decoded = STANDARD.decode(encoded).map_err(|_| bad())?;
-    let text = String::from_utf8(decoded).map_err(|_| bad())?;
-    let (id, secret) = text.split_once(':').ok_or_else(bad)?;
-    if id.is_empty() || secret.is_empty() {
-        return Err(bad());
-    }
-    Ok((id.to_owned(), secret.to_owned()))
+    crate::http::decode_basic(encoded)
+        .filter(|(id, secret)| !id.is_empty() && !secret.is_empty())
+        .ok_or_else(bad)
 }
 
 /// Converts verified claims into the proto message (`all` as a `Struct`).
@@ -307,6 +302,7 @@ impl pb::gateway_server::Gateway for GatewayService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
 
     fn req(id: &str, secret: &str) -> pb::GetTokenRequest {
         pb::GetTokenRequest {
