@@ -272,17 +272,7 @@ async fn key_rotation_during_traffic() {
 
 #[tokio::test]
 async fn hung_cognito_answers_the_caller_within_the_timeout() {
-    // A listener that accepts and never answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    let _hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        loop {
-            if let Ok((s, _)) = silent.accept().await {
-                held.push(s);
-            }
-        }
-    });
+    let (addr, _accepted) = silent_upstream().await;
     let emu = emulator(vec![]).await;
     let mut cfg = config(&emu, &[client_a()]);
     cfg.cognito.token_endpoint = Some(format!("http://{addr}/oauth2/token"));
@@ -297,14 +287,7 @@ async fn hung_cognito_answers_the_caller_within_the_timeout() {
 
 #[tokio::test]
 async fn caller_deadline_bounds_a_hung_cognito() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    let _hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
+    let (addr, _accepted) = silent_upstream().await;
     let emu = emulator(vec![]).await;
     let mut cfg = config(&emu, &[client_a()]);
     cfg.cognito.token_endpoint = Some(format!("http://{addr}/oauth2/token"));

@@ -236,16 +236,7 @@ async fn not_ready_until_keys_load() {
 #[tokio::test]
 async fn load_shedding_answers_resource_exhausted() {
     // An upstream that accepts and never answers holds the one permitted call.
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = silent.local_addr().unwrap();
-    let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-            let _ = accepted_tx.send(()).await;
-        }
-    });
+    let (upstream, mut accepted) = silent_upstream().await;
     let emu = emulator(vec![]).await;
     let mut cfg = config(&emu, &[client_a()]);
     cfg.cognito.token_endpoint = Some(format!("http://{upstream}/oauth2/token"));

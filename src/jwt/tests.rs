@@ -66,6 +66,17 @@ struct Fixture {
     clock: ManualClock,
 }
 
+/// A validator for ISS over `keys`, accepting client-a, at NOW.
+fn validator_at_now(keys: Arc<KeySet>) -> JwtValidator {
+    JwtValidator::new(
+        ISS,
+        ["client-a".to_string()],
+        keys,
+        ValidatorSettings::default(),
+    )
+    .with_clock(Arc::new(ManualClock::new(NOW)))
+}
+
 async fn fixture() -> Fixture {
     let fetcher = ScriptedFetcher::new(Ok(jwks(&[key()])));
     let keys = Arc::new(KeySet::new(ISS, fetcher.clone(), Duration::from_secs(10)));
@@ -174,13 +185,7 @@ async fn header_alg_must_equal_the_jwks_alg() {
     let fetcher = ScriptedFetcher::new(Ok(json!({"keys": [jwk]}).to_string().into_bytes()));
     let keys = Arc::new(KeySet::new(ISS, fetcher, Duration::from_secs(10)));
     keys.refresh().await.unwrap();
-    let v = JwtValidator::new(
-        ISS,
-        ["client-a".to_string()],
-        keys,
-        ValidatorSettings::default(),
-    )
-    .with_clock(Arc::new(ManualClock::new(NOW)));
+    let v = validator_at_now(keys);
     let err = v.validate(&key().sign(&claims()), &[]).await.unwrap_err();
     assert_eq!(err.rejection, Rejection::UnsupportedAlgorithm);
 }
@@ -421,13 +426,7 @@ async fn required_scopes_must_all_be_granted() {
 async fn keys_never_loaded_are_keys_unavailable() {
     let fetcher = ScriptedFetcher::new(Err(JwksError::Fetch("connection refused".into())));
     let keys = Arc::new(KeySet::new(ISS, fetcher, Duration::from_secs(10)));
-    let v = JwtValidator::new(
-        ISS,
-        ["client-a".to_string()],
-        keys,
-        ValidatorSettings::default(),
-    )
-    .with_clock(Arc::new(ManualClock::new(NOW)));
+    let v = validator_at_now(keys);
     let err = v.validate(&key().sign(&claims()), &[]).await.unwrap_err();
     assert_eq!(err.rejection, Rejection::KeysUnavailable);
 }

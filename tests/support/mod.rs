@@ -128,6 +128,22 @@ pub fn client_a() -> EmulatorClient {
     EmulatorClient::new(CLIENT, SECRET, &["orders/read", "orders/write"])
 }
 
+/// A loopback "Cognito" that accepts connections and never answers: the address,
+/// and a channel that yields once per accepted connection.
+pub async fn silent_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted_tx, accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+            let _ = accepted_tx.send(());
+        }
+    });
+    (addr, accepted)
+}
+
 /// Whether a required external tool is present; under CI=true its absence fails
 /// the test, elsewhere the test is skipped loudly.
 pub fn require_tool(ok: bool, what: &str, install: &str) -> bool {
