@@ -19,12 +19,41 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use m2m_gateway::proto::{
-    demo::v1::{EchoRequest, echo_client::EchoClient},
-    gateway::v1::{GetTokenRequest, ValidateRequest, gateway_client::GatewayClient},
+use hyper_util::rt::TokioIo;
+use m2m_gateway::{
+    coalesce::CoalescingIo,
+    proto::{
+        Encoded,
+        demo::v1::EchoRequest,
+        gateway::v1::{GetTokenRequest, ValidateRequest, gateway_client::GatewayClient},
+    },
 };
-use tonic::{Request, transport::Channel};
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic::{
+    Request, Status,
+    client::Grpc,
+    codegen::http::uri::PathAndQuery,
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint, Uri},
+};
+use tonic_health::pb::HealthCheckRequest;
+
+/// What is read of a Validate answer: only what is checked.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ValidateHead {
+    #[prost(bool, tag = "1")]
+    valid: bool,
+}
+
+/// What is read of a GetToken answer.
+#[derive(Clone, PartialEq, prost::Message)]
+struct GetTokenHead {
+    #[prost(bytes = "bytes", tag = "1")]
+    access_token: bytes::Bytes,
+}
+
+/// An answer whose content is not checked (only its gRPC status).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Ignored {}
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
 enum Target {
@@ -68,6 +97,46 @@ struct Args {
     /// Scopes for GetToken.
     #[arg(long = "scope")]
     scopes: Vec<String>,
+    /// Write each request as soon as it is made (tonic's default transport) instead
+    /// of gathering the writes of calls that are ready together.
+    #[arg(long)]
+    no_coalesce: bool,
+}
+
+/// One HTTP/2 connection to `addr`; writes coalesced unless `plain`.
+async fn connect(addr: &str, plain: bool) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(addr.to_owned())?.tcp_nodelay(true);
+    if plain {
+        return Ok(endpoint.connect().await?);
+    }
+    let connector = tower::service_fn(|uri: Uri| async move {
+        let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
+        let port = uri.port_u16().unwrap_or(80);
+        let stream = tokio::net::TcpStream::connect((host, port)).await?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(TokioIo::new(CoalescingIo::new(stream)))
+    });
+    Ok(endpoint.connect_with_connector(connector).await?)
+}
+
+/// One unary call with requests encoded once and answers read only as far as
+/// they are checked.
+async fn call<Req, Resp>(
+    grpc: &mut Grpc<Channel>,
+    path: &'static str,
+    request: Request<Req>,
+) -> Result<Resp, Status>
+where
+    Req: prost::Message + Send + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    grpc.unary(request, PathAndQuery::from_static(path), codec)
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 #[tokio::main]
@@ -75,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(Channel::from_shared(args.addr.clone())?.connect().await?);
+        channels.push(connect(&args.addr, args.no_coalesce).await?);
     }
     let token = match args.target {
         Target::Validate | Target::Echo => {
@@ -91,52 +160,71 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
 
+    let requests = Arc::new(Requests {
+        validate: Encoded::of(&ValidateRequest {
+            token: token.as_deref().unwrap_or_default().to_owned(),
+            required_scopes: Vec::new(),
+        }),
+        get_token: Encoded::of(&get_token_request(&args)),
+        health: Encoded::of(&HealthCheckRequest {
+            service: String::new(),
+        }),
+        echo: Encoded::of(&EchoRequest {
+            message: "load".into(),
+        }),
+        bearer: token
+            .as_deref()
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()?,
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for i in 0..args.concurrency {
         let channel = channels[i % channels.len()].clone();
-        let (args, token, stop, measuring, failures) = (
+        let (args, stop, measuring, failures) = (
             args.clone(),
-            token.clone(),
             stop.clone(),
             measuring.clone(),
             failures.clone(),
         );
+        let requests = requests.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-            let mut gateway = GatewayClient::new(channel.clone());
-            let mut health = HealthClient::new(channel.clone());
-            let mut echo = EchoClient::new(channel);
+            let mut grpc = Grpc::new(channel);
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 let ok = match args.target {
-                    Target::Validate => gateway
-                        .validate(ValidateRequest {
-                            token: token.as_deref().unwrap_or_default().to_owned(),
-                            required_scopes: Vec::new(),
-                        })
-                        .await
-                        .is_ok_and(|r| r.get_ref().valid),
-                    Target::GetToken => gateway.get_token(get_token_request(&args)).await.is_ok(),
-                    Target::Health => health
-                        .check(HealthCheckRequest {
-                            service: String::new(),
-                        })
-                        .await
-                        .is_ok(),
+                    Target::Validate => call::<_, ValidateHead>(
+                        &mut grpc,
+                        "/m2m.gateway.v1.Gateway/Validate",
+                        Request::new(requests.validate.clone()),
+                    )
+                    .await
+                    .is_ok_and(|r| r.valid),
+                    Target::GetToken => call::<_, GetTokenHead>(
+                        &mut grpc,
+                        "/m2m.gateway.v1.Gateway/GetToken",
+                        Request::new(requests.get_token.clone()),
+                    )
+                    .await
+                    .is_ok_and(|r| !r.access_token.is_empty()),
+                    Target::Health => call::<_, Ignored>(
+                        &mut grpc,
+                        "/grpc.health.v1.Health/Check",
+                        Request::new(requests.health.clone()),
+                    )
+                    .await
+                    .is_ok(),
                     Target::Echo => {
-                        let mut req = Request::new(EchoRequest {
-                            message: "load".into(),
-                        });
-                        if let Some(t) = &token {
-                            req.metadata_mut().insert(
-                                "authorization",
-                                format!("Bearer {t}").parse().expect("ascii token"),
-                            );
+                        let mut req = Request::new(requests.echo.clone());
+                        if let Some(bearer) = &requests.bearer {
+                            req.metadata_mut().insert("authorization", bearer.clone());
                         }
-                        echo.echo(req).await.is_ok()
+                        call::<_, Ignored>(&mut grpc, "/m2m.demo.v1.Echo/Echo", req)
+                            .await
+                            .is_ok()
                     }
                 };
                 if measuring.load(Ordering::Relaxed) {
@@ -177,6 +265,15 @@ async fn main() -> anyhow::Result<()> {
     );
     anyhow::ensure!(failed == 0, "{failed} calls were not a gRPC success");
     Ok(())
+}
+
+/// Every request, encoded once.
+struct Requests {
+    validate: Encoded,
+    get_token: Encoded,
+    health: Encoded,
+    echo: Encoded,
+    bearer: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 fn get_token_request(args: &Args) -> GetTokenRequest {

@@ -5,6 +5,7 @@
 use std::{future::Future, num::NonZeroU32, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use futures::TryStreamExt as _;
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
@@ -12,6 +13,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
     broker::{Broker, BrokerSettings, CognitoClient, FleetCache, FleetSettings},
+    coalesce::CoalescingIo,
     config::{self, CacheBackend, Config},
     jwt::{HttpFetcher, JwtValidator, KeySet, ValidatorSettings},
     proto::{self, gateway::v1::gateway_server::GatewayServer},
@@ -203,12 +205,12 @@ impl Gateway {
             })
         };
 
-        let gateway = GatewayServer::new(GatewayService::new(
+        let gateway = GatewayService::new(
             self.broker.clone(),
             self.validator.clone(),
             self.rpc.clone(),
-        ))
-        .max_decoding_message_size(server_cfg.max_message_bytes);
+        )
+        .into_routes(server_cfg.max_message_bytes);
 
         let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
         let signal = {
@@ -242,7 +244,8 @@ impl Gateway {
                 // Small responses (tokens, claims) must not wait for Nagle's algorithm.
                 TcpIncoming::from(listener)
                     .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(60))),
+                    .with_keepalive(Some(Duration::from_secs(60)))
+                    .map_ok(CoalescingIo::new),
                 signal,
             );
         telemetry.set_listening(true);

@@ -1,15 +1,33 @@
 //! The tonic `Gateway` service: thin. Extracts credentials, calls the broker or the
 //! validator, and is the only place that turns their errors into `tonic::Status`.
+//!
+//! [`GatewayRoutes`] is what the server mounts: the generated `GatewayServer` for
+//! GetToken, and Validate answered from encodings kept per verified token (the
+//! answer for a token seen before is the same bytes every time).
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    hash::{Hash, Hasher},
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
 
+use bytes::Bytes;
+use prost::Message as _;
 use secrecy::SecretString;
-use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+use tonic::{
+    Code, Request, Response, Status,
+    body::Body,
+    codegen::BoxFuture,
+    metadata::MetadataMap,
+    server::{NamedService, UnaryService},
+};
 
 use crate::{
     broker::{Broker, BrokerError, Credentials},
     jwt::{Claims, JwtValidator, Rejection},
-    proto::gateway::v1 as pb,
+    proto::{Encoded, gateway::v1 as pb},
     registry,
     telemetry::RpcStats,
 };
@@ -17,12 +35,55 @@ use crate::{
 /// Most `required_scopes` in one Validate request.
 const MAX_REQUIRED_SCOPES: usize = 50;
 
+/// Most encoded Validate answers kept (each ~1.5 KB with its claims).
+const ANSWERS_KEPT: u64 = 4096;
+
 /// The `m2m.gateway.v1.Gateway` implementation.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GatewayService {
     broker: Broker,
     validator: JwtValidator,
     rpc: Arc<RpcStats>,
+    /// The encoded `ValidateResponse` of verified claims, by the claims the
+    /// validator's cache hands out.
+    answers: Arc<quick_cache::sync::Cache<ClaimsRef, Bytes>>,
+}
+
+impl std::fmt::Debug for GatewayService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayService")
+            .field("broker", &self.broker)
+            .field("validator", &self.validator)
+            .field("answers", &self.answers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a call's log line says beyond its status.
+#[derive(Default)]
+struct CallNote {
+    client_id: String,
+    /// Why Validate answered `valid: false`.
+    rejection: Option<Rejection>,
+}
+
+/// Verified claims compared by identity. The key holds its `Arc`, so the address
+/// cannot be reused by other claims while the entry lives.
+#[derive(Clone)]
+struct ClaimsRef(Arc<Claims>);
+
+impl PartialEq for ClaimsRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ClaimsRef {}
+
+impl Hash for ClaimsRef {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state);
+    }
 }
 
 impl GatewayService {
@@ -32,43 +93,100 @@ impl GatewayService {
             broker,
             validator,
             rpc,
+            answers: Arc::new(quick_cache::sync::Cache::new(ANSWERS_KEPT as usize)),
         }
     }
 
-    /// Counts the call and writes its one log line (never a token or a secret).
+    /// Mounts the service for a server, refusing requests over `max_message_bytes`.
+    pub fn into_routes(self, max_message_bytes: usize) -> GatewayRoutes {
+        let service = Arc::new(self);
+        GatewayRoutes {
+            generated: pb::gateway_server::GatewayServer::from_arc(service.clone())
+                .max_decoding_message_size(max_message_bytes),
+            service,
+            max_message_bytes,
+        }
+    }
+
+    /// Validate, answered as encoded bytes (the one implementation behind both
+    /// routes).
+    async fn validate_encoded(
+        &self,
+        request: Request<pb::ValidateRequest>,
+    ) -> Result<Response<Encoded>, Status> {
+        let started = Instant::now();
+        let mut note = CallNote::default();
+        let result = self.validate_inner(request, &mut note).await;
+        self.finish(1, started, &note, &result);
+        result
+    }
+
+    /// The encoded answer for verified claims, made once per cached verification.
+    fn valid_answer(&self, claims: &Arc<Claims>) -> Encoded {
+        let key = ClaimsRef(Arc::clone(claims));
+        if let Some(bytes) = self.answers.get(&key) {
+            return Encoded(bytes);
+        }
+        let answer = Encoded::of(&pb::ValidateResponse {
+            valid: true,
+            rejection: pb::Rejection::Unspecified as i32,
+            detail: String::new(),
+            claims: Some(claims_to_proto(claims)),
+        });
+        self.answers.insert(key, answer.0.clone());
+        answer
+    }
+
+    /// Counts the call and logs it (never a token or a secret): at `info` when it
+    /// failed or a token was rejected, at `debug` when it succeeded (the routine
+    /// case, counted by the metrics; `RUST_LOG=info,m2m_gateway::rpc=debug` logs
+    /// every call).
     fn finish<T>(
         &self,
         method: usize,
         started: Instant,
-        client_id: &str,
+        note: &CallNote,
         result: &Result<T, Status>,
     ) {
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         let latency = started.elapsed();
         self.rpc.record(method, code, latency);
         // The client id comes from the caller: log it only when it looks like one.
-        let client_id = if registry::is_valid_client_id(client_id) {
-            client_id
+        let client_id = if registry::is_valid_client_id(&note.client_id) {
+            note.client_id.as_str()
         } else {
             "-"
         };
-        tracing::info!(
-            target: "m2m_gateway::rpc",
-            method = crate::telemetry::METHODS[method],
-            status = ?code,
-            latency_us = latency.as_micros() as u64,
-            client_id,
-            "rpc"
-        );
+        let method = crate::telemetry::METHODS[method];
+        let latency_us = latency.as_micros() as u64;
+        match (code, note.rejection) {
+            (Code::Ok, None) => tracing::debug!(
+                target: "m2m_gateway::rpc",
+                method,
+                status = ?code,
+                latency_us,
+                client_id,
+                "rpc"
+            ),
+            (_, rejection) => tracing::info!(
+                target: "m2m_gateway::rpc",
+                method,
+                status = ?code,
+                rejection = rejection.map(Rejection::as_str),
+                latency_us,
+                client_id,
+                "rpc"
+            ),
+        }
     }
 
     async fn get_token_inner(
         &self,
         request: Request<pb::GetTokenRequest>,
-        client_id: &mut String,
+        note: &mut CallNote,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
         let credentials = credentials(request.metadata(), request.get_ref())?;
-        client_id.clone_from(&credentials.client_id);
+        note.client_id.clone_from(&credentials.client_id);
         let req = request.into_inner();
         let token = self
             .broker
@@ -86,8 +204,8 @@ impl GatewayService {
     async fn validate_inner(
         &self,
         request: Request<pb::ValidateRequest>,
-        client_id: &mut String,
-    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        note: &mut CallNote,
+    ) -> Result<Response<Encoded>, Status> {
         let req = request.into_inner();
         let token = strip_bearer(&req.token);
         if token.is_empty() {
@@ -102,24 +220,75 @@ impl GatewayService {
             registry::validate_scope(scope)
                 .map_err(|e| Status::invalid_argument(format!("required_scopes[{i}]: {e}")))?;
         }
-        let response = match self.validator.validate(token, &req.required_scopes).await {
+        let answer = match self.validator.validate(token, &req.required_scopes).await {
             Ok(claims) => {
-                client_id.push_str(claims.client_id());
-                pb::ValidateResponse {
-                    valid: true,
-                    rejection: pb::Rejection::Unspecified as i32,
-                    detail: String::new(),
-                    claims: Some(claims_to_proto(&claims)),
-                }
+                note.client_id.push_str(claims.client_id());
+                self.valid_answer(&claims)
             }
-            Err(invalid) => pb::ValidateResponse {
-                valid: false,
-                rejection: rejection_to_proto(invalid.rejection) as i32,
-                detail: invalid.detail,
-                claims: None,
-            },
+            Err(invalid) => {
+                note.rejection = Some(invalid.rejection);
+                Encoded::of(&pb::ValidateResponse {
+                    valid: false,
+                    rejection: rejection_to_proto(invalid.rejection) as i32,
+                    detail: invalid.detail,
+                    claims: None,
+                })
+            }
         };
-        Ok(Response::new(response))
+        Ok(Response::new(answer))
+    }
+}
+
+const VALIDATE_PATH: &str = "/m2m.gateway.v1.Gateway/Validate";
+
+/// The `m2m.gateway.v1.Gateway` service as a server mounts it
+/// ([`GatewayService::into_routes`]): Validate sends its encoded answer as is,
+/// everything else goes to the generated `GatewayServer`.
+#[derive(Debug, Clone)]
+pub struct GatewayRoutes {
+    service: Arc<GatewayService>,
+    generated: pb::gateway_server::GatewayServer<GatewayService>,
+    max_message_bytes: usize,
+}
+
+impl NamedService for GatewayRoutes {
+    const NAME: &'static str =
+        <pb::gateway_server::GatewayServer<GatewayService> as NamedService>::NAME;
+}
+
+impl tower::Service<http::Request<Body>> for GatewayRoutes {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if req.uri().path() != VALIDATE_PATH {
+            return self.generated.call(req);
+        }
+        let method = ValidateMethod(self.service.clone());
+        let limit = self.max_message_bytes;
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<Encoded, pb::ValidateRequest>::default();
+            let mut grpc =
+                tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(limit), None);
+            Ok(grpc.unary(method, req).await)
+        })
+    }
+}
+
+struct ValidateMethod(Arc<GatewayService>);
+
+impl UnaryService<pb::ValidateRequest> for ValidateMethod {
+    type Response = Encoded;
+    type Future = BoxFuture<Response<Encoded>, Status>;
+
+    fn call(&mut self, request: Request<pb::ValidateRequest>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.validate_encoded(request).await })
     }
 }
 
@@ -281,9 +450,9 @@ impl pb::gateway_server::Gateway for GatewayService {
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
         let started = Instant::now();
-        let mut client_id = String::new();
-        let result = self.get_token_inner(request, &mut client_id).await;
-        self.finish(0, started, &client_id, &result);
+        let mut note = CallNote::default();
+        let result = self.get_token_inner(request, &mut note).await;
+        self.finish(0, started, &note, &result);
         result
     }
 
@@ -291,11 +460,11 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         request: Request<pb::ValidateRequest>,
     ) -> Result<Response<pb::ValidateResponse>, Status> {
-        let started = Instant::now();
-        let mut client_id = String::new();
-        let result = self.validate_inner(request, &mut client_id).await;
-        self.finish(1, started, &client_id, &result);
-        result
+        // Served by GatewayRoutes; this route is for a GatewayServer built directly.
+        let (metadata, answer, extensions) = self.validate_encoded(request).await?.into_parts();
+        let answer = pb::ValidateResponse::decode(answer.0)
+            .map_err(|e| Status::internal(format!("encoding a Validate answer: {e}")))?;
+        Ok(Response::from_parts(metadata, answer, extensions))
     }
 }
 
