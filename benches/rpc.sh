@@ -2,7 +2,9 @@
 # RPC throughput, as ratios from one run: the gateway (dev mode) and the protected
 # example server, with and without its AuthLayer, all pinned to core 0 (only one is
 # loaded at a time); the load generator on core 1. Targets alternate within each
-# round and the medians over the rounds are reported. Loopback only.
+# round and the medians over the rounds are reported, twice: calls per second, and
+# calls per second of core 0's busy time (the server's capacity, which does not
+# depend on whether the load generator kept it saturated). Loopback only.
 # usage: benches/rpc.sh [seconds-per-target] [concurrency] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +37,7 @@ wait_port "$open"
 
 run() { # name target addr
   local line
-  line=$(taskset -c 1 "$bin/examples/loadgen" --gateway "http://$gw" --concurrency "$conc" --duration "$secs" --target "$2" --addr "http://$3")
+  line=$(taskset -c 1 "$bin/examples/loadgen" --gateway "http://$gw" --concurrency "$conc" --duration "$secs" --target "$2" --addr "http://$3" --server-core 0)
   echo "$1 $line" | tee -a "$out"
 }
 for r in $(seq "$rounds"); do
@@ -49,15 +51,29 @@ done
 
 echo "== medians over $rounds rounds"
 awk '
-  { name = $1; for (i = 2; i <= NF; i++) if ($i ~ /^rps=/) { split($i, a, "="); v[name, ++n[name]] = a[2] } }
-  function median(name,   k, m, i, j, t, arr) {
-    m = n[name]; for (i = 1; i <= m; i++) arr[i] = v[name, i]
-    for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (arr[j] < arr[i]) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }
-    return (m % 2) ? arr[(m + 1) / 2] : (arr[m / 2] + arr[m / 2 + 1]) / 2
+  {
+    name = $1
+    for (i = 2; i <= NF; i++) {
+      split($i, a, "=")
+      if (a[1] == "rps") rps[name, ++n[name]] = a[2]
+      if (a[1] == "per_busy_second") cap[name, n[name]] = a[2]
+      if (a[1] == "server_busy") { sub("%", "", a[2]); busy[name, n[name]] = a[2] }
+    }
+  }
+  function median(arr, name,   m, i, j, t, v) {
+    m = n[name]; for (i = 1; i <= m; i++) v[i] = arr[name, i] + 0
+    for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+    return (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
+  }
+  function row(label, name, base) {
+    printf "%-18s %8d req/s (%.2fx)   %8d per busy second (%.2fx)   server busy %d%%\n", label,
+      median(rps, name), median(rps, name) / median(rps, base),
+      median(cap, name), median(cap, name) / median(cap, base), median(busy, name)
   }
   END {
-    h = median("health"); g = median("get-token"); va = median("validate")
-    p = median("echo-protected"); u = median("echo-unprotected")
-    printf "health %d req/s\nget-token %d req/s (%.2fx health)\nvalidate %d req/s (%.2fx health)\n", h, g, g / h, va, va / h
-    printf "echo protected %d req/s, unprotected %d req/s (%.2fx)\n", p, u, p / u
+    row("health", "health", "health")
+    row("get-token", "get-token", "health")
+    row("validate", "validate", "health")
+    row("echo unprotected", "echo-unprotected", "echo-unprotected")
+    row("echo protected", "echo-protected", "echo-unprotected")
   }' "$out"

@@ -101,6 +101,31 @@ struct Args {
     /// of gathering the writes of calls that are ready together.
     #[arg(long)]
     no_coalesce: bool,
+    /// The CPU core the server is pinned to: reports how busy it was while
+    /// measuring (from /proc/stat, time stolen by the hypervisor left out) and the
+    /// calls per second of that core's busy time, which does not depend on whether
+    /// this load generator kept the server saturated.
+    #[arg(long)]
+    server_core: Option<usize>,
+}
+
+/// Busy and available time of one CPU core, in clock ticks, from /proc/stat.
+fn core_times(core: usize) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{core}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let field = |i: usize| v.get(i).copied().unwrap_or(0);
+    let busy = field(0) + field(1) + field(2) + field(5) + field(6);
+    let available = busy + field(3) + field(4);
+    Some((busy, available))
 }
 
 /// One HTTP/2 connection to `addr`; writes coalesced unless `plain`.
@@ -239,10 +264,12 @@ async fn main() -> anyhow::Result<()> {
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let core_start = args.server_core.and_then(core_times);
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     measuring.store(false, Ordering::Relaxed);
+    let core_end = args.server_core.and_then(core_times);
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -250,14 +277,26 @@ async fn main() -> anyhow::Result<()> {
         total.add(t.await?)?;
     }
     let failed = failures.load(Ordering::Relaxed);
+    let rps = total.len() as f64 / elapsed.as_secs_f64();
+    let server = match (core_start, core_end) {
+        (Some((b0, a0)), Some((b1, a1))) if a1 > a0 => {
+            let busy = (b1 - b0) as f64 / (a1 - a0) as f64;
+            format!(
+                " server_busy={:.0}% per_busy_second={:.0}",
+                busy * 100.0,
+                rps / busy.max(f64::EPSILON)
+            )
+        }
+        _ => String::new(),
+    };
     println!(
-        "target={:?} concurrency={} connections={} requests={} failed={} rps={:.0} p50={}us p99={}us p99.9={}us max={}us",
+        "target={:?} concurrency={} connections={} requests={} failed={} rps={:.0} p50={}us p99={}us p99.9={}us max={}us{server}",
         args.target,
         args.concurrency,
         args.connections,
         total.len(),
         failed,
-        total.len() as f64 / elapsed.as_secs_f64(),
+        rps,
         total.value_at_quantile(0.50),
         total.value_at_quantile(0.99),
         total.value_at_quantile(0.999),
