@@ -25,7 +25,7 @@ use tonic::{
 };
 
 use crate::{
-    broker::{Broker, BrokerError, Credentials},
+    broker::{AccessToken, Broker, BrokerError, Credentials},
     jwt::{Claims, JwtValidator, Rejection},
     proto::{Encoded, gateway::v1 as pb},
     registry,
@@ -35,8 +35,8 @@ use crate::{
 /// Most `required_scopes` in one Validate request.
 const MAX_REQUIRED_SCOPES: usize = 50;
 
-/// Most encoded Validate answers kept (each ~1.5 KB with its claims).
-const ANSWERS_KEPT: u64 = 4096;
+/// Most encoded answers kept per method (each ~1.5 KB with its claims or token).
+const ANSWERS_KEPT: usize = 4096;
 
 /// The `m2m.gateway.v1.Gateway` implementation.
 #[derive(Clone)]
@@ -46,7 +46,9 @@ pub struct GatewayService {
     rpc: Arc<RpcStats>,
     /// The encoded `ValidateResponse` of verified claims, by the claims the
     /// validator's cache hands out.
-    answers: Arc<quick_cache::sync::Cache<ClaimsRef, Bytes>>,
+    answers: Arc<quick_cache::sync::Cache<ByAddress<Claims>, Bytes>>,
+    /// The fixed part of GetToken answers, by the token the broker's cache holds.
+    token_answers: Arc<quick_cache::sync::Cache<ByAddress<str>, GetTokenAnswer>>,
 }
 
 impl std::fmt::Debug for GatewayService {
@@ -55,6 +57,7 @@ impl std::fmt::Debug for GatewayService {
             .field("broker", &self.broker)
             .field("validator", &self.validator)
             .field("answers", &self.answers.len())
+            .field("token_answers", &self.token_answers.len())
             .finish_non_exhaustive()
     }
 }
@@ -67,22 +70,100 @@ struct CallNote {
     rejection: Option<Rejection>,
 }
 
-/// Verified claims compared by identity. The key holds its `Arc`, so the address
-/// cannot be reused by other claims while the entry lives.
-#[derive(Clone)]
-struct ClaimsRef(Arc<Claims>);
+/// A shared value compared by identity (memo keys). The key holds its `Arc`, so
+/// the address cannot be reused by another value while the entry lives.
+struct ByAddress<T: ?Sized>(Arc<T>);
 
-impl PartialEq for ClaimsRef {
+impl<T: ?Sized> Clone for ByAddress<T> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<T: ?Sized> PartialEq for ByAddress<T> {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
-impl Eq for ClaimsRef {}
+impl<T: ?Sized> Eq for ByAddress<T> {}
 
-impl Hash for ClaimsRef {
+impl<T: ?Sized> Hash for ByAddress<T> {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        std::ptr::hash(Arc::as_ptr(&self.0), state);
+        std::ptr::hash(Arc::as_ptr(&self.0).cast::<()>(), state);
+    }
+}
+
+/// A GetToken answer: what stays the same for a cached token (fields 1, 2 and 4)
+/// encoded once, and the seconds left, encoded per call. The bytes are exactly
+/// prost's encoding of the same `GetTokenResponse`.
+#[derive(Clone, Default, PartialEq)]
+struct GetTokenAnswer {
+    /// `access_token` and `token_type`.
+    head: Bytes,
+    expires_in: i64,
+    /// `scopes`.
+    tail: Bytes,
+}
+
+impl GetTokenAnswer {
+    fn new(token: &AccessToken, scopes: &[String], expires_in: i64) -> Self {
+        let head = pb::GetTokenResponse {
+            access_token: token.expose().to_owned(),
+            token_type: "Bearer".to_owned(),
+            ..Default::default()
+        };
+        let tail = pb::GetTokenResponse {
+            scopes: scopes.to_vec(),
+            ..Default::default()
+        };
+        Self {
+            head: head.encode_to_vec().into(),
+            expires_in,
+            tail: tail.encode_to_vec().into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for GetTokenAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GetTokenAnswer")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+impl prost::Message for GetTokenAnswer {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        buf.put_slice(&self.head);
+        if self.expires_in != 0 {
+            prost::encoding::int64::encode(3, &self.expires_in, buf);
+        }
+        buf.put_slice(&self.tail);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        // Sent only.
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        let seconds = if self.expires_in != 0 {
+            prost::encoding::int64::encoded_len(3, &self.expires_in)
+        } else {
+            0
+        };
+        self.head.len() + seconds + self.tail.len()
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
     }
 }
 
@@ -93,7 +174,8 @@ impl GatewayService {
             broker,
             validator,
             rpc,
-            answers: Arc::new(quick_cache::sync::Cache::new(ANSWERS_KEPT as usize)),
+            answers: Arc::new(quick_cache::sync::Cache::new(ANSWERS_KEPT)),
+            token_answers: Arc::new(quick_cache::sync::Cache::new(ANSWERS_KEPT)),
         }
     }
 
@@ -123,7 +205,7 @@ impl GatewayService {
 
     /// The encoded answer for verified claims, made once per cached verification.
     fn valid_answer(&self, claims: &Arc<Claims>) -> Encoded {
-        let key = ClaimsRef(Arc::clone(claims));
+        let key = ByAddress(Arc::clone(claims));
         if let Some(bytes) = self.answers.get(&key) {
             return Encoded(bytes);
         }
@@ -180,25 +262,46 @@ impl GatewayService {
         }
     }
 
+    /// GetToken, answered with the fixed part of the answer encoded once per
+    /// cached token (the one implementation behind both routes).
+    async fn get_token_encoded(
+        &self,
+        request: Request<pb::GetTokenRequest>,
+    ) -> Result<Response<GetTokenAnswer>, Status> {
+        let started = Instant::now();
+        let mut note = CallNote::default();
+        let result = self.get_token_inner(request, &mut note).await;
+        self.finish(0, started, &note, &result);
+        result
+    }
+
     async fn get_token_inner(
         &self,
         request: Request<pb::GetTokenRequest>,
         note: &mut CallNote,
-    ) -> Result<Response<pb::GetTokenResponse>, Status> {
-        let credentials = credentials(request.metadata(), request.get_ref())?;
+    ) -> Result<Response<GetTokenAnswer>, Status> {
+        let (metadata, _, mut req) = request.into_parts();
+        let credentials = credentials(&metadata, &mut req)?;
         note.client_id.clone_from(&credentials.client_id);
-        let req = request.into_inner();
         let token = self
             .broker
             .get_token(&credentials, &req.scopes)
             .await
             .map_err(|e| broker_status(&e))?;
-        Ok(Response::new(pb::GetTokenResponse {
-            access_token: token.access_token.expose().to_owned(),
-            token_type: "Bearer".to_owned(),
-            expires_in: i64::try_from(token.expires_in).unwrap_or(i64::MAX),
-            scopes: token.scopes,
-        }))
+        let expires_in = i64::try_from(token.expires_in).unwrap_or(i64::MAX);
+        let key = ByAddress(Arc::clone(token.access_token.shared()));
+        let answer = match self.token_answers.get(&key) {
+            Some(fixed) => GetTokenAnswer {
+                expires_in,
+                ..fixed
+            },
+            None => {
+                let answer = GetTokenAnswer::new(&token.access_token, &token.scopes, expires_in);
+                self.token_answers.insert(key, answer.clone());
+                answer
+            }
+        };
+        Ok(Response::new(answer))
     }
 
     async fn validate_inner(
@@ -239,11 +342,13 @@ impl GatewayService {
     }
 }
 
+const GET_TOKEN_PATH: &str = "/m2m.gateway.v1.Gateway/GetToken";
 const VALIDATE_PATH: &str = "/m2m.gateway.v1.Gateway/Validate";
 
 /// The `m2m.gateway.v1.Gateway` service as a server mounts it
-/// ([`GatewayService::into_routes`]): Validate sends its encoded answer as is,
-/// everything else goes to the generated `GatewayServer`.
+/// ([`GatewayService::into_routes`]): GetToken and Validate send answers encoded
+/// ahead (per cached token, per verified token); any other method goes to the
+/// generated `GatewayServer` (UNIMPLEMENTED).
 #[derive(Debug, Clone)]
 pub struct GatewayRoutes {
     service: Arc<GatewayService>,
@@ -266,17 +371,45 @@ impl tower::Service<http::Request<Body>> for GatewayRoutes {
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        if req.uri().path() != VALIDATE_PATH {
-            return self.generated.call(req);
-        }
-        let method = ValidateMethod(self.service.clone());
+        let service = self.service.clone();
         let limit = self.max_message_bytes;
-        Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<Encoded, pb::ValidateRequest>::default();
-            let mut grpc =
-                tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(limit), None);
-            Ok(grpc.unary(method, req).await)
-        })
+        match req.uri().path() {
+            GET_TOKEN_PATH => serve_unary(GetTokenMethod(service), req, limit),
+            VALIDATE_PATH => serve_unary(ValidateMethod(service), req, limit),
+            _ => self.generated.call(req),
+        }
+    }
+}
+
+/// One unary call through tonic, answering with an encoded message.
+fn serve_unary<Req, M>(
+    method: M,
+    req: http::Request<Body>,
+    limit: usize,
+) -> BoxFuture<http::Response<Body>, Infallible>
+where
+    Req: prost::Message + Default + Send + 'static,
+    M: UnaryService<Req> + Send + 'static,
+    M::Response: prost::Message + Send + 'static,
+    M::Future: Send,
+{
+    Box::pin(async move {
+        let codec = tonic_prost::ProstCodec::<M::Response, Req>::default();
+        let mut grpc =
+            tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(limit), None);
+        Ok(grpc.unary(method, req).await)
+    })
+}
+
+struct GetTokenMethod(Arc<GatewayService>);
+
+impl UnaryService<pb::GetTokenRequest> for GetTokenMethod {
+    type Response = GetTokenAnswer;
+    type Future = BoxFuture<Response<GetTokenAnswer>, Status>;
+
+    fn call(&mut self, request: Request<pb::GetTokenRequest>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.get_token_encoded(request).await })
     }
 }
 
@@ -332,8 +465,12 @@ pub fn rejection_from_proto(value: i32) -> Option<Rejection> {
         .find(|r| rejection_to_proto(*r) as i32 == value)
 }
 
-/// Credentials from the request body or from `authorization: Basic` metadata.
-fn credentials(metadata: &MetadataMap, req: &pb::GetTokenRequest) -> Result<Credentials, Status> {
+/// Credentials from the request body (taken out of it) or from
+/// `authorization: Basic` metadata.
+fn credentials(
+    metadata: &MetadataMap,
+    req: &mut pb::GetTokenRequest,
+) -> Result<Credentials, Status> {
     let from_header = match metadata.get("authorization") {
         None => None,
         Some(value) => {
@@ -370,8 +507,8 @@ fn credentials(metadata: &MetadataMap, req: &pb::GetTokenRequest) -> Result<Cred
         }),
         (None, true) if !req.client_id.is_empty() && !req.client_secret.is_empty() => {
             Ok(Credentials {
-                client_id: req.client_id.clone(),
-                secret: SecretString::from(req.client_secret.clone()),
+                client_id: std::mem::take(&mut req.client_id),
+                secret: SecretString::from(std::mem::take(&mut req.client_secret)),
             })
         }
         _ => Err(Status::unauthenticated(BAD_CREDENTIALS)),
@@ -443,28 +580,31 @@ pub fn strip_bearer(token: &str) -> &str {
     }
 }
 
+/// An encoded answer as the proto message (for the generated routes).
+fn decoded<M: prost::Message + Default>(
+    answer: Response<impl prost::Message>,
+) -> Result<Response<M>, Status> {
+    let (metadata, answer, extensions) = answer.into_parts();
+    let message = M::decode(answer.encode_to_vec().as_slice())
+        .map_err(|e| Status::internal(format!("re-reading an encoded answer: {e}")))?;
+    Ok(Response::from_parts(metadata, message, extensions))
+}
+
+/// Served by [`GatewayRoutes`]; these are for a `GatewayServer` built directly.
 #[tonic::async_trait]
 impl pb::gateway_server::Gateway for GatewayService {
     async fn get_token(
         &self,
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
-        let started = Instant::now();
-        let mut note = CallNote::default();
-        let result = self.get_token_inner(request, &mut note).await;
-        self.finish(0, started, &note, &result);
-        result
+        decoded(self.get_token_encoded(request).await?)
     }
 
     async fn validate(
         &self,
         request: Request<pb::ValidateRequest>,
     ) -> Result<Response<pb::ValidateResponse>, Status> {
-        // Served by GatewayRoutes; this route is for a GatewayServer built directly.
-        let (metadata, answer, extensions) = self.validate_encoded(request).await?.into_parts();
-        let answer = pb::ValidateResponse::decode(answer.0)
-            .map_err(|e| Status::internal(format!("encoding a Validate answer: {e}")))?;
-        Ok(Response::from_parts(metadata, answer, extensions))
+        decoded(self.validate_encoded(request).await?)
     }
 }
 
@@ -494,19 +634,21 @@ mod tests {
 
     #[test]
     fn credentials_from_body_or_basic() {
-        let c = credentials(&MetadataMap::new(), &req("a", "s")).unwrap();
+        let c = credentials(&MetadataMap::new(), &mut req("a", "s")).unwrap();
         assert_eq!(c.client_id, "a");
-        let c = credentials(&basic("a:s:with:colons"), &req("", "")).unwrap();
+        let c = credentials(&basic("a:s:with:colons"), &mut req("", "")).unwrap();
         assert_eq!(c.client_id, "a");
         assert!(!format!("{c:?}").contains("with:colons"));
         // Both, agreeing.
-        assert!(credentials(&basic("a:s"), &req("a", "s")).is_ok());
-        assert!(credentials(&basic("a:s"), &req("a", "")).is_ok());
+        assert!(credentials(&basic("a:s"), &mut req("a", "s")).is_ok());
+        assert!(credentials(&basic("a:s"), &mut req("a", "")).is_ok());
     }
 
     #[test]
     fn conflicting_or_malformed_credentials() {
-        let code = |m: &MetadataMap, r: &pb::GetTokenRequest| credentials(m, r).unwrap_err().code();
+        let code = |m: &MetadataMap, r: &pb::GetTokenRequest| {
+            credentials(m, &mut r.clone()).unwrap_err().code()
+        };
         assert_eq!(
             code(&basic("a:s"), &req("b", "s")),
             tonic::Code::InvalidArgument
@@ -528,7 +670,7 @@ mod tests {
         );
         // Nothing, or half of it: the one UNAUTHENTICATED message.
         for r in [req("", ""), req("a", ""), req("", "s")] {
-            let s = credentials(&MetadataMap::new(), &r).unwrap_err();
+            let s = credentials(&MetadataMap::new(), &mut r.clone()).unwrap_err();
             assert_eq!(
                 (s.code(), s.message()),
                 (tonic::Code::Unauthenticated, BAD_CREDENTIALS)
@@ -558,6 +700,248 @@ mod tests {
                 p.as_str_name().to_ascii_lowercase(),
                 format!("rejection_{}", r.as_str())
             );
+        }
+    }
+
+    mod answers {
+        use std::{
+            sync::atomic::{AtomicU64, Ordering},
+            time::Duration,
+        };
+
+        use futures::future::BoxFuture;
+        use serde_json::json;
+
+        use super::super::*;
+        use crate::{
+            broker::{BrokerSettings, TokenEndpoint, TokenResponse, UpstreamError},
+            config::ClientConfig,
+            emulator::SigningKey,
+            jwt::{KeySet, ManualClock, StaticJwks, ValidatorSettings},
+            registry::Registry,
+        };
+
+        const ISS: &str = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Test123";
+        const NOW: i64 = 1_800_000_000;
+
+        /// Hands out `token-1`, `token-2`, ... valid for an hour.
+        #[derive(Default)]
+        struct Numbered(AtomicU64);
+
+        impl TokenEndpoint for Numbered {
+            fn client_credentials<'a>(
+                &'a self,
+                _client_id: &'a str,
+                _secret: &'a SecretString,
+                _scope: &'a str,
+            ) -> BoxFuture<'a, Result<TokenResponse, UpstreamError>> {
+                let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+                Box::pin(async move {
+                    Ok(TokenResponse {
+                        access_token: AccessToken::new(format!("token-{n}")),
+                        expires_in: 3600,
+                    })
+                })
+            }
+            fn describe(&self) -> String {
+                "numbered".into()
+            }
+        }
+
+        struct Fixture {
+            service: GatewayService,
+            clock: ManualClock,
+            key: SigningKey,
+        }
+
+        async fn fixture() -> Fixture {
+            let key = SigningKey::generate("key-1");
+            let jwks = json!({ "keys": [key.jwk()] }).to_string();
+            let keys = Arc::new(KeySet::new(
+                ISS,
+                Arc::new(StaticJwks::new(jwks)),
+                Duration::from_secs(10),
+            ));
+            keys.refresh().await.unwrap();
+            let clock = ManualClock::new(NOW);
+            let validator = JwtValidator::new(
+                ISS,
+                ["client-a".to_string()],
+                keys,
+                ValidatorSettings::default(),
+            )
+            .with_clock(Arc::new(clock.clone()));
+            let registry = Registry::new(
+                &[ClientConfig {
+                    client_id: "client-a".into(),
+                    name: "acme".into(),
+                    allowed_scopes: vec!["orders/read".into(), "orders/write".into()],
+                }],
+                10,
+            );
+            let broker = Broker::new(
+                registry,
+                Arc::new(Numbered::default()),
+                BrokerSettings::default(),
+            );
+            Fixture {
+                service: GatewayService::new(broker, validator, Arc::default()),
+                clock,
+                key,
+            }
+        }
+
+        fn token(key: &SigningKey) -> String {
+            key.sign(&json!({
+                "sub": "client-a", "client_id": "client-a", "token_use": "access",
+                "scope": "orders/read orders/write", "iss": ISS,
+                "iat": NOW - 10, "exp": NOW + 3600, "jti": "j-1",
+                "custom": { "tenant": "t1" }
+            }))
+        }
+
+        async fn validate(
+            f: &Fixture,
+            token: &str,
+            scopes: &[&str],
+        ) -> (Bytes, pb::ValidateResponse) {
+            let request = Request::new(pb::ValidateRequest {
+                token: token.into(),
+                required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            });
+            let bytes = f
+                .service
+                .validate_encoded(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .0;
+            let answer = pb::ValidateResponse::decode(bytes.clone()).unwrap();
+            (bytes, answer)
+        }
+
+        #[tokio::test]
+        async fn validate_answers_are_kept_but_every_check_runs_again() {
+            let f = fixture().await;
+            let token = token(&f.key);
+            let (first, answer) = validate(&f, &token, &[]).await;
+            assert!(answer.valid, "{answer:?}");
+            let claims = answer.claims.as_ref().unwrap();
+            assert_eq!(claims.client_id, "client-a");
+            assert_eq!(claims.scopes, ["orders/read", "orders/write"]);
+            assert!(claims.all.as_ref().unwrap().fields.contains_key("custom"));
+            // The same bytes again, from the one kept answer.
+            let (second, _) = validate(&f, &token, &["orders/read"]).await;
+            assert_eq!(first, second);
+            assert_eq!(f.service.answers.len(), 1);
+
+            // A scope the token lacks: refused although an answer is kept.
+            let (_, answer) = validate(&f, &token, &["orders/admin"]).await;
+            assert!(!answer.valid);
+            assert_eq!(answer.rejection, pb::Rejection::InsufficientScope as i32);
+            assert!(answer.claims.is_none());
+
+            // Expired since it was kept: refused.
+            f.clock.set(NOW + 3600 + 60);
+            let (_, answer) = validate(&f, &token, &[]).await;
+            assert!(!answer.valid);
+            assert_eq!(answer.rejection, pb::Rejection::Expired as i32);
+        }
+
+        #[tokio::test]
+        async fn the_generated_routes_answer_the_same_messages() {
+            use pb::gateway_server::Gateway as _;
+            let f = fixture().await;
+            let token = token(&f.key);
+            let (_, encoded) = validate(&f, &token, &[]).await;
+            let direct = f
+                .service
+                .validate(Request::new(pb::ValidateRequest {
+                    token: token.clone(),
+                    required_scopes: vec![],
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(direct, encoded);
+
+            let direct = f
+                .service
+                .get_token(Request::new(pb::GetTokenRequest {
+                    client_id: "client-a".into(),
+                    client_secret: "s".into(),
+                    scopes: vec![],
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(direct.access_token, "token-1");
+            assert_eq!(direct.token_type, "Bearer");
+            assert_eq!(direct.scopes, ["orders/read", "orders/write"]);
+            assert!((3590..=3600).contains(&direct.expires_in), "{direct:?}");
+        }
+
+        #[tokio::test]
+        async fn get_token_answers_keep_the_fixed_part_per_cached_token() {
+            let f = fixture().await;
+            let call = |scopes: &[&str]| {
+                f.service
+                    .get_token_encoded(Request::new(pb::GetTokenRequest {
+                        client_id: "client-a".into(),
+                        client_secret: "s".into(),
+                        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                    }))
+            };
+            let a = call(&[]).await.unwrap().into_inner();
+            let b = call(&["orders/write", "orders/read"])
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!((a.head.clone(), a.tail.clone()), (b.head, b.tail));
+            assert_eq!(f.service.token_answers.len(), 1);
+            // Another scope set is another cached token, with its own answer.
+            let c = call(&["orders/read"]).await.unwrap().into_inner();
+            assert_ne!(a.head, c.head);
+            assert_eq!(f.service.token_answers.len(), 2);
+            let decoded = pb::GetTokenResponse::decode(c.encode_to_vec().as_slice()).unwrap();
+            assert_eq!(decoded.access_token, "token-2");
+            assert_eq!(decoded.scopes, ["orders/read"]);
+            // Refusals are not answers: nothing kept, the status as before.
+            let refused = f
+                .service
+                .get_token_encoded(Request::new(pb::GetTokenRequest {
+                    client_id: "client-a".into(),
+                    client_secret: "s".into(),
+                    scopes: vec!["orders/admin".into()],
+                }))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), Code::PermissionDenied);
+            assert_eq!(f.service.token_answers.len(), 2);
+        }
+
+        #[test]
+        fn get_token_answer_bytes_are_prost_bytes() {
+            let token = AccessToken::new("header.payload.signature");
+            for scopes in [
+                vec![],
+                vec!["a/b".to_string()],
+                vec!["a/b".into(), "c/d".into()],
+            ] {
+                for expires_in in [0, 1, 127, 128, 3600, i64::MAX] {
+                    let answer = GetTokenAnswer::new(&token, &scopes, expires_in);
+                    let message = pb::GetTokenResponse {
+                        access_token: token.expose().to_owned(),
+                        token_type: "Bearer".into(),
+                        expires_in,
+                        scopes: scopes.clone(),
+                    };
+                    assert_eq!(answer.encoded_len(), message.encoded_len());
+                    assert_eq!(answer.encode_to_vec(), message.encode_to_vec());
+                }
+            }
+            let answer = GetTokenAnswer::new(&token, &[], 60);
+            assert!(!format!("{answer:?}").contains("payload"));
         }
     }
 }

@@ -59,8 +59,8 @@ pub struct IssuedToken {
     pub access_token: AccessToken,
     /// Whole seconds of validity left now.
     pub expires_in: u64,
-    /// Scopes the token carries.
-    pub scopes: Vec<String>,
+    /// Scopes the token carries (shared with the cache entry).
+    pub scopes: Arc<[String]>,
 }
 
 /// Why GetToken failed. One variant per row of the DESIGN status table.
@@ -168,7 +168,7 @@ type Flight = Shared<BoxFuture<'static, Result<Arc<Entry>, BrokerError>>>;
 /// A cached token. Holds an HMAC of the secret that obtained it, never the secret.
 struct Entry {
     token: AccessToken,
-    scopes: Vec<String>,
+    scopes: Arc<[String]>,
     verifier: Verifier,
     lifetime: Duration,
     refresh_at: Instant,
@@ -188,7 +188,7 @@ impl Entry {
     fn to_shared(&self) -> SharedEntry {
         SharedEntry {
             token: self.token.expose().to_owned(),
-            scopes: self.scopes.clone(),
+            scopes: self.scopes.to_vec(),
             verifier: URL_SAFE_NO_PAD.encode(self.verifier),
             expires_at_ms: fleet::instant_to_ms(self.expires_at),
             refresh_at_ms: fleet::instant_to_ms(self.refresh_at),
@@ -200,7 +200,7 @@ impl Entry {
         let expires_at = fleet::ms_to_instant(shared.expires_at_ms);
         Some(Arc::new(Entry {
             token: AccessToken::new(shared.token),
-            scopes: shared.scopes,
+            scopes: shared.scopes.into(),
             verifier,
             lifetime: expires_at.saturating_duration_since(Instant::now()),
             refresh_at: fleet::ms_to_instant(shared.refresh_at_ms),
@@ -587,7 +587,7 @@ impl Broker {
         let lifetime = Duration::from_secs(response.expires_in);
         Ok(Arc::new(Entry {
             token: response.access_token,
-            scopes: granted,
+            scopes: granted.into(),
             verifier,
             lifetime,
             refresh_at: started + lifetime.mul_f64(inner.settings.refresh_ratio),

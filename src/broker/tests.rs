@@ -236,14 +236,14 @@ async fn scope_order_duplicates_and_empty_share_one_entry() {
     assert_eq!(a.access_token, c.access_token);
     assert_eq!(a.access_token, d.access_token);
     assert_eq!(up.calls(), 1);
-    assert_eq!(d.scopes, vec!["orders/read", "orders/write"]);
+    assert_eq!(*d.scopes, ["orders/read", "orders/write"]);
     // A narrower request is a different key and never gets the broader token.
     let narrow = b
         .get_token(&creds("s3cret"), &scopes(&["orders/read"]))
         .await
         .unwrap();
     assert_ne!(narrow.access_token, a.access_token);
-    assert_eq!(narrow.scopes, vec!["orders/read"]);
+    assert_eq!(*narrow.scopes, ["orders/read"]);
     assert_eq!(up.calls(), 2);
 }
 
@@ -402,7 +402,7 @@ mod http {
             .await;
         let b = http_broker(client_for(&server, Duration::from_secs(5)).await);
         let t = b.get_token(&creds("s3cret"), &[]).await.unwrap();
-        assert_eq!(t.scopes, vec!["orders/read", "orders/write"]);
+        assert_eq!(*t.scopes, ["orders/read", "orders/write"]);
         assert!(t.expires_in >= 3599);
     }
 
