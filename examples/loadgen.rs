@@ -107,6 +107,12 @@ struct Args {
     /// this load generator kept the server saturated.
     #[arg(long)]
     server_core: Option<usize>,
+    /// Instead of loading: write the target's request as a gRPC frame (the body
+    /// file of `h2load -d`) to this file, make one call, and print the size of the
+    /// answer's frame (`answer_frame_bytes=N`) so that a run of N calls can be
+    /// checked by its byte count. Not for echo.
+    #[arg(long)]
+    write_request: Option<std::path::PathBuf>,
 }
 
 /// Busy and available time of one CPU core, in clock ticks, from /proc/stat.
@@ -202,6 +208,9 @@ async fn main() -> anyhow::Result<()> {
             .map(|t| format!("Bearer {t}").parse())
             .transpose()?,
     });
+    if let Some(path) = &args.write_request {
+        return write_request(&args, &requests, channels.swap_remove(0), path).await;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicU64::new(0));
@@ -303,6 +312,48 @@ async fn main() -> anyhow::Result<()> {
         total.max(),
     );
     anyhow::ensure!(failed == 0, "{failed} calls were not a gRPC success");
+    Ok(())
+}
+
+/// Writes the gRPC frame of the target's request and prints the frame size of
+/// its answer (prost's encoding is canonical: re-encoding gives the same length).
+async fn write_request(
+    args: &Args,
+    requests: &Requests,
+    channel: Channel,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    use prost::Message as _;
+    let (request, answer_len) = match args.target {
+        Target::Validate => {
+            let answer = GatewayClient::new(channel)
+                .validate(ValidateRequest::decode(requests.validate.0.clone())?)
+                .await?
+                .into_inner();
+            anyhow::ensure!(answer.valid, "the warm token is not valid: {answer:?}");
+            (&requests.validate, answer.encoded_len())
+        }
+        Target::GetToken => {
+            let answer = GatewayClient::new(channel)
+                .get_token(GetTokenRequest::decode(requests.get_token.0.clone())?)
+                .await?
+                .into_inner();
+            (&requests.get_token, answer.encoded_len())
+        }
+        Target::Health => {
+            let answer = tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await?
+                .into_inner();
+            (&requests.health, answer.encoded_len())
+        }
+        Target::Echo => anyhow::bail!("--write-request is for validate, get-token and health"),
+    };
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(request.0.len())?.to_be_bytes());
+    frame.extend_from_slice(&request.0);
+    std::fs::write(path, frame)?;
+    println!("answer_frame_bytes={}", 5 + answer_len);
     Ok(())
 }
 

@@ -2,22 +2,21 @@
 //!
 //! h2 writes a DATA payload of 256 bytes or more as its own `writev` before it can
 //! buffer the next frame, and flushes again at the end of every connection poll.
-//! A Validate or GetToken response (a ~1 KB message) therefore left as two TCP
+//! A Validate or GetToken answer (a 0.4–0.8 KB message) therefore left as two TCP
 //! segments — headers and message, then the trailers — and on loopback each segment
 //! costs the sender the receiver's TCP work and a cross-core wake-up.
 //!
-//! [`CoalescingIo`] keeps what h2 writes in one buffer and lets one flush in a row
-//! be deferred: that flush returns at once and wakes the connection task instead
-//! of writing. The bytes go out, in one `write`, at the next flush, read or
-//! shutdown — within the same poll when h2 flushes again (the trailers after a
-//! large message), else when the task comes back after the tasks already queued
-//! (the other calls finishing on this connection), whose answers join the same
-//! write. Nothing is held for longer than one pass of the scheduler, and a full
-//! buffer writes through.
+//! [`CoalescingIo`] keeps what h2 writes in one buffer. A flush returns at once
+//! and wakes the connection task instead of writing; the bytes go out, in one
+//! `write`, at the task's next read of the connection — when it comes back after
+//! the tasks already queued (the other calls finishing on this connection), whose
+//! answers join the same write — or at shutdown, or once [`FLUSH_AT`] bytes are
+//! pending. Nothing waits longer than one pass of the scheduler.
 //!
-//! So one completed `flush` does not mean the bytes were written: a caller that
-//! needs that flushes twice, or shuts down. It is made for the HTTP/2 connection
-//! (and TLS under it), which polls its I/O again after every wake-up.
+//! So a completed flush does not mean the bytes were written: they go out at the
+//! next read or shutdown. That is how an HTTP/2 connection (and TLS under it) uses
+//! its I/O — it reads again after every write, and every wake-up — and what this
+//! type is for; it is not a general-purpose writer.
 
 use std::{
     io,
@@ -31,6 +30,10 @@ use tonic::transport::server::Connected;
 /// Bytes held before a write goes through without waiting for a flush.
 const MAX_PENDING: usize = 64 * 1024;
 
+/// Pending bytes at which a flush writes at once (a batch this size already
+/// spreads the cost of a write thin).
+pub const FLUSH_AT: usize = 16 * 1024;
+
 /// An I/O stream whose writes are gathered until a flush (see the module docs).
 #[derive(Debug)]
 pub struct CoalescingIo<T> {
@@ -38,7 +41,7 @@ pub struct CoalescingIo<T> {
     pending: Vec<u8>,
     /// Bytes of `pending` already written.
     sent: usize,
-    /// A flush was answered without writing; the next one writes.
+    /// A flush was answered without writing: the next read writes first.
     deferred: bool,
 }
 
@@ -153,10 +156,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescingIo<T> {
         if this.pending.is_empty() {
             return Pin::new(&mut this.inner).poll_flush(cx);
         }
-        if !this.deferred {
-            // Come back after the tasks already queued; the next flush writes.
-            this.deferred = true;
-            cx.waker().wake_by_ref();
+        if this.pending.len() - this.sent < FLUSH_AT {
+            if !this.deferred {
+                // Come back after the tasks already queued; that read writes.
+                this.deferred = true;
+                cx.waker().wake_by_ref();
+            }
             return Poll::Ready(Ok(()));
         }
         ready!(this.poll_drain(cx))?;
@@ -222,7 +227,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn writes_wait_for_the_second_flush_and_the_first_wakes_the_task() {
+    async fn a_flush_defers_to_the_next_read_and_wakes_the_task_once() {
         let (mut io, mut peer) = pair();
         let wakes = Arc::new(Wakes::default());
         let waker = Arc::clone(&wakes).into();
@@ -242,7 +247,7 @@ mod tests {
             "nothing before a flush"
         );
 
-        // First flush: answered at once, nothing written, the task is woken to come back.
+        // A flush answers at once, writes nothing, and wakes the task to come back.
         assert!(matches!(
             Pin::new(&mut io).poll_flush(&mut cx),
             Poll::Ready(Ok(()))
@@ -250,7 +255,7 @@ mod tests {
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
         assert!(readable(&mut peer).await.is_empty());
 
-        // More written in the meantime goes out with it, in one write.
+        // More written and flushed in the same poll joins the batch; one wake-up.
         assert!(matches!(
             Pin::new(&mut io).poll_write(&mut cx, b" next"),
             Poll::Ready(Ok(5))
@@ -259,8 +264,14 @@ mod tests {
             Pin::new(&mut io).poll_flush(&mut cx),
             Poll::Ready(Ok(()))
         ));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(readable(&mut peer).await.is_empty());
+
+        // The task comes back and reads: everything goes out first, in order.
+        let mut buf = [0u8; 16];
+        let mut read = ReadBuf::new(&mut buf);
+        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut read).is_pending());
         assert_eq!(readable(&mut peer).await, b"headers message trailers next");
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "no wake-up once written");
 
         // Nothing pending: a flush is a plain flush, no wake-up.
         assert!(matches!(
@@ -268,6 +279,15 @@ mod tests {
             Poll::Ready(Ok(()))
         ));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flush_with_a_large_batch_writes_at_once() {
+        let (mut io, mut peer) = pair();
+        let batch = vec![5u8; FLUSH_AT];
+        io.write_all(&batch).await.unwrap();
+        io.flush().await.unwrap();
+        assert_eq!(readable(&mut peer).await.len(), FLUSH_AT);
     }
 
     #[tokio::test]
@@ -297,12 +317,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_closed_peer_is_an_error_at_the_flush_that_writes() {
+    async fn a_closed_peer_is_an_error_when_the_bytes_go_out() {
         let (mut io, peer) = pair();
         drop(peer);
         io.write_all(b"into the void").await.unwrap();
-        io.flush().await.expect("the deferred flush writes nothing");
-        let err = io.flush().await.unwrap_err();
+        io.flush().await.expect("a deferred flush writes nothing");
+        let err = io.shutdown().await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     }
 

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# RPC throughput with h2load (Debian: nghttp2-client) as the load generator: it
+# costs far less CPU per call than a tonic client, so the gateway (dev mode, pinned
+# to core 0) is saturated for every target and the ratios compare the server alone.
+# h2load sees HTTP status only, so every run is checked by bytes: N calls must
+# bring back exactly N times the answer's gRPC frame (a gRPC error carries no
+# message). Targets alternate within each round; medians over the rounds.
+# Loopback only.
+# usage: benches/rpc-h2load.sh [calls-per-run] [rounds] [connections] [streams-per-connection]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+calls="${1:-400000}"
+rounds="${2:-5}"
+conns="${3:-4}"
+streams="${4:-16}"
+command -v h2load >/dev/null || { echo "h2load not found: apt-get install nghttp2-client" >&2; exit 1; }
+cargo build --release --bins --examples -q
+bin=target/release
+gw=127.0.0.1:50554
+dir=$(mktemp -d)
+pid=
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$dir"; }
+trap cleanup EXIT
+
+taskset -c 0 "$bin/m2m-gateway" dev --listen "$gw" --write-config "$dir/dev.toml" >/dev/null 2>&1 &
+pid=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/${gw%:*}/${gw#*:}") 2>/dev/null && break; sleep 0.1; done
+
+declare -A path=(
+  [health]=/grpc.health.v1.Health/Check
+  [get-token]=/m2m.gateway.v1.Gateway/GetToken
+  [validate]=/m2m.gateway.v1.Gateway/Validate
+)
+declare -A frame
+for t in health get-token validate; do
+  frame[$t]=$("$bin/examples/loadgen" --target "$t" --addr "http://$gw" --gateway "http://$gw" \
+    --write-request "$dir/$t.bin" | sed -n 's/^answer_frame_bytes=//p')
+done
+
+core0() { awk '$1 == "cpu0" { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat; }
+for r in $(seq "$rounds"); do
+  echo "== round $r"
+  for t in health get-token validate; do
+    read -r b0 a0 <<<"$(core0)"
+    out=$(taskset -c 1 h2load -t 1 -c "$conns" -m "$streams" -n "$calls" -d "$dir/$t.bin" \
+      -H 'content-type: application/grpc' -H 'te: trailers' "http://$gw${path[$t]}")
+    read -r b1 a1 <<<"$(core0)"
+    rps=$(sed -n 's/^finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
+    ok=$(sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p' <<<"$out")
+    data=$(sed -n 's/^traffic: .*(\([0-9]*\)) data$/\1/p' <<<"$out")
+    want=$((calls * frame[$t]))
+    if [ "$ok" != "$calls" ] || [ "$data" != "$want" ]; then
+      echo "$t: $ok of $calls succeeded, $data bytes of answers, want $want" >&2
+      exit 1
+    fi
+    echo "$t rps=${rps%.*} server_busy=$((100 * (b1 - b0) / (a1 - a0)))%" | tee -a "$dir/out"
+  done
+done
+
+echo "== medians over $rounds rounds ($calls calls each, $conns connections x $streams streams)"
+awk '
+  { split($2, a, "="); v[$1, ++n[$1]] = a[2]; split($3, b, "="); sub("%", "", b[2]); busy[$1, n[$1]] = b[2] }
+  function median(arr, name,   m, i, j, t, x) {
+    m = n[name]; for (i = 1; i <= m; i++) x[i] = arr[name, i] + 0
+    for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (x[j] < x[i]) { t = x[i]; x[i] = x[j]; x[j] = t }
+    return (m % 2) ? x[(m + 1) / 2] : (x[m / 2] + x[m / 2 + 1]) / 2
+  }
+  END {
+    h = median(v, "health")
+    split("health get-token validate", names, " ")
+    for (k = 1; k <= 3; k++)
+      printf "%-10s %8d req/s (%.2fx health)   server busy %d%%\n", names[k], median(v, names[k]), median(v, names[k]) / h, median(busy, names[k])
+  }' "$dir/out"
