@@ -59,6 +59,9 @@ pub struct Client {
     pub name: Arc<str>,
     /// The scopes it may ask for, sorted.
     pub allowed_scopes: BTreeSet<String>,
+    /// All of them as a normalised set (what an empty scope list asks for),
+    /// built once.
+    all_scopes: ScopeSet,
 }
 
 /// Why a scope request is refused.
@@ -79,37 +82,49 @@ pub enum ScopeRequestError {
 }
 
 /// A normalised scope set: deduplicated, sorted, never empty.
+/// Cheap to clone: the set and its parameter form are shared.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ScopeSet(BTreeSet<String>);
+pub struct ScopeSet {
+    scopes: Arc<BTreeSet<String>>,
+    param: Arc<str>,
+}
 
 impl ScopeSet {
-    /// The scopes, sorted.
-    pub fn iter(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(String::as_str)
-    }
-
-    /// Space-separated, sorted: the form sent to Cognito and used in cache keys.
-    pub fn to_param(&self) -> String {
-        self.0
+    fn new(scopes: BTreeSet<String>) -> Self {
+        let param = scopes
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>()
-            .join(" ")
+            .join(" ");
+        Self {
+            scopes: Arc::new(scopes),
+            param: param.into(),
+        }
+    }
+
+    /// The scopes, sorted.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.scopes.iter().map(String::as_str)
+    }
+
+    /// Space-separated, sorted: the form sent to Cognito and used in cache keys.
+    pub fn param(&self) -> &Arc<str> {
+        &self.param
     }
 
     /// Whether `scope` is in the set.
     pub fn contains(&self, scope: &str) -> bool {
-        self.0.contains(scope)
+        self.scopes.contains(scope)
     }
 
     /// Number of scopes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.scopes.len()
     }
 
     /// Whether the set is empty (never, for a normalised request).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.scopes.is_empty()
     }
 }
 
@@ -126,12 +141,14 @@ impl Registry {
         let clients = clients
             .iter()
             .map(|c| {
+                let allowed_scopes: BTreeSet<String> = c.allowed_scopes.iter().cloned().collect();
                 (
                     c.client_id.clone(),
                     Client {
                         client_id: Arc::from(c.client_id.as_str()),
                         name: Arc::from(c.name.as_str()),
-                        allowed_scopes: c.allowed_scopes.iter().cloned().collect(),
+                        all_scopes: ScopeSet::new(allowed_scopes.clone()),
+                        allowed_scopes,
                     },
                 )
             })
@@ -168,7 +185,7 @@ impl Registry {
             validate_scope(scope)?;
         }
         if requested.is_empty() {
-            return Ok(ScopeSet(client.allowed_scopes.clone()));
+            return Ok(client.all_scopes.clone());
         }
         let mut set = BTreeSet::new();
         for scope in requested {
@@ -177,7 +194,7 @@ impl Registry {
             }
             set.insert(scope.clone());
         }
-        Ok(ScopeSet(set))
+        Ok(ScopeSet::new(set))
     }
 }
 
@@ -207,7 +224,7 @@ mod tests {
             .normalise(c, &["a/read".into(), "a/write".into()])
             .unwrap();
         assert_eq!(a, b);
-        assert_eq!(a.to_param(), "a/read a/write");
+        assert_eq!(&**a.param(), "a/read a/write");
     }
 
     #[test]

@@ -161,7 +161,7 @@ impl Default for BrokerSettings {
     }
 }
 
-type CacheKey = (Arc<str>, String);
+type CacheKey = (Arc<str>, Arc<str>);
 type Verifier = [u8; 32];
 type Flight = Shared<BoxFuture<'static, Result<Arc<Entry>, BrokerError>>>;
 
@@ -343,7 +343,7 @@ impl Broker {
                 ScopeRequestError::NotAllowed(_) => BrokerError::PermissionDenied(e.to_string()),
                 _ => BrokerError::InvalidArgument(e.to_string()),
             })?;
-        let key: CacheKey = (client.client_id.clone(), scopes.to_param());
+        let key: CacheKey = (client.client_id.clone(), scopes.param().clone());
         let verifier = self.verifier(&credentials.client_id, &credentials.secret);
         let now = Instant::now();
 
@@ -351,18 +351,9 @@ impl Broker {
         if let Some(fleet) = &inner.fleet {
             // Another replica may hold the entry, or a fresher one.
             if cached.as_ref().is_none_or(|e| now >= e.refresh_at) {
-                let (shared_key, _) = fleet.keys(&key.0, &key.1);
-                if let Ok(Some(shared)) = fleet.get(&shared_key).await {
-                    if let Some(entry) = Entry::from_shared(shared) {
-                        let fresher = cached
-                            .as_ref()
-                            .is_none_or(|c| entry.expires_at > c.expires_at);
-                        if fresher && self.usable(&entry, now) {
-                            inner.cache.insert(key.clone(), entry.clone()).await;
-                            cached = Some(entry);
-                        }
-                    }
-                }
+                // Boxed, like every path that leaves the process: a cache hit's
+                // future stays small.
+                cached = Box::pin(self.from_fleet(fleet, &key, cached, now)).await;
             }
         }
         let entry = match cached {
@@ -373,10 +364,7 @@ impl Broker {
                 } else {
                     inner.stats.refresh();
                     let current = Some(entry.clone());
-                    match self
-                        .fetch(key, verifier, credentials, scopes, current)
-                        .await
-                    {
+                    match Box::pin(self.fetch(key, verifier, credentials, scopes, current)).await {
                         Ok(fresh) => fresh,
                         Err(e) if e.is_transient() && self.usable(&entry, Instant::now()) => {
                             inner.stats.stale_served();
@@ -392,14 +380,14 @@ impl Broker {
                 // but only at the failed-attempt rate.
                 inner.stats.secret_mismatch();
                 self.admit_unverified(&client.client_id)?;
-                self.fetch(key, verifier, credentials, scopes, None).await?
+                Box::pin(self.fetch(key, verifier, credentials, scopes, None)).await?
             }
             None => {
                 inner.stats.miss();
                 if inner.recent_failures.contains_key(&client.client_id) {
                     self.admit_unverified(&client.client_id)?;
                 }
-                self.fetch(key, verifier, credentials, scopes, None).await?
+                Box::pin(self.fetch(key, verifier, credentials, scopes, None)).await?
             }
         };
         let left = entry.expires_at.saturating_duration_since(Instant::now());
@@ -408,6 +396,29 @@ impl Broker {
             expires_in: left.as_secs(),
             scopes: entry.scopes.clone(),
         })
+    }
+
+    /// The fleet's entry for `key` when it is fresher than `cached` (and usable).
+    async fn from_fleet(
+        &self,
+        fleet: &FleetCache,
+        key: &CacheKey,
+        cached: Option<Arc<Entry>>,
+        now: Instant,
+    ) -> Option<Arc<Entry>> {
+        let (shared_key, _) = fleet.keys(&key.0, &key.1);
+        if let Ok(Some(shared)) = fleet.get(&shared_key).await {
+            if let Some(entry) = Entry::from_shared(shared) {
+                let fresher = cached
+                    .as_ref()
+                    .is_none_or(|c| entry.expires_at > c.expires_at);
+                if fresher && self.usable(&entry, now) {
+                    self.inner.cache.insert(key.clone(), entry.clone()).await;
+                    return Some(entry);
+                }
+            }
+        }
+        cached
     }
 
     fn usable(&self, entry: &Entry, now: Instant) -> bool {

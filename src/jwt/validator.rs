@@ -232,7 +232,8 @@ impl JwtValidator {
         let digest = self.cache_key(token);
         let result = match self.cached(digest.as_ref(), required_scopes) {
             Some(hit) => hit,
-            None => self.validate_uncached(token, digest, required_scopes).await,
+            // Boxed: the rare path keeps its state out of every call's future.
+            None => Box::pin(self.validate_uncached(token, digest, required_scopes)).await,
         };
         self.inner.stats.record(&result);
         result
