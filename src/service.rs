@@ -282,12 +282,9 @@ impl GatewayService {
     ) -> Result<Response<GetTokenAnswer>, Status> {
         let (metadata, _, mut req) = request.into_parts();
         let credentials = credentials(&metadata, &mut req)?;
-        note.client_id.clone_from(&credentials.client_id);
-        let token = self
-            .broker
-            .get_token(&credentials, &req.scopes)
-            .await
-            .map_err(|e| broker_status(&e))?;
+        let token = self.broker.get_token(&credentials, &req.scopes).await;
+        note.client_id = credentials.client_id;
+        let token = token.map_err(|e| broker_status(&e))?;
         let expires_in = i64::try_from(token.expires_in).unwrap_or(i64::MAX);
         let key = ByAddress(Arc::clone(token.access_token.shared()));
         let answer = match self.token_answers.get(&key) {

@@ -353,14 +353,19 @@ impl Broker {
             if cached.as_ref().is_none_or(|e| now >= e.refresh_at) {
                 // Boxed, like every path that leaves the process: a cache hit's
                 // future stays small.
-                cached = Box::pin(self.from_fleet(fleet, &key, cached, now)).await;
+                cached = Box::pin(self.fresher_in_fleet(fleet, &key, cached, now)).await;
             }
         }
         let entry = match cached {
             Some(entry) if bool::from(entry.verifier.ct_eq(&verifier)) => {
                 if now < entry.refresh_at {
                     inner.stats.hit();
-                    entry
+                    // Served at `now`: no second clock read.
+                    return Ok(IssuedToken {
+                        access_token: entry.token.clone(),
+                        expires_in: entry.expires_at.saturating_duration_since(now).as_secs(),
+                        scopes: entry.scopes.clone(),
+                    });
                 } else {
                     inner.stats.refresh();
                     let current = Some(entry.clone());
@@ -399,7 +404,7 @@ impl Broker {
     }
 
     /// The fleet's entry for `key` when it is fresher than `cached` (and usable).
-    async fn from_fleet(
+    async fn fresher_in_fleet(
         &self,
         fleet: &FleetCache,
         key: &CacheKey,
