@@ -917,6 +917,66 @@ mod tests {
             assert_eq!(f.service.token_answers.len(), 2);
         }
 
+        #[derive(Clone, Default)]
+        struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        #[tokio::test]
+        async fn routine_calls_log_at_debug_and_refusals_at_info() {
+            let capture = Capture::default();
+            let writer = capture.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter("warn,m2m_gateway::rpc=info")
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            let _guard = tracing::subscriber::set_default(subscriber);
+            let f = fixture().await;
+            let token = token(&f.key);
+            let (_, answer) = validate(&f, &token, &[]).await;
+            assert!(answer.valid);
+            f.service
+                .get_token_encoded(Request::new(pb::GetTokenRequest {
+                    client_id: "client-a".into(),
+                    client_secret: "s".into(),
+                    scopes: vec![],
+                }))
+                .await
+                .unwrap();
+            let quiet = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+            assert!(quiet.is_empty(), "successful calls logged at info: {quiet}");
+
+            let (_, answer) = validate(&f, &token, &["orders/admin"]).await;
+            assert!(!answer.valid);
+            let refused = f
+                .service
+                .get_token_encoded(Request::new(pb::GetTokenRequest {
+                    client_id: "nobody".into(),
+                    client_secret: "s".into(),
+                    scopes: vec![],
+                }))
+                .await;
+            assert!(refused.is_err());
+            let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+            let lines: Vec<&str> = logs.lines().collect();
+            assert_eq!(lines.len(), 2, "{logs}");
+            assert!(lines[0].contains("method=\"Validate\""), "{logs}");
+            assert!(lines[0].contains("insufficient_scope"), "{logs}");
+            assert!(lines[0].contains("client_id=\"-\""), "unverified: {logs}");
+            assert!(lines[1].contains("method=\"GetToken\""), "{logs}");
+            assert!(lines[1].contains("Unauthenticated"), "{logs}");
+            assert!(!logs.contains(&token[..40]), "a token in the logs");
+        }
+
         #[test]
         fn get_token_answer_bytes_are_prost_bytes() {
             let token = AccessToken::new("header.payload.signature");
