@@ -1,6 +1,6 @@
 //! Resident memory with 100,000 cached verifications and 10,000 cached GetToken
-//! entries (1,000 clients × 10 scope sets, Cognito-sized tokens), read from
-//! /proc/self/status (Linux).
+//! entries (1,000 clients × 10 scope sets, Cognito-sized tokens), then with the
+//! gRPC service's kept answers full, read from /proc/self/status (Linux).
 //!
 //! ```sh
 //! cargo run --release --example memory
@@ -17,7 +17,9 @@ use m2m_gateway::{
     config::ClientConfig,
     emulator::SigningKey,
     jwt::{JwtValidator, KeySet, StaticJwks, ValidatorSettings},
+    proto::gateway::v1::{GetTokenRequest, ValidateRequest, gateway_server::Gateway as _},
     registry::Registry,
+    service::GatewayService,
 };
 use secrecy::SecretString;
 use serde_json::json;
@@ -142,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let broker = Broker::new(
         Registry::new(&clients, 50),
-        Arc::new(SizedTokens(key)),
+        Arc::new(SizedTokens(SigningKey::generate("broker-key"))),
         BrokerSettings::default(),
     );
     let before_broker = rss_mib();
@@ -171,6 +173,44 @@ fn main() -> anyhow::Result<()> {
         after_broker - before_broker,
         (after_broker - before_broker) * 1048576.0 / entries as f64
     );
-    println!("total resident: {after_broker:.1} MiB");
+
+    // The service keeps encoded answers for recent tokens (512 per
+    // method): fill both with calls through the gRPC service.
+    let service = GatewayService::new(broker.clone(), validator.clone(), Arc::default());
+    rt.block_on(async {
+        for i in 0..2_000 {
+            let token = key.sign(&json!({
+                "sub": "k6h0hnjenh7auvi2as", "token_use": "access", "scope": "orders/read orders/write",
+                "auth_time": now, "iss": ISS, "exp": now + 3600, "iat": now, "version": 2,
+                "jti": format!("0d3c5b7a-1e2f-4a6b-9c8d-{i:012}"), "client_id": "k6h0hnjenh7auvi2as",
+            }));
+            let answer = service
+                .validate(tonic::Request::new(ValidateRequest {
+                    token,
+                    required_scopes: vec![],
+                }))
+                .await
+                .expect("answer");
+            assert!(answer.get_ref().valid);
+        }
+        for c in clients.iter().take(200) {
+            for set in SCOPE_SETS {
+                service
+                    .get_token(tonic::Request::new(GetTokenRequest {
+                        client_id: c.client_id.clone(),
+                        client_secret: "1example23456789abcdefghijklmnopqrstuvwxyz0123456".into(),
+                        scopes: set.iter().map(|s| s.to_string()).collect(),
+                    }))
+                    .await
+                    .expect("token");
+            }
+        }
+    });
+    let after_service = rss_mib();
+    println!(
+        "with the service's kept answers full: {after_service:.1} MiB (+{:.1} MiB, incl. 2,000 more verifications)",
+        after_service - after_broker
+    );
+    println!("total resident: {after_service:.1} MiB");
     Ok(())
 }

@@ -35,8 +35,9 @@ use crate::{
 /// Most `required_scopes` in one Validate request.
 const MAX_REQUIRED_SCOPES: usize = 50;
 
-/// Most encoded answers kept per method (each ~1.5 KB with its claims or token).
-const ANSWERS_KEPT: usize = 4096;
+/// Most encoded answers kept per method (each ~0.5–0.8 KB, plus the claims or the
+/// token it keeps alive).
+const ANSWERS_KEPT: usize = 512;
 
 /// The `m2m.gateway.v1.Gateway` implementation.
 #[derive(Clone)]
@@ -915,66 +916,6 @@ mod tests {
                 .unwrap_err();
             assert_eq!(refused.code(), Code::PermissionDenied);
             assert_eq!(f.service.token_answers.len(), 2);
-        }
-
-        #[derive(Clone, Default)]
-        struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-        impl std::io::Write for Capture {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-
-        #[tokio::test]
-        async fn routine_calls_log_at_debug_and_refusals_at_info() {
-            let capture = Capture::default();
-            let writer = capture.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_env_filter("warn,m2m_gateway::rpc=info")
-                .with_writer(move || writer.clone())
-                .with_ansi(false)
-                .finish();
-            let _guard = tracing::subscriber::set_default(subscriber);
-            let f = fixture().await;
-            let token = token(&f.key);
-            let (_, answer) = validate(&f, &token, &[]).await;
-            assert!(answer.valid);
-            f.service
-                .get_token_encoded(Request::new(pb::GetTokenRequest {
-                    client_id: "client-a".into(),
-                    client_secret: "s".into(),
-                    scopes: vec![],
-                }))
-                .await
-                .unwrap();
-            let quiet = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-            assert!(quiet.is_empty(), "successful calls logged at info: {quiet}");
-
-            let (_, answer) = validate(&f, &token, &["orders/admin"]).await;
-            assert!(!answer.valid);
-            let refused = f
-                .service
-                .get_token_encoded(Request::new(pb::GetTokenRequest {
-                    client_id: "nobody".into(),
-                    client_secret: "s".into(),
-                    scopes: vec![],
-                }))
-                .await;
-            assert!(refused.is_err());
-            let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-            let lines: Vec<&str> = logs.lines().collect();
-            assert_eq!(lines.len(), 2, "{logs}");
-            assert!(lines[0].contains("method=\"Validate\""), "{logs}");
-            assert!(lines[0].contains("insufficient_scope"), "{logs}");
-            assert!(lines[0].contains("client_id=\"-\""), "unverified: {logs}");
-            assert!(lines[1].contains("method=\"GetToken\""), "{logs}");
-            assert!(lines[1].contains("Unauthenticated"), "{logs}");
-            assert!(!logs.contains(&token[..40]), "a token in the logs");
         }
 
         #[test]
