@@ -231,7 +231,8 @@ pub struct Broker {
 struct Inner {
     registry: Registry,
     upstream: Arc<dyn TokenEndpoint>,
-    cache: moka::future::Cache<CacheKey, Arc<Entry>>,
+    /// Synchronous: a lookup is a call, not a future (the hit path stays small).
+    cache: moka::sync::Cache<CacheKey, Arc<Entry>>,
     inflight: Mutex<HashMap<(CacheKey, Verifier), Flight>>,
     verifier_key: hmac::Key,
     limiter: DefaultKeyedRateLimiter<Arc<str>>,
@@ -281,7 +282,7 @@ impl Broker {
             None => hmac::Key::generate(hmac::HMAC_SHA256, &aws_lc_rs::rand::SystemRandom::new())
                 .expect("random HMAC key"),
         };
-        let cache = moka::future::Cache::builder()
+        let cache = moka::sync::Cache::builder()
             .max_capacity(settings.max_entries)
             .expire_after(EntryExpiry)
             .build();
@@ -347,7 +348,7 @@ impl Broker {
         let verifier = self.verifier(&credentials.client_id, &credentials.secret);
         let now = Instant::now();
 
-        let mut cached = inner.cache.get(&key).await.filter(|e| self.usable(e, now));
+        let mut cached = inner.cache.get(&key).filter(|e| self.usable(e, now));
         if let Some(fleet) = &inner.fleet {
             // Another replica may hold the entry, or a fresher one.
             if cached.as_ref().is_none_or(|e| now >= e.refresh_at) {
@@ -418,7 +419,7 @@ impl Broker {
                     .as_ref()
                     .is_none_or(|c| entry.expires_at > c.expires_at);
                 if fresher && self.usable(&entry, now) {
-                    self.inner.cache.insert(key.clone(), entry.clone()).await;
+                    self.inner.cache.insert(key.clone(), entry.clone());
                     return Some(entry);
                 }
             }
@@ -476,10 +477,7 @@ impl Broker {
                         .obtain(&task_key.0, task_key.1, &credentials, &scopes, current)
                         .await;
                     if let Ok(entry) = &result {
-                        this.inner
-                            .cache
-                            .insert(task_key.0.clone(), entry.clone())
-                            .await;
+                        this.inner.cache.insert(task_key.0.clone(), entry.clone());
                     }
                     this.inner
                         .inflight
