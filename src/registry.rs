@@ -57,11 +57,8 @@ pub struct Client {
     pub client_id: Arc<str>,
     /// Name for logs and metrics.
     pub name: Arc<str>,
-    /// The scopes it may ask for, sorted.
-    pub allowed_scopes: BTreeSet<String>,
-    /// All of them as a normalised set (what an empty scope list asks for),
-    /// built once.
-    all_scopes: ScopeSet,
+    /// The scopes it may ask for, sorted: also what an empty scope list asks for.
+    pub allowed_scopes: ScopeSet,
 }
 
 /// Why a scope request is refused.
@@ -141,14 +138,12 @@ impl Registry {
         let clients = clients
             .iter()
             .map(|c| {
-                let allowed_scopes: BTreeSet<String> = c.allowed_scopes.iter().cloned().collect();
                 (
                     c.client_id.clone(),
                     Client {
                         client_id: Arc::from(c.client_id.as_str()),
                         name: Arc::from(c.name.as_str()),
-                        all_scopes: ScopeSet::new(allowed_scopes.clone()),
-                        allowed_scopes,
+                        allowed_scopes: ScopeSet::new(c.allowed_scopes.iter().cloned().collect()),
                     },
                 )
             })
@@ -185,7 +180,7 @@ impl Registry {
             validate_scope(scope)?;
         }
         if requested.is_empty() {
-            return Ok(client.all_scopes.clone());
+            return Ok(client.allowed_scopes.clone());
         }
         let mut set = BTreeSet::new();
         for scope in requested {

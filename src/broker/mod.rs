@@ -185,6 +185,15 @@ impl fmt::Debug for Entry {
 }
 
 impl Entry {
+    /// The token as handed out at `at`.
+    fn issued(&self, at: Instant) -> IssuedToken {
+        IssuedToken {
+            access_token: self.token.clone(),
+            expires_in: self.expires_at.saturating_duration_since(at).as_secs(),
+            scopes: self.scopes.clone(),
+        }
+    }
+
     fn to_shared(&self) -> SharedEntry {
         SharedEntry {
             token: self.token.expose().to_owned(),
@@ -362,11 +371,7 @@ impl Broker {
                 if now < entry.refresh_at {
                     inner.stats.hit();
                     // Served at `now`: no second clock read.
-                    return Ok(IssuedToken {
-                        access_token: entry.token.clone(),
-                        expires_in: entry.expires_at.saturating_duration_since(now).as_secs(),
-                        scopes: entry.scopes.clone(),
-                    });
+                    return Ok(entry.issued(now));
                 } else {
                     inner.stats.refresh();
                     let current = Some(entry.clone());
@@ -396,12 +401,7 @@ impl Broker {
                 Box::pin(self.fetch(key, verifier, credentials, scopes, None)).await?
             }
         };
-        let left = entry.expires_at.saturating_duration_since(Instant::now());
-        Ok(IssuedToken {
-            access_token: entry.token.clone(),
-            expires_in: left.as_secs(),
-            scopes: entry.scopes.clone(),
-        })
+        Ok(entry.issued(Instant::now()))
     }
 
     /// The fleet's entry for `key` when it is fresher than `cached` (and usable).
