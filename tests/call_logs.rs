@@ -3,41 +3,22 @@
 
 mod support;
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-};
-
 use m2m_gateway::proto::gateway::v1::{GetTokenRequest, ValidateRequest};
 use support::*;
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Capture {
-    fn rpc_lines(&self) -> Vec<String> {
-        String::from_utf8(self.0.lock().unwrap().clone())
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("m2m_gateway::rpc"))
-            .map(str::to_owned)
-            .collect()
-    }
+/// The per-call lines among everything captured.
+fn rpc_lines(capture: &LogCapture) -> Vec<String> {
+    capture
+        .text()
+        .lines()
+        .filter(|l| l.contains("m2m_gateway::rpc"))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routine_calls_log_at_debug_and_refusals_at_info() {
-    let capture = Capture::default();
+    let capture = LogCapture::default();
     let writer = capture.clone();
     tracing_subscriber::fmt()
         .with_env_filter("info")
@@ -70,7 +51,7 @@ async fn routine_calls_log_at_debug_and_refusals_at_info() {
         .unwrap()
         .into_inner();
     assert!(v.valid);
-    assert!(capture.rpc_lines().is_empty(), "{:?}", capture.rpc_lines());
+    assert!(rpc_lines(&capture).is_empty(), "{:?}", rpc_lines(&capture));
 
     let v = c
         .validate(ValidateRequest {
@@ -91,7 +72,7 @@ async fn routine_calls_log_at_debug_and_refusals_at_info() {
     assert!(refused.is_err());
     gw.stop().await;
 
-    let lines = capture.rpc_lines();
+    let lines = rpc_lines(&capture);
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(lines[0].contains(" INFO "), "{lines:?}");
     assert!(lines[0].contains("method=\"Validate\""), "{lines:?}");

@@ -4,32 +4,14 @@
 
 mod support;
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-};
-
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use m2m_gateway::proto::gateway::v1::{GetTokenRequest, ValidateRequest};
 use support::*;
 use tonic::Request;
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_logs_never_contain_secrets_or_tokens() {
-    let capture = Capture::default();
+    let capture = LogCapture::default();
     let writer = capture.clone();
     tracing_subscriber::fmt()
         .with_env_filter("trace")
@@ -91,7 +73,7 @@ async fn trace_logs_never_contain_secrets_or_tokens() {
     assert!(!v.valid);
     gw.stop().await;
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         logs.len() > 1000,
         "trace logging captured too little to mean anything"

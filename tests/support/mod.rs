@@ -157,3 +157,25 @@ pub fn require_tool(ok: bool, what: &str, install: &str) -> bool {
     eprintln!("SKIPPING: {msg}");
     false
 }
+
+/// Log output captured in memory: install with `tracing_subscriber::fmt()
+/// .with_writer(move || capture.clone())`.
+#[derive(Clone, Default)]
+pub struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
