@@ -204,6 +204,11 @@ pub struct CacheConfig {
     /// Share of a token's lifetime after which it is refreshed (AWS advises 0.75).
     #[serde(default = "default_refresh_ratio")]
     pub refresh_ratio: f64,
+    /// Refresh points are spread over `[refresh_ratio - refresh_jitter,
+    /// refresh_ratio]` of the lifetime so that tokens obtained together are not
+    /// refreshed in the same second.
+    #[serde(default = "default_refresh_jitter")]
+    pub refresh_jitter: f64,
     /// A token with less life than this is never handed out, in seconds.
     #[serde(default = "default_min_remaining_secs")]
     pub min_remaining_secs: u64,
@@ -226,6 +231,7 @@ impl fmt::Debug for CacheConfig {
             )
             .field("max_entries", &self.max_entries)
             .field("refresh_ratio", &self.refresh_ratio)
+            .field("refresh_jitter", &self.refresh_jitter)
             .field("min_remaining_secs", &self.min_remaining_secs)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("lock_wait_ms", &self.lock_wait_ms)
@@ -241,6 +247,7 @@ impl Default for CacheConfig {
             encryption_key: None,
             max_entries: default_max_entries(),
             refresh_ratio: default_refresh_ratio(),
+            refresh_jitter: default_refresh_jitter(),
             min_remaining_secs: default_min_remaining_secs(),
             redis_timeout_ms: default_redis_timeout_ms(),
             lock_wait_ms: default_lock_wait_ms(),
@@ -252,10 +259,17 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Upstream attempts per client and minute with a secret that does not match the
-    /// cached one (or that Cognito refused); beyond it callers get RESOURCE_EXHAUSTED.
+    /// Upstream attempts per client and minute with secrets Cognito has not
+    /// accepted (proven secrets are never limited); beyond it callers get
+    /// RESOURCE_EXHAUSTED with the time to wait.
     #[serde(default = "default_failed_auth_per_minute")]
     pub failed_auth_per_minute: u32,
+    /// Token calls per second to Cognito, fleet-wide with Redis; 0 = no cap.
+    #[serde(default = "default_upstream_per_second")]
+    pub upstream_per_second: u32,
+    /// Longest wait of a GetToken miss for a slot of that budget, in ms.
+    #[serde(default = "default_upstream_max_wait_ms")]
+    pub upstream_max_wait_ms: u64,
     /// Most scopes in one GetToken request.
     #[serde(default = "default_max_scopes")]
     pub max_scopes: usize,
@@ -265,6 +279,8 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             failed_auth_per_minute: default_failed_auth_per_minute(),
+            upstream_per_second: default_upstream_per_second(),
+            upstream_max_wait_ms: default_upstream_max_wait_ms(),
             max_scopes: default_max_scopes(),
         }
     }
@@ -332,6 +348,17 @@ fn default_max_entries() -> u64 {
 }
 fn default_refresh_ratio() -> f64 {
     0.75
+}
+fn default_refresh_jitter() -> f64 {
+    0.05
+}
+fn default_upstream_per_second() -> u32 {
+    // Below Cognito's commonly cited default quota of 150/s, which every other
+    // app of the account shares.
+    100
+}
+fn default_upstream_max_wait_ms() -> u64 {
+    5_000
 }
 fn default_min_remaining_secs() -> u64 {
     10
@@ -525,6 +552,15 @@ impl Config {
                 format!("{} is outside (0, 0.95]", cache.refresh_ratio),
             ));
         }
+        if !(cache.refresh_jitter >= 0.0 && cache.refresh_jitter < cache.refresh_ratio) {
+            return Err(invalid(
+                "cache.refresh_jitter",
+                format!(
+                    "{} is outside [0, cache.refresh_ratio)",
+                    cache.refresh_jitter
+                ),
+            ));
+        }
         if cache.max_entries == 0 {
             return Err(invalid("cache.max_entries", "must be at least 1".into()));
         }
@@ -569,6 +605,18 @@ impl Config {
             return Err(invalid(
                 "limits.failed_auth_per_minute",
                 "must be at least 1".into(),
+            ));
+        }
+        if self.limits.upstream_per_second > 1_000_000 {
+            return Err(invalid(
+                "limits.upstream_per_second",
+                format!("{} is outside 0..=1000000", self.limits.upstream_per_second),
+            ));
+        }
+        if self.limits.upstream_max_wait_ms > 60_000 {
+            return Err(invalid(
+                "limits.upstream_max_wait_ms",
+                format!("{} is outside 0..=60000", self.limits.upstream_max_wait_ms),
             ));
         }
         if !(1..=100).contains(&self.limits.max_scopes) {

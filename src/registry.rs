@@ -59,6 +59,9 @@ pub struct Client {
     pub name: Arc<str>,
     /// The scopes it may ask for, sorted: also what an empty scope list asks for.
     pub allowed_scopes: ScopeSet,
+    /// Its position in the registry (0..len): per-client state is kept in tables
+    /// indexed by it.
+    pub index: usize,
 }
 
 /// Why a scope request is refused.
@@ -137,13 +140,15 @@ impl Registry {
     pub fn new(clients: &[ClientConfig], max_scopes: usize) -> Self {
         let clients = clients
             .iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(index, c)| {
                 (
                     c.client_id.clone(),
                     Client {
                         client_id: Arc::from(c.client_id.as_str()),
                         name: Arc::from(c.name.as_str()),
                         allowed_scopes: ScopeSet::new(c.allowed_scopes.iter().cloned().collect()),
+                        index,
                     },
                 )
             })
@@ -157,6 +162,21 @@ impl Registry {
     /// The client registered under `client_id`.
     pub fn get(&self, client_id: &str) -> Option<&Client> {
         self.clients.get(client_id)
+    }
+
+    /// Number of registered clients.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Whether no client is registered.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    /// Every registered client, in no particular order.
+    pub fn clients(&self) -> impl Iterator<Item = &Client> {
+        self.clients.values()
     }
 
     /// Whether `client_id` is registered.

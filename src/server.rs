@@ -74,7 +74,10 @@ impl Gateway {
                     &FleetSettings {
                         url: url.clone(),
                         timeout: Duration::from_millis(config.cache.redis_timeout_ms),
-                        lock_ttl: Duration::from_millis(config.cognito.timeout_ms + 1000),
+                        // Covers the wait for a budget slot and the call itself.
+                        lock_ttl: Duration::from_millis(
+                            config.limits.upstream_max_wait_ms + config.cognito.timeout_ms + 1000,
+                        ),
                         lock_wait: Duration::from_millis(config.cache.lock_wait_ms),
                     },
                     key,
@@ -89,6 +92,9 @@ impl Gateway {
             BrokerSettings {
                 max_entries: config.cache.max_entries,
                 refresh_ratio: config.cache.refresh_ratio,
+                refresh_jitter: config.cache.refresh_jitter,
+                upstream_per_second: NonZeroU32::new(config.limits.upstream_per_second),
+                upstream_max_wait: Duration::from_millis(config.limits.upstream_max_wait_ms),
                 min_remaining: Duration::from_secs(config.cache.min_remaining_secs),
                 failed_auth_per_minute: NonZeroU32::new(config.limits.failed_auth_per_minute)
                     .context("limits.failed_auth_per_minute must be at least 1")?,
@@ -180,6 +186,8 @@ impl Gateway {
 
         let keys = self.validator.keys().clone();
         let loader = keys.spawn_loader(JWKS_REFRESH_PERIOD);
+        // Redis is connected now, and the fleet's proven secrets followed.
+        self.broker.start();
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", ServingStatus::NotServing)

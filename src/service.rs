@@ -23,6 +23,7 @@ use tonic::{
     metadata::MetadataMap,
     server::{NamedService, UnaryService},
 };
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::{
     broker::{AccessToken, Broker, BrokerError, Credentials},
@@ -433,6 +434,16 @@ pub fn broker_status(e: &BrokerError) -> Status {
         BrokerError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
         BrokerError::PermissionDenied(m) => Status::permission_denied(m.clone()),
         BrokerError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+        BrokerError::TooManyFailedAttempts { retry_after }
+        | BrokerError::UpstreamBudget { retry_after } => {
+            // The standard machine-readable wait (google.rpc.RetryInfo) beside the
+            // sentence for humans.
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                e.to_string(),
+                ErrorDetails::with_retry_info(Some(*retry_after)),
+            )
+        }
         BrokerError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
         BrokerError::Unavailable(m) => Status::unavailable(m.clone()),
         BrokerError::Internal(m) => Status::internal(m.clone()),

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tonic::Code;
 
 use crate::{
-    broker::Broker,
+    broker::{Broker, ClientSnapshot},
     histogram::{Histogram, HistogramSnapshot},
     jwt::{JwtValidator, Rejection},
 };
@@ -67,6 +67,13 @@ impl RpcStats {
             .get(method)
             .map_or(0, |m| m.codes[(code as usize).min(CODES - 1)].load(Relaxed))
     }
+}
+
+/// A label value escaped for the text format (names come from the config).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Writes one Prometheus histogram family; `series` pairs a label set (`a="b"`,
@@ -208,9 +215,9 @@ impl Telemetry {
                 b.stale_served,
             ),
             (
-                "token_cache_secret_mismatches_total",
-                "Cached entries presented with another secret.",
-                b.secret_mismatches,
+                "unproven_secrets_total",
+                "GetToken with a secret not (or no longer) proven for its client.",
+                b.unproven,
             ),
             (
                 "failed_auth_limited_total",
@@ -219,6 +226,86 @@ impl Telemetry {
             ),
         ] {
             counter(&mut out, name, help, value);
+        }
+        gauge(
+            &mut out,
+            "proven_secrets",
+            "Client secrets Cognito accepted, live (kept as keyed hashes).",
+            self.broker.proven_secrets() as f64,
+        );
+
+        // Upstream budget (limits.upstream_per_second).
+        let budget = self.broker.budget_stats();
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_upstream_budget_granted_total Slots of the upstream budget taken, by kind.\n# TYPE m2m_gateway_upstream_budget_granted_total counter"
+        );
+        for (kind, n) in [
+            ("miss", &budget.granted_miss),
+            ("refresh", &budget.granted_refresh),
+        ] {
+            let _ = writeln!(
+                out,
+                "m2m_gateway_upstream_budget_granted_total{{kind=\"{kind}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        for (name, help, value) in [
+            (
+                "upstream_budget_waits_total",
+                "Misses that waited for a slot of the upstream budget.",
+                budget.waits.load(Relaxed),
+            ),
+            (
+                "upstream_budget_refreshes_deferred_total",
+                "Refreshes put off while misses were queued (the current token was served).",
+                budget.refreshes_deferred.load(Relaxed),
+            ),
+            (
+                "upstream_budget_refused_total",
+                "Misses refused because no slot was free within limits.upstream_max_wait_ms.",
+                budget.refused.load(Relaxed),
+            ),
+        ] {
+            counter(&mut out, name, help, value);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_upstream_budget_wait_seconds_total Time misses waited for upstream slots.\n# TYPE m2m_gateway_upstream_budget_wait_seconds_total counter\nm2m_gateway_upstream_budget_wait_seconds_total {}",
+            budget.waited_us.load(Relaxed) as f64 / 1e6
+        );
+
+        // Per client, by registered name.
+        let clients = self.broker.client_stats().snapshot();
+        for (family, help, pick) in [
+            (
+                "client_token_cache_hits_total",
+                "GetToken answered from the cache, by client.",
+                (|c: &ClientSnapshot| c.hits) as fn(&ClientSnapshot) -> u64,
+            ),
+            (
+                "client_upstream_requests_total",
+                "Token endpoint calls, by client.",
+                |c: &ClientSnapshot| c.upstream,
+            ),
+            (
+                "client_refusals_total",
+                "GetToken refused (credentials, scopes, limits), by client.",
+                |c: &ClientSnapshot| c.refused,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP m2m_gateway_{family} {help}\n# TYPE m2m_gateway_{family} counter"
+            );
+            for c in &clients {
+                let _ = writeln!(
+                    out,
+                    "m2m_gateway_{family}{{client=\"{}\"}} {}",
+                    label_value(&c.name),
+                    pick(c)
+                );
+            }
         }
         gauge(
             &mut out,

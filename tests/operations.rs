@@ -76,11 +76,38 @@ async fn metrics_move_after_traffic_and_never_carry_secrets() {
     .unwrap();
 
     let (_, body) = gw.admin_get("/metrics").await;
-    assert_eq!(metric(&body, "m2m_gateway_token_cache_misses_total"), 1.0);
+    // The first call proved the secret (no miss after it); the wrong one is unproven.
+    assert_eq!(metric(&body, "m2m_gateway_token_cache_misses_total"), 0.0);
     assert_eq!(metric(&body, "m2m_gateway_token_cache_hits_total"), 1.0);
+    assert_eq!(metric(&body, "m2m_gateway_unproven_secrets_total"), 2.0);
+    assert_eq!(metric(&body, "m2m_gateway_proven_secrets"), 1.0);
     assert_eq!(
-        metric(&body, "m2m_gateway_token_cache_secret_mismatches_total"),
+        metric(
+            &body,
+            "m2m_gateway_client_token_cache_hits_total{client=\"client-a\"}"
+        ),
         1.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "m2m_gateway_client_upstream_requests_total{client=\"client-a\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "m2m_gateway_client_refusals_total{client=\"client-a\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "m2m_gateway_upstream_budget_granted_total{kind=\"miss\"}"
+        ),
+        2.0
     );
     assert_eq!(
         metric(&body, "m2m_gateway_upstream_requests_total{outcome=\"ok\"}"),

@@ -14,11 +14,11 @@ use std::{
 use m2m_gateway::{
     config::{CacheBackend, Config},
     emulator::{Emulator, EmulatorClient},
-    proto::gateway::v1::GetTokenRequest,
+    proto::gateway::v1::{GetTokenRequest, gateway_client::GatewayClient},
 };
 use secrecy::SecretString;
 use support::*;
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 
 const KEY: &str = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
 
@@ -105,11 +105,32 @@ async fn redis_dump(port: u16) -> Vec<(String, Vec<u8>, i64)> {
         .unwrap();
     let mut out = Vec::new();
     for k in keys {
-        let v: Option<Vec<u8>> = redis::cmd("GET")
+        let kind: String = redis::cmd("TYPE")
             .arg(&k)
             .query_async(&mut conn)
             .await
             .unwrap();
+        let v: Option<Vec<u8>> = if kind == "hash" {
+            // Proven secrets: every field and value, concatenated.
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            Some(
+                fields
+                    .into_iter()
+                    .flat_map(|(f, v)| [f, v])
+                    .flatten()
+                    .collect(),
+            )
+        } else {
+            redis::cmd("GET")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap()
+        };
         let ttl: i64 = redis::cmd("TTL")
             .arg(&k)
             .query_async(&mut conn)
@@ -189,7 +210,8 @@ async fn three_replicas_share_one_cognito_call_and_survive_redis_dying() {
     // Redis holds neither the token nor the secret nor the client id, and entries
     // live as long as the token.
     let dump = redis_dump(redis.port).await;
-    assert!(!dump.is_empty());
+    assert!(dump.iter().any(|(k, _, _)| k.starts_with("m2m:proven:")));
+    assert!(dump.iter().any(|(k, _, _)| k.starts_with("m2m:tok:")));
     for (key, value, ttl) in &dump {
         let text = String::from_utf8_lossy(value);
         for needle in [
@@ -204,8 +226,8 @@ async fn three_replicas_share_one_cognito_call_and_survive_redis_dying() {
                 "{key} leaks"
             );
         }
-        if key.starts_with("m2m:tok:") {
-            assert!((3500..=3600).contains(ttl), "ttl {ttl}");
+        if key.starts_with("m2m:tok:") || key.starts_with("m2m:proven:") {
+            assert!((3500..=3600).contains(ttl), "{key} ttl {ttl}");
         }
     }
 
@@ -265,4 +287,171 @@ async fn a_redis_that_is_down_at_start_changes_nothing_but_sharing() {
         .into_inner();
     assert_eq!(t.access_token, again.access_token);
     assert_eq!(emu.token_requests(), 1);
+}
+
+async fn flush(port: u16) {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+}
+
+async fn replicas(cfg: &Config, n: usize) -> (Vec<TestGateway>, Vec<GatewayClient<Channel>>) {
+    let mut replicas = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let r = TestGateway::start(cfg.clone()).await.ready().await;
+        clients.push(r.client().await);
+        replicas.push(r);
+    }
+    (replicas, clients)
+}
+
+/// `calls` concurrent GetToken calls spread over `clients`; the tokens.
+async fn burst(clients: &[GatewayClient<Channel>], calls: usize, secret: &str) -> Vec<String> {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(calls));
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let mut c = clients[i % clients.len()].clone();
+            let barrier = barrier.clone();
+            let secret = secret.to_owned();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                c.get_token(request(CLIENT, &secret))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .access_token
+            })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for t in tasks {
+        tokens.push(t.await.unwrap());
+    }
+    tokens
+}
+
+/// Polls `check` until it holds (bounded): for state another replica changes
+/// through Redis, which arrives asynchronously.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_upstream_call_per_fleet_ten_cold_starts_in_a_row() {
+    let Some(redis) = start_redis() else { return };
+    let emu = emulator(vec![client_b()]).await;
+    let cfg = fleet_config(&emu, redis.port);
+    for round in 0..10 {
+        flush(redis.port).await;
+        let (replicas, clients) = replicas(&cfg, 3).await;
+        let before = emu.token_requests();
+        let tokens = burst(&clients, 300, SECRET).await;
+        assert_eq!(
+            emu.token_requests() - before,
+            1,
+            "round {round}: one Cognito call for the whole fleet"
+        );
+        assert!(
+            tokens.iter().all(|t| *t == tokens[0]),
+            "round {round}: one token"
+        );
+        for r in replicas {
+            r.stop().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refresh_per_fleet_while_the_others_keep_serving() {
+    let Some(redis) = start_redis() else { return };
+    let emu = emulator(vec![]).await;
+    emu.set_expires_in(4);
+    let mut cfg = fleet_config(&emu, redis.port);
+    cfg.cache.refresh_ratio = 0.5;
+    cfg.cache.refresh_jitter = 0.0;
+    cfg.cache.min_remaining_secs = 1;
+    let (_replicas, clients) = replicas(&cfg, 3).await;
+    let first = burst(&clients, 30, SECRET).await;
+    assert_eq!(emu.token_requests(), 1);
+    // Wait out half of the 4 s lifetime: the entry is due for refresh.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let tokens = burst(&clients, 300, SECRET).await;
+    assert_eq!(emu.token_requests(), 2, "one refresh for the fleet");
+    for t in &tokens {
+        assert!(*t == first[0] || !t.is_empty());
+    }
+    let fresh: std::collections::HashSet<_> = tokens.iter().filter(|t| **t != first[0]).collect();
+    assert!(fresh.len() <= 1, "one new token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proofs_and_revocations_reach_every_replica() {
+    let Some(redis) = start_redis() else { return };
+    let emu = emulator(vec![]).await;
+    emu.add_secret(CLIENT, "second-secret-for-rotation");
+    let cfg = fleet_config(&emu, redis.port);
+    let (replicas, mut clients) = replicas(&cfg, 2).await;
+    let proven = |i: usize| replicas[i].gateway.broker.proven_secrets();
+
+    // Each secret proven on a different replica; both replicas learn both.
+    let t1 = clients[0]
+        .get_token(request(CLIENT, SECRET))
+        .await
+        .unwrap()
+        .into_inner();
+    let t2 = clients[1]
+        .get_token(request(CLIENT, "second-secret-for-rotation"))
+        .await
+        .unwrap()
+        .into_inner();
+    eventually("both replicas hold both proofs", || {
+        proven(0) == 2 && proven(1) == 2
+    })
+    .await;
+    let calls = emu.token_requests();
+    assert!(calls <= 2);
+    for c in &mut clients {
+        for s in [SECRET, "second-secret-for-rotation"] {
+            let t = c.get_token(request(CLIENT, s)).await.unwrap().into_inner();
+            assert!(t.access_token == t1.access_token || t.access_token == t2.access_token);
+        }
+    }
+    assert_eq!(
+        emu.token_requests(),
+        calls,
+        "rotation costs no upstream call"
+    );
+
+    // The first secret is deleted in Cognito; replica 0 presents it upstream (a
+    // scope set not cached yet) and is refused: every replica forgets it.
+    emu.delete_secret(CLIENT, SECRET);
+    let mut narrow = request(CLIENT, SECRET);
+    narrow.scopes = vec!["orders/write".into()];
+    let s = clients[0].get_token(narrow).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    eventually("the revocation reached replica 1", || proven(1) == 1).await;
+    let s = clients[1]
+        .get_token(request(CLIENT, SECRET))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        s.code(),
+        Code::Unauthenticated,
+        "no longer served from the cache"
+    );
+    // The second secret is served on both, without a gap.
+    for c in &mut clients {
+        let t = c
+            .get_token(request(CLIENT, "second-secret-for-rotation"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!t.access_token.is_empty());
+    }
 }

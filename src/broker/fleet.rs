@@ -2,7 +2,9 @@
 //! keys derived by HMAC from (client id, scope set), a `SET NX PX` lock so that one
 //! replica fetches while the others wait for its result, short timeouts on every
 //! Redis call, and a breaker that falls back to the local cache while Redis is
-//! down or slow.
+//! down or slow. Also holds, for the broker, the fleet's proven secrets (a hash
+//! per client, announced on a channel so every replica learns of a proof or a
+//! revocation at once) and the shared upstream budget (one script).
 
 use std::{
     fmt,
@@ -22,7 +24,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-const FORMAT_VERSION: u8 = 1;
+use super::budget::{Grant, Priority, RESERVE_SCRIPT};
+
+/// Version 2: entries carry no secret verifier (proofs are kept per client).
+const FORMAT_VERSION: u8 = 2;
+/// Where proofs and revocations are announced.
+pub(crate) const PROOF_CHANNEL: &str = "m2m:proofs";
+/// The fleet's upstream schedule.
+const BUDGET_KEY: &str = "m2m:budget";
 /// How long Redis is left alone after a failure before it is tried again.
 const BREAK_FOR: Duration = Duration::from_secs(1);
 /// Pause between two looks at Redis while another replica holds the lock.
@@ -34,7 +43,6 @@ const POLL_EVERY: Duration = Duration::from_millis(20);
 pub(crate) struct SharedEntry {
     pub(crate) token: String,
     pub(crate) scopes: Vec<String>,
-    pub(crate) verifier: String,
     pub(crate) expires_at_ms: u64,
     pub(crate) refresh_at_ms: u64,
 }
@@ -78,6 +86,29 @@ pub(crate) fn ms_to_instant(ms: u64) -> Instant {
     }
 }
 
+/// A proven secret as stored in Redis (encrypted): the verifier, never the secret.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SharedProof {
+    pub(crate) verifier: String,
+    pub(crate) until_ms: u64,
+}
+
+/// A proof or a revocation announced by a replica.
+#[derive(Debug)]
+pub(crate) enum ProofEvent {
+    /// Cognito accepted the secret of `verifier` for the client of `client_key`.
+    Proven {
+        client_key: String,
+        verifier: [u8; 32],
+        until_ms: u64,
+    },
+    /// Cognito refused it.
+    Revoked {
+        client_key: String,
+        verifier: [u8; 32],
+    },
+}
+
 /// How a wait for another replica's fetch ended.
 #[derive(Debug)]
 pub(crate) enum PeerWait {
@@ -112,6 +143,7 @@ pub struct FleetStats {
 
 /// Redis-backed shared cache.
 pub struct FleetCache {
+    client: redis::Client,
     conn: ConnectionManager,
     key_mac: hmac::Key,
     aead: LessSafeKey,
@@ -171,12 +203,13 @@ impl FleetCache {
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| format!("redis: {e}"))?;
         let aead_key = derive(master_key, b"m2m-gateway cache encryption v1");
         let aead =
             LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &aead_key).map_err(|_| "AES key")?);
         Ok(Self {
+            client,
             conn,
             key_mac: hmac::Key::new(
                 hmac::HMAC_SHA256,
@@ -210,14 +243,34 @@ impl FleetCache {
     /// The entry and lock keys of a cache key: an HMAC of client id and scope set,
     /// so Redis never sees either (nor any secret).
     pub(crate) fn keys(&self, client_id: &str, scope_param: &str) -> (String, String) {
-        let mut ctx = hmac::Context::with_key(&self.key_mac);
-        ctx.update(client_id.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(scope_param.as_bytes());
-        let id = STANDARD_NO_PAD
-            .encode(ctx.sign().as_ref())
-            .replace(['+', '/'], "_");
+        let id = self.mac_id(&[client_id.as_bytes(), scope_param.as_bytes()]);
         (format!("m2m:tok:{id}"), format!("m2m:lock:{id}"))
+    }
+
+    /// The key of a client's proven secrets: an HMAC of its id.
+    pub(crate) fn proof_key(&self, client_id: &str) -> String {
+        format!(
+            "m2m:proven:{}",
+            self.mac_id(&[b"proven", client_id.as_bytes()])
+        )
+    }
+
+    fn proof_field(&self, verifier: &[u8; 32]) -> String {
+        self.mac_id(&[b"verifier", verifier])
+    }
+
+    /// An opaque, key-safe id of `parts` (NUL-separated) under the key-naming key.
+    fn mac_id(&self, parts: &[&[u8]]) -> String {
+        let mut ctx = hmac::Context::with_key(&self.key_mac);
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                ctx.update(&[0]);
+            }
+            ctx.update(part);
+        }
+        STANDARD_NO_PAD
+            .encode(ctx.sign().as_ref())
+            .replace(['+', '/'], "_")
     }
 
     fn breaker_open(&self) -> bool {
@@ -355,8 +408,177 @@ impl FleetCache {
         PeerWait::TimedOut
     }
 
-    fn seal(&self, key: &str, entry: &SharedEntry) -> Result<Vec<u8>, FleetError> {
-        let mut plain = serde_json::to_vec(entry).map_err(|e| FleetError::Redis(e.to_string()))?;
+    /// Records a proven secret for the fleet (until `until_ms`) and announces it.
+    pub(crate) async fn put_proof(
+        &self,
+        client_key: &str,
+        verifier: &[u8; 32],
+        until_ms: u64,
+    ) -> Result<(), FleetError> {
+        let ttl = until_ms.saturating_sub(now_ms());
+        if ttl == 0 {
+            return Ok(());
+        }
+        let field = self.proof_field(verifier);
+        let blob = self.seal(
+            &format!("{client_key}/{field}"),
+            &SharedProof {
+                verifier: STANDARD_NO_PAD.encode(verifier),
+                until_ms,
+            },
+        )?;
+        let _: i64 = self
+            .call(redis::cmd("HSET").arg(client_key).arg(&field).arg(&blob))
+            .await?;
+        // NX gives a new hash its lifetime; GT lets a later proof extend it.
+        for flag in ["NX", "GT"] {
+            let _: i64 = self
+                .call(redis::cmd("PEXPIRE").arg(client_key).arg(ttl).arg(flag))
+                .await?;
+        }
+        self.announce('P', client_key, &field, &blob).await
+    }
+
+    /// Forgets a proven secret fleet-wide (Cognito refused it) and announces it.
+    pub(crate) async fn drop_proof(
+        &self,
+        client_key: &str,
+        verifier: &[u8; 32],
+    ) -> Result<(), FleetError> {
+        let field = self.proof_field(verifier);
+        let blob = self.seal(
+            &format!("{client_key}/{field}"),
+            &SharedProof {
+                verifier: STANDARD_NO_PAD.encode(verifier),
+                until_ms: 0,
+            },
+        )?;
+        let _: i64 = self
+            .call(redis::cmd("HDEL").arg(client_key).arg(&field))
+            .await?;
+        self.announce('R', client_key, &field, &blob).await
+    }
+
+    async fn announce(
+        &self,
+        kind: char,
+        client_key: &str,
+        field: &str,
+        blob: &[u8],
+    ) -> Result<(), FleetError> {
+        let message = format!(
+            "{kind} {client_key} {field} {}",
+            STANDARD_NO_PAD.encode(blob)
+        );
+        let _: i64 = self
+            .call(redis::cmd("PUBLISH").arg(PROOF_CHANNEL).arg(message))
+            .await?;
+        Ok(())
+    }
+
+    /// The live proven secrets of a client: (verifier, until_ms).
+    pub(crate) async fn load_proofs(
+        &self,
+        client_key: &str,
+    ) -> Result<Vec<([u8; 32], u64)>, FleetError> {
+        let fields: Vec<(String, Vec<u8>)> =
+            self.call(redis::cmd("HGETALL").arg(client_key)).await?;
+        let now = now_ms();
+        Ok(fields
+            .into_iter()
+            .filter_map(|(field, blob)| self.open_proof(client_key, &field, blob))
+            .filter(|(_, until)| *until > now)
+            .collect())
+    }
+
+    fn open_proof(&self, client_key: &str, field: &str, blob: Vec<u8>) -> Option<([u8; 32], u64)> {
+        let proof: SharedProof = self.open(&format!("{client_key}/{field}"), blob)?;
+        let verifier = <[u8; 32]>::try_from(STANDARD_NO_PAD.decode(&proof.verifier).ok()?).ok()?;
+        // The field is the verifier's own name: a sealed proof cannot be replayed
+        // under another.
+        (self.proof_field(&verifier) == field).then_some((verifier, proof.until_ms))
+    }
+
+    /// Subscribes to the fleet's proof announcements (a dedicated connection).
+    pub(crate) async fn proof_events(
+        self: &std::sync::Arc<Self>,
+    ) -> Result<impl futures::Stream<Item = ProofEvent> + Send + use<>, FleetError> {
+        let connect = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(PROOF_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect)
+            .await
+            .map_err(|_| FleetError::Timeout)?
+            .map_err(|e| FleetError::Redis(e.to_string()))?;
+        let this = std::sync::Arc::clone(self);
+        Ok(futures::StreamExt::filter_map(
+            pubsub.into_on_message(),
+            move |msg| {
+                let event = msg
+                    .get_payload::<String>()
+                    .ok()
+                    .and_then(|text| this.parse_event(&text));
+                std::future::ready(event)
+            },
+        ))
+    }
+
+    fn parse_event(&self, text: &str) -> Option<ProofEvent> {
+        let mut parts = text.split(' ');
+        let (kind, client_key, field, blob) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let blob = STANDARD_NO_PAD.decode(blob).ok()?;
+        let (verifier, until_ms) = self.open_proof(client_key, field, blob)?;
+        let client_key = client_key.to_owned();
+        match kind {
+            "P" => Some(ProofEvent::Proven {
+                client_key,
+                verifier,
+                until_ms,
+            }),
+            "R" => Some(ProofEvent::Revoked {
+                client_key,
+                verifier,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Reserves a slot of the fleet's upstream schedule (see `budget`).
+    pub(crate) async fn reserve_budget(
+        &self,
+        priority: Priority,
+        interval: Duration,
+        max_wait: Duration,
+    ) -> Result<Grant, FleetError> {
+        let refresh = if priority == Priority::Refresh {
+            "1"
+        } else {
+            "0"
+        };
+        let (admitted, delay_us): (i64, i64) = self
+            .call(
+                redis::cmd("EVAL")
+                    .arg(RESERVE_SCRIPT)
+                    .arg(1)
+                    .arg(BUDGET_KEY)
+                    .arg(interval.as_micros() as u64)
+                    .arg(refresh)
+                    .arg(max_wait.as_micros() as u64),
+            )
+            .await?;
+        let delay = Duration::from_micros(delay_us.max(0) as u64);
+        Ok(if admitted == 1 {
+            Grant::After(delay)
+        } else {
+            Grant::Refused { retry_after: delay }
+        })
+    }
+
+    fn seal<T: Serialize>(&self, key: &str, value: &T) -> Result<Vec<u8>, FleetError> {
+        let mut plain = serde_json::to_vec(value).map_err(|e| FleetError::Redis(e.to_string()))?;
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| FleetError::Redis("rng".into()))?;
         self.aead
@@ -373,7 +595,7 @@ impl FleetCache {
         Ok(blob)
     }
 
-    fn open(&self, key: &str, mut blob: Vec<u8>) -> Option<SharedEntry> {
+    fn open<T: for<'de> Deserialize<'de>>(&self, key: &str, mut blob: Vec<u8>) -> Option<T> {
         if blob.len() < 1 + NONCE_LEN || blob[0] != FORMAT_VERSION {
             return None;
         }
@@ -407,7 +629,6 @@ mod tests {
         SharedEntry {
             token: "eyJ.secret-token.sig".into(),
             scopes: vec!["a/b".into()],
-            verifier: "dmVyaWZpZXI".into(),
             expires_at_ms: now_ms() + 60_000,
             refresh_at_ms: now_ms() + 45_000,
         }
@@ -420,18 +641,18 @@ mod tests {
         let blob = c.seal(&key, &entry()).unwrap();
         assert!(!String::from_utf8_lossy(&blob).contains("secret-token"));
         assert_eq!(
-            c.open(&key, blob.clone()).unwrap().token,
+            c.open::<SharedEntry>(&key, blob.clone()).unwrap().token,
             "eyJ.secret-token.sig"
         );
         let (other, _) = c.keys("client-b", "a/b");
         assert!(
-            c.open(&other, blob.clone()).is_none(),
+            c.open::<SharedEntry>(&other, blob.clone()).is_none(),
             "moved to another key"
         );
         let mut tampered = blob;
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert!(c.open(&key, tampered).is_none());
+        assert!(c.open::<SharedEntry>(&key, tampered).is_none());
     }
 
     #[tokio::test]

@@ -1,11 +1,16 @@
 //! The GetToken broker: registry checks, the token cache keyed by (client, scope
-//! set), the secret verifier, single flight per key, refresh at a share of the
-//! lifetime, and stale-on-error. Knows nothing of tonic; [`BrokerError`] is mapped
+//! set), proven secrets (several per client, so rotations cost nothing), the
+//! failed-attempt limit for unproven ones, single flight per key (per fleet with
+//! Redis), refresh at a jittered share of the lifetime, stale-on-error, and the
+//! upstream budget that keeps the account under Cognito's quota. Knows nothing of tonic; [`BrokerError`] is mapped
 //! to gRPC statuses by `service`.
 
+mod budget;
 pub mod cognito;
 mod fleet;
+mod proven;
 mod stats;
+mod sync;
 
 use std::{
     collections::HashMap,
@@ -21,18 +26,23 @@ use futures::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
-use governor::{DefaultKeyedRateLimiter, Quota};
+use governor::{
+    DefaultKeyedRateLimiter, Quota,
+    clock::{Clock as _, DefaultClock},
+};
 use secrecy::{ExposeSecret, SecretString};
-use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
+pub use budget::BudgetStats;
 pub use cognito::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
 pub use fleet::{FleetCache, FleetSettings, FleetStats};
-pub use stats::{BrokerStats, LATENCY_BUCKETS, StatsSnapshot};
+pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
 
+use budget::{Grant, Priority, Schedule};
 use fleet::{PeerWait, SharedEntry};
+use proven::{ProvenSecrets, Verifier};
 
-use crate::registry::{Registry, ScopeRequestError, ScopeSet};
+use crate::registry::{self, Client, Registry, ScopeRequestError, ScopeSet};
 
 /// A caller's credentials. `Debug` never shows the secret.
 #[derive(Clone)]
@@ -63,7 +73,7 @@ pub struct IssuedToken {
     pub scopes: Arc<[String]>,
 }
 
-/// Why GetToken failed. One variant per row of the DESIGN status table.
+/// Why GetToken failed, named for what happened; `service` picks the status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
     /// No credentials, unknown client or wrong secret. One message for all three.
@@ -78,7 +88,26 @@ pub enum BrokerError {
     /// The app client may not use this grant.
     #[error("{0}")]
     FailedPrecondition(String),
-    /// A limit was hit (ours or Cognito's).
+    /// Too many attempts with secrets Cognito has not accepted for this client.
+    #[error(
+        "too many attempts with unproven secrets for this client; retry in {} s",
+        retry_after.as_secs().max(1)
+    )]
+    TooManyFailedAttempts {
+        /// When the next attempt is admitted.
+        retry_after: Duration,
+    },
+    /// The upstream budget (`limits.upstream_per_second`) has no slot within the
+    /// longest wait.
+    #[error(
+        "the token endpoint budget is used up; retry in {} ms",
+        retry_after.as_millis().max(1)
+    )]
+    UpstreamBudget {
+        /// When a slot could be free.
+        retry_after: Duration,
+    },
+    /// Cognito throttled the request.
     #[error("{0}")]
     ResourceExhausted(String),
     /// Cognito unreachable, failing or answering garbage.
@@ -97,9 +126,20 @@ impl BrokerError {
             BrokerError::InvalidArgument(_) => "invalid_argument",
             BrokerError::PermissionDenied(_) => "permission_denied",
             BrokerError::FailedPrecondition(_) => "failed_precondition",
+            BrokerError::TooManyFailedAttempts { .. } => "failed_auth_limited",
+            BrokerError::UpstreamBudget { .. } => "upstream_budget",
             BrokerError::ResourceExhausted(_) => "resource_exhausted",
             BrokerError::Unavailable(_) => "unavailable",
             BrokerError::Internal(_) => "internal",
+        }
+    }
+
+    /// How long the caller should wait before trying again, when known.
+    pub const fn retry_after(&self) -> Option<Duration> {
+        match self {
+            BrokerError::TooManyFailedAttempts { retry_after }
+            | BrokerError::UpstreamBudget { retry_after } => Some(*retry_after),
+            _ => None,
         }
     }
 
@@ -108,6 +148,7 @@ impl BrokerError {
             self,
             BrokerError::Unavailable(_)
                 | BrokerError::ResourceExhausted(_)
+                | BrokerError::UpstreamBudget { .. }
                 | BrokerError::Internal(_)
         )
     }
@@ -134,6 +175,30 @@ impl From<UpstreamError> for BrokerError {
     }
 }
 
+/// Longest client secret accepted. Cognito's own are 24–64 characters; the room
+/// above covers emulators and other OAuth servers, and anything longer is refused
+/// before it costs an upstream or Redis call.
+pub const MAX_SECRET_LEN: usize = 128;
+
+/// Refuses ids and secrets that no Cognito app client can have.
+fn check_shape(credentials: &Credentials) -> Result<(), BrokerError> {
+    if credentials.client_id.is_empty() || credentials.secret.expose_secret().is_empty() {
+        return Err(BrokerError::Unauthenticated);
+    }
+    if !registry::is_valid_client_id(&credentials.client_id) {
+        return Err(BrokerError::InvalidArgument(
+            "client_id is not an app client id (1 to 128 letters, digits, '_', '-' or '+')".into(),
+        ));
+    }
+    let secret = credentials.secret.expose_secret();
+    if secret.len() > MAX_SECRET_LEN || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(BrokerError::InvalidArgument(format!(
+            "client_secret is not an app client secret (1 to {MAX_SECRET_LEN} printable ASCII characters)"
+        )));
+    }
+    Ok(())
+}
+
 /// Tunables of the broker.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
@@ -141,10 +206,19 @@ pub struct BrokerSettings {
     pub max_entries: u64,
     /// Share of the lifetime after which a token is refreshed.
     pub refresh_ratio: f64,
+    /// Refresh points are spread over `[refresh_ratio - refresh_jitter,
+    /// refresh_ratio]` of the lifetime, so that tokens obtained together are not
+    /// all refreshed in the same second.
+    pub refresh_jitter: f64,
     /// A token with less life than this is never handed out.
     pub min_remaining: Duration,
-    /// Unverified upstream attempts per client and minute once it has failed.
+    /// Upstream attempts per client and minute with secrets Cognito has not
+    /// accepted (proven secrets are never limited).
     pub failed_auth_per_minute: NonZeroU32,
+    /// Token calls per second to Cognito (fleet-wide with Redis); `None` = no cap.
+    pub upstream_per_second: Option<NonZeroU32>,
+    /// Longest wait of a miss for an upstream slot.
+    pub upstream_max_wait: Duration,
     /// Keys the secret verifiers; random per process when `None`.
     pub verifier_key: Option<[u8; 32]>,
 }
@@ -154,22 +228,29 @@ impl Default for BrokerSettings {
         Self {
             max_entries: 10_000,
             refresh_ratio: 0.75,
+            refresh_jitter: 0.05,
             min_remaining: Duration::from_secs(10),
             failed_auth_per_minute: NonZeroU32::new(10).expect("non-zero"),
+            upstream_per_second: NonZeroU32::new(100),
+            upstream_max_wait: Duration::from_secs(5),
             verifier_key: None,
         }
     }
 }
 
 type CacheKey = (Arc<str>, Arc<str>);
-type Verifier = [u8; 32];
-type Flight = Shared<BoxFuture<'static, Result<Arc<Entry>, BrokerError>>>;
+/// A flight for a key: shared by every proven caller (`None`), or by the callers
+/// of one unproven secret.
+type FlightKey = (CacheKey, Option<Verifier>);
+/// What a flight ends with: the verifier whose secret it presented, and the entry.
+type FlightResult = (Verifier, Result<Arc<Entry>, BrokerError>);
+type Flight = Shared<BoxFuture<'static, FlightResult>>;
 
-/// A cached token. Holds an HMAC of the secret that obtained it, never the secret.
+/// A cached token. Whom it is handed to is decided by the client's proven
+/// secrets, not by the entry.
 struct Entry {
     token: AccessToken,
     scopes: Arc<[String]>,
-    verifier: Verifier,
     lifetime: Duration,
     refresh_at: Instant,
     expires_at: Instant,
@@ -198,23 +279,20 @@ impl Entry {
         SharedEntry {
             token: self.token.expose().to_owned(),
             scopes: self.scopes.to_vec(),
-            verifier: URL_SAFE_NO_PAD.encode(self.verifier),
             expires_at_ms: fleet::instant_to_ms(self.expires_at),
             refresh_at_ms: fleet::instant_to_ms(self.refresh_at),
         }
     }
 
-    fn from_shared(shared: SharedEntry) -> Option<Arc<Entry>> {
-        let verifier = <[u8; 32]>::try_from(URL_SAFE_NO_PAD.decode(&shared.verifier).ok()?).ok()?;
+    fn from_shared(shared: SharedEntry) -> Arc<Entry> {
         let expires_at = fleet::ms_to_instant(shared.expires_at_ms);
-        Some(Arc::new(Entry {
+        Arc::new(Entry {
             token: AccessToken::new(shared.token),
             scopes: shared.scopes.into(),
-            verifier,
             lifetime: expires_at.saturating_duration_since(Instant::now()),
             refresh_at: fleet::ms_to_instant(shared.refresh_at_ms),
             expires_at,
-        }))
+        })
     }
 }
 
@@ -231,6 +309,26 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
     }
 }
 
+/// Removes a flight from the in-flight table when its task ends, however it
+/// ends (an error, a panic, an abort at shutdown): no stuck flight is left.
+struct FlightGuard {
+    broker: Broker,
+    key: Option<FlightKey>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.broker
+                .inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        }
+    }
+}
+
 /// The GetToken broker. Cheap to clone.
 #[derive(Clone)]
 pub struct Broker {
@@ -242,13 +340,18 @@ struct Inner {
     upstream: Arc<dyn TokenEndpoint>,
     /// Synchronous: a lookup is a call, not a future (the hit path stays small).
     cache: moka::sync::Cache<CacheKey, Arc<Entry>>,
-    inflight: Mutex<HashMap<(CacheKey, Verifier), Flight>>,
+    inflight: Mutex<HashMap<FlightKey, Flight>>,
     verifier_key: hmac::Key,
+    proven: ProvenSecrets,
     limiter: DefaultKeyedRateLimiter<Arc<str>>,
-    recent_failures: moka::sync::Cache<Arc<str>, ()>,
+    schedule: Option<Schedule>,
     settings: BrokerSettings,
     stats: BrokerStats,
+    clients: ClientStats,
     fleet: Option<Arc<FleetCache>>,
+    /// Dropped with the broker: ends its background tasks.
+    _alive: tokio::sync::watch::Sender<()>,
+    alive: tokio::sync::watch::Receiver<()>,
 }
 
 impl fmt::Debug for Broker {
@@ -271,9 +374,10 @@ impl Broker {
         Self::with_fleet(registry, upstream, settings, None)
     }
 
-    /// A broker that also shares its cache with other replicas through `fleet`.
-    /// The verifier key must then be the same on every replica
-    /// ([`BrokerSettings::verifier_key`] from `cache.encryption_key`).
+    /// A broker that also shares its cache, its proven secrets and its upstream
+    /// budget with other replicas through `fleet`. The verifier key must then be
+    /// the same on every replica ([`BrokerSettings::verifier_key`] from
+    /// `cache.encryption_key`). Call [`Broker::start`] once a runtime runs.
     pub fn with_fleet(
         registry: Registry,
         upstream: Arc<dyn TokenEndpoint>,
@@ -297,29 +401,60 @@ impl Broker {
             .build();
         let limiter =
             DefaultKeyedRateLimiter::keyed(Quota::per_minute(settings.failed_auth_per_minute));
-        let recent_failures = moka::sync::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(Duration::from_secs(60))
-            .build();
+        let slots = registry.clients().map(|c| c.index + 1).max().unwrap_or(0);
+        let (alive_tx, alive) = tokio::sync::watch::channel(());
         Self {
             inner: Arc::new(Inner {
-                registry,
                 upstream,
                 cache,
                 inflight: Mutex::new(HashMap::new()),
                 verifier_key,
+                proven: ProvenSecrets::new(slots),
                 limiter,
-                recent_failures,
+                schedule: settings.upstream_per_second.map(|n| Schedule::new(n.get())),
+                clients: ClientStats::new(&registry, slots),
+                registry,
                 settings,
                 stats: BrokerStats::default(),
                 fleet,
+                _alive: alive_tx,
+                alive,
             }),
+        }
+    }
+
+    /// Starts the background work of a fleet broker: connects to Redis now (a
+    /// Redis that is down does not stop the start), loads the fleet's proven
+    /// secrets and follows their announcements. Stops when the broker is dropped.
+    /// Does nothing without Redis.
+    pub fn start(&self) {
+        if let Some(fleet) = self.inner.fleet.clone() {
+            tokio::spawn(sync::follow_proofs(
+                Arc::downgrade(&self.inner),
+                fleet,
+                self.inner.alive.clone(),
+            ));
         }
     }
 
     /// Counters.
     pub fn stats(&self) -> &BrokerStats {
         &self.inner.stats
+    }
+
+    /// Counters of the upstream budget.
+    pub fn budget_stats(&self) -> &BudgetStats {
+        &self.inner.stats.budget
+    }
+
+    /// Per-client counters, by registered name.
+    pub fn client_stats(&self) -> &ClientStats {
+        &self.inner.clients
+    }
+
+    /// Proven secrets currently live, over every client.
+    pub fn proven_secrets(&self) -> usize {
+        self.inner.proven.live()
     }
 
     /// The fleet-wide cache, when configured.
@@ -333,29 +468,37 @@ impl Broker {
     }
 
     /// Returns a token for `credentials` carrying `scopes` (empty = every allowed
-    /// scope), from the cache when the same secret obtained it, else from Cognito.
+    /// scope): from the cache when the secret is proven for the client, else from
+    /// Cognito, which proves or refuses the secret.
     pub async fn get_token(
         &self,
         credentials: &Credentials,
         scopes: &[String],
     ) -> Result<IssuedToken, BrokerError> {
         let inner = &self.inner;
+        check_shape(credentials)?;
         let Some(client) = inner.registry.get(&credentials.client_id) else {
             return Err(BrokerError::Unauthenticated);
         };
-        if credentials.secret.expose_secret().is_empty() {
-            return Err(BrokerError::Unauthenticated);
-        }
-        let scopes = inner
-            .registry
-            .normalise(client, scopes)
-            .map_err(|e| match e {
-                ScopeRequestError::NotAllowed(_) => BrokerError::PermissionDenied(e.to_string()),
-                _ => BrokerError::InvalidArgument(e.to_string()),
-            })?;
+        let scopes = match inner.registry.normalise(client, scopes) {
+            Ok(scopes) => scopes,
+            Err(e) => {
+                inner.clients.refused(client.index);
+                return Err(match e {
+                    ScopeRequestError::NotAllowed(_) => {
+                        BrokerError::PermissionDenied(e.to_string())
+                    }
+                    _ => BrokerError::InvalidArgument(e.to_string()),
+                });
+            }
+        };
         let key: CacheKey = (client.client_id.clone(), scopes.param().clone());
         let verifier = self.verifier(&credentials.client_id, &credentials.secret);
         let now = Instant::now();
+        if !inner.proven.is_proven(client.index, &verifier, now) {
+            // Limited before anything else (Redis included) is asked.
+            return Box::pin(self.unproven(client, key, verifier, credentials, scopes)).await;
+        }
 
         let mut cached = inner.cache.get(&key).filter(|e| self.usable(e, now));
         if let Some(fleet) = &inner.fleet {
@@ -366,42 +509,111 @@ impl Broker {
                 cached = Box::pin(self.fresher_in_fleet(fleet, &key, cached, now)).await;
             }
         }
-        let entry = match cached {
-            Some(entry) if bool::from(entry.verifier.ct_eq(&verifier)) => {
-                if now < entry.refresh_at {
-                    inner.stats.hit();
-                    // Served at `now`: no second clock read.
-                    return Ok(entry.issued(now));
-                } else {
-                    inner.stats.refresh();
-                    let current = Some(entry.clone());
-                    match Box::pin(self.fetch(key, verifier, credentials, scopes, current)).await {
-                        Ok(fresh) => fresh,
-                        Err(e) if e.is_transient() && self.usable(&entry, Instant::now()) => {
+        match cached {
+            Some(entry) if now < entry.refresh_at => {
+                inner.stats.hit();
+                inner.clients.hit(client.index);
+                // Served at `now`: no second clock read.
+                Ok(entry.issued(now))
+            }
+            Some(entry) => {
+                inner.stats.refresh();
+                let fetched = self
+                    .proven_fetch(
+                        client,
+                        key,
+                        verifier,
+                        credentials,
+                        scopes,
+                        Some(entry.clone()),
+                    )
+                    .await;
+                match fetched {
+                    Ok(fresh) => Ok(fresh.issued(Instant::now())),
+                    Err(e) if e.is_transient() && self.usable(&entry, Instant::now()) => {
+                        if !matches!(e, BrokerError::UpstreamBudget { .. }) {
                             inner.stats.stale_served();
                             tracing::warn!(client = %client.name, error = %e, "refresh failed; serving the cached token");
-                            entry
                         }
-                        Err(e) => return Err(e),
+                        inner.clients.hit(client.index);
+                        Ok(entry.issued(Instant::now()))
                     }
+                    Err(e) => Err(e),
                 }
-            }
-            Some(_) => {
-                // A different secret: it may have been rotated in Cognito, so ask,
-                // but only at the failed-attempt rate.
-                inner.stats.secret_mismatch();
-                self.admit_unverified(&client.client_id)?;
-                Box::pin(self.fetch(key, verifier, credentials, scopes, None)).await?
             }
             None => {
                 inner.stats.miss();
-                if inner.recent_failures.contains_key(&client.client_id) {
-                    self.admit_unverified(&client.client_id)?;
-                }
-                Box::pin(self.fetch(key, verifier, credentials, scopes, None)).await?
+                self.proven_fetch(client, key, verifier, credentials, scopes, None)
+                    .await
+                    .map(|entry| entry.issued(Instant::now()))
             }
-        };
-        Ok(entry.issued(Instant::now()))
+        }
+    }
+
+    /// A secret Cognito has not (or no longer) accepted for this client: asked of
+    /// Cognito at the failed-attempt rate; its token is handed out only once
+    /// Cognito accepted it.
+    async fn unproven(
+        &self,
+        client: &Client,
+        key: CacheKey,
+        verifier: Verifier,
+        credentials: &Credentials,
+        scopes: ScopeSet,
+    ) -> Result<IssuedToken, BrokerError> {
+        self.inner.stats.unproven();
+        let (_, result) = self
+            .fetch(
+                client,
+                (key, Some(verifier)),
+                verifier,
+                credentials,
+                scopes,
+                None,
+            )
+            .await;
+        result.map(|entry| entry.issued(Instant::now()))
+    }
+
+    /// The shared flight of proven callers. When it fails because Cognito refused
+    /// the secret of the caller who started it (deleted in a rotation), a caller
+    /// whose own secret is still proven asks again with it.
+    fn proven_fetch<'a>(
+        &'a self,
+        client: &'a Client,
+        key: CacheKey,
+        verifier: Verifier,
+        credentials: &'a Credentials,
+        scopes: ScopeSet,
+        current: Option<Arc<Entry>>,
+    ) -> BoxFuture<'a, Result<Arc<Entry>, BrokerError>> {
+        Box::pin(async move {
+            let flight_key = (key, None);
+            let (used, result) = self
+                .fetch(
+                    client,
+                    flight_key.clone(),
+                    verifier,
+                    credentials,
+                    scopes.clone(),
+                    current.clone(),
+                )
+                .await;
+            match result {
+                Err(BrokerError::Unauthenticated)
+                    if used != verifier
+                        && self
+                            .inner
+                            .proven
+                            .is_proven(client.index, &verifier, Instant::now()) =>
+                {
+                    self.fetch(client, flight_key, verifier, credentials, scopes, current)
+                        .await
+                        .1
+                }
+                other => other,
+            }
+        })
     }
 
     /// The fleet's entry for `key` when it is fresher than `cached` (and usable).
@@ -414,14 +626,13 @@ impl Broker {
     ) -> Option<Arc<Entry>> {
         let (shared_key, _) = fleet.keys(&key.0, &key.1);
         if let Ok(Some(shared)) = fleet.get(&shared_key).await {
-            if let Some(entry) = Entry::from_shared(shared) {
-                let fresher = cached
-                    .as_ref()
-                    .is_none_or(|c| entry.expires_at > c.expires_at);
-                if fresher && self.usable(&entry, now) {
-                    self.inner.cache.insert(key.clone(), entry.clone());
-                    return Some(entry);
-                }
+            let entry = Entry::from_shared(shared);
+            let fresher = cached
+                .as_ref()
+                .is_none_or(|c| entry.expires_at > c.expires_at);
+            if fresher && self.usable(&entry, now) {
+                self.inner.cache.insert(key.clone(), entry.clone());
+                return Some(entry);
             }
         }
         cached
@@ -431,13 +642,17 @@ impl Broker {
         entry.expires_at.saturating_duration_since(now) > self.inner.settings.min_remaining
     }
 
-    fn admit_unverified(&self, client_id: &Arc<str>) -> Result<(), BrokerError> {
-        self.inner.limiter.check_key(client_id).map_err(|_| {
-            self.inner.stats.rate_limited();
-            BrokerError::ResourceExhausted(
-                "too many failed authentication attempts for this client; retry later".into(),
-            )
-        })
+    fn admit_unverified(&self, client: &Client) -> Result<(), BrokerError> {
+        self.inner
+            .limiter
+            .check_key(&client.client_id)
+            .map_err(|not_until| {
+                self.inner.stats.rate_limited();
+                self.inner.clients.refused(client.index);
+                BrokerError::TooManyFailedAttempts {
+                    retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+                }
+            })
     }
 
     fn verifier(&self, client_id: &str, secret: &SecretString) -> Verifier {
@@ -448,17 +663,19 @@ impl Broker {
         <[u8; 32]>::try_from(ctx.sign().as_ref()).expect("HMAC-SHA-256 is 32 bytes")
     }
 
-    /// One upstream call per (key, verifier) at a time; later callers join it. The
-    /// call runs in its own task so that a caller giving up does not cancel it.
+    /// One upstream call per flight key at a time; later callers join it. The call
+    /// runs in its own task so that a caller giving up does not cancel it. A new
+    /// flight of an unproven secret takes a unit of the failed-attempt limit;
+    /// joining one does not.
     async fn fetch(
         &self,
-        key: CacheKey,
+        client: &Client,
+        flight_key: FlightKey,
         verifier: Verifier,
         credentials: &Credentials,
         scopes: ScopeSet,
         current: Option<Arc<Entry>>,
-    ) -> Result<Arc<Entry>, BrokerError> {
-        let flight_key = (key, verifier);
+    ) -> FlightResult {
         let flight = {
             let mut inflight = self
                 .inner
@@ -469,27 +686,42 @@ impl Broker {
                 self.inner.stats.coalesced();
                 flight.clone()
             } else {
+                if flight_key.1.is_some() {
+                    if let Err(e) = self.admit_unverified(client) {
+                        return (verifier, Err(e));
+                    }
+                }
                 let this = self.clone();
+                let client = client.clone();
                 let credentials = credentials.clone();
                 let task_key = flight_key.clone();
                 let task = tokio::spawn(async move {
+                    let _guard = FlightGuard {
+                        broker: this.clone(),
+                        key: Some(task_key.clone()),
+                    };
+                    let proven = task_key.1.is_none();
                     let result = this
-                        .obtain(&task_key.0, task_key.1, &credentials, &scopes, current)
+                        .obtain(
+                            &client,
+                            &task_key.0,
+                            proven,
+                            verifier,
+                            &credentials,
+                            &scopes,
+                            current,
+                        )
                         .await;
                     if let Ok(entry) = &result {
                         this.inner.cache.insert(task_key.0.clone(), entry.clone());
                     }
-                    this.inner
-                        .inflight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&task_key);
                     result
                 });
                 let flight: Flight = async move {
-                    task.await.unwrap_or_else(|_| {
+                    let result = task.await.unwrap_or_else(|_| {
                         Err(BrokerError::Internal("token fetch task failed".into()))
-                    })
+                    });
+                    (verifier, result)
                 }
                 .boxed()
                 .shared();
@@ -501,29 +733,57 @@ impl Broker {
     }
 
     /// One token for the fleet: with a shared cache, the replica holding the lock
-    /// fetches and stores; the others wait for its entry (or, refreshing, keep
-    /// serving `current`), and fetch themselves if the wait runs out. Without
-    /// Redis (absent or failing), a plain upstream call.
+    /// looks once more for an entry a peer stored meanwhile, else fetches and
+    /// stores; the others wait for its entry (or, refreshing, keep serving
+    /// `current`), and fetch themselves if the wait runs out. A peer's entry goes
+    /// to an unproven secret only once the fleet holds a proof of that secret (the
+    /// peer presented the same one). Without Redis (absent or failing), a plain
+    /// upstream call.
+    #[allow(clippy::too_many_arguments)]
     async fn obtain(
         &self,
+        client: &Client,
         key: &CacheKey,
+        proven: bool,
         verifier: Verifier,
         credentials: &Credentials,
         scopes: &ScopeSet,
         current: Option<Arc<Entry>>,
     ) -> Result<Arc<Entry>, BrokerError> {
+        let priority = if current.is_some() {
+            Priority::Refresh
+        } else {
+            Priority::Miss
+        };
         let Some(fleet) = self.inner.fleet.clone() else {
-            return self.upstream(key, verifier, credentials, scopes).await;
+            return self
+                .upstream(client, key, verifier, credentials, scopes, priority)
+                .await;
         };
         let (shared_key, lock_key) = fleet.keys(&key.0, &key.1);
         let deadline = Instant::now() + fleet.lock_wait();
         loop {
             match fleet.try_lock(&lock_key).await {
                 Ok(Some(lock)) => {
-                    let result = self.upstream(key, verifier, credentials, scopes).await;
-                    if let Ok(entry) = &result {
-                        let _ = fleet.put(&shared_key, &entry.to_shared()).await;
+                    let mut peer = self.stored_by_peer(&fleet, &shared_key, &current).await;
+                    if peer.is_some()
+                        && !proven
+                        && !self.proven_by_fleet(&fleet, client, &verifier).await
+                    {
+                        peer = None;
                     }
+                    let result = match peer {
+                        Some(entry) => Ok(entry),
+                        None => {
+                            let result = self
+                                .upstream(client, key, verifier, credentials, scopes, priority)
+                                .await;
+                            if let Ok(entry) = &result {
+                                let _ = fleet.put(&shared_key, &entry.to_shared()).await;
+                            }
+                            result
+                        }
+                    };
                     fleet.unlock(&lock_key, &lock).await;
                     return result;
                 }
@@ -536,14 +796,13 @@ impl Broker {
                     }
                     match fleet.wait_for_peer(&shared_key, &lock_key, deadline).await {
                         PeerWait::Entry(shared) => {
-                            if let Some(entry) = Entry::from_shared(shared) {
-                                if bool::from(entry.verifier.ct_eq(&verifier))
-                                    && self.usable(&entry, Instant::now())
-                                {
-                                    return Ok(entry);
-                                }
+                            let entry = Entry::from_shared(shared);
+                            if self.usable(&entry, Instant::now())
+                                && (proven || self.proven_by_fleet(&fleet, client, &verifier).await)
+                            {
+                                return Ok(entry);
                             }
-                            // Fetched with another secret: ours needs its own answer.
+                            // Not for this secret: it needs its own answer.
                             break;
                         }
                         PeerWait::Released if Instant::now() < deadline => continue,
@@ -553,22 +812,94 @@ impl Broker {
                 Err(_) => break,
             }
         }
-        let result = self.upstream(key, verifier, credentials, scopes).await;
+        let result = self
+            .upstream(client, key, verifier, credentials, scopes, priority)
+            .await;
         if let Ok(entry) = &result {
             let _ = fleet.put(&shared_key, &entry.to_shared()).await;
         }
         result
     }
 
+    /// Whether the fleet holds a live proof of `verifier` for `client` (imported
+    /// into this replica's proofs as a side effect). Asked only by a flight of an
+    /// unproven secret, which the failed-attempt limit admitted.
+    async fn proven_by_fleet(
+        &self,
+        fleet: &FleetCache,
+        client: &Client,
+        verifier: &Verifier,
+    ) -> bool {
+        if let Ok(proofs) = fleet.load_proofs(&fleet.proof_key(&client.client_id)).await {
+            for (v, until_ms) in proofs {
+                self.inner
+                    .proven
+                    .prove(client.index, v, fleet::ms_to_instant(until_ms));
+            }
+        }
+        self.inner
+            .proven
+            .is_proven(client.index, verifier, Instant::now())
+    }
+
+    /// The entry a peer stored between this replica's look and its lock: usable,
+    /// not yet due for refresh, and newer than `current`.
+    async fn stored_by_peer(
+        &self,
+        fleet: &FleetCache,
+        shared_key: &str,
+        current: &Option<Arc<Entry>>,
+    ) -> Option<Arc<Entry>> {
+        let entry = Entry::from_shared(fleet.get(shared_key).await.ok()??);
+        let now = Instant::now();
+        let newer = current
+            .as_ref()
+            .is_none_or(|c| entry.expires_at > c.expires_at);
+        (newer && now < entry.refresh_at && self.usable(&entry, now)).then_some(entry)
+    }
+
+    /// Waits for a slot of the upstream budget (a miss), or takes one only if it
+    /// is free now (a refresh).
+    async fn admit_upstream(&self, priority: Priority) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let Some(schedule) = &inner.schedule else {
+            return Ok(());
+        };
+        let max_wait = inner.settings.upstream_max_wait;
+        let fleet_grant = match &inner.fleet {
+            Some(fleet) => fleet
+                .reserve_budget(priority, schedule.interval(), max_wait)
+                .await
+                .ok(),
+            None => None,
+        };
+        // While Redis is down each replica keeps its own schedule.
+        let grant = fleet_grant.unwrap_or_else(|| schedule.reserve(priority, max_wait));
+        inner.stats.budget.record(priority, grant);
+        match grant {
+            Grant::After(delay) => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Ok(())
+            }
+            Grant::Refused { retry_after } => Err(BrokerError::UpstreamBudget { retry_after }),
+        }
+    }
+
     async fn upstream(
         &self,
+        client: &Client,
         key: &CacheKey,
         verifier: Verifier,
         credentials: &Credentials,
         scopes: &ScopeSet,
+        priority: Priority,
     ) -> Result<Arc<Entry>, BrokerError> {
         let inner = &self.inner;
+        self.admit_upstream(priority).await?;
         let started = Instant::now();
+        inner.clients.upstream(client.index);
         let result = inner
             .upstream
             .client_credentials(&credentials.client_id, &credentials.secret, &key.1)
@@ -582,9 +913,10 @@ impl Broker {
             Err(e) => {
                 inner.stats.upstream(e.label(), elapsed);
                 if e == UpstreamError::InvalidClient {
-                    inner.recent_failures.insert(key.0.clone(), ());
+                    inner.clients.refused(client.index);
+                    self.revoke(client, verifier).await;
                 }
-                tracing::info!(client_id = %credentials.client_id, outcome = e.label(), "token request refused or failed");
+                tracing::info!(client = %client.name, outcome = e.label(), "token request refused or failed");
                 return Err(e.into());
             }
         };
@@ -592,22 +924,54 @@ impl Broker {
             Some(granted) => granted,
             None => scopes.iter().map(str::to_owned).collect(),
         };
+        let lifetime = Duration::from_secs(response.expires_in);
+        // Cognito accepted the secret: proven (again) for one token lifetime.
+        self.prove(client, verifier, started + lifetime).await;
         if let Some(extra) = granted.iter().find(|s| !scopes.contains(s)) {
-            tracing::error!(client_id = %credentials.client_id, scope = %extra, "Cognito returned a token broader than the request; refusing it");
+            tracing::error!(client = %client.name, scope = %extra, "Cognito returned a token broader than the request; refusing it");
             return Err(BrokerError::Unavailable(
                 "upstream returned a token with scopes outside the request".into(),
             ));
         }
-        let lifetime = Duration::from_secs(response.expires_in);
+        let settings = &inner.settings;
+        let share = settings.refresh_ratio - settings.refresh_jitter * unit_random();
         Ok(Arc::new(Entry {
             token: response.access_token,
             scopes: granted.into(),
-            verifier,
             lifetime,
-            refresh_at: started + lifetime.mul_f64(inner.settings.refresh_ratio),
+            refresh_at: started + lifetime.mul_f64(share.max(0.0)),
             expires_at: started + lifetime,
         }))
     }
+
+    async fn prove(&self, client: &Client, verifier: Verifier, until: Instant) {
+        self.inner.proven.prove(client.index, verifier, until);
+        if let Some(fleet) = &self.inner.fleet {
+            let client_key = fleet.proof_key(&client.client_id);
+            let _ = fleet
+                .put_proof(&client_key, &verifier, fleet::instant_to_ms(until))
+                .await;
+        }
+    }
+
+    async fn revoke(&self, client: &Client, verifier: Verifier) {
+        if self.inner.proven.revoke(client.index, &verifier) {
+            tracing::info!(client = %client.name, "Cognito refused a proven secret; it is no longer accepted");
+        }
+        if let Some(fleet) = &self.inner.fleet {
+            let client_key = fleet.proof_key(&client.client_id);
+            let _ = fleet.drop_proof(&client_key, &verifier).await;
+        }
+    }
+}
+
+/// A uniform random number in [0, 1).
+fn unit_random() -> f64 {
+    let mut bytes = [0u8; 4];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        return 0.0;
+    }
+    f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
 }
 
 /// The `scope` claim of a JWT access token, read without verification (the token

@@ -5,7 +5,11 @@ use std::{
     time::Duration,
 };
 
-use crate::histogram::{Histogram, HistogramSnapshot};
+use super::budget::BudgetStats;
+use crate::{
+    histogram::{Histogram, HistogramSnapshot},
+    registry::Registry,
+};
 
 /// Upper bounds of the upstream latency histogram, in seconds.
 pub const LATENCY_BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -28,10 +32,11 @@ pub struct BrokerStats {
     refreshes: AtomicU64,
     coalesced: AtomicU64,
     stale_served: AtomicU64,
-    secret_mismatches: AtomicU64,
+    unproven: AtomicU64,
     rate_limited: AtomicU64,
     upstream: [AtomicU64; OUTCOMES.len()],
     latency: Histogram,
+    pub(crate) budget: BudgetStats,
 }
 
 impl Default for BrokerStats {
@@ -42,10 +47,11 @@ impl Default for BrokerStats {
             refreshes: AtomicU64::new(0),
             coalesced: AtomicU64::new(0),
             stale_served: AtomicU64::new(0),
-            secret_mismatches: AtomicU64::new(0),
+            unproven: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             upstream: Default::default(),
             latency: Histogram::new(&LATENCY_BUCKETS),
+            budget: BudgetStats::default(),
         }
     }
 }
@@ -63,8 +69,8 @@ pub struct StatsSnapshot {
     pub coalesced: u64,
     /// Served the old token because a refresh failed.
     pub stale_served: u64,
-    /// Cached entry presented with another secret.
-    pub secret_mismatches: u64,
+    /// Calls with a secret not (or no longer) proven for the client.
+    pub unproven: u64,
     /// Refused by the failed-attempt limit.
     pub rate_limited: u64,
     /// Upstream calls by outcome label.
@@ -104,8 +110,8 @@ impl BrokerStats {
     pub(crate) fn stale_served(&self) {
         self.stale_served.fetch_add(1, Relaxed);
     }
-    pub(crate) fn secret_mismatch(&self) {
-        self.secret_mismatches.fetch_add(1, Relaxed);
+    pub(crate) fn unproven(&self) {
+        self.unproven.fetch_add(1, Relaxed);
     }
     pub(crate) fn rate_limited(&self) {
         self.rate_limited.fetch_add(1, Relaxed);
@@ -126,7 +132,7 @@ impl BrokerStats {
             refreshes: self.refreshes.load(Relaxed),
             coalesced: self.coalesced.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),
-            secret_mismatches: self.secret_mismatches.load(Relaxed),
+            unproven: self.unproven.load(Relaxed),
             rate_limited: self.rate_limited.load(Relaxed),
             upstream: OUTCOMES
                 .iter()
@@ -135,5 +141,81 @@ impl BrokerStats {
                 .collect(),
             latency: self.latency.snapshot(),
         }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ClientCounters {
+    hits: AtomicU64,
+    upstream: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// Per-client counters, labelled by the registered `name` (the registry bounds
+/// the cardinality; no caller-supplied string becomes a label).
+#[derive(Debug)]
+pub struct ClientStats {
+    names: Box<[Option<std::sync::Arc<str>>]>,
+    counters: Box<[ClientCounters]>,
+}
+
+/// One client's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSnapshot {
+    /// The registered name.
+    pub name: std::sync::Arc<str>,
+    /// GetToken answered from the cache.
+    pub hits: u64,
+    /// Token endpoint calls made for it.
+    pub upstream: u64,
+    /// GetToken refused (credentials, scopes, limits).
+    pub refused: u64,
+}
+
+impl ClientStats {
+    pub(crate) fn new(registry: &Registry, slots: usize) -> Self {
+        let mut names = vec![None; slots];
+        for c in registry.clients() {
+            names[c.index] = Some(c.name.clone());
+        }
+        Self {
+            names: names.into(),
+            counters: (0..slots).map(|_| ClientCounters::default()).collect(),
+        }
+    }
+
+    fn bump(&self, index: usize, pick: impl Fn(&ClientCounters) -> &AtomicU64) {
+        if let Some(c) = self.counters.get(index) {
+            pick(c).fetch_add(1, Relaxed);
+        }
+    }
+
+    pub(crate) fn hit(&self, index: usize) {
+        self.bump(index, |c| &c.hits);
+    }
+    pub(crate) fn upstream(&self, index: usize) {
+        self.bump(index, |c| &c.upstream);
+    }
+    pub(crate) fn refused(&self, index: usize) {
+        self.bump(index, |c| &c.refused);
+    }
+
+    /// Every client's counters, sorted by name.
+    pub fn snapshot(&self) -> Vec<ClientSnapshot> {
+        let mut out: Vec<ClientSnapshot> = self
+            .names
+            .iter()
+            .zip(self.counters.iter())
+            .filter_map(|(name, c)| {
+                Some(ClientSnapshot {
+                    name: name.clone()?,
+                    hits: c.hits.load(Relaxed),
+                    upstream: c.upstream.load(Relaxed),
+                    refused: c.refused.load(Relaxed),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 }

@@ -22,13 +22,17 @@ enum Mode {
     Broad,
     Fail(UpstreamError),
     Hang,
+    Panic,
 }
 
 /// An in-memory token endpoint: counts calls, checks the secret, scripts faults.
 struct FakeEndpoint {
     calls: AtomicU64,
     mode: Mutex<Mode>,
-    secret: Mutex<String>,
+    /// The app client's active secrets (Cognito allows two while rotating).
+    secrets: Mutex<Vec<String>>,
+    /// When each call arrived.
+    times: Mutex<Vec<Instant>>,
     delay: Duration,
 }
 
@@ -37,7 +41,8 @@ impl FakeEndpoint {
         Arc::new(Self {
             calls: AtomicU64::new(0),
             mode: Mutex::new(Mode::Ok { expires_in }),
-            secret: Mutex::new("s3cret".into()),
+            secrets: Mutex::new(vec!["s3cret".into()]),
+            times: Mutex::new(Vec::new()),
             delay: Duration::from_millis(20),
         })
     }
@@ -46,6 +51,9 @@ impl FakeEndpoint {
     }
     fn set(&self, mode: Mode) {
         *self.mode.lock().unwrap() = mode;
+    }
+    fn set_secrets(&self, secrets: &[&str]) {
+        *self.secrets.lock().unwrap() = secrets.iter().map(|s| s.to_string()).collect();
     }
 }
 
@@ -65,9 +73,16 @@ impl TokenEndpoint for FakeEndpoint {
     ) -> BoxFuture<'a, Result<TokenResponse, UpstreamError>> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            self.times.lock().unwrap().push(Instant::now());
             tokio::time::sleep(self.delay).await;
             let mode = self.mode.lock().unwrap().clone();
-            if secret.expose_secret() != *self.secret.lock().unwrap() {
+            let known = self
+                .secrets
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| s == secret.expose_secret());
+            if !known {
                 return Err(UpstreamError::InvalidClient);
             }
             match mode {
@@ -81,6 +96,7 @@ impl TokenEndpoint for FakeEndpoint {
                 }),
                 Mode::Fail(e) => Err(e),
                 Mode::Hang => futures::future::pending().await,
+                Mode::Panic => panic!("the token endpoint double failed"),
             }
         })
     }
@@ -174,7 +190,7 @@ async fn rotated_secret_replaces_the_cached_entry() {
     let up = FakeEndpoint::new(3600);
     let b = broker(up.clone());
     let old = b.get_token(&creds("s3cret"), &[]).await.unwrap();
-    *up.secret.lock().unwrap() = "rotated".into();
+    up.set_secrets(&["rotated"]);
     let new = b.get_token(&creds("rotated"), &[]).await.unwrap();
     assert_ne!(new.access_token, old.access_token);
     let again = b.get_token(&creds("rotated"), &[]).await.unwrap();
@@ -190,15 +206,20 @@ async fn wrong_secret_flood_is_rate_limited() {
     let mut exhausted = 0;
     for i in 0..50 {
         match b.get_token(&creds(&format!("guess-{i}")), &[]).await {
-            Err(BrokerError::ResourceExhausted(_)) => exhausted += 1,
+            Err(BrokerError::TooManyFailedAttempts { retry_after }) => {
+                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(6));
+                exhausted += 1
+            }
             Err(BrokerError::Unauthenticated) => {}
             other => panic!("unexpected {other:?}"),
         }
     }
-    // Default quota: 10 a minute (burst 10).
-    assert_eq!(exhausted, 40);
-    assert_eq!(up.calls(), 1 + 10);
-    assert_eq!(b.stats().snapshot().rate_limited, 40);
+    // Default quota: 10 a minute (burst 10), and proving the owner's secret took one.
+    assert_eq!(exhausted, 41);
+    assert_eq!(up.calls(), 10);
+    assert_eq!(b.stats().snapshot().rate_limited, 41);
+    // The owner's proven secret is never limited.
+    assert!(b.get_token(&creds("s3cret"), &[]).await.is_ok());
 }
 
 #[tokio::test]
@@ -207,14 +228,14 @@ async fn failures_without_a_cached_entry_are_limited_too() {
     let b = broker(up.clone());
     let mut exhausted = 0;
     for i in 0..30 {
-        if let Err(BrokerError::ResourceExhausted(_)) =
+        if let Err(BrokerError::TooManyFailedAttempts { .. }) =
             b.get_token(&creds(&format!("guess-{i}")), &[]).await
         {
             exhausted += 1;
         }
     }
-    assert_eq!(up.calls(), 1 + 10, "first failure, then the quota");
-    assert_eq!(exhausted, 19);
+    assert_eq!(up.calls(), 10, "the quota, and not one more");
+    assert_eq!(exhausted, 20);
 }
 
 #[tokio::test]
@@ -285,7 +306,7 @@ async fn concurrent_misses_make_one_upstream_call() {
     assert!(tokens.iter().all(|t| *t == tokens[0]));
     let s = b.stats().snapshot();
     assert_eq!(s.upstream_calls("ok"), 1);
-    assert_eq!(s.hits + s.misses, 200);
+    assert_eq!(s.hits + s.misses + s.unproven, 200);
 }
 
 #[tokio::test(start_paused = true)]
@@ -294,16 +315,18 @@ async fn token_is_reused_until_75_percent_then_refreshed() {
     let b = broker(up.clone());
     let first = b.get_token(&creds("s3cret"), &[]).await.unwrap();
     assert_eq!(first.expires_in, 99, "the fetch itself took a little time");
-    tokio::time::advance(Duration::from_secs(70)).await;
+    // Refresh points are jittered over 70-75% of the lifetime.
+    tokio::time::advance(Duration::from_secs(69)).await;
     let hit = b.get_token(&creds("s3cret"), &[]).await.unwrap();
     assert_eq!(hit.access_token, first.access_token);
-    assert_eq!(hit.expires_in, 29, "expires_in is the time left");
-    tokio::time::advance(Duration::from_secs(6)).await;
+    assert_eq!(hit.expires_in, 30, "expires_in is the time left");
+    tokio::time::advance(Duration::from_secs(7)).await;
     let fresh = b.get_token(&creds("s3cret"), &[]).await.unwrap();
     assert_ne!(fresh.access_token, first.access_token);
     assert_eq!(up.calls(), 2);
     let s = b.stats().snapshot();
-    assert_eq!((s.misses, s.hits, s.refreshes), (1, 1, 1));
+    // The first call proved the secret; no miss after it.
+    assert_eq!((s.unproven, s.misses, s.hits, s.refreshes), (1, 0, 1, 1));
 }
 
 #[tokio::test(start_paused = true)]
@@ -335,7 +358,7 @@ async fn revoked_secret_during_refresh_is_not_papered_over() {
     let up = FakeEndpoint::new(100);
     let b = broker(up.clone());
     b.get_token(&creds("s3cret"), &[]).await.unwrap();
-    *up.secret.lock().unwrap() = "rotated".into();
+    up.set_secrets(&["rotated"]);
     tokio::time::advance(Duration::from_secs(80)).await;
     assert_eq!(
         b.get_token(&creds("s3cret"), &[]).await.unwrap_err(),
@@ -357,6 +380,384 @@ async fn hung_upstream_does_not_hold_the_cache_hostage() {
             .is_err()
     );
     assert_eq!(up.calls(), 1);
+}
+
+fn broker_with(
+    endpoint: Arc<FakeEndpoint>,
+    registry: Registry,
+    settings: BrokerSettings,
+) -> Broker {
+    Broker::new(registry, endpoint, settings)
+}
+
+#[tokio::test]
+async fn two_live_secrets_share_one_cached_token() {
+    let up = FakeEndpoint::new(3600);
+    up.set_secrets(&["old-secret", "new-secret"]);
+    let b = broker(up.clone());
+    let mut tokens = Vec::new();
+    for i in 0..40 {
+        let secret = if i % 2 == 0 {
+            "old-secret"
+        } else {
+            "new-secret"
+        };
+        tokens.push(b.get_token(&creds(secret), &[]).await.unwrap().access_token);
+    }
+    assert!(up.calls() <= 2, "{} upstream calls", up.calls());
+    assert!(
+        tokens[2..].iter().all(|t| *t == tokens[2]),
+        "one token served to both"
+    );
+    assert_eq!(b.proven_secrets(), 2);
+    // A third, wrong secret is still refused.
+    assert_eq!(
+        b.get_token(&creds("third-secret"), &[]).await.unwrap_err(),
+        BrokerError::Unauthenticated
+    );
+    assert_eq!(b.stats().snapshot().rate_limited, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_secret_stops_being_proven_and_the_other_is_served_without_a_gap() {
+    let up = FakeEndpoint::new(100);
+    up.set_secrets(&["old-secret", "new-secret"]);
+    let b = broker(up.clone());
+    let first = b.get_token(&creds("old-secret"), &[]).await.unwrap();
+    b.get_token(&creds("new-secret"), &[]).await.unwrap();
+    // The old secret is deleted in Cognito.
+    up.set_secrets(&["new-secret"]);
+    tokio::time::advance(Duration::from_secs(80)).await;
+    // The next upstream call made with it (a refresh) fails and drops it.
+    assert_eq!(
+        b.get_token(&creds("old-secret"), &[]).await.unwrap_err(),
+        BrokerError::Unauthenticated
+    );
+    assert_eq!(b.proven_secrets(), 1);
+    // The new secret keeps being served: the refresh with it succeeds.
+    let served = b.get_token(&creds("new-secret"), &[]).await.unwrap();
+    assert_ne!(served.access_token, first.access_token);
+    for _ in 0..5 {
+        assert_eq!(
+            b.get_token(&creds("new-secret"), &[])
+                .await
+                .unwrap()
+                .access_token,
+            served.access_token
+        );
+    }
+    // The old secret is now unproven: asked of Cognito (refused), never served.
+    let calls = up.calls();
+    assert_eq!(
+        b.get_token(&creds("old-secret"), &[]).await.unwrap_err(),
+        BrokerError::Unauthenticated
+    );
+    assert_eq!(up.calls(), calls + 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_proof_expires_after_one_token_lifetime_without_renewal() {
+    let up = FakeEndpoint::new(100);
+    up.set_secrets(&["old-secret", "new-secret"]);
+    let b = broker(up.clone());
+    b.get_token(&creds("old-secret"), &[]).await.unwrap();
+    b.get_token(&creds("new-secret"), &[]).await.unwrap();
+    // Only the new secret is used from now on; its refreshes keep it proven.
+    for _ in 0..4 {
+        tokio::time::advance(Duration::from_secs(40)).await;
+        b.get_token(&creds("new-secret"), &[]).await.unwrap();
+    }
+    assert_eq!(b.proven_secrets(), 1, "the old proof lapsed");
+    let calls = up.calls();
+    b.get_token(&creds("old-secret"), &[]).await.unwrap();
+    assert_eq!(
+        up.calls(),
+        calls + 1,
+        "re-proven by Cognito, not served blindly"
+    );
+}
+
+#[tokio::test]
+async fn knowing_a_client_id_cannot_lock_its_owner_out() {
+    let up = FakeEndpoint::new(3600);
+    let b = broker(up.clone());
+    b.get_token(&creds("s3cret"), &scopes(&["orders/read"]))
+        .await
+        .unwrap();
+    let mut limited = 0;
+    for i in 0..30 {
+        match b.get_token(&creds(&format!("wrong-secret-{i}")), &[]).await {
+            Err(BrokerError::TooManyFailedAttempts { .. }) => limited += 1,
+            Err(BrokerError::Unauthenticated) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(limited > 0, "the flood was limited");
+    let calls = up.calls();
+    assert!(calls <= 10, "{calls} upstream calls");
+    // The owner asks for a scope set not cached yet: served, from Cognito.
+    let t = b
+        .get_token(&creds("s3cret"), &scopes(&["orders/write"]))
+        .await
+        .unwrap();
+    assert_eq!(*t.scopes, ["orders/write"]);
+    assert_eq!(up.calls(), calls + 1);
+}
+
+#[tokio::test]
+async fn concurrent_first_calls_of_one_unproven_secret_take_one_unit_of_the_limit() {
+    let up = FakeEndpoint::new(3600);
+    let b = broker(up.clone());
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move { b.get_token(&creds("s3cret"), &[]).await })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(up.calls(), 1);
+    assert_eq!(b.stats().snapshot().rate_limited, 0);
+}
+
+#[tokio::test]
+async fn ids_and_secrets_no_cognito_client_has_are_refused_before_any_call() {
+    let up = FakeEndpoint::new(3600);
+    let b = broker(up.clone());
+    let huge = Credentials {
+        client_id: "client-a".into(),
+        secret: SecretString::from("x".repeat(60 * 1024)),
+    };
+    for c in [
+        huge,
+        creds("has space"),
+        creds("tab\tsecret"),
+        Credentials {
+            client_id: "a".repeat(129),
+            secret: SecretString::from("s3cret".to_owned()),
+        },
+        Credentials {
+            client_id: "client:a".into(),
+            secret: SecretString::from("s3cret".to_owned()),
+        },
+    ] {
+        let e = b.get_token(&c, &[]).await.unwrap_err();
+        assert!(matches!(e, BrokerError::InvalidArgument(_)), "{e:?}");
+        assert!(!e.to_string().contains("xxxx"), "never echoed");
+    }
+    assert_eq!(up.calls(), 0);
+    assert_eq!(b.stats().snapshot().rate_limited, 0);
+}
+
+#[tokio::test]
+async fn a_fetch_task_that_dies_leaves_no_stuck_flight() {
+    let up = FakeEndpoint::new(3600);
+    up.set(Mode::Panic);
+    let b = broker(up.clone());
+    let e = b.get_token(&creds("s3cret"), &[]).await.unwrap_err();
+    assert!(matches!(e, BrokerError::Internal(_)), "{e:?}");
+    assert!(b.inner.inflight.lock().unwrap().is_empty());
+    up.set(Mode::Ok { expires_in: 3600 });
+    b.get_token(&creds("s3cret"), &[])
+        .await
+        .expect("a new flight, not the dead one");
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_points_are_spread_over_the_jitter_window() {
+    let up = FakeEndpoint::new(1000);
+    let many: Vec<String> = (0..8).map(|i| format!("s/{i}")).collect();
+    let registry = Registry::new(
+        &[ClientConfig {
+            client_id: "client-a".into(),
+            name: "acme".into(),
+            allowed_scopes: many.clone(),
+        }],
+        10,
+    );
+    let b = broker_with(up.clone(), registry, BrokerSettings::default());
+    let started = Instant::now();
+    for s in &many {
+        b.get_token(&creds("s3cret"), std::slice::from_ref(s))
+            .await
+            .unwrap();
+    }
+    let points: Vec<Duration> = b
+        .inner
+        .cache
+        .iter()
+        .map(|(_, e)| e.refresh_at - started)
+        .collect();
+    assert_eq!(points.len(), 8);
+    for p in &points {
+        assert!(
+            (Duration::from_secs(700)..=Duration::from_millis(750_100)).contains(p),
+            "{p:?}"
+        );
+    }
+    let distinct: std::collections::HashSet<_> = points.iter().map(|p| p.as_millis()).collect();
+    assert!(distinct.len() > 1, "not all at the same moment: {points:?}");
+}
+
+/// A client with nine scopes: 511 distinct scope sets.
+fn nine_scope_registry() -> (Registry, Vec<String>) {
+    let nine: Vec<String> = (0..9).map(|i| format!("res/s{i}")).collect();
+    let registry = Registry::new(
+        &[ClientConfig {
+            client_id: "client-a".into(),
+            name: "acme".into(),
+            allowed_scopes: nine.clone(),
+        }],
+        10,
+    );
+    (registry, nine)
+}
+
+fn subset(all: &[String], mask: u32) -> Vec<String> {
+    all.iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, s)| s.clone())
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn five_hundred_misses_reach_cognito_within_the_budget_and_all_succeed() {
+    let up = FakeEndpoint::new(3600);
+    let (registry, nine) = nine_scope_registry();
+    let settings = BrokerSettings {
+        upstream_per_second: NonZeroU32::new(50),
+        upstream_max_wait: Duration::from_secs(15),
+        ..BrokerSettings::default()
+    };
+    let b = broker_with(up.clone(), registry, settings);
+    b.get_token(&creds("s3cret"), &[]).await.unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    up.times.lock().unwrap().clear();
+    let started = Instant::now();
+    let calls: Vec<_> = (1..=500u32)
+        .map(|mask| {
+            let b = b.clone();
+            let wanted = subset(&nine, mask);
+            tokio::spawn(async move {
+                // The caller's deadline.
+                tokio::time::timeout(
+                    Duration::from_secs(20),
+                    b.get_token(&creds("s3cret"), &wanted),
+                )
+                .await
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap().expect("within the deadline").unwrap();
+    }
+    let times = up.times.lock().unwrap().clone();
+    assert_eq!(times.len(), 500);
+    // No one-second window holds more than 50 calls.
+    for w in times.windows(51) {
+        assert!(w[50] - w[0] >= Duration::from_secs(1), "{:?}", w[50] - w[0]);
+    }
+    let took = Instant::now() - started;
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(11),
+        "{took:?}"
+    );
+    let budget = b.budget_stats();
+    assert_eq!(budget.granted_miss.load(Ordering::Relaxed), 501);
+    assert!(budget.waits.load(Ordering::Relaxed) >= 490);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_miss_beyond_the_longest_wait_is_refused_with_the_time_to_wait() {
+    let up = FakeEndpoint::new(3600);
+    let (registry, nine) = nine_scope_registry();
+    let settings = BrokerSettings {
+        upstream_per_second: NonZeroU32::new(10),
+        upstream_max_wait: Duration::from_millis(500),
+        ..BrokerSettings::default()
+    };
+    let b = broker_with(up.clone(), registry, settings);
+    b.get_token(&creds("s3cret"), &[]).await.unwrap();
+    let calls: Vec<_> = (1..=20u32)
+        .map(|mask| {
+            let b = b.clone();
+            let wanted = subset(&nine, mask);
+            tokio::spawn(async move { b.get_token(&creds("s3cret"), &wanted).await })
+        })
+        .collect();
+    let mut refused = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => {}
+            Err(BrokerError::UpstreamBudget { retry_after }) => {
+                assert!(retry_after > Duration::from_millis(500), "{retry_after:?}");
+                refused += 1;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    // 100 ms apart, 500 ms of wait: the first slot was taken by the proof.
+    assert!((14..=16).contains(&refused), "{refused}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_yield_to_queued_misses_and_serve_the_current_token() {
+    let up = FakeEndpoint::new(100);
+    let (registry, nine) = nine_scope_registry();
+    let settings = BrokerSettings {
+        upstream_per_second: NonZeroU32::new(10),
+        upstream_max_wait: Duration::from_secs(30),
+        refresh_jitter: 0.0,
+        ..BrokerSettings::default()
+    };
+    let b = broker_with(up.clone(), registry, settings);
+    let first = b.get_token(&creds("s3cret"), &[]).await.unwrap();
+    tokio::time::advance(Duration::from_secs(80)).await;
+    // Misses queue for two seconds of budget.
+    let misses: Vec<_> = (1..=20u32)
+        .map(|mask| {
+            let b = b.clone();
+            let wanted = subset(&nine, mask);
+            tokio::spawn(async move { b.get_token(&creds("s3cret"), &wanted).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    // The due refresh finds the schedule busy: the current token is served.
+    let calls = up.calls();
+    let served = b.get_token(&creds("s3cret"), &[]).await.unwrap();
+    assert_eq!(served.access_token, first.access_token);
+    assert_eq!(
+        b.budget_stats().refreshes_deferred.load(Ordering::Relaxed),
+        1
+    );
+    assert!(up.calls() <= calls + 1);
+    for m in misses {
+        m.await.unwrap().unwrap();
+    }
+    // Once the queue is gone the refresh goes through.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let fresh = b.get_token(&creds("s3cret"), &[]).await.unwrap();
+    assert_ne!(fresh.access_token, first.access_token);
+    assert_eq!(b.budget_stats().granted_refresh.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn per_client_counters_by_registered_name() {
+    let up = FakeEndpoint::new(3600);
+    let b = broker(up.clone());
+    b.get_token(&creds("s3cret"), &[]).await.unwrap();
+    b.get_token(&creds("s3cret"), &[]).await.unwrap();
+    let _ = b.get_token(&creds("wrong-one"), &[]).await;
+    let _ = b
+        .get_token(&creds("s3cret"), &scopes(&["orders/admin"]))
+        .await;
+    let snap = b.client_stats().snapshot();
+    assert_eq!(snap.len(), 1);
+    assert_eq!(&*snap[0].name, "acme");
+    assert_eq!((snap[0].hits, snap[0].upstream, snap[0].refused), (1, 2, 2));
 }
 
 mod http {

@@ -32,6 +32,9 @@ pub struct EmulatorClient {
     pub client_id: String,
     /// App client secret.
     pub secret: String,
+    /// Further active secrets: Cognito allows two per app client while one is
+    /// rotated (`AddUserPoolClientSecret`).
+    pub other_secrets: Vec<String>,
     /// Custom scopes assigned to the app client.
     pub scopes: Vec<String>,
     /// Whether the client_credentials grant is enabled for it.
@@ -55,9 +58,22 @@ impl EmulatorClient {
         Self {
             client_id: client_id.to_owned(),
             secret: secret.to_owned(),
+            other_secrets: Vec::new(),
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             grant_enabled: true,
         }
+    }
+
+    /// Whether `secret` is one of its active secrets (compared in constant time).
+    fn accepts(&self, secret: &str) -> bool {
+        if secret.is_empty() {
+            return false;
+        }
+        let mut ok = self.secret.as_bytes().ct_eq(secret.as_bytes());
+        for other in &self.other_secrets {
+            ok |= other.as_bytes().ct_eq(secret.as_bytes());
+        }
+        ok.into()
     }
 
     /// Parses `ID:SECRET:SCOPE[,SCOPE...]` (the `--client` flag).
@@ -237,6 +253,36 @@ impl Emulator {
             .unwrap_or_else(|p| p.into_inner());
         clients.insert(client.client_id.clone(), client);
     }
+    /// Adds an active secret to an app client (`AddUserPoolClientSecret`).
+    pub fn add_secret(&self, client_id: &str, secret: &str) {
+        let mut clients = self
+            .state
+            .clients
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get_mut(client_id) {
+            c.other_secrets.push(secret.to_owned());
+        }
+    }
+    /// Deletes an active secret of an app client (`DeleteUserPoolClientSecret`);
+    /// when it was the primary one, the next becomes primary.
+    pub fn delete_secret(&self, client_id: &str, secret: &str) {
+        let mut clients = self
+            .state
+            .clients
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get_mut(client_id) {
+            c.other_secrets.retain(|s| s != secret);
+            if c.secret == secret {
+                c.secret = if c.other_secrets.is_empty() {
+                    String::new()
+                } else {
+                    c.other_secrets.remove(0)
+                };
+            }
+        }
+    }
     /// Publishes a new key and signs with it from now on; older keys stay
     /// published (as Cognito keeps them). Returns the new `kid`.
     pub fn rotate_key(&self) -> String {
@@ -345,8 +391,7 @@ async fn token(State(state): State<Arc<EmuState>>, headers: HeaderMap, body: Byt
         let clients = state.clients.read().unwrap_or_else(|p| p.into_inner());
         clients.get(&client_id).cloned()
     };
-    let Some(client) = client.filter(|c| bool::from(c.secret.as_bytes().ct_eq(secret.as_bytes())))
-    else {
+    let Some(client) = client.filter(|c| c.accepts(&secret)) else {
         return oauth_error("invalid_client");
     };
     match form.get("grant_type").map(String::as_str) {

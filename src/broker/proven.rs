@@ -1,0 +1,147 @@
+//! Proven secrets: the keyed hashes ("verifiers") of client secrets that Cognito
+//! accepted. A cached token is handed to any caller presenting a proven secret of
+//! its client; Cognito allows two live secrets per app client while one is
+//! rotated, so a client holds several. A proof lasts until Cognito refuses that
+//! secret, or until one token lifetime passes without Cognito accepting it again.
+
+use std::sync::RwLock;
+
+use subtle::{Choice, ConstantTimeEq};
+use tokio::time::Instant;
+
+/// HMAC-SHA-256 of (client id, secret) under the gateway's verifier key.
+pub(crate) type Verifier = [u8; 32];
+
+/// Most proven secrets kept per client: Cognito's two live ones, plus room for a
+/// secret deleted in Cognito that nobody has presented since.
+pub(crate) const MAX_PER_CLIENT: usize = 4;
+
+#[derive(Clone, Copy)]
+struct Proof {
+    verifier: Verifier,
+    until: Instant,
+}
+
+/// The proven verifiers of every registered client, by the client's index in
+/// the registry (which is immutable, so the table never grows).
+pub(crate) struct ProvenSecrets {
+    clients: Box<[RwLock<Vec<Proof>>]>,
+}
+
+impl std::fmt::Debug for ProvenSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProvenSecrets")
+            .field("clients", &self.clients.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProvenSecrets {
+    pub(crate) fn new(clients: usize) -> Self {
+        Self {
+            clients: (0..clients).map(|_| RwLock::new(Vec::new())).collect(),
+        }
+    }
+
+    /// Whether `verifier` is proven for client `index` at `now`. Compares against
+    /// every live proof in constant time.
+    pub(crate) fn is_proven(&self, index: usize, verifier: &Verifier, now: Instant) -> bool {
+        let Some(slot) = self.clients.get(index) else {
+            return false;
+        };
+        let proofs = slot.read().unwrap_or_else(|p| p.into_inner());
+        let mut found = Choice::from(0);
+        for p in proofs.iter() {
+            let live = Choice::from(u8::from(p.until > now));
+            found |= p.verifier.ct_eq(verifier) & live;
+        }
+        found.into()
+    }
+
+    /// Records that Cognito accepted `verifier`'s secret; it stays proven until
+    /// `until` unless accepted again. Returns whether it was not proven before.
+    pub(crate) fn prove(&self, index: usize, verifier: Verifier, until: Instant) -> bool {
+        let Some(slot) = self.clients.get(index) else {
+            return false;
+        };
+        let now = Instant::now();
+        let mut proofs = slot.write().unwrap_or_else(|p| p.into_inner());
+        proofs.retain(|p| p.until > now);
+        if let Some(p) = proofs.iter_mut().find(|p| p.verifier == verifier) {
+            p.until = p.until.max(until);
+            return false;
+        }
+        proofs.push(Proof { verifier, until });
+        if proofs.len() > MAX_PER_CLIENT {
+            // The proof closest to its end goes: the secret least recently accepted.
+            if let Some(oldest) = (0..proofs.len()).min_by_key(|&i| proofs[i].until) {
+                proofs.swap_remove(oldest);
+            }
+        }
+        true
+    }
+
+    /// Forgets `verifier` (Cognito refused its secret). Returns whether it was known.
+    pub(crate) fn revoke(&self, index: usize, verifier: &Verifier) -> bool {
+        let Some(slot) = self.clients.get(index) else {
+            return false;
+        };
+        let mut proofs = slot.write().unwrap_or_else(|p| p.into_inner());
+        let before = proofs.len();
+        proofs.retain(|p| &p.verifier != verifier);
+        proofs.len() != before
+    }
+
+    /// Live proofs of every client, for metrics.
+    pub(crate) fn live(&self) -> usize {
+        let now = Instant::now();
+        self.clients
+            .iter()
+            .map(|slot| {
+                let proofs = slot.read().unwrap_or_else(|p| p.into_inner());
+                proofs.iter().filter(|p| p.until > now).count()
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn proofs_expire_unless_renewed() {
+        let p = ProvenSecrets::new(2);
+        let now = Instant::now();
+        assert!(p.prove(0, [1; 32], now + Duration::from_secs(60)));
+        assert!(p.is_proven(0, &[1; 32], now));
+        assert!(!p.is_proven(1, &[1; 32], now), "bound to its client");
+        assert!(!p.is_proven(0, &[2; 32], now));
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert!(!p.prove(0, [1; 32], Instant::now() + Duration::from_secs(60)));
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert!(p.is_proven(0, &[1; 32], Instant::now()), "renewed");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!p.is_proven(0, &[1; 32], Instant::now()), "expired");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn several_per_client_bounded_and_revocable() {
+        let p = ProvenSecrets::new(1);
+        let now = Instant::now();
+        for i in 0..MAX_PER_CLIENT as u8 + 1 {
+            p.prove(0, [i; 32], now + Duration::from_secs(100 + u64::from(i)));
+        }
+        assert!(!p.is_proven(0, &[0; 32], now), "the oldest proof made room");
+        for i in 1..=MAX_PER_CLIENT as u8 {
+            assert!(p.is_proven(0, &[i; 32], now));
+        }
+        assert_eq!(p.live(), MAX_PER_CLIENT);
+        assert!(p.revoke(0, &[2; 32]));
+        assert!(!p.is_proven(0, &[2; 32], now));
+        assert!(!p.revoke(0, &[2; 32]));
+        assert!(p.is_proven(0, &[3; 32], now));
+    }
+}
