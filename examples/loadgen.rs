@@ -19,21 +19,17 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use hyper_util::rt::TokioIo;
-use m2m_gateway::{
-    coalesce::CoalescingIo,
-    proto::{
-        Encoded,
-        demo::v1::EchoRequest,
-        gateway::v1::{GetTokenRequest, ValidateRequest, gateway_client::GatewayClient},
-    },
+use m2m_gateway::proto::{
+    Encoded,
+    demo::v1::EchoRequest,
+    gateway::v1::{GetTokenRequest, ValidateRequest, gateway_client::GatewayClient},
 };
 use tonic::{
     Request, Status,
     client::Grpc,
     codegen::http::uri::PathAndQuery,
     metadata::MetadataValue,
-    transport::{Channel, Endpoint, Uri},
+    transport::{Channel, Endpoint},
 };
 use tonic_health::pb::HealthCheckRequest;
 
@@ -97,10 +93,6 @@ struct Args {
     /// Scopes for GetToken.
     #[arg(long = "scope")]
     scopes: Vec<String>,
-    /// Write each request as soon as it is made (tonic's default transport) instead
-    /// of gathering the writes of calls that are ready together.
-    #[arg(long)]
-    no_coalesce: bool,
     /// The CPU core the server is pinned to: reports how busy it was while
     /// measuring (from /proc/stat, time stolen by the hypervisor left out) and the
     /// calls per second of that core's busy time, which does not depend on whether
@@ -134,20 +126,10 @@ fn core_times(core: usize) -> Option<(u64, u64)> {
     Some((busy, available))
 }
 
-/// One HTTP/2 connection to `addr`; writes coalesced unless `plain`.
-async fn connect(addr: &str, plain: bool) -> anyhow::Result<Channel> {
+/// One HTTP/2 connection to `addr`.
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
     let endpoint = Endpoint::from_shared(addr.to_owned())?.tcp_nodelay(true);
-    if plain {
-        return Ok(endpoint.connect().await?);
-    }
-    let connector = tower::service_fn(|uri: Uri| async move {
-        let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
-        let port = uri.port_u16().unwrap_or(80);
-        let stream = tokio::net::TcpStream::connect((host, port)).await?;
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(TokioIo::new(CoalescingIo::new(stream)))
-    });
-    Ok(endpoint.connect_with_connector(connector).await?)
+    Ok(endpoint.connect().await?)
 }
 
 /// One unary call with requests encoded once and answers read only as far as
@@ -175,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(connect(&args.addr, args.no_coalesce).await?);
+        channels.push(connect(&args.addr).await?);
     }
     let token = match args.target {
         Target::Validate | Target::Echo => {

@@ -82,6 +82,25 @@ pub struct ServerConfig {
     /// HTTP/2 keepalive ping timeout, in seconds.
     #[serde(default = "default_keepalive_timeout_secs")]
     pub http2_keepalive_timeout_secs: u64,
+    /// Most open gRPC connections; beyond it new ones are closed at once. Also
+    /// kept below the process's open-file limit (with room for upstream, Redis
+    /// and admin sockets).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a new connection has to send the HTTP/2 preface, in milliseconds.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Time a connection may stay open with no call in flight, in seconds.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// Time a unary call's message has to arrive after its headers, in
+    /// milliseconds (independent of `request_timeout_ms`).
+    #[serde(default = "default_request_body_timeout_ms")]
+    pub request_body_timeout_ms: u64,
+    /// Most calls in flight from one peer address; 0 = no per-peer limit (set 0
+    /// behind a proxy that makes every caller one address).
+    #[serde(default = "default_max_requests_per_peer")]
+    pub max_requests_per_peer: usize,
 }
 
 impl Default for ServerConfig {
@@ -97,6 +116,11 @@ impl Default for ServerConfig {
             max_message_bytes: default_max_message_bytes(),
             http2_keepalive_interval_secs: default_keepalive_interval_secs(),
             http2_keepalive_timeout_secs: default_keepalive_timeout_secs(),
+            max_connections: default_max_connections(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            idle_timeout_secs: default_idle_timeout_secs(),
+            request_body_timeout_ms: default_request_body_timeout_ms(),
+            max_requests_per_peer: default_max_requests_per_peer(),
         }
     }
 }
@@ -311,6 +335,22 @@ fn default_max_concurrent_requests() -> usize {
     1024
 }
 fn default_max_concurrent_streams() -> u32 {
+    100
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_handshake_timeout_ms() -> u64 {
+    5_000
+}
+fn default_idle_timeout_secs() -> u64 {
+    300
+}
+fn default_request_body_timeout_ms() -> u64 {
+    3_000
+}
+fn default_max_requests_per_peer() -> usize {
+    // A quarter of the default max_concurrent_requests.
     256
 }
 fn default_max_message_bytes() -> usize {
@@ -500,6 +540,35 @@ impl Config {
                 "server.max_concurrent_requests",
                 format!("{} is outside 1..=1000000", server.max_concurrent_requests),
             ));
+        }
+        for (key, v, range) in [
+            (
+                "server.max_connections",
+                server.max_connections as u64,
+                1..=1_000_000,
+            ),
+            (
+                "server.handshake_timeout_ms",
+                server.handshake_timeout_ms,
+                100..=120_000,
+            ),
+            (
+                "server.idle_timeout_secs",
+                server.idle_timeout_secs,
+                1..=86_400,
+            ),
+            (
+                "server.request_body_timeout_ms",
+                server.request_body_timeout_ms,
+                100..=120_000,
+            ),
+        ] {
+            if !range.contains(&v) {
+                return Err(invalid(
+                    key,
+                    format!("{v} is outside {}..={}", range.start(), range.end()),
+                ));
+            }
         }
         if !(1..=10_000).contains(&server.max_concurrent_streams) {
             return Err(invalid(

@@ -9,10 +9,10 @@
 
 pub mod auth;
 pub mod broker;
-pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod dev;
+pub mod edge;
 pub mod emulator;
 pub mod histogram;
 mod http;

@@ -5,16 +5,15 @@
 use std::{future::Future, num::NonZeroU32, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use futures::TryStreamExt as _;
 use tokio::net::TcpListener;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
     broker::{Broker, BrokerSettings, CognitoClient, FleetCache, FleetSettings},
-    coalesce::CoalescingIo,
     config::{self, CacheBackend, Config},
+    edge::{self, Edge, EdgeLayer, EdgeSettings},
     jwt::{HttpFetcher, JwtValidator, KeySet, ValidatorSettings},
     proto::{self, gateway::v1::gateway_server::GatewayServer},
     registry::Registry,
@@ -25,6 +24,40 @@ use crate::{
 /// Health-check service name that reports SERVING as long as the process serves
 /// (for liveness probes); `""` and `m2m.gateway.v1.Gateway` wait for the keys.
 pub const LIVENESS_SERVICE: &str = "liveness";
+/// Bidirectional streams: their messages are not collected before the call.
+const STREAMING_PATHS: [&str; 2] = [
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Descriptors kept for the process itself (upstream, Redis, admin, logs).
+const RESERVED_DESCRIPTORS: usize = 256;
+
+/// `max_connections`, kept below the open-file limit so that the gateway never
+/// runs out of descriptors for its own sockets.
+fn connection_cap(configured: usize) -> usize {
+    let Some(limit) = open_file_limit() else {
+        return configured;
+    };
+    let room = limit.saturating_sub(RESERVED_DESCRIPTORS).max(1);
+    if room < configured {
+        tracing::warn!(
+            configured,
+            open_file_limit = limit,
+            effective = room,
+            "server.max_connections lowered to stay below the open-file limit (raise it with ulimit -n)"
+        );
+    }
+    room.min(configured)
+}
+
+/// The soft open-file limit, from `/proc/self/limits` (Linux).
+fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// How often the key set is refreshed when nothing else triggers it.
 pub const JWKS_REFRESH_PERIOD: Duration = Duration::from_secs(3600);
 
@@ -145,12 +178,14 @@ impl Gateway {
             .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .context("building reflection v1")?;
+            .context("building reflection v1")?
+            .max_decoding_message_size(server_cfg.max_message_bytes);
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
-            .context("building reflection v1alpha")?;
+            .context("building reflection v1alpha")?
+            .max_decoding_message_size(server_cfg.max_message_bytes);
 
         let mut builder = Server::builder()
             .timeout(Duration::from_millis(server_cfg.request_timeout_ms))
@@ -189,6 +224,7 @@ impl Gateway {
         // Redis is connected now, and the fleet's proven secrets followed.
         self.broker.start();
         let (reporter, health) = tonic_health::server::health_reporter();
+        let health = health.max_decoding_message_size(server_cfg.max_message_bytes);
         reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
@@ -221,11 +257,26 @@ impl Gateway {
         .into_routes(server_cfg.max_message_bytes);
 
         let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
+        let edge = Edge::new(EdgeSettings {
+            max_connections: connection_cap(server_cfg.max_connections),
+            handshake_timeout: Duration::from_millis(server_cfg.handshake_timeout_ms),
+            idle_timeout: Duration::from_secs(server_cfg.idle_timeout_secs),
+            body_timeout: Duration::from_millis(server_cfg.request_body_timeout_ms),
+            max_message_bytes: server_cfg.max_message_bytes,
+            max_requests_per_peer: match server_cfg.max_requests_per_peer {
+                0 => usize::MAX,
+                n => n,
+            },
+        });
+        telemetry.set_edge(edge.clone());
         let signal = {
             let telemetry = telemetry.clone();
+            let edge = edge.clone();
             async move {
                 shutdown.await;
                 tracing::info!("shutting down: no new connections, draining in-flight calls");
+                // Connections without a call in flight close now; only calls use the grace.
+                edge.begin_shutdown();
                 telemetry.set_listening(false);
                 let _ = stop_tx.send(true);
             }
@@ -234,28 +285,22 @@ impl Gateway {
             .local_addr()
             .map_or_else(|_| "?".to_owned(), |a| a.to_string());
         tracing::info!(%addr, issuer = %self.validator.issuer(), clients = self.config.clients.len(), "gateway listening");
-        // Beyond max_concurrent_requests calls in flight, new calls are shed at once
-        // with RESOURCE_EXHAUSTED instead of queueing.
-        let limits =
-            tower::ServiceBuilder::new()
-                .load_shed()
-                .layer(GlobalConcurrencyLimitLayer::new(
-                    server_cfg.max_concurrent_requests,
-                ));
+        // A call's message is collected (bounded in time and size) before the call
+        // takes a slot of the budget; beyond max_concurrent_requests calls in flight,
+        // new calls are shed at once with RESOURCE_EXHAUSTED instead of queueing.
+        let limits = tower::ServiceBuilder::new()
+            .layer(EdgeLayer::new(edge.clone(), &STREAMING_PATHS))
+            .load_shed()
+            .layer(GlobalConcurrencyLimitLayer::new(
+                server_cfg.max_concurrent_requests,
+            ));
         let serve = builder
             .layer(limits)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(gateway)
-            .serve_with_incoming_shutdown(
-                // Small responses (tokens, claims) must not wait for Nagle's algorithm.
-                TcpIncoming::from(listener)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(60)))
-                    .map_ok(CoalescingIo::new),
-                signal,
-            );
+            .serve_with_incoming_shutdown(edge::incoming(listener, edge.clone()), signal);
         telemetry.set_listening(true);
         let drained = stopped();
         let result = tokio::select! {

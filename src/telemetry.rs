@@ -19,6 +19,7 @@ use tonic::Code;
 
 use crate::{
     broker::{Broker, ClientSnapshot},
+    edge::Edge,
     histogram::{Histogram, HistogramSnapshot},
     jwt::{JwtValidator, Rejection},
 };
@@ -118,6 +119,7 @@ pub struct Telemetry {
     validator: JwtValidator,
     rpc: Arc<RpcStats>,
     listening: Arc<AtomicBool>,
+    edge: Arc<std::sync::OnceLock<Arc<Edge>>>,
 }
 
 impl Telemetry {
@@ -128,7 +130,13 @@ impl Telemetry {
             validator,
             rpc,
             listening: Arc::new(AtomicBool::new(false)),
+            edge: Arc::default(),
         }
+    }
+
+    /// The gRPC listener's edge, reported on from now on.
+    pub fn set_edge(&self, edge: Arc<Edge>) {
+        let _ = self.edge.set(edge);
     }
 
     /// Marks the gRPC listener up or down.
@@ -136,9 +144,12 @@ impl Telemetry {
         self.listening.store(up, Relaxed);
     }
 
-    /// Ready: the first key set is loaded and the gRPC listener is up.
+    /// Ready: the first key set is loaded, the gRPC listener is up and it is not
+    /// refusing connections (at its cap, or out of descriptors).
     pub fn ready(&self) -> bool {
-        self.listening.load(Relaxed) && self.validator.keys().is_loaded()
+        self.listening.load(Relaxed)
+            && self.validator.keys().is_loaded()
+            && !self.edge.get().is_some_and(|e| e.is_refusing())
     }
 
     /// The Prometheus text exposition.
@@ -364,6 +375,56 @@ impl Telemetry {
             );
         }
 
+        // Connections and requests at the edge.
+        if let Some(edge) = self.edge.get() {
+            let e = edge.stats();
+            for (name, help, value) in [
+                (
+                    "connections_accepted_total",
+                    "gRPC connections accepted.",
+                    &e.accepted,
+                ),
+                (
+                    "connections_refused_total",
+                    "Connections closed at once because server.max_connections were open.",
+                    &e.refused,
+                ),
+                (
+                    "connections_handshake_timeouts_total",
+                    "Connections closed for not sending the HTTP/2 preface in time.",
+                    &e.handshake_timeouts,
+                ),
+                (
+                    "connections_idle_closed_total",
+                    "Connections closed after server.idle_timeout_secs without a call.",
+                    &e.idle_closed,
+                ),
+                (
+                    "accept_errors_total",
+                    "Errors accepting connections.",
+                    &e.accept_errors,
+                ),
+                (
+                    "request_body_timeouts_total",
+                    "Calls whose message did not arrive within server.request_body_timeout_ms.",
+                    &e.body_timeouts,
+                ),
+                (
+                    "peer_limited_total",
+                    "Calls refused because their address had server.max_requests_per_peer in flight.",
+                    &e.peer_limited,
+                ),
+            ] {
+                counter(&mut out, name, help, value.load(Relaxed));
+            }
+            gauge(
+                &mut out,
+                "connections_open",
+                "Open gRPC connections.",
+                edge.open_connections() as f64,
+            );
+        }
+
         // Upstream.
         let _ = writeln!(
             out,
@@ -474,7 +535,7 @@ async fn readyz(State(t): State<Telemetry>) -> (StatusCode, &'static str) {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: waiting for the first key set\n",
+            "not ready: waiting for the first key set, or refusing connections\n",
         )
     }
 }

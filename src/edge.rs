@@ -1,0 +1,636 @@
+//! What a connection and a request must do before the gateway works for them, so
+//! that a stranger without credentials cannot hold its resources:
+//!
+//! - **Connections** ([`incoming`], [`Guarded`]): at most `max_connections` open
+//!   (beyond it new ones are closed at once, the established ones untouched); a
+//!   connection that has not sent the 24-byte HTTP/2 preface within
+//!   `handshake_timeout`, or that has had no call in flight for `idle_timeout`, is
+//!   closed; during shutdown a connection without a call in flight is closed at
+//!   once; accept errors (out of file descriptors) back off instead of spinning.
+//!   hyper and h2 offer none of these for a server (keepalive PINGs start only
+//!   after the handshake and are answered by an idle peer), so [`Guarded`] ends the
+//!   connection the only way an I/O object can: its read reports `TimedOut`,
+//!   exactly as a dead socket would. It reads and writes nothing itself and
+//!   reports non-vectored writes (the reason is on [`Guarded`]).
+//! - **Requests** ([`EdgeLayer`]): a unary call's message must arrive within
+//!   `body_timeout` of its headers, hold exactly one gRPC message and be no larger
+//!   than `max_message_bytes`; only then does it take a slot of the shared
+//!   concurrency budget (the layer after this one), so a caller that never sends
+//!   its message holds an HTTP/2 stream of its own connection, not the budget.
+//!   One peer address takes at most `max_requests_per_peer` slots. A content type
+//!   other than `application/grpc` is answered HTTP 415, as the gRPC protocol says.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::Stream;
+use http_body_util::BodyExt as _;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    time::{Instant, Sleep},
+};
+use tonic::{
+    Status,
+    body::Body,
+    transport::server::{Connected, TcpConnectInfo, TlsConnectInfo},
+};
+
+/// Length of the HTTP/2 client connection preface (`PRI * HTTP/2.0…`).
+const PREFACE_LEN: u64 = 24;
+/// Longest pause between two accept attempts after an accept error.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Limits of the listener and of every request.
+#[derive(Debug, Clone)]
+pub struct EdgeSettings {
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Time for a new connection to send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// Time a connection may stay open with no call in flight.
+    pub idle_timeout: Duration,
+    /// Time for a unary call's message to arrive after its headers.
+    pub body_timeout: Duration,
+    /// Largest request message.
+    pub max_message_bytes: usize,
+    /// Most calls in flight from one peer address.
+    pub max_requests_per_peer: usize,
+}
+
+/// Counters of the edge.
+#[derive(Debug, Default)]
+pub struct EdgeStats {
+    /// Connections accepted and kept.
+    pub accepted: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused: AtomicU64,
+    /// Connections closed for not sending the preface in time.
+    pub handshake_timeouts: AtomicU64,
+    /// Connections closed after `idle_timeout` without a call.
+    pub idle_closed: AtomicU64,
+    /// Accept errors (e.g. out of file descriptors).
+    pub accept_errors: AtomicU64,
+    /// Calls whose message did not arrive within `body_timeout`.
+    pub body_timeouts: AtomicU64,
+    /// Calls refused because their peer had `max_requests_per_peer` in flight.
+    pub peer_limited: AtomicU64,
+}
+
+/// State shared by the listener, its connections and the request layer.
+#[derive(Debug)]
+pub struct Edge {
+    settings: EdgeSettings,
+    open: AtomicUsize,
+    /// Set while accepting fails or the connection cap is reached.
+    refusing: AtomicBool,
+    shutting_down: AtomicBool,
+    peers: Mutex<HashMap<IpAddr, usize>>,
+    stats: EdgeStats,
+}
+
+impl Edge {
+    /// Edge state for `settings`.
+    pub fn new(settings: EdgeSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            open: AtomicUsize::new(0),
+            refusing: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            peers: Mutex::new(HashMap::new()),
+            stats: EdgeStats::default(),
+        })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &EdgeSettings {
+        &self.settings
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &EdgeStats {
+        &self.stats
+    }
+
+    /// Open connections.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Relaxed)
+    }
+
+    /// Whether new connections are being refused (cap reached, accept failing).
+    pub fn is_refusing(&self) -> bool {
+        self.refusing.load(Relaxed)
+    }
+
+    /// From now on, connections without a call in flight are closed at once.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Relaxed);
+    }
+}
+
+/// The connections of `listener`, guarded; never ends, never yields an error
+/// (accept errors are counted, logged and waited out).
+pub fn incoming(
+    listener: TcpListener,
+    edge: Arc<Edge>,
+) -> impl Stream<Item = io::Result<Guarded<TcpStream>>> + Send + 'static {
+    futures::stream::unfold(
+        (listener, edge, Duration::ZERO),
+        |(listener, edge, mut backoff)| async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, remote)) => {
+                        backoff = Duration::ZERO;
+                        if edge.open.load(Relaxed) >= edge.settings.max_connections {
+                            edge.refusing.store(true, Relaxed);
+                            edge.stats.refused.fetch_add(1, Relaxed);
+                            drop(stream);
+                            continue;
+                        }
+                        edge.refusing.store(false, Relaxed);
+                        // Small answers (tokens, claims) must not wait for Nagle.
+                        let _ = stream.set_nodelay(true);
+                        edge.stats.accepted.fetch_add(1, Relaxed);
+                        let guarded = Guarded::new(stream, Some(remote), edge.clone());
+                        return Some((Ok(guarded), (listener, edge, backoff)));
+                    }
+                    Err(e) => {
+                        edge.refusing.store(true, Relaxed);
+                        let n = edge.stats.accept_errors.fetch_add(1, Relaxed);
+                        backoff = (backoff * 2)
+                            .max(Duration::from_millis(5))
+                            .min(MAX_ACCEPT_BACKOFF);
+                        if n.is_power_of_two() {
+                            tracing::warn!(error = %e, errors = n + 1, ?backoff, "accepting connections fails; backing off");
+                        }
+                        tokio::time::sleep(backoff).await;
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// One connection's activity, seen by its I/O and by the calls it carries.
+#[derive(Debug)]
+pub struct ConnState {
+    edge: Arc<Edge>,
+    accepted: Instant,
+    read: AtomicU64,
+    calls: AtomicUsize,
+    /// Milliseconds since `accepted` when the last call ended.
+    last_call_ms: AtomicU64,
+}
+
+impl ConnState {
+    /// When the connection should be closed, if nothing changes.
+    fn deadline(&self) -> Option<Instant> {
+        let settings = &self.edge.settings;
+        if self.calls.load(Relaxed) > 0 {
+            return None;
+        }
+        if self.edge.shutting_down.load(Relaxed) {
+            return Some(self.accepted);
+        }
+        if self.read.load(Relaxed) < PREFACE_LEN {
+            return Some(self.accepted + settings.handshake_timeout);
+        }
+        let last = Duration::from_millis(self.last_call_ms.load(Relaxed));
+        Some(self.accepted + last + settings.idle_timeout)
+    }
+
+    fn call_started(self: &Arc<Self>) -> CallGuard {
+        self.calls.fetch_add(1, Relaxed);
+        CallGuard(self.clone())
+    }
+}
+
+/// Marks a call in flight on its connection until dropped.
+#[derive(Debug)]
+struct CallGuard(Arc<ConnState>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let ms = self.0.accepted.elapsed().as_millis() as u64;
+        self.0.last_call_ms.store(ms, Relaxed);
+        self.0.calls.fetch_sub(1, Relaxed);
+    }
+}
+
+/// What a request learns of its connection (the `ConnectInfo` of [`Guarded`]).
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The peer's address.
+    pub remote: Option<SocketAddr>,
+    conn: Arc<ConnState>,
+}
+
+/// An accepted connection: closes itself (its read fails with `TimedOut`) when the
+/// preface does not come in time, when it stays idle, or at shutdown when idle.
+///
+/// It reports non-vectored writes: with vectored I/O h2 writes every DATA payload
+/// of 256 bytes or more with its own `writev` (the threshold is 1024 otherwise),
+/// so a token answer (~0.8 KB) would leave as two TCP segments. Measured with
+/// h2load on one core: Validate 0.53× → 0.88× and GetToken 0.75× → 0.85× of
+/// Health req/s (BENCHMARKS.md).
+#[derive(Debug)]
+pub struct Guarded<IO> {
+    io: IO,
+    remote: Option<SocketAddr>,
+    conn: Arc<ConnState>,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<IO> Guarded<IO> {
+    fn new(io: IO, remote: Option<SocketAddr>, edge: Arc<Edge>) -> Self {
+        edge.open.fetch_add(1, Relaxed);
+        let accepted = Instant::now();
+        let timer = Box::pin(tokio::time::sleep_until(
+            accepted + edge.settings.handshake_timeout,
+        ));
+        Self {
+            io,
+            remote,
+            conn: Arc::new(ConnState {
+                edge,
+                accepted,
+                read: AtomicU64::new(0),
+                calls: AtomicUsize::new(0),
+                last_call_ms: AtomicU64::new(0),
+            }),
+            timer,
+        }
+    }
+}
+
+impl<IO> Drop for Guarded<IO> {
+    fn drop(&mut self) {
+        self.conn.edge.open.fetch_sub(1, Relaxed);
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        if let Poll::Ready(result) = Pin::new(&mut this.io).poll_read(cx, buf) {
+            let n = (buf.filled().len() - before) as u64;
+            this.conn.read.fetch_add(n, Relaxed);
+            return Poll::Ready(result);
+        }
+        // Nothing to read: is the connection past its deadline?
+        loop {
+            let Some(deadline) = this.conn.deadline() else {
+                return Poll::Pending;
+            };
+            if Instant::now() >= deadline {
+                let edge = &this.conn.edge;
+                let (counter, why) = if this.conn.read.load(Relaxed) < PREFACE_LEN {
+                    (&edge.stats.handshake_timeouts, "no HTTP/2 preface in time")
+                } else {
+                    (&edge.stats.idle_closed, "idle connection closed")
+                };
+                counter.fetch_add(1, Relaxed);
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
+            }
+            this.timer.as_mut().reset(deadline);
+            ready!(this.timer.as_mut().poll(cx));
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+}
+
+impl Connected for Guarded<TcpStream> {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        PeerInfo {
+            remote: self.remote,
+            conn: self.conn.clone(),
+        }
+    }
+}
+
+/// The peer of a request served through [`incoming`] (plain or TLS).
+pub fn peer_info<B>(req: &http::Request<B>) -> Option<&PeerInfo> {
+    let ext = req.extensions();
+    ext.get::<PeerInfo>()
+        .or_else(|| ext.get::<TlsConnectInfo<PeerInfo>>().map(|t| t.get_ref()))
+}
+
+/// The peer address of a request, whatever listener accepted it.
+pub fn peer_addr<B>(req: &http::Request<B>) -> Option<SocketAddr> {
+    if let Some(p) = peer_info(req) {
+        return p.remote;
+    }
+    let ext = req.extensions();
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|t| t.get_ref().remote_addr())
+        })
+}
+
+/// Applies the request rules of [`Edge`]; `streaming` lists the paths whose
+/// messages are not collected first (bidirectional streams such as reflection).
+#[derive(Debug, Clone)]
+pub struct EdgeLayer {
+    edge: Arc<Edge>,
+    streaming: Arc<[&'static str]>,
+}
+
+impl EdgeLayer {
+    /// The layer over `edge`.
+    pub fn new(edge: Arc<Edge>, streaming: &[&'static str]) -> Self {
+        Self {
+            edge,
+            streaming: streaming.into(),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for EdgeLayer {
+    type Service = EdgeService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        EdgeService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`EdgeLayer`].
+#[derive(Debug, Clone)]
+pub struct EdgeService<S> {
+    inner: S,
+    layer: EdgeLayer,
+}
+
+/// Holds one of a peer's request slots.
+struct PeerSlot {
+    edge: Arc<Edge>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut peers = self.edge.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = peers.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Edge {
+    fn peer_slot(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let n = peers.entry(ip).or_insert(0);
+        if *n >= self.settings.max_requests_per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            edge: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Why a unary request body is not one acceptable gRPC message.
+fn check_unary(body: &[u8], max: usize) -> Result<(), Status> {
+    let mut rest = body;
+    let mut messages = 0;
+    while !rest.is_empty() {
+        if rest.len() < 5 {
+            return Err(Status::invalid_argument("truncated gRPC message frame"));
+        }
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if len > max {
+            return Err(Status::resource_exhausted(format!(
+                "request message of {len} bytes is larger than the limit of {max} bytes"
+            )));
+        }
+        if rest.len() < 5 + len {
+            return Err(Status::invalid_argument("truncated gRPC message frame"));
+        }
+        rest = &rest[5 + len..];
+        messages += 1;
+    }
+    if messages > 1 {
+        return Err(Status::invalid_argument(
+            "a unary call carries exactly one request message",
+        ));
+    }
+    Ok(())
+}
+
+fn unsupported_media_type() -> http::Response<Body> {
+    let mut response = http::Response::new(Body::default());
+    *response.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    response.headers_mut().insert(
+        http::header::ACCEPT,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// A response body that keeps its call counted on the connection until it is
+/// sent (or dropped).
+struct Tracked {
+    inner: Body,
+    _call: Option<CallGuard>,
+    _peer: Option<PeerSlot>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<S> tower::Service<http::Request<Body>> for EdgeService<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // Readiness is asked of the inner service once the message is in.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let edge = self.layer.edge.clone();
+        let streaming = self.layer.streaming.iter().any(|p| *p == req.uri().path());
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let grpc = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc"));
+            if !grpc {
+                return Ok(unsupported_media_type());
+            }
+            let call = peer_info(&req).map(|p| p.conn.call_started());
+            let ip = peer_addr(&req).map(|a| a.ip());
+            let req = if streaming {
+                req
+            } else {
+                let (parts, body) = req.into_parts();
+                let max = edge.settings.max_message_bytes;
+                let limited = http_body_util::Limited::new(body, max.saturating_add(5));
+                let collected =
+                    match tokio::time::timeout(edge.settings.body_timeout, limited.collect()).await
+                    {
+                        Ok(Ok(collected)) => collected.to_bytes(),
+                        Ok(Err(e)) => {
+                            let status = if e.is::<http_body_util::LengthLimitError>() {
+                                Status::resource_exhausted(format!(
+                                    "request message larger than the limit of {max} bytes"
+                                ))
+                            } else {
+                                Status::cancelled("request body ended with an error")
+                            };
+                            return Ok(status.into_http());
+                        }
+                        Err(_) => {
+                            edge.stats.body_timeouts.fetch_add(1, Relaxed);
+                            return Ok(Status::deadline_exceeded(format!(
+                                "the request message did not arrive within {} ms of its headers",
+                                edge.settings.body_timeout.as_millis()
+                            ))
+                            .into_http());
+                        }
+                    };
+                if let Err(status) = check_unary(&collected, max) {
+                    return Ok(status.into_http());
+                }
+                http::Request::from_parts(parts, Body::new(http_body_util::Full::new(collected)))
+            };
+            // The message is in: from here on the gateway works, and the call counts
+            // against its peer's share.
+            let peer = match ip {
+                Some(ip) => match edge.peer_slot(ip) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        edge.stats.peer_limited.fetch_add(1, Relaxed);
+                        return Ok(Status::resource_exhausted(
+                            "too many calls in flight from this address",
+                        )
+                        .into_http());
+                    }
+                },
+                None => None,
+            };
+            let response = tower::ServiceExt::ready(&mut inner)
+                .await?
+                .call(req)
+                .await?;
+            Ok(response.map(|inner| {
+                Body::new(Tracked {
+                    inner,
+                    _call: call,
+                    _peer: peer,
+                })
+            }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize) -> Vec<u8> {
+        let mut f = vec![0u8];
+        f.extend_from_slice(&(len as u32).to_be_bytes());
+        f.extend(std::iter::repeat_n(7u8, len));
+        f
+    }
+
+    #[test]
+    fn a_unary_body_is_exactly_one_message_within_the_limit() {
+        assert!(check_unary(&frame(10), 100).is_ok());
+        assert!(
+            check_unary(&[], 100).is_ok(),
+            "an empty message is tonic's to judge"
+        );
+        let two = [frame(3), frame(3)].concat();
+        assert_eq!(
+            check_unary(&two, 100).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            check_unary(&frame(101), 100).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(
+            check_unary(&frame(10)[..8], 100).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

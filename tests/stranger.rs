@@ -1,0 +1,317 @@
+//! What a stranger without credentials can hold, tried against a running gateway
+//! on loopback with bounded counts and times: silent connections, idle ones, more
+//! connections than the cap, streams that send headers and never their message,
+//! and what the edge refuses (content type, two messages, oversized Health).
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use m2m_gateway::{config::Config, proto::gateway::v1::ValidateRequest};
+use support::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame.
+const SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+async fn gateway(tune: impl FnOnce(&mut Config)) -> (TestGateway, m2m_gateway::emulator::Emulator) {
+    let emu = emulator(vec![]).await;
+    let mut cfg = config(&emu, &[client_a()]);
+    tune(&mut cfg);
+    let gw = TestGateway::start(cfg).await.ready().await;
+    (gw, emu)
+}
+
+/// Reads until the server closes the connection (EOF or reset); false if it is
+/// still open after `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_and_others_still_served() {
+    let (gw, _emu) = gateway(|c| c.server.handshake_timeout_ms = 300).await;
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    let mut c = gw.client().await;
+    c.validate(ValidateRequest {
+        token: "x.y.z".into(),
+        required_scopes: vec![],
+    })
+    .await
+    .expect("served while strangers wait");
+    for s in &mut silent {
+        assert!(
+            closed_within(s, Duration::from_secs(5)).await,
+            "a silent connection stayed open"
+        );
+    }
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("m2m_gateway_connections_handshake_timeouts_total 200"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_calls_is_closed_after_the_idle_time() {
+    let (gw, _emu) = gateway(|c| c.server.idle_timeout_secs = 1).await;
+    let mut idle = TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(&[PREFACE, SETTINGS].concat()).await.unwrap();
+    // A connection that made a call stays open while the call runs, then idles too.
+    let mut c = gw.client().await;
+    c.validate(ValidateRequest {
+        token: "x.y.z".into(),
+        required_scopes: vec![],
+    })
+    .await
+    .unwrap();
+    assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("m2m_gateway_connections_idle_closed_total"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_connection_cap_new_connections_are_refused_and_old_ones_kept() {
+    let (gw, _emu) = gateway(|c| c.server.max_connections = 20).await;
+    let mut c = gw.client().await;
+    let mut held = Vec::new();
+    for _ in 0..19 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(&[PREFACE, SETTINGS].concat()).await.unwrap();
+        held.push(s);
+    }
+    let mut extra = TcpStream::connect(gw.addr).await.unwrap();
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(2)).await,
+        "the 21st was kept"
+    );
+    let (status, _) = gw.admin_get("/readyz").await;
+    assert_eq!(status, 503, "not ready while refusing connections");
+    // The established connection is not disturbed.
+    c.validate(ValidateRequest {
+        token: "x.y.z".into(),
+        required_scopes: vec![],
+    })
+    .await
+    .unwrap();
+    drop(held);
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("m2m_gateway_connections_refused_total 1"),
+        "{metrics}"
+    );
+}
+
+fn grpc_request(addr: std::net::SocketAddr, path: &str, content_type: &str) -> http::Request<()> {
+    http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", content_type)
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+async fn raw_h2(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_only_streams_do_not_starve_legitimate_callers() {
+    let (gw, _emu) = gateway(|c| {
+        c.server.max_concurrent_requests = 64;
+        c.server.request_body_timeout_ms = 1000;
+    })
+    .await;
+    let open = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut attackers = Vec::new();
+    for _ in 0..8 {
+        let client = raw_h2(gw.addr).await;
+        let (open, stop, addr) = (open.clone(), stop.clone(), gw.addr);
+        attackers.push(tokio::spawn(async move {
+            // Keep the connection's 100 streams open; never send a message.
+            let slots = Arc::new(tokio::sync::Semaphore::new(100));
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let Ok(mut ready) = client.clone().ready().await else {
+                    break;
+                };
+                let req =
+                    grpc_request(addr, "/m2m.gateway.v1.Gateway/GetToken", "application/grpc");
+                let Ok((response, body)) = ready.send_request(req, false) else {
+                    break;
+                };
+                open.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let _held = (body, slot);
+                    let _ = tokio::time::timeout(Duration::from_secs(5), response).await;
+                });
+            }
+        }));
+    }
+    // The attack is in full swing before the legitimate calls start.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while open.load(Ordering::Relaxed) < 600 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the attack opened its streams");
+    let mut c = gw.client().await;
+    let mut ok = 0;
+    for _ in 0..48 {
+        if c.validate(ValidateRequest {
+            token: "x.y.z".into(),
+            required_scopes: vec![],
+        })
+        .await
+        .is_ok()
+        {
+            ok += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        a.abort();
+    }
+    assert!(ok >= 44, "{ok} of 48 legitimate calls succeeded");
+}
+
+/// Sends one request with `body` on a raw HTTP/2 connection; the HTTP status and
+/// the `grpc-status` (headers or trailers).
+async fn raw_call(
+    addr: std::net::SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, Option<String>) {
+    let client = raw_h2(addr).await;
+    let mut ready = client.ready().await.unwrap();
+    let (response, mut send) = ready
+        .send_request(grpc_request(addr, path, content_type), false)
+        .unwrap();
+    send.send_data(Bytes::from(body), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("answered")
+        .unwrap();
+    let status = response.status().as_u16();
+    let mut grpc_status = response
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = chunk;
+    }
+    if let Ok(Some(trailers)) = body.trailers().await {
+        if let Some(v) = trailers.get("grpc-status") {
+            grpc_status = Some(v.to_str().unwrap().to_owned());
+        }
+    }
+    (status, grpc_status)
+}
+
+fn frame(message: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8];
+    f.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    f.extend_from_slice(message);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_refuses_what_grpc_does_not_allow() {
+    let (gw, _emu) = gateway(|_| {}).await;
+    // 415 for a content type that is not gRPC.
+    for ct in ["text/plain", "application/json"] {
+        let (status, _) = raw_call(gw.addr, "/grpc.health.v1.Health/Check", ct, frame(b"")).await;
+        assert_eq!(status, 415, "{ct}");
+    }
+    // A unary call carries exactly one message.
+    let two = [frame(b""), frame(b"")].concat();
+    let (status, grpc) = raw_call(
+        gw.addr,
+        "/grpc.health.v1.Health/Check",
+        "application/grpc",
+        two,
+    )
+    .await;
+    assert_eq!(
+        (status, grpc.as_deref()),
+        (200, Some("3")),
+        "INVALID_ARGUMENT"
+    );
+    // The message limit holds for Health too, answered RESOURCE_EXHAUSTED.
+    let big = frame(&vec![b'a'; 200 * 1024]);
+    let (status, grpc) = raw_call(
+        gw.addr,
+        "/grpc.health.v1.Health/Check",
+        "application/grpc",
+        big,
+    )
+    .await;
+    assert_eq!(
+        (status, grpc.as_deref()),
+        (200, Some("8")),
+        "RESOURCE_EXHAUSTED"
+    );
+    // A well-formed call still works.
+    let (status, grpc) = raw_call(
+        gw.addr,
+        "/grpc.health.v1.Health/Check",
+        "application/grpc",
+        frame(b""),
+    )
+    .await;
+    assert_eq!((status, grpc.as_deref()), (200, Some("0")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_idle_or_silent_connections() {
+    let (gw, _emu) = gateway(|c| c.server.shutdown_grace_ms = 10_000).await;
+    let mut idle = TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(&[PREFACE, SETTINGS].concat()).await.unwrap();
+    let _silent = TcpStream::connect(gw.addr).await.unwrap();
+    // Both are accepted before the stop.
+    let mut c = gw.client().await;
+    c.validate(ValidateRequest {
+        token: "x.y.z".into(),
+        required_scopes: vec![],
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), gw.stop())
+        .await
+        .expect("stopped without waiting out the 10 s grace");
+}
