@@ -5,8 +5,8 @@
 //!   (beyond it new ones are closed at once, the established ones untouched); a
 //!   connection that has not sent the 24-byte HTTP/2 preface within
 //!   `handshake_timeout`, or that has had no call in flight for `idle_timeout`, is
-//!   closed; during shutdown a connection without a call in flight is closed at
-//!   once; accept errors (out of file descriptors) back off instead of spinning.
+//!   closed; during shutdown a connection without a call in flight is closed after
+//!   a 250 ms linger (its last answer leaves first); accept errors (out of file descriptors) back off instead of spinning.
 //!   hyper and h2 offer none of these for a server (keepalive PINGs start only
 //!   after the handshake and are answered by an idle peer), so [`Guarded`] ends the
 //!   connection the only way an I/O object can: its read reports `TimedOut`,
@@ -50,6 +50,9 @@ use tonic::{
 
 /// Length of the HTTP/2 client connection preface (`PRI * HTTP/2.0…`).
 const PREFACE_LEN: u64 = 24;
+/// At shutdown, how long a connection without a call in flight is left to h2's
+/// own graceful close (GOAWAY, the last frames flushed) before it is closed.
+const SHUTDOWN_LINGER: Duration = Duration::from_millis(250);
 /// Longest pause between two accept attempts after an accept error.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -96,7 +99,7 @@ pub struct Edge {
     open: AtomicUsize,
     /// Set while accepting fails or the connection cap is reached.
     refusing: AtomicBool,
-    shutting_down: AtomicBool,
+    shutting_down: std::sync::OnceLock<Instant>,
     peers: Mutex<HashMap<IpAddr, usize>>,
     stats: EdgeStats,
 }
@@ -108,7 +111,7 @@ impl Edge {
             settings,
             open: AtomicUsize::new(0),
             refusing: AtomicBool::new(false),
-            shutting_down: AtomicBool::new(false),
+            shutting_down: std::sync::OnceLock::new(),
             peers: Mutex::new(HashMap::new()),
             stats: EdgeStats::default(),
         })
@@ -136,7 +139,7 @@ impl Edge {
 
     /// From now on, connections without a call in flight are closed at once.
     pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Relaxed);
+        let _ = self.shutting_down.set(Instant::now());
     }
 }
 
@@ -201,14 +204,15 @@ impl ConnState {
         if self.calls.load(Relaxed) > 0 {
             return None;
         }
-        if self.edge.shutting_down.load(Relaxed) {
-            return Some(self.accepted);
+        let last_call = self.accepted + Duration::from_millis(self.last_call_ms.load(Relaxed));
+        if let Some(&since) = self.edge.shutting_down.get() {
+            // Never before the last answer has had time to leave.
+            return Some(since.max(last_call) + SHUTDOWN_LINGER);
         }
         if self.read.load(Relaxed) < PREFACE_LEN {
             return Some(self.accepted + settings.handshake_timeout);
         }
-        let last = Duration::from_millis(self.last_call_ms.load(Relaxed));
-        Some(self.accepted + last + settings.idle_timeout)
+        Some(last_call + settings.idle_timeout)
     }
 
     fn call_started(self: &Arc<Self>) -> CallGuard {
