@@ -738,7 +738,7 @@ impl Config {
         let c = &self.cognito;
         let issuer = match &c.issuer {
             Some(i) => {
-                Url::parse(i).map_err(|e| ("cognito.issuer", format!("{i:?}: {e}")))?;
+                checked_url("cognito.issuer", i)?;
                 i.clone()
             }
             None => format!(
@@ -750,14 +750,11 @@ impl Config {
             Some(u) => u.clone(),
             None => format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')),
         };
-        let jwks_uri = Url::parse(&jwks_uri)
-            .map_err(|e| ("cognito.jwks_uri", format!("{jwks_uri:?}: {e}")))?;
+        let jwks_uri = checked_url("cognito.jwks_uri", &jwks_uri)?;
         let token_endpoint = match (&c.token_endpoint, &c.domain) {
-            (Some(t), _) => {
-                Url::parse(t).map_err(|e| ("cognito.token_endpoint", format!("{t:?}: {e}")))?
-            }
+            (Some(t), _) => checked_url("cognito.token_endpoint", t)?,
             (None, Some(d)) => {
-                let base = Url::parse(d).map_err(|e| ("cognito.domain", format!("{d:?}: {e}")))?;
+                let base = checked_url("cognito.domain", d)?;
                 if base.query().is_some() || base.fragment().is_some() {
                     return Err((
                         "cognito.domain",
@@ -765,7 +762,7 @@ impl Config {
                     ));
                 }
                 let joined = format!("{}/oauth2/token", base.as_str().trim_end_matches('/'));
-                Url::parse(&joined).map_err(|e| ("cognito.domain", format!("{d:?}: {e}")))?
+                checked_url("cognito.domain", &joined)?
             }
             (None, None) => {
                 return Err((
@@ -821,6 +818,37 @@ pub fn decode_key(key: &SecretString) -> Result<[u8; 32], String> {
         .map_err(|_| "not valid base64".to_owned())?;
     <[u8; 32]>::try_from(bytes.as_slice())
         .map_err(|_| format!("decodes to {} bytes, need 32", bytes.len()))
+}
+
+/// Parses a Cognito URL of `key`: never with user-info (Cognito uses none, and a
+/// password there would travel and be printed), and never echoing one back.
+fn checked_url(key: &'static str, text: &str) -> Result<Url, (&'static str, String)> {
+    let url =
+        Url::parse(text).map_err(|e| (key, format!("{:?}: {e}", redact_userinfo_text(text))))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err((
+            key,
+            format!(
+                "{:?}: must not carry a user name or password (Cognito uses neither)",
+                redact_userinfo_text(text)
+            ),
+        ));
+    }
+    Ok(url)
+}
+
+/// `text` with anything between `://` and the last `@` of the authority hidden.
+fn redact_userinfo_text(text: &str) -> String {
+    let Some(start) = text.find("://").map(|i| i + 3) else {
+        return text.to_owned();
+    };
+    let authority_end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    match text[start..authority_end].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &text[..start], &text[start + at..]),
+        None => text.to_owned(),
+    }
 }
 
 fn redact_url_password(url: &str) -> String {
@@ -1000,6 +1028,23 @@ allowed_scopes = ["orders/read", "orders/write"]
         assert!(!shown.contains(key), "{shown}");
         assert!(!shown.contains(":pw@"), "{shown}");
         assert!(!format!("{c:?}").contains(key));
+    }
+
+    #[test]
+    fn urls_with_user_info_are_refused_without_echoing_the_password() {
+        let mut c = Config::from_toml_str(BASE, "t.toml").unwrap();
+        c.cognito.token_endpoint = Some("https://user:hunter2@example.com/oauth2/token".into());
+        let (key, message) = c.endpoints().unwrap_err();
+        assert_eq!(key, "cognito.token_endpoint");
+        assert!(!message.contains("hunter2"), "{message}");
+        assert!(message.contains("user name or password"), "{message}");
+        c.cognito.token_endpoint = Some("https://user:hunter2@exa mple.com/".into());
+        let (_, message) = c.endpoints().unwrap_err();
+        assert!(!message.contains("hunter2"), "{message}");
+        assert_eq!(
+            redact_userinfo_text("https://a:b@host/p@q"),
+            "https://<redacted>@host/p@q"
+        );
     }
 
     #[test]

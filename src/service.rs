@@ -252,15 +252,26 @@ impl GatewayService {
                 client_id,
                 "rpc"
             ),
-            (_, rejection) => tracing::info!(
-                target: "m2m_gateway::rpc",
-                method,
-                status = ?code,
-                rejection = rejection.map(Rejection::as_str),
-                latency_us,
-                client_id,
-                "rpc"
-            ),
+            (_, rejection) => {
+                let reason = rejection.map(Rejection::as_str);
+                // Counted always (above); logged at a bounded rate per kind.
+                if let Some(suppressed) = self
+                    .rpc
+                    .refusals
+                    .admit((method, code as i32, reason), std::time::Instant::now())
+                {
+                    tracing::info!(
+                        target: "m2m_gateway::rpc",
+                        method,
+                        status = ?code,
+                        rejection = reason,
+                        latency_us,
+                        client_id,
+                        suppressed,
+                        "rpc"
+                    );
+                }
+            }
         }
     }
 
@@ -695,6 +706,31 @@ mod tests {
         assert_eq!(strip_bearer("Bearer "), "");
         assert_eq!(strip_bearer("BEARER\tabc"), "abc");
         assert_eq!(strip_bearer("Bearerabc"), "Bearerabc");
+    }
+
+    #[test]
+    fn limit_refusals_carry_retry_info() {
+        use tonic_types::StatusExt as _;
+        for e in [
+            BrokerError::TooManyFailedAttempts {
+                retry_after: std::time::Duration::from_secs(6),
+            },
+            BrokerError::UpstreamBudget {
+                retry_after: std::time::Duration::from_millis(250),
+            },
+        ] {
+            let status = broker_status(&e);
+            assert_eq!(status.code(), Code::ResourceExhausted);
+            let info = status.get_details_retry_info().expect("RetryInfo");
+            assert_eq!(info.retry_delay, e.retry_after());
+            assert!(
+                status.message().contains("retry in"),
+                "{}",
+                status.message()
+            );
+        }
+        let plain = broker_status(&BrokerError::ResourceExhausted("throttled".into()));
+        assert!(plain.get_details_retry_info().is_none());
     }
 
     #[test]

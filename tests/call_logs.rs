@@ -70,9 +70,38 @@ async fn routine_calls_log_at_debug_and_refusals_at_info() {
         })
         .await;
     assert!(refused.is_err());
+    // A flood of junk tokens costs a bounded number of lines, whatever its size.
+    for _ in 0..300 {
+        let v = c
+            .validate(ValidateRequest {
+                token: "junk.junk.junk".into(),
+                required_scopes: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!v.valid);
+    }
+    let flood: Vec<String> = rpc_lines(&capture)
+        .into_iter()
+        .filter(|l| l.contains("malformed"))
+        .collect();
+    assert!(
+        (1..=m2m_gateway::telemetry::REFUSALS_LOGGED_PER_INTERVAL as usize).contains(&flood.len()),
+        "{} lines for 300 refusals",
+        flood.len()
+    );
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("m2m_gateway_validations_total{result=\"malformed\"} 300"),
+        "every refusal counted"
+    );
     gw.stop().await;
 
-    let lines = rpc_lines(&capture);
+    let lines: Vec<String> = rpc_lines(&capture)
+        .into_iter()
+        .filter(|l| !l.contains("malformed"))
+        .collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(lines[0].contains(" INFO "), "{lines:?}");
     assert!(lines[0].contains("method=\"Validate\""), "{lines:?}");
