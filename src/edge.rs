@@ -53,6 +53,8 @@ const PREFACE_LEN: u64 = 24;
 /// At shutdown, how long a connection without a call in flight is left to h2's
 /// own graceful close (GOAWAY, the last frames flushed) before it is closed.
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(250);
+/// Longest `grpc-message` sent: error details never grow with the request.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
 /// Longest pause between two accept attempts after an accept error.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -470,6 +472,27 @@ fn check_unary(body: &[u8], max: usize) -> Result<(), Status> {
     Ok(())
 }
 
+/// Cuts a `grpc-message` longer than [`MAX_STATUS_MESSAGE`] (it is
+/// percent-encoded: never in the middle of an escape).
+fn bound_status_message(headers: &mut http::HeaderMap) {
+    let Some(value) = headers.get("grpc-message") else {
+        return;
+    };
+    let bytes = value.as_bytes();
+    if bytes.len() <= MAX_STATUS_MESSAGE {
+        return;
+    }
+    let mut end = MAX_STATUS_MESSAGE;
+    if let Some(pct) = bytes[end - 2..end].iter().position(|b| *b == b'%') {
+        end = end - 2 + pct;
+    }
+    let mut cut = bytes[..end].to_vec();
+    cut.extend_from_slice(b"%E2%80%A6");
+    if let Ok(v) = http::HeaderValue::from_bytes(&cut) {
+        headers.insert("grpc-message", v);
+    }
+}
+
 fn unsupported_media_type() -> http::Response<Body> {
     let mut response = http::Response::new(Body::default());
     *response.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
@@ -496,7 +519,16 @@ impl http_body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        Poll::Ready(frame.map(|f| {
+            f.map(|frame| match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    bound_status_message(&mut trailers);
+                    http_body::Frame::trailers(trailers)
+                }
+                Err(frame) => frame,
+            })
+        }))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -594,6 +626,8 @@ where
                 .await?
                 .call(req)
                 .await?;
+            let mut response = response;
+            bound_status_message(response.headers_mut());
             Ok(response.map(|inner| {
                 Body::new(Tracked {
                     inner,
@@ -614,6 +648,28 @@ mod tests {
         f.extend_from_slice(&(len as u32).to_be_bytes());
         f.extend(std::iter::repeat_n(7u8, len));
         f
+    }
+
+    #[test]
+    fn status_messages_are_bounded_without_breaking_an_escape() {
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-message", http::HeaderValue::from_static("short"));
+        bound_status_message(&mut h);
+        assert_eq!(h["grpc-message"], "short");
+        let long = format!(
+            "{}%41{}",
+            "a".repeat(MAX_STATUS_MESSAGE - 2),
+            "b".repeat(5000)
+        );
+        h.insert("grpc-message", http::HeaderValue::from_str(&long).unwrap());
+        bound_status_message(&mut h);
+        let v = h["grpc-message"].to_str().unwrap();
+        assert!(v.len() <= MAX_STATUS_MESSAGE + 9, "{}", v.len());
+        assert!(
+            v.ends_with("a%E2%80%A6"),
+            "cut before the escape: {}",
+            &v[v.len() - 12..]
+        );
     }
 
     #[test]
