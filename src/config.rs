@@ -520,6 +520,30 @@ impl Config {
                 ),
             ));
         }
+        let pool_region = c.user_pool_id.split('_').next().unwrap_or_default();
+        if c.issuer.is_none() && pool_region != c.region {
+            return Err(invalid(
+                "cognito.region",
+                format!(
+                    "{:?} is not the Region of user pool {:?} (its id starts with {pool_region:?}); \
+                     the derived issuer would refuse every token",
+                    c.region, c.user_pool_id
+                ),
+            ));
+        }
+        if let (Some(domain), None) = (&c.domain, &c.token_endpoint) {
+            if let Ok(url) = Url::parse(domain) {
+                if !matches!(url.path(), "" | "/") {
+                    return Err(invalid(
+                        "cognito.domain",
+                        format!(
+                            "{:?} has a path: give the domain only (https://<prefix>.auth.<region>.amazoncognito.com); /oauth2/token is appended",
+                            redact_userinfo_text(domain)
+                        ),
+                    ));
+                }
+            }
+        }
         let endpoints = self.endpoints().map_err(|(key, m)| invalid(key, m))?;
         check_transport(&endpoints.token_endpoint)
             .map_err(|m| invalid("cognito.token_endpoint", m))?;
@@ -1045,6 +1069,28 @@ allowed_scopes = ["orders/read", "orders/write"]
             redact_userinfo_text("https://a:b@host/p@q"),
             "https://<redacted>@host/p@q"
         );
+    }
+
+    #[test]
+    fn region_must_match_the_pool_and_domain_must_have_no_path() {
+        let wrong_region = BASE.replace("region = \"us-east-1\"", "region = \"eu-west-1\"");
+        let err = Config::from_toml_str(&wrong_region, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cognito.region") && err.contains("us-east-1"),
+            "{err}"
+        );
+        let with_path = BASE.replace("amazoncognito.com\"", "amazoncognito.com/oauth2/token\"");
+        let err = Config::from_toml_str(&with_path, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cognito.domain") && err.contains("has a path"),
+            "{err}"
+        );
+        let trailing_slash = BASE.replace("amazoncognito.com\"", "amazoncognito.com/\"");
+        assert!(Config::from_toml_str(&trailing_slash, "t.toml").is_ok());
     }
 
     #[test]
