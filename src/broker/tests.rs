@@ -919,3 +919,94 @@ mod http {
         assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
     }
 }
+
+mod fleet_lock {
+    //! The fleet lock against a real `redis-server` on a free loopback port.
+    use std::process::{Child, Command, Stdio};
+
+    use super::*;
+
+    struct Redis(Child, u16);
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn redis() -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "redis-server is missing; install it with: apt-get install redis-server"
+            );
+            eprintln!("SKIPPING: redis-server is missing (apt-get install redis-server)");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Some(Redis(child, port))
+    }
+
+    async fn fleet_broker(up: Arc<FakeEndpoint>, port: u16) -> Broker {
+        let fleet = FleetCache::new(
+            &FleetSettings {
+                url: format!("redis://127.0.0.1:{port}"),
+                timeout: Duration::from_millis(500),
+                lock_ttl: Duration::from_secs(10),
+                lock_wait: Duration::from_secs(3),
+            },
+            &[9u8; 32],
+        )
+        .unwrap();
+        // Redis answers before the test goes on (no sleeping on its start).
+        for _ in 0..200 {
+            if fleet.get("m2m:probe").await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let settings = BrokerSettings {
+            verifier_key: Some([9u8; 32]),
+            ..BrokerSettings::default()
+        };
+        Broker::with_fleet(registry(), up, settings, Some(Arc::new(fleet)))
+    }
+
+    /// Replica B takes the lock after replica A released it, without having
+    /// seen A's entry or A's proof: it must look again and find both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lock_holder_looks_again_before_calling_cognito() {
+        let Some(redis) = redis() else { return };
+        let up = FakeEndpoint::new(3600);
+        let a = fleet_broker(up.clone(), redis.1).await;
+        let b = fleet_broker(up.clone(), redis.1).await;
+        let first = a.get_token(&creds("s3cret"), &[]).await.unwrap();
+        assert_eq!(up.calls(), 1);
+        // B follows no announcements (not started): to it the secret is unproven
+        // and its cache empty, so it goes straight to the lock.
+        let second = b.get_token(&creds("s3cret"), &[]).await.unwrap();
+        assert_eq!(second.access_token, first.access_token);
+        assert_eq!(up.calls(), 1, "no second Cognito call");
+        // A wrong secret still gets nothing from the fleet's entry.
+        assert_eq!(
+            b.get_token(&creds("wrong-secret"), &[]).await.unwrap_err(),
+            BrokerError::Unauthenticated
+        );
+    }
+}
