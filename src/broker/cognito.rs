@@ -247,9 +247,7 @@ impl Attempt {
 }
 
 fn jitter() -> Duration {
-    let mut byte = [0u8; 1];
-    let _ = aws_lc_rs::rand::fill(&mut byte);
-    Duration::from_millis(50 + u64::from(byte[0]) * 100 / 255)
+    Duration::from_millis(50) + Duration::from_millis(100).mul_f64(super::unit_random())
 }
 
 fn parse_success(status: u16, body: &[u8]) -> Result<TokenResponse, UpstreamError> {

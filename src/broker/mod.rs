@@ -2,7 +2,8 @@
 //! set), proven secrets (several per client, so rotations cost nothing), the
 //! failed-attempt limit for unproven ones, single flight per key (per fleet with
 //! Redis), refresh at a jittered share of the lifetime, stale-on-error, and the
-//! upstream budget that keeps the account under Cognito's quota. Knows nothing of tonic; [`BrokerError`] is mapped
+//! upstream budget that keeps the account under Cognito's quota. Knows nothing of
+//! tonic; [`BrokerError`] is mapped
 //! to gRPC statuses by `service`.
 
 mod budget;
@@ -775,13 +776,17 @@ impl Broker {
                     let result = match peer {
                         Some(entry) => Ok(entry),
                         None => {
-                            let result = self
-                                .upstream(client, key, verifier, credentials, scopes, priority)
-                                .await;
-                            if let Ok(entry) = &result {
-                                let _ = fleet.put(&shared_key, &entry.to_shared()).await;
-                            }
-                            result
+                            self.upstream_shared(
+                                &fleet,
+                                &shared_key,
+                                client,
+                                key,
+                                verifier,
+                                credentials,
+                                scopes,
+                                priority,
+                            )
+                            .await
                         }
                     };
                     fleet.unlock(&lock_key, &lock).await;
@@ -812,11 +817,37 @@ impl Broker {
                 Err(_) => break,
             }
         }
+        self.upstream_shared(
+            &fleet,
+            &shared_key,
+            client,
+            key,
+            verifier,
+            credentials,
+            scopes,
+            priority,
+        )
+        .await
+    }
+
+    /// An upstream call whose entry is stored for the fleet.
+    #[allow(clippy::too_many_arguments)]
+    async fn upstream_shared(
+        &self,
+        fleet: &FleetCache,
+        shared_key: &str,
+        client: &Client,
+        key: &CacheKey,
+        verifier: Verifier,
+        credentials: &Credentials,
+        scopes: &ScopeSet,
+        priority: Priority,
+    ) -> Result<Arc<Entry>, BrokerError> {
         let result = self
             .upstream(client, key, verifier, credentials, scopes, priority)
             .await;
         if let Ok(entry) = &result {
-            let _ = fleet.put(&shared_key, &entry.to_shared()).await;
+            let _ = fleet.put(shared_key, &entry.to_shared()).await;
         }
         result
     }
@@ -965,8 +996,8 @@ impl Broker {
     }
 }
 
-/// A uniform random number in [0, 1).
-fn unit_random() -> f64 {
+/// A uniform random number in [0, 1) (jitter of refresh points and retries).
+pub(crate) fn unit_random() -> f64 {
     let mut bytes = [0u8; 4];
     if aws_lc_rs::rand::fill(&mut bytes).is_err() {
         return 0.0;

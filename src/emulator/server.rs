@@ -255,24 +255,12 @@ impl Emulator {
     }
     /// Adds an active secret to an app client (`AddUserPoolClientSecret`).
     pub fn add_secret(&self, client_id: &str, secret: &str) {
-        let mut clients = self
-            .state
-            .clients
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get_mut(client_id) {
-            c.other_secrets.push(secret.to_owned());
-        }
+        self.with_client(client_id, |c| c.other_secrets.push(secret.to_owned()));
     }
     /// Deletes an active secret of an app client (`DeleteUserPoolClientSecret`);
     /// when it was the primary one, the next becomes primary.
     pub fn delete_secret(&self, client_id: &str, secret: &str) {
-        let mut clients = self
-            .state
-            .clients
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get_mut(client_id) {
+        self.with_client(client_id, |c| {
             c.other_secrets.retain(|s| s != secret);
             if c.secret == secret {
                 c.secret = if c.other_secrets.is_empty() {
@@ -281,6 +269,16 @@ impl Emulator {
                     c.other_secrets.remove(0)
                 };
             }
+        });
+    }
+    fn with_client(&self, client_id: &str, change: impl FnOnce(&mut EmulatorClient)) {
+        let mut clients = self
+            .state
+            .clients
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get_mut(client_id) {
+            change(c);
         }
     }
     /// Publishes a new key and signs with it from now on; older keys stay
