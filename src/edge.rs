@@ -28,7 +28,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     task::{Context, Poll, ready},
     time::Duration,
@@ -99,8 +99,9 @@ pub struct EdgeStats {
 pub struct Edge {
     settings: EdgeSettings,
     open: AtomicUsize,
-    /// Set while accepting fails or the connection cap is reached.
-    refusing: AtomicBool,
+    created: Instant,
+    /// Milliseconds after `created` of the last accept error (0 = none yet).
+    last_accept_error_ms: AtomicU64,
     shutting_down: std::sync::OnceLock<Instant>,
     peers: Mutex<HashMap<IpAddr, usize>>,
     stats: EdgeStats,
@@ -112,7 +113,8 @@ impl Edge {
         Arc::new(Self {
             settings,
             open: AtomicUsize::new(0),
-            refusing: AtomicBool::new(false),
+            created: Instant::now(),
+            last_accept_error_ms: AtomicU64::new(0),
             shutting_down: std::sync::OnceLock::new(),
             peers: Mutex::new(HashMap::new()),
             stats: EdgeStats::default(),
@@ -135,8 +137,16 @@ impl Edge {
     }
 
     /// Whether new connections are being refused (cap reached, accept failing).
+    /// Derived from the state, so it clears by itself when connections close or
+    /// accepting works again, whether or not a new connection comes.
     pub fn is_refusing(&self) -> bool {
-        self.refusing.load(Relaxed)
+        if self.open.load(Relaxed) >= self.settings.max_connections {
+            return true;
+        }
+        let last_error = self.last_accept_error_ms.load(Relaxed);
+        last_error != 0
+            && self.created.elapsed().as_millis() as u64
+                <= last_error + MAX_ACCEPT_BACKOFF.as_millis() as u64
     }
 
     /// From now on, connections without a call in flight are closed at once.
@@ -159,12 +169,10 @@ pub fn incoming(
                     Ok((stream, remote)) => {
                         backoff = Duration::ZERO;
                         if edge.open.load(Relaxed) >= edge.settings.max_connections {
-                            edge.refusing.store(true, Relaxed);
                             edge.stats.refused.fetch_add(1, Relaxed);
                             drop(stream);
                             continue;
                         }
-                        edge.refusing.store(false, Relaxed);
                         // Small answers (tokens, claims) must not wait for Nagle.
                         let _ = stream.set_nodelay(true);
                         edge.stats.accepted.fetch_add(1, Relaxed);
@@ -172,7 +180,8 @@ pub fn incoming(
                         return Some((Ok(guarded), (listener, edge, backoff)));
                     }
                     Err(e) => {
-                        edge.refusing.store(true, Relaxed);
+                        let at = edge.created.elapsed().as_millis() as u64;
+                        edge.last_accept_error_ms.store(at.max(1), Relaxed);
                         let n = edge.stats.accept_errors.fetch_add(1, Relaxed);
                         backoff = (backoff * 2)
                             .max(Duration::from_millis(5))

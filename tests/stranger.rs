@@ -25,6 +25,14 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An empty SETTINGS frame.
 const SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
 
+/// A Validate call any stranger could make (answered `valid: false`).
+fn junk_validate() -> ValidateRequest {
+    ValidateRequest {
+        token: "x.y.z".into(),
+        required_scopes: vec![],
+    }
+}
+
 async fn gateway(tune: impl FnOnce(&mut Config)) -> (TestGateway, m2m_gateway::emulator::Emulator) {
     let emu = emulator(vec![]).await;
     let mut cfg = config(&emu, &[client_a()]);
@@ -57,12 +65,9 @@ async fn silent_connections_are_closed_and_others_still_served() {
         silent.push(TcpStream::connect(gw.addr).await.unwrap());
     }
     let mut c = gw.client().await;
-    c.validate(ValidateRequest {
-        token: "x.y.z".into(),
-        required_scopes: vec![],
-    })
-    .await
-    .expect("served while strangers wait");
+    c.validate(junk_validate())
+        .await
+        .expect("served while strangers wait");
     for s in &mut silent {
         assert!(
             closed_within(s, Duration::from_secs(5)).await,
@@ -83,12 +88,7 @@ async fn a_connection_without_calls_is_closed_after_the_idle_time() {
     idle.write_all(&[PREFACE, SETTINGS].concat()).await.unwrap();
     // A connection that made a call stays open while the call runs, then idles too.
     let mut c = gw.client().await;
-    c.validate(ValidateRequest {
-        token: "x.y.z".into(),
-        required_scopes: vec![],
-    })
-    .await
-    .unwrap();
+    c.validate(junk_validate()).await.unwrap();
     assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
     let (_, metrics) = gw.admin_get("/metrics").await;
     assert!(
@@ -115,13 +115,14 @@ async fn beyond_the_connection_cap_new_connections_are_refused_and_old_ones_kept
     let (status, _) = gw.admin_get("/readyz").await;
     assert_eq!(status, 503, "not ready while refusing connections");
     // The established connection is not disturbed.
-    c.validate(ValidateRequest {
-        token: "x.y.z".into(),
-        required_scopes: vec![],
-    })
-    .await
-    .unwrap();
+    c.validate(junk_validate()).await.unwrap();
     drop(held);
+    // Ready again once connections close, without waiting for a new one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while gw.admin_get("/readyz").await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "stayed not ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (_, metrics) = gw.admin_get("/metrics").await;
     assert!(
         metrics.contains("m2m_gateway_connections_refused_total 1"),
@@ -191,13 +192,7 @@ async fn header_only_streams_do_not_starve_legitimate_callers() {
     let mut c = gw.client().await;
     let mut ok = 0;
     for _ in 0..48 {
-        if c.validate(ValidateRequest {
-            token: "x.y.z".into(),
-            required_scopes: vec![],
-        })
-        .await
-        .is_ok()
-        {
+        if c.validate(junk_validate()).await.is_ok() {
             ok += 1;
         }
     }
@@ -305,12 +300,7 @@ async fn shutdown_does_not_wait_for_idle_or_silent_connections() {
     let _silent = TcpStream::connect(gw.addr).await.unwrap();
     // Both are accepted before the stop.
     let mut c = gw.client().await;
-    c.validate(ValidateRequest {
-        token: "x.y.z".into(),
-        required_scopes: vec![],
-    })
-    .await
-    .unwrap();
+    c.validate(junk_validate()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), gw.stop())
         .await
         .expect("stopped without waiting out the 10 s grace");
