@@ -5,17 +5,27 @@
 //! ```
 //!
 //! Reads the `[cognito]` and `[[clients]]` sections of a gateway config to build the
-//! validator, and serves `grpc.health.v1.Health` (public), server reflection
-//! (public) and `m2m.demo.v1.Echo` (token with `--require-scope` needed; the reply
-//! carries the caller's `client_id` from the verified claims).
+//! validator, and serves `grpc.health.v1.Health` (public), server reflection v1
+//! and v1alpha (public) and `m2m.demo.v1.Echo` (token with `--require-scope`
+//! needed; the reply carries the caller's `client_id` from the verified claims).
+//!
+//! It is served the way the README recommends for any service facing callers it
+//! does not know: [`edge::incoming`] closes connections that never send the
+//! HTTP/2 preface or stay idle and caps their number; [`EdgeLayer`] gives each
+//! call's message 3 s to arrive and bounds its size; tonic's own settings bound
+//! streams per connection, calls in flight and call time.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use tokio::net::TcpListener;
+use tower::limit::GlobalConcurrencyLimitLayer;
 
 use clap::Parser;
 use m2m_gateway::{
     auth::{AuthLayer, AuthPolicy},
     config::Config,
     demo::EchoService,
+    edge::{self, Edge, EdgeLayer, EdgeSettings},
     proto::{self, demo::v1::echo_server::EchoServer},
     server::build_validator,
 };
@@ -61,35 +71,51 @@ async fn main() -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(proto::DEMO_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // grpcurl before 1.8.8 and other older tools speak only v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::DEMO_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
 
     let policy = AuthPolicy::new().service("m2m.demo.v1.Echo", args.require_scope.clone());
+    let listener = TcpListener::bind(args.listen).await?;
+    let listen = listener.local_addr()?;
     if args.no_auth {
-        println!("UNPROTECTED Echo on {} (--no-auth)", args.listen);
+        println!("UNPROTECTED Echo on {listen} (--no-auth)");
     } else {
         println!(
-            "protected Echo on {} (requires {:?}); health and reflection are public",
-            args.listen, args.require_scope
+            "protected Echo on {listen} (requires {:?}); health and reflection are public",
+            args.require_scope
         );
     }
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    let edge = Edge::new(EdgeSettings::default());
+    let shutdown = {
+        let edge = edge.clone();
+        async move {
+            let _ = tokio::signal::ctrl_c().await;
+            // Connections without a call in flight close now.
+            edge.begin_shutdown();
+        }
     };
-    let mut builder = tonic::transport::Server::builder();
-    if args.no_auth {
-        builder
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(EchoServer::new(EchoService))
-            .serve_with_shutdown(args.listen, shutdown)
-            .await?;
-    } else {
-        builder
-            .layer(AuthLayer::local(validator, policy))
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(EchoServer::new(EchoService))
-            .serve_with_shutdown(args.listen, shutdown)
-            .await?;
-    }
+    let auth = (!args.no_auth).then(|| AuthLayer::local(validator, policy));
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(100)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .timeout(Duration::from_secs(10))
+        .layer(
+            tower::ServiceBuilder::new()
+                // The message first (bounded in time and size), then a slot.
+                .layer(EdgeLayer::new(edge.clone(), &edge::REFLECTION_PATHS))
+                .load_shed()
+                .layer(GlobalConcurrencyLimitLayer::new(1024))
+                .option_layer(auth),
+        )
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(EchoServer::new(EchoService))
+        .serve_with_incoming_shutdown(edge::incoming(listener, edge), shutdown)
+        .await?;
     Ok(())
 }

@@ -338,23 +338,22 @@ fn default_max_concurrent_streams() -> u32 {
     100
 }
 fn default_max_connections() -> usize {
-    10_000
+    crate::edge::DEFAULT_MAX_CONNECTIONS
 }
 fn default_handshake_timeout_ms() -> u64 {
-    5_000
+    crate::edge::DEFAULT_HANDSHAKE_TIMEOUT_MS
 }
 fn default_idle_timeout_secs() -> u64 {
-    300
+    crate::edge::DEFAULT_IDLE_TIMEOUT_SECS
 }
 fn default_request_body_timeout_ms() -> u64 {
-    3_000
+    crate::edge::DEFAULT_BODY_TIMEOUT_MS
 }
 fn default_max_requests_per_peer() -> usize {
-    // A quarter of the default max_concurrent_requests.
-    256
+    crate::edge::DEFAULT_MAX_REQUESTS_PER_PEER
 }
 fn default_max_message_bytes() -> usize {
-    64 * 1024
+    crate::edge::DEFAULT_MAX_MESSAGE_BYTES
 }
 fn default_keepalive_interval_secs() -> u64 {
     30

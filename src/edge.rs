@@ -58,7 +58,58 @@ pub const MAX_STATUS_MESSAGE: usize = 1024;
 /// Longest pause between two accept attempts after an accept error.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Limits of the listener and of every request.
+/// Server reflection's bidirectional streams (v1 and v1alpha): pass them to
+/// [`EdgeLayer::new`] so that their messages are not collected before the call.
+pub const REFLECTION_PATHS: [&str; 2] = [
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Descriptors kept for the process itself (upstream, Redis, admin, logs).
+const RESERVED_DESCRIPTORS: usize = 256;
+
+/// `wanted` connections, lowered to stay below the open-file limit so that the
+/// process never runs out of descriptors for its own sockets (upstream calls,
+/// Redis, logs).
+pub fn connection_cap(wanted: usize) -> usize {
+    let Some(limit) = open_file_limit() else {
+        return wanted;
+    };
+    let room = limit.saturating_sub(RESERVED_DESCRIPTORS).max(1);
+    if room < wanted {
+        tracing::warn!(
+            configured = wanted,
+            open_file_limit = limit,
+            effective = room,
+            "max_connections lowered to stay below the open-file limit (raise it with ulimit -n)"
+        );
+    }
+    room.min(wanted)
+}
+
+/// The soft open-file limit, from `/proc/self/limits` (Linux).
+fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Default of [`EdgeSettings::max_connections`] (before [`connection_cap`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of [`EdgeSettings::handshake_timeout`], in milliseconds.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// Default of [`EdgeSettings::idle_timeout`], in seconds.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
+/// Default of [`EdgeSettings::body_timeout`], in milliseconds.
+pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 3_000;
+/// Default of [`EdgeSettings::max_message_bytes`].
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Default of [`EdgeSettings::max_requests_per_peer`] (a quarter of the
+/// gateway's default `max_concurrent_requests`).
+pub const DEFAULT_MAX_REQUESTS_PER_PEER: usize = 256;
+
+/// Limits of the listener and of every request. The defaults are the gateway's
+/// (`[server]` in its configuration) and suit any tonic service.
 #[derive(Debug, Clone)]
 pub struct EdgeSettings {
     /// Most open connections.
@@ -73,6 +124,22 @@ pub struct EdgeSettings {
     pub max_message_bytes: usize,
     /// Most calls in flight from one peer address.
     pub max_requests_per_peer: usize,
+}
+
+impl Default for EdgeSettings {
+    /// 10,000 connections (lowered below the open-file limit), 5 s for the
+    /// preface, 5 min idle, 3 s for a request's message, 64 KiB messages, 256
+    /// calls in flight per peer address.
+    fn default() -> Self {
+        Self {
+            max_connections: connection_cap(DEFAULT_MAX_CONNECTIONS),
+            handshake_timeout: Duration::from_millis(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+            idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
+            body_timeout: Duration::from_millis(DEFAULT_BODY_TIMEOUT_MS),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_requests_per_peer: DEFAULT_MAX_REQUESTS_PER_PEER,
+        }
+    }
 }
 
 /// Counters of the edge.
@@ -161,9 +228,27 @@ pub fn incoming(
     listener: TcpListener,
     edge: Arc<Edge>,
 ) -> impl Stream<Item = io::Result<Guarded<TcpStream>>> + Send + 'static {
+    accepting(listener, edge)
+}
+
+/// Where connections come from: a listener, or a test's listener that fails.
+trait Accept: Send + 'static {
+    fn accept(&mut self) -> impl Future<Output = io::Result<(TcpStream, SocketAddr)>> + Send;
+}
+
+impl Accept for TcpListener {
+    async fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
+        TcpListener::accept(self).await
+    }
+}
+
+fn accepting(
+    listener: impl Accept,
+    edge: Arc<Edge>,
+) -> impl Stream<Item = io::Result<Guarded<TcpStream>>> + Send + 'static {
     futures::stream::unfold(
         (listener, edge, Duration::ZERO),
-        |(listener, edge, mut backoff)| async move {
+        |(mut listener, edge, mut backoff)| async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, remote)) => {
@@ -650,7 +735,61 @@ where
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt as _;
+
     use super::*;
+
+    /// A listener that fails with EMFILE `failures` times, then accepts.
+    struct OutOfDescriptors {
+        listener: TcpListener,
+        failures: usize,
+        attempts: Arc<AtomicUsize>,
+    }
+
+    impl Accept for OutOfDescriptors {
+        async fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
+            self.attempts.fetch_add(1, Relaxed);
+            if self.failures > 0 {
+                self.failures -= 1;
+                return Err(io::Error::from_raw_os_error(24)); // EMFILE
+            }
+            self.listener.accept().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_back_off_instead_of_spinning_and_mark_the_edge_refusing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let edge = Edge::new(EdgeSettings::default());
+        let started = Instant::now();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let mut conns = Box::pin(accepting(
+            OutOfDescriptors {
+                listener,
+                failures: 12,
+                attempts: attempts.clone(),
+            },
+            edge.clone(),
+        ));
+        let first = conns.next().await.unwrap().unwrap();
+        // One attempt per error plus the one that accepted: no spinning.
+        assert_eq!(attempts.load(Relaxed), 13);
+        assert_eq!(edge.stats().accept_errors.load(Relaxed), 12);
+        // 5, 10, 20, … ms doubling up to 1 s: at least 5.635 s of (paused) waiting.
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(5 + 10 + 20 + 40 + 80 + 160 + 320 + 640 + 4 * 1000),
+            "{waited:?}"
+        );
+        assert!(waited < Duration::from_secs(8), "{waited:?}");
+        // Readiness: refusing for a second after the last accept error.
+        assert!(edge.is_refusing());
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        assert!(!edge.is_refusing());
+        drop(first);
+    }
 
     fn frame(len: usize) -> Vec<u8> {
         let mut f = vec![0u8];

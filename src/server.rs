@@ -24,40 +24,6 @@ use crate::{
 /// Health-check service name that reports SERVING as long as the process serves
 /// (for liveness probes); `""` and `m2m.gateway.v1.Gateway` wait for the keys.
 pub const LIVENESS_SERVICE: &str = "liveness";
-/// Bidirectional streams: their messages are not collected before the call.
-const STREAMING_PATHS: [&str; 2] = [
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-];
-
-/// Descriptors kept for the process itself (upstream, Redis, admin, logs).
-const RESERVED_DESCRIPTORS: usize = 256;
-
-/// `max_connections`, kept below the open-file limit so that the gateway never
-/// runs out of descriptors for its own sockets.
-fn connection_cap(configured: usize) -> usize {
-    let Some(limit) = open_file_limit() else {
-        return configured;
-    };
-    let room = limit.saturating_sub(RESERVED_DESCRIPTORS).max(1);
-    if room < configured {
-        tracing::warn!(
-            configured,
-            open_file_limit = limit,
-            effective = room,
-            "server.max_connections lowered to stay below the open-file limit (raise it with ulimit -n)"
-        );
-    }
-    room.min(configured)
-}
-
-/// The soft open-file limit, from `/proc/self/limits` (Linux).
-fn open_file_limit() -> Option<usize> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
 /// How often the key set is refreshed when nothing else triggers it.
 pub const JWKS_REFRESH_PERIOD: Duration = Duration::from_secs(3600);
 
@@ -258,7 +224,7 @@ impl Gateway {
 
         let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
         let edge = Edge::new(EdgeSettings {
-            max_connections: connection_cap(server_cfg.max_connections),
+            max_connections: edge::connection_cap(server_cfg.max_connections),
             handshake_timeout: Duration::from_millis(server_cfg.handshake_timeout_ms),
             idle_timeout: Duration::from_secs(server_cfg.idle_timeout_secs),
             body_timeout: Duration::from_millis(server_cfg.request_body_timeout_ms),
@@ -289,7 +255,7 @@ impl Gateway {
         // takes a slot of the budget; beyond max_concurrent_requests calls in flight,
         // new calls are shed at once with RESOURCE_EXHAUSTED instead of queueing.
         let limits = tower::ServiceBuilder::new()
-            .layer(EdgeLayer::new(edge.clone(), &STREAMING_PATHS))
+            .layer(EdgeLayer::new(edge.clone(), &edge::REFLECTION_PATHS))
             .load_shed()
             .layer(GlobalConcurrencyLimitLayer::new(
                 server_cfg.max_concurrent_requests,
