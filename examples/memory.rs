@@ -176,7 +176,7 @@ fn main() -> anyhow::Result<()> {
 
     // The service keeps encoded answers for recent tokens (512 per
     // method): fill both with calls through the gRPC service.
-    let service = GatewayService::new(broker.clone(), validator.clone(), Arc::default());
+    let service = GatewayService::new(broker.clone(), validator.clone());
     rt.block_on(async {
         for i in 0..2_000 {
             let token = key.sign(&json!({

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod calls;
 pub mod config;
 pub mod demo;
 pub mod dev;

@@ -12,6 +12,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
     broker::{Broker, BrokerSettings, CognitoClient, FleetCache, FleetSettings},
+    calls::CallLayer,
     config::{self, CacheBackend, Config},
     edge::{self, Edge, EdgeLayer, EdgeSettings},
     jwt::{HttpFetcher, JwtValidator, KeySet, ValidatorSettings},
@@ -215,12 +216,8 @@ impl Gateway {
             })
         };
 
-        let gateway = GatewayService::new(
-            self.broker.clone(),
-            self.validator.clone(),
-            self.rpc.clone(),
-        )
-        .into_routes(server_cfg.max_message_bytes);
+        let gateway = GatewayService::new(self.broker.clone(), self.validator.clone())
+            .into_server(server_cfg.max_message_bytes);
 
         let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
         let edge = Edge::new(EdgeSettings {
@@ -254,7 +251,9 @@ impl Gateway {
         // A call's message is collected (bounded in time and size) before the call
         // takes a slot of the budget; beyond max_concurrent_requests calls in flight,
         // new calls are shed at once with RESOURCE_EXHAUSTED instead of queueing.
+        // Every call is counted and logged, the edge's refusals included.
         let limits = tower::ServiceBuilder::new()
+            .layer(CallLayer::new(self.rpc.clone()))
             .layer(EdgeLayer::new(edge.clone(), &edge::REFLECTION_PATHS))
             .load_shed()
             .layer(GlobalConcurrencyLimitLayer::new(

@@ -1,324 +1,72 @@
 //! The tonic `Gateway` service: thin. Extracts credentials, calls the broker or the
 //! validator, and is the only place that turns their errors into `tonic::Status`.
-//!
-//! [`GatewayRoutes`] is what the server mounts: the generated `GatewayServer` for
-//! GetToken, and Validate answered from encodings kept per verified token (the
-//! answer for a token seen before is the same bytes every time).
+//! Served by the generated `GatewayServer`; counting and logging calls is
+//! [`crate::calls::CallLayer`]'s.
 
-use std::{
-    convert::Infallible,
-    hash::{Hash, Hasher},
-    sync::Arc,
-    task::{Context, Poll},
-    time::Instant,
-};
-
-use bytes::Bytes;
-use prost::Message as _;
 use secrecy::SecretString;
-use tonic::{
-    Code, Request, Response, Status,
-    body::Body,
-    codegen::BoxFuture,
-    metadata::MetadataMap,
-    server::{NamedService, UnaryService},
-};
+use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::{
-    broker::{AccessToken, Broker, BrokerError, Credentials},
+    broker::{Broker, BrokerError, Credentials},
+    calls::CallNote,
     jwt::{Claims, JwtValidator, Rejection},
-    proto::{Encoded, gateway::v1 as pb},
+    proto::gateway::v1 as pb,
     registry,
-    telemetry::RpcStats,
 };
 
 /// Most `required_scopes` in one Validate request.
 const MAX_REQUIRED_SCOPES: usize = 50;
 
-/// Most encoded answers kept per method (each ~0.5–0.8 KB, plus the claims or the
-/// token it keeps alive).
-const ANSWERS_KEPT: usize = 512;
-
 /// The `m2m.gateway.v1.Gateway` implementation.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct GatewayService {
     broker: Broker,
     validator: JwtValidator,
-    rpc: Arc<RpcStats>,
-    /// The encoded `ValidateResponse` of verified claims, by the claims the
-    /// validator's cache hands out.
-    answers: Arc<quick_cache::sync::Cache<ByAddress<Claims>, Bytes>>,
-    /// The fixed part of GetToken answers, by the token the broker's cache holds.
-    token_answers: Arc<quick_cache::sync::Cache<ByAddress<str>, GetTokenAnswer>>,
-}
-
-impl std::fmt::Debug for GatewayService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewayService")
-            .field("broker", &self.broker)
-            .field("validator", &self.validator)
-            .field("answers", &self.answers.len())
-            .field("token_answers", &self.token_answers.len())
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a call's log line says beyond its status.
-#[derive(Default)]
-struct CallNote {
-    client_id: String,
-    /// Why Validate answered `valid: false`.
-    rejection: Option<Rejection>,
-}
-
-/// A shared value compared by identity (memo keys). The key holds its `Arc`, so
-/// the address cannot be reused by another value while the entry lives.
-struct ByAddress<T: ?Sized>(Arc<T>);
-
-impl<T: ?Sized> Clone for ByAddress<T> {
-    fn clone(&self) -> Self {
-        Self(Arc::clone(&self.0))
-    }
-}
-
-impl<T: ?Sized> PartialEq for ByAddress<T> {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl<T: ?Sized> Eq for ByAddress<T> {}
-
-impl<T: ?Sized> Hash for ByAddress<T> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        std::ptr::hash(Arc::as_ptr(&self.0).cast::<()>(), state);
-    }
-}
-
-/// A GetToken answer: what stays the same for a cached token (fields 1, 2 and 4)
-/// encoded once, and the seconds left, encoded per call. The bytes are exactly
-/// prost's encoding of the same `GetTokenResponse`.
-#[derive(Clone, Default, PartialEq)]
-struct GetTokenAnswer {
-    /// `access_token` and `token_type`.
-    head: Bytes,
-    expires_in: i64,
-    /// `scopes`.
-    tail: Bytes,
-}
-
-impl GetTokenAnswer {
-    fn new(token: &AccessToken, scopes: &[String], expires_in: i64) -> Self {
-        let head = pb::GetTokenResponse {
-            access_token: token.expose().to_owned(),
-            token_type: "Bearer".to_owned(),
-            ..Default::default()
-        };
-        let tail = pb::GetTokenResponse {
-            scopes: scopes.to_vec(),
-            ..Default::default()
-        };
-        Self {
-            head: head.encode_to_vec().into(),
-            expires_in,
-            tail: tail.encode_to_vec().into(),
-        }
-    }
-}
-
-impl std::fmt::Debug for GetTokenAnswer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GetTokenAnswer")
-            .field("expires_in", &self.expires_in)
-            .finish_non_exhaustive()
-    }
-}
-
-impl prost::Message for GetTokenAnswer {
-    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
-        buf.put_slice(&self.head);
-        if self.expires_in != 0 {
-            prost::encoding::int64::encode(3, &self.expires_in, buf);
-        }
-        buf.put_slice(&self.tail);
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        // Sent only.
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        let seconds = if self.expires_in != 0 {
-            prost::encoding::int64::encoded_len(3, &self.expires_in)
-        } else {
-            0
-        };
-        self.head.len() + seconds + self.tail.len()
-    }
-
-    fn clear(&mut self) {
-        *self = Self::default();
-    }
 }
 
 impl GatewayService {
-    /// A service over a broker and a validator, counting calls into `rpc`.
-    pub fn new(broker: Broker, validator: JwtValidator, rpc: Arc<RpcStats>) -> Self {
-        Self {
-            broker,
-            validator,
-            rpc,
-            answers: Arc::new(quick_cache::sync::Cache::new(ANSWERS_KEPT)),
-            token_answers: Arc::new(quick_cache::sync::Cache::new(ANSWERS_KEPT)),
-        }
+    /// A service over a broker and a validator.
+    pub fn new(broker: Broker, validator: JwtValidator) -> Self {
+        Self { broker, validator }
     }
 
-    /// Mounts the service for a server, refusing requests over `max_message_bytes`.
-    pub fn into_routes(self, max_message_bytes: usize) -> GatewayRoutes {
-        let service = Arc::new(self);
-        GatewayRoutes {
-            generated: pb::gateway_server::GatewayServer::from_arc(service.clone())
-                .max_decoding_message_size(max_message_bytes),
-            service,
-            max_message_bytes,
-        }
+    /// The generated server for it, refusing messages over `max_message_bytes`.
+    pub fn into_server(self, max_message_bytes: usize) -> pb::gateway_server::GatewayServer<Self> {
+        pb::gateway_server::GatewayServer::new(self).max_decoding_message_size(max_message_bytes)
     }
+}
 
-    /// Validate, answered as encoded bytes (the one implementation behind both
-    /// routes).
-    async fn validate_encoded(
-        &self,
-        request: Request<pb::ValidateRequest>,
-    ) -> Result<Response<Encoded>, Status> {
-        let started = Instant::now();
-        let mut note = CallNote::default();
-        let result = self.validate_inner(request, &mut note).await;
-        self.finish(1, started, &note, &result);
-        result
-    }
-
-    /// The encoded answer for verified claims, made once per cached verification.
-    fn valid_answer(&self, claims: &Arc<Claims>) -> Encoded {
-        let key = ByAddress(Arc::clone(claims));
-        if let Some(bytes) = self.answers.get(&key) {
-            return Encoded(bytes);
-        }
-        let answer = Encoded::of(&pb::ValidateResponse {
-            valid: true,
-            rejection: pb::Rejection::Unspecified as i32,
-            detail: String::new(),
-            claims: Some(claims_to_proto(claims)),
-        });
-        self.answers.insert(key, answer.0.clone());
-        answer
-    }
-
-    /// Counts the call and logs it (never a token or a secret): at `info` when it
-    /// failed or a token was rejected, at `debug` when it succeeded (the routine
-    /// case, counted by the metrics; `RUST_LOG=info,m2m_gateway::rpc=debug` logs
-    /// every call).
-    fn finish<T>(
-        &self,
-        method: usize,
-        started: Instant,
-        note: &CallNote,
-        result: &Result<T, Status>,
-    ) {
-        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        let latency = started.elapsed();
-        self.rpc.record(method, code, latency);
-        // The client id comes from the caller: log it only when it looks like one.
-        let client_id = if registry::is_valid_client_id(&note.client_id) {
-            note.client_id.as_str()
-        } else {
-            "-"
-        };
-        let method = crate::telemetry::METHODS[method];
-        let latency_us = latency.as_micros() as u64;
-        match (code, note.rejection) {
-            (Code::Ok, None) => tracing::debug!(
-                target: "m2m_gateway::rpc",
-                method,
-                status = ?code,
-                latency_us,
-                client_id,
-                "rpc"
-            ),
-            (_, rejection) => {
-                let reason = rejection.map(Rejection::as_str);
-                // Counted always (above); logged at a bounded rate per kind.
-                if let Some(suppressed) = self
-                    .rpc
-                    .refusals
-                    .admit((method, code as i32, reason), std::time::Instant::now())
-                {
-                    tracing::info!(
-                        target: "m2m_gateway::rpc",
-                        method,
-                        status = ?code,
-                        rejection = reason,
-                        latency_us,
-                        client_id,
-                        suppressed,
-                        "rpc"
-                    );
-                }
-            }
-        }
-    }
-
-    /// GetToken, answered with the fixed part of the answer encoded once per
-    /// cached token (the one implementation behind both routes).
-    async fn get_token_encoded(
+#[tonic::async_trait]
+impl pb::gateway_server::Gateway for GatewayService {
+    async fn get_token(
         &self,
         request: Request<pb::GetTokenRequest>,
-    ) -> Result<Response<GetTokenAnswer>, Status> {
-        let started = Instant::now();
-        let mut note = CallNote::default();
-        let result = self.get_token_inner(request, &mut note).await;
-        self.finish(0, started, &note, &result);
-        result
-    }
-
-    async fn get_token_inner(
-        &self,
-        request: Request<pb::GetTokenRequest>,
-        note: &mut CallNote,
-    ) -> Result<Response<GetTokenAnswer>, Status> {
+    ) -> Result<Response<pb::GetTokenResponse>, Status> {
+        let note = CallNote::of(request.extensions());
         let (metadata, _, mut req) = request.into_parts();
         let credentials = credentials(&metadata, &mut req)?;
-        let token = self.broker.get_token(&credentials, &req.scopes).await;
-        note.client_id = credentials.client_id;
-        let token = token.map_err(|e| broker_status(&e))?;
-        let expires_in = i64::try_from(token.expires_in).unwrap_or(i64::MAX);
-        let key = ByAddress(Arc::clone(token.access_token.shared()));
-        let answer = match self.token_answers.get(&key) {
-            Some(fixed) => GetTokenAnswer {
-                expires_in,
-                ..fixed
-            },
-            None => {
-                let answer = GetTokenAnswer::new(&token.access_token, &token.scopes, expires_in);
-                self.token_answers.insert(key, answer.clone());
-                answer
-            }
-        };
-        Ok(Response::new(answer))
+        if let Some(note) = &note {
+            note.client_id(&credentials.client_id);
+        }
+        let token = self
+            .broker
+            .get_token(&credentials, &req.scopes)
+            .await
+            .map_err(|e| broker_status(&e))?;
+        Ok(Response::new(pb::GetTokenResponse {
+            access_token: token.access_token.expose().to_owned(),
+            token_type: "Bearer".to_owned(),
+            expires_in: i64::try_from(token.expires_in).unwrap_or(i64::MAX),
+            scopes: token.scopes.to_vec(),
+        }))
     }
 
-    async fn validate_inner(
+    async fn validate(
         &self,
         request: Request<pb::ValidateRequest>,
-        note: &mut CallNote,
-    ) -> Result<Response<Encoded>, Status> {
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        let note = CallNote::of(request.extensions());
         let req = request.into_inner();
         let token = strip_bearer(&req.token);
         if token.is_empty() {
@@ -335,103 +83,29 @@ impl GatewayService {
         }
         let answer = match self.validator.validate(token, &req.required_scopes).await {
             Ok(claims) => {
-                note.client_id.push_str(claims.client_id());
-                self.valid_answer(&claims)
+                if let Some(note) = &note {
+                    note.client_id(claims.client_id());
+                }
+                pb::ValidateResponse {
+                    valid: true,
+                    rejection: pb::Rejection::Unspecified as i32,
+                    detail: String::new(),
+                    claims: Some(claims_to_proto(&claims)),
+                }
             }
             Err(invalid) => {
-                note.rejection = Some(invalid.rejection);
-                Encoded::of(&pb::ValidateResponse {
+                if let Some(note) = &note {
+                    note.rejection(invalid.rejection);
+                }
+                pb::ValidateResponse {
                     valid: false,
                     rejection: rejection_to_proto(invalid.rejection) as i32,
                     detail: invalid.detail,
                     claims: None,
-                })
+                }
             }
         };
         Ok(Response::new(answer))
-    }
-}
-
-const GET_TOKEN_PATH: &str = "/m2m.gateway.v1.Gateway/GetToken";
-const VALIDATE_PATH: &str = "/m2m.gateway.v1.Gateway/Validate";
-
-/// The `m2m.gateway.v1.Gateway` service as a server mounts it
-/// ([`GatewayService::into_routes`]): GetToken and Validate send answers encoded
-/// ahead (per cached token, per verified token); any other method goes to the
-/// generated `GatewayServer` (UNIMPLEMENTED).
-#[derive(Debug, Clone)]
-pub struct GatewayRoutes {
-    service: Arc<GatewayService>,
-    generated: pb::gateway_server::GatewayServer<GatewayService>,
-    max_message_bytes: usize,
-}
-
-impl NamedService for GatewayRoutes {
-    const NAME: &'static str =
-        <pb::gateway_server::GatewayServer<GatewayService> as NamedService>::NAME;
-}
-
-impl tower::Service<http::Request<Body>> for GatewayRoutes {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let service = self.service.clone();
-        let limit = self.max_message_bytes;
-        match req.uri().path() {
-            GET_TOKEN_PATH => serve_unary(GetTokenMethod(service), req, limit),
-            VALIDATE_PATH => serve_unary(ValidateMethod(service), req, limit),
-            _ => self.generated.call(req),
-        }
-    }
-}
-
-/// One unary call through tonic, answering with an encoded message.
-fn serve_unary<Req, M>(
-    method: M,
-    req: http::Request<Body>,
-    limit: usize,
-) -> BoxFuture<http::Response<Body>, Infallible>
-where
-    Req: prost::Message + Default + Send + 'static,
-    M: UnaryService<Req> + Send + 'static,
-    M::Response: prost::Message + Send + 'static,
-    M::Future: Send,
-{
-    Box::pin(async move {
-        let codec = tonic_prost::ProstCodec::<M::Response, Req>::default();
-        let mut grpc =
-            tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(limit), None);
-        Ok(grpc.unary(method, req).await)
-    })
-}
-
-struct GetTokenMethod(Arc<GatewayService>);
-
-impl UnaryService<pb::GetTokenRequest> for GetTokenMethod {
-    type Response = GetTokenAnswer;
-    type Future = BoxFuture<Response<GetTokenAnswer>, Status>;
-
-    fn call(&mut self, request: Request<pb::GetTokenRequest>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.get_token_encoded(request).await })
-    }
-}
-
-struct ValidateMethod(Arc<GatewayService>);
-
-impl UnaryService<pb::ValidateRequest> for ValidateMethod {
-    type Response = Encoded;
-    type Future = BoxFuture<Response<Encoded>, Status>;
-
-    fn call(&mut self, request: Request<pb::ValidateRequest>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.validate_encoded(request).await })
     }
 }
 
@@ -600,34 +274,6 @@ pub fn strip_bearer(token: &str) -> &str {
     }
 }
 
-/// An encoded answer as the proto message (for the generated routes).
-fn decoded<M: prost::Message + Default>(
-    answer: Response<impl prost::Message>,
-) -> Result<Response<M>, Status> {
-    let (metadata, answer, extensions) = answer.into_parts();
-    let message = M::decode(answer.encode_to_vec().as_slice())
-        .map_err(|e| Status::internal(format!("re-reading an encoded answer: {e}")))?;
-    Ok(Response::from_parts(metadata, message, extensions))
-}
-
-/// Served by [`GatewayRoutes`]; these are for a `GatewayServer` built directly.
-#[tonic::async_trait]
-impl pb::gateway_server::Gateway for GatewayService {
-    async fn get_token(
-        &self,
-        request: Request<pb::GetTokenRequest>,
-    ) -> Result<Response<pb::GetTokenResponse>, Status> {
-        decoded(self.get_token_encoded(request).await?)
-    }
-
-    async fn validate(
-        &self,
-        request: Request<pb::ValidateRequest>,
-    ) -> Result<Response<pb::ValidateResponse>, Status> {
-        decoded(self.validate_encoded(request).await?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -757,9 +403,11 @@ mod tests {
         use futures::future::BoxFuture;
         use serde_json::json;
 
+        use std::sync::Arc;
+
         use super::super::*;
         use crate::{
-            broker::{BrokerSettings, TokenEndpoint, TokenResponse, UpstreamError},
+            broker::{AccessToken, BrokerSettings, TokenEndpoint, TokenResponse, UpstreamError},
             config::ClientConfig,
             emulator::SigningKey,
             jwt::{KeySet, ManualClock, StaticJwks, ValidatorSettings},
@@ -830,7 +478,7 @@ mod tests {
                 BrokerSettings::default(),
             );
             Fixture {
-                service: GatewayService::new(broker, validator, Arc::default()),
+                service: GatewayService::new(broker, validator),
                 clock,
                 key,
             }
@@ -845,148 +493,73 @@ mod tests {
             }))
         }
 
-        async fn validate(
-            f: &Fixture,
-            token: &str,
-            scopes: &[&str],
-        ) -> (Bytes, pb::ValidateResponse) {
+        async fn validate(f: &Fixture, token: &str, scopes: &[&str]) -> pb::ValidateResponse {
+            use pb::gateway_server::Gateway as _;
             let request = Request::new(pb::ValidateRequest {
                 token: token.into(),
                 required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
             });
-            let bytes = f
-                .service
-                .validate_encoded(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .0;
-            let answer = pb::ValidateResponse::decode(bytes.clone()).unwrap();
-            (bytes, answer)
+            f.service.validate(request).await.unwrap().into_inner()
         }
 
         #[tokio::test]
-        async fn validate_answers_are_kept_but_every_check_runs_again() {
+        async fn every_check_runs_on_a_verified_token_cache_hit() {
             let f = fixture().await;
             let token = token(&f.key);
-            let (first, answer) = validate(&f, &token, &[]).await;
-            assert!(answer.valid, "{answer:?}");
-            let claims = answer.claims.as_ref().unwrap();
+            let first = validate(&f, &token, &[]).await;
+            assert!(first.valid, "{first:?}");
+            let claims = first.claims.as_ref().unwrap();
             assert_eq!(claims.client_id, "client-a");
             assert_eq!(claims.scopes, ["orders/read", "orders/write"]);
             assert!(claims.all.as_ref().unwrap().fields.contains_key("custom"));
-            // The same bytes again, from the one kept answer.
-            let (second, _) = validate(&f, &token, &["orders/read"]).await;
+            // The same answer again, from the verified-token cache.
+            let second = validate(&f, &token, &["orders/read"]).await;
             assert_eq!(first, second);
-            assert_eq!(f.service.answers.len(), 1);
+            assert_eq!(f.service.validator.cached_verifications(), 1);
 
-            // A scope the token lacks: refused although an answer is kept.
-            let (_, answer) = validate(&f, &token, &["orders/admin"]).await;
+            // A scope the token lacks: refused although its verification is cached.
+            let answer = validate(&f, &token, &["orders/admin"]).await;
             assert!(!answer.valid);
             assert_eq!(answer.rejection, pb::Rejection::InsufficientScope as i32);
             assert!(answer.claims.is_none());
 
-            // Expired since it was kept: refused.
+            // Expired since it was cached: refused.
             f.clock.set(NOW + 3600 + 60);
-            let (_, answer) = validate(&f, &token, &[]).await;
+            let answer = validate(&f, &token, &[]).await;
             assert!(!answer.valid);
             assert_eq!(answer.rejection, pb::Rejection::Expired as i32);
         }
 
         #[tokio::test]
-        async fn the_generated_routes_answer_the_same_messages() {
+        async fn get_token_answers_the_cached_token_with_its_seconds_left() {
             use pb::gateway_server::Gateway as _;
             let f = fixture().await;
-            let token = token(&f.key);
-            let (_, encoded) = validate(&f, &token, &[]).await;
-            let direct = f
-                .service
-                .validate(Request::new(pb::ValidateRequest {
-                    token: token.clone(),
-                    required_scopes: vec![],
-                }))
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(direct, encoded);
-
-            let direct = f
-                .service
-                .get_token(Request::new(pb::GetTokenRequest {
+            let call = |scopes: &[&str]| {
+                f.service.get_token(Request::new(pb::GetTokenRequest {
                     client_id: "client-a".into(),
                     client_secret: "s".into(),
-                    scopes: vec![],
+                    scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 }))
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(direct.access_token, "token-1");
-            assert_eq!(direct.token_type, "Bearer");
-            assert_eq!(direct.scopes, ["orders/read", "orders/write"]);
-            assert!((3590..=3600).contains(&direct.expires_in), "{direct:?}");
-        }
-
-        #[tokio::test]
-        async fn get_token_answers_keep_the_fixed_part_per_cached_token() {
-            let f = fixture().await;
-            let call = |scopes: &[&str]| {
-                f.service
-                    .get_token_encoded(Request::new(pb::GetTokenRequest {
-                        client_id: "client-a".into(),
-                        client_secret: "s".into(),
-                        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-                    }))
             };
             let a = call(&[]).await.unwrap().into_inner();
+            assert_eq!(a.access_token, "token-1");
+            assert_eq!(a.token_type, "Bearer");
+            assert_eq!(a.scopes, ["orders/read", "orders/write"]);
+            assert!((3590..=3600).contains(&a.expires_in), "{a:?}");
+            // All registered scopes, asked in another order: the same token.
             let b = call(&["orders/write", "orders/read"])
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!((a.head.clone(), a.tail.clone()), (b.head, b.tail));
-            assert_eq!(f.service.token_answers.len(), 1);
-            // Another scope set is another cached token, with its own answer.
+            assert_eq!(b.access_token, "token-1");
+            // Another scope set is another token.
             let c = call(&["orders/read"]).await.unwrap().into_inner();
-            assert_ne!(a.head, c.head);
-            assert_eq!(f.service.token_answers.len(), 2);
-            let decoded = pb::GetTokenResponse::decode(c.encode_to_vec().as_slice()).unwrap();
-            assert_eq!(decoded.access_token, "token-2");
-            assert_eq!(decoded.scopes, ["orders/read"]);
-            // Refusals are not answers: nothing kept, the status as before.
-            let refused = f
-                .service
-                .get_token_encoded(Request::new(pb::GetTokenRequest {
-                    client_id: "client-a".into(),
-                    client_secret: "s".into(),
-                    scopes: vec!["orders/admin".into()],
-                }))
-                .await
-                .unwrap_err();
+            assert_eq!(
+                (c.access_token.as_str(), &c.scopes[..]),
+                ("token-2", &["orders/read".to_string()][..])
+            );
+            let refused = call(&["orders/admin"]).await.unwrap_err();
             assert_eq!(refused.code(), Code::PermissionDenied);
-            assert_eq!(f.service.token_answers.len(), 2);
-        }
-
-        #[test]
-        fn get_token_answer_bytes_are_prost_bytes() {
-            let token = AccessToken::new("header.payload.signature");
-            for scopes in [
-                vec![],
-                vec!["a/b".to_string()],
-                vec!["a/b".into(), "c/d".into()],
-            ] {
-                for expires_in in [0, 1, 127, 128, 3600, i64::MAX] {
-                    let answer = GetTokenAnswer::new(&token, &scopes, expires_in);
-                    let message = pb::GetTokenResponse {
-                        access_token: token.expose().to_owned(),
-                        token_type: "Bearer".into(),
-                        expires_in,
-                        scopes: scopes.clone(),
-                    };
-                    assert_eq!(answer.encoded_len(), message.encoded_len());
-                    assert_eq!(answer.encode_to_vec(), message.encode_to_vec());
-                }
-            }
-            let answer = GetTokenAnswer::new(&token, &[], 60);
-            assert!(!format!("{answer:?}").contains("payload"));
         }
     }
 }

@@ -24,40 +24,112 @@ use crate::{
     jwt::{JwtValidator, Rejection},
 };
 
-/// The Gateway RPCs counted per method.
-pub const METHODS: [&str; 2] = ["GetToken", "Validate"];
+/// A method counted per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Method {
+    /// `/package.Service/Method`.
+    pub path: &'static str,
+    /// go-grpc-prometheus's `grpc_type`: `unary`, `server_stream`, `bidi_stream`.
+    pub kind: &'static str,
+}
+
+impl Method {
+    const fn unary(path: &'static str) -> Self {
+        Self {
+            path,
+            kind: "unary",
+        }
+    }
+
+    /// The service's full name and the method's name.
+    pub fn names(&self) -> (&'static str, &'static str) {
+        let p = self.path.trim_start_matches('/');
+        p.split_once('/').unwrap_or((p, ""))
+    }
+}
+
+/// GetToken.
+pub const GET_TOKEN: Method = Method::unary("/m2m.gateway.v1.Gateway/GetToken");
+/// Validate.
+pub const VALIDATE: Method = Method::unary("/m2m.gateway.v1.Gateway/Validate");
+
+/// Every method the gateway serves.
+pub const GATEWAY_METHODS: [Method; 6] = [
+    GET_TOKEN,
+    VALIDATE,
+    Method::unary("/grpc.health.v1.Health/Check"),
+    Method {
+        path: "/grpc.health.v1.Health/Watch",
+        kind: "server_stream",
+    },
+    Method {
+        path: "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        kind: "bidi_stream",
+    },
+    Method {
+        path: "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        kind: "bidi_stream",
+    },
+];
+
 const CODES: usize = 17;
-const LATENCY_BUCKETS: [f64; 12] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+/// Seconds; past the upstream timeout (5 s) and the request timeout (10 s).
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 #[derive(Debug)]
 struct MethodStats {
+    method: Method,
     codes: [AtomicU64; CODES],
     latency: Histogram,
 }
 
-impl Default for MethodStats {
-    fn default() -> Self {
-        Self {
-            codes: Default::default(),
-            latency: Histogram::new(&LATENCY_BUCKETS),
-        }
-    }
-}
-
-/// Per-method outcome counters and latency histograms of the Gateway RPCs.
-#[derive(Debug, Default)]
+/// Per-method outcome counters and latency histograms, recorded by
+/// [`crate::calls::CallLayer`].
+#[derive(Debug)]
 pub struct RpcStats {
-    methods: [MethodStats; METHODS.len()],
+    methods: Vec<MethodStats>,
     /// Bounds the log lines of refused calls.
     pub refusals: RefusalLog,
 }
 
+impl Default for RpcStats {
+    /// The gateway's methods.
+    fn default() -> Self {
+        Self::new(&GATEWAY_METHODS)
+    }
+}
+
 impl RpcStats {
-    /// Records one finished call of `method` (an index into [`METHODS`]).
-    pub fn record(&self, method: usize, code: Code, latency: Duration) {
-        let Some(m) = self.methods.get(method) else {
+    /// Counters for `methods` (calls of other paths are logged, not counted).
+    pub fn new(methods: &[Method]) -> Self {
+        Self {
+            methods: methods
+                .iter()
+                .map(|&method| MethodStats {
+                    method,
+                    codes: Default::default(),
+                    latency: Histogram::new(&LATENCY_BUCKETS),
+                })
+                .collect(),
+            refusals: RefusalLog::default(),
+        }
+    }
+
+    /// The index of the method at `path`.
+    pub fn method(&self, path: &str) -> Option<usize> {
+        self.methods.iter().position(|m| m.method.path == path)
+    }
+
+    /// The method at `index`.
+    pub fn at(&self, index: usize) -> Method {
+        self.methods[index].method
+    }
+
+    /// Records one finished call of the method at `index`.
+    pub fn record(&self, index: usize, code: Code, latency: Duration) {
+        let Some(m) = self.methods.get(index) else {
             return;
         };
         m.codes[(code as usize).min(CODES - 1)].fetch_add(1, Relaxed);
@@ -65,11 +137,35 @@ impl RpcStats {
     }
 
     /// Calls of `method` that ended with `code`.
-    pub fn count(&self, method: usize, code: Code) -> u64 {
-        self.methods
-            .get(method)
-            .map_or(0, |m| m.codes[(code as usize).min(CODES - 1)].load(Relaxed))
+    pub fn count(&self, method: Method, code: Code) -> u64 {
+        self.method(method.path).map_or(0, |i| {
+            self.methods[i].codes[(code as usize).min(CODES - 1)].load(Relaxed)
+        })
     }
+}
+
+/// A status code as grpc-go names it (go-grpc-prometheus's `grpc_code`).
+fn go_code_name(code: usize) -> &'static str {
+    const NAMES: [&str; CODES] = [
+        "OK",
+        "Canceled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    NAMES[code.min(CODES - 1)]
 }
 
 /// A label value escaped for the text format (names come from the config).
@@ -126,7 +222,7 @@ impl RefusalLog {
     }
 }
 
-/// Writes one Prometheus histogram family; `series` pairs a label set (`a="b"`,
+/// Writes one Prometheus histogram family `name`; `series` pairs a label set (`a="b"`,
 /// possibly empty) with its snapshot.
 fn write_histogram(
     out: &mut String,
@@ -134,30 +230,20 @@ fn write_histogram(
     help: &str,
     series: &[(String, HistogramSnapshot)],
 ) {
-    let _ = writeln!(
-        out,
-        "# HELP m2m_gateway_{name} {help}\n# TYPE m2m_gateway_{name} histogram"
-    );
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     for (labels, h) in series {
         let sep = if labels.is_empty() { "" } else { "," };
         for (bound, n) in &h.buckets {
-            let _ = writeln!(
-                out,
-                "m2m_gateway_{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {n}"
-            );
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {n}");
         }
-        let _ = writeln!(
-            out,
-            "m2m_gateway_{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            h.count
-        );
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
         let braced = if labels.is_empty() {
             String::new()
         } else {
             format!("{{{labels}}}")
         };
-        let _ = writeln!(out, "m2m_gateway_{name}_sum{braced} {}", h.sum_secs);
-        let _ = writeln!(out, "m2m_gateway_{name}_count{braced} {}", h.count);
+        let _ = writeln!(out, "{name}_sum{braced} {}", h.sum_secs);
+        let _ = writeln!(out, "{name}_count{braced} {}", h.count);
     }
 }
 
@@ -218,14 +304,21 @@ impl Telemetry {
             );
         };
 
-        // RPCs.
+        // RPCs: the gateway's own series, then go-grpc-prometheus's for every service.
         let _ = writeln!(
             out,
             "# HELP m2m_gateway_rpc_requests_total Gateway RPCs by method and gRPC status.\n# TYPE m2m_gateway_rpc_requests_total counter"
         );
-        for (i, method) in METHODS.iter().enumerate() {
-            for code in 0..CODES {
-                let n = self.rpc.methods[i].codes[code].load(Relaxed);
+        let gateway_methods = || {
+            self.rpc
+                .methods
+                .iter()
+                .filter(|m| matches!(m.method, GET_TOKEN | VALIDATE))
+        };
+        for m in gateway_methods() {
+            let (_, method) = m.method.names();
+            for (code, n) in m.codes.iter().enumerate() {
+                let n = n.load(Relaxed);
                 if n > 0 {
                     let _ = writeln!(
                         out,
@@ -235,16 +328,58 @@ impl Telemetry {
                 }
             }
         }
-        let rpc_latency: Vec<(String, HistogramSnapshot)> = METHODS
-            .iter()
-            .zip(&self.rpc.methods)
-            .map(|(method, m)| (format!("method=\"{method}\""), m.latency.snapshot()))
+        let rpc_latency: Vec<(String, HistogramSnapshot)> = gateway_methods()
+            .map(|m| {
+                let (_, method) = m.method.names();
+                (format!("method=\"{method}\""), m.latency.snapshot())
+            })
             .collect();
         write_histogram(
             &mut out,
-            "rpc_duration_seconds",
+            "m2m_gateway_rpc_duration_seconds",
             "Gateway RPC latency.",
             &rpc_latency,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE grpc_server_handled_total counter"
+        );
+        let grpc_labels = |m: &Method| {
+            let (service, method) = m.names();
+            format!(
+                "grpc_type=\"{}\",grpc_service=\"{service}\",grpc_method=\"{method}\"",
+                m.kind
+            )
+        };
+        for m in &self.rpc.methods {
+            let labels = grpc_labels(&m.method);
+            for (code, n) in m.codes.iter().enumerate() {
+                let n = n.load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "grpc_server_handled_total{{{labels},grpc_code=\"{}\"}} {n}",
+                        go_code_name(code)
+                    );
+                }
+            }
+        }
+        let handling: Vec<(String, HistogramSnapshot)> = self
+            .rpc
+            .methods
+            .iter()
+            .map(|m| (grpc_labels(&m.method), m.latency.snapshot()))
+            .collect();
+        write_histogram(
+            &mut out,
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            &handling,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_build_info The running version.\n# TYPE m2m_gateway_build_info gauge\nm2m_gateway_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
         );
 
         // Token cache.
@@ -487,7 +622,7 @@ impl Telemetry {
         }
         write_histogram(
             &mut out,
-            "upstream_duration_seconds",
+            "m2m_gateway_upstream_duration_seconds",
             "Token endpoint call latency.",
             &[(String::new(), b.latency.clone())],
         );

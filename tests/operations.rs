@@ -74,6 +74,10 @@ async fn metrics_move_after_traffic_and_never_carry_secrets() {
     })
     .await
     .unwrap();
+    HealthClient::new(gw.channel().await)
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap();
 
     let (_, body) = gw.admin_get("/metrics").await;
     // The first call proved the secret (no miss after it); the wrong one is unproven.
@@ -145,6 +149,52 @@ async fn metrics_move_after_traffic_and_never_carry_secrets() {
         ),
         2.0
     );
+    // The same calls in go-grpc-prometheus's names, for every service served.
+    let gateway = "grpc_type=\"unary\",grpc_service=\"m2m.gateway.v1.Gateway\"";
+    assert_eq!(
+        metric(
+            &body,
+            &format!(
+                "grpc_server_handled_total{{{gateway},grpc_method=\"GetToken\",grpc_code=\"OK\"}}"
+            )
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!(
+                "grpc_server_handled_total{{{gateway},grpc_method=\"GetToken\",grpc_code=\"Unauthenticated\"}}"
+            )
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!(
+                "grpc_server_handling_seconds_bucket{{{gateway},grpc_method=\"Validate\",le=\"10\"}}"
+            )
+        ),
+        2.0
+    );
+    assert!(
+        metric(
+            &body,
+            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"grpc.health.v1.Health\",grpc_method=\"Check\",grpc_code=\"OK\"}"
+        ) >= 1.0,
+        "health checks are counted too"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!(
+                "m2m_gateway_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
     assert_eq!(
         metric(&body, "m2m_gateway_validations_total{result=\"valid\"}"),
         1.0
@@ -168,7 +218,10 @@ async fn metrics_move_after_traffic_and_never_carry_secrets() {
     // Every sample line is `name{labels} value` with a numeric value.
     for line in body.lines().filter(|l| !l.starts_with('#')) {
         let (name, value) = line.rsplit_once(' ').unwrap();
-        assert!(name.starts_with("m2m_gateway_"), "{line}");
+        assert!(
+            name.starts_with("m2m_gateway_") || name.starts_with("grpc_server_"),
+            "{line}"
+        );
         value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
     }
     assert_eq!(gw.admin_get("/healthz").await.0, 200);

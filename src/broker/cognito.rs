@@ -31,11 +31,6 @@ impl AccessToken {
     pub fn expose(&self) -> &str {
         &self.0
     }
-
-    /// The shared string, for memos keyed by identity.
-    pub(crate) fn shared(&self) -> &Arc<str> {
-        &self.0
-    }
 }
 
 impl fmt::Debug for AccessToken {
