@@ -10,7 +10,7 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 use crate::{
     broker::{Broker, BrokerError, Credentials},
     calls::CallNote,
-    jwt::{Claims, JwtValidator, Rejection},
+    jwt::{JwtValidator, Rejection},
     proto::gateway::v1 as pb,
     registry,
 };
@@ -90,7 +90,7 @@ impl pb::gateway_server::Gateway for GatewayService {
                     valid: true,
                     rejection: pb::Rejection::Unspecified as i32,
                     detail: String::new(),
-                    claims: Some(claims_to_proto(&claims)),
+                    claims: Some(claims.to_proto()),
                 }
             }
             Err(invalid) => {
@@ -218,46 +218,6 @@ fn parse_basic(encoded: &str) -> Result<(String, String), Status> {
     crate::http::decode_basic(encoded)
         .filter(|(id, secret)| !id.is_empty() && !secret.is_empty())
         .ok_or_else(bad)
-}
-
-/// Converts verified claims into the proto message (`all` as a `Struct`).
-pub fn claims_to_proto(c: &Claims) -> pb::Claims {
-    pb::Claims {
-        client_id: c.client_id().to_owned(),
-        subject: c.subject().to_owned(),
-        issuer: c.issuer().to_owned(),
-        scopes: c.scopes().map(str::to_owned).collect(),
-        token_use: c.token_use().to_owned(),
-        jti: c.jti().to_owned(),
-        issued_at: c.issued_at(),
-        expires_at: c.expires_at(),
-        all: Some(json_object_to_struct(c.all())),
-    }
-}
-
-fn json_object_to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
-    prost_types::Struct {
-        fields: map
-            .into_iter()
-            .map(|(k, v)| (k, json_to_value(v)))
-            .collect(),
-    }
-}
-
-fn json_to_value(v: serde_json::Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    use serde_json::Value as J;
-    let kind = match v {
-        J::Null => Kind::NullValue(0),
-        J::Bool(b) => Kind::BoolValue(b),
-        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        J::String(s) => Kind::StringValue(s),
-        J::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.into_iter().map(json_to_value).collect(),
-        }),
-        J::Object(o) => Kind::StructValue(json_object_to_struct(o)),
-    };
-    prost_types::Value { kind: Some(kind) }
 }
 
 /// Strips a leading `Bearer ` (any case) and surrounding whitespace.

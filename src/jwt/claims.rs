@@ -1,13 +1,19 @@
 //! Verified claims, stored compactly (a verified-token cache holds 100,000 of
 //! them), and the strict one-pass parse of a token payload.
 
-use std::{borrow::Cow, fmt, sync::Arc};
+use std::{
+    borrow::Cow,
+    fmt,
+    sync::{Arc, OnceLock},
+};
 
 use serde::{
     Deserialize, Deserializer,
     de::{self, MapAccess, Visitor},
 };
 use serde_json::{Map, Value, value::RawValue};
+
+use crate::proto::gateway::v1 as pb;
 
 /// A JSON string, borrowed from the input unless it had escapes.
 pub(crate) struct Text<'a>(pub(crate) Cow<'a, str>);
@@ -136,6 +142,10 @@ enum Subject {
 /// and any other claims as one JSON text parsed only when [`Claims::all`] is asked.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Claims {
+    /// The proto form, built on first use: the verified-token cache hands out the
+    /// same `Arc<Claims>` for a token, so Validate converts its claims (and parses
+    /// `all`) once per token, not per call.
+    proto: ProtoMemo,
     client_id: Box<str>,
     subject: Subject,
     issuer: Arc<str>,
@@ -146,6 +156,18 @@ pub struct Claims {
     not_before: Option<i64>,
     extra: Option<Box<str>>,
 }
+
+/// [`Claims::to_proto`]'s memo; ignored by comparisons (it is derived).
+#[derive(Clone, Default)]
+struct ProtoMemo(OnceLock<Box<pb::Claims>>);
+
+impl PartialEq for ProtoMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ProtoMemo {}
 
 impl fmt::Debug for Claims {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -179,6 +201,7 @@ impl Claims {
             Some(s) => Subject::Other(s.into()),
         };
         Self {
+            proto: ProtoMemo::default(),
             client_id: client_id.into(),
             subject,
             issuer,
@@ -221,6 +244,7 @@ impl Claims {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         Self {
+            proto: ProtoMemo::default(),
             client_id: client_id.into(),
             subject: match subject {
                 "" => Subject::Absent,
@@ -319,6 +343,53 @@ impl Claims {
         }
         all
     }
+}
+
+impl Claims {
+    /// The claims as Validate answers them (`all` as a `Struct`), built once.
+    pub fn to_proto(&self) -> pb::Claims {
+        let proto = self.proto.0.get_or_init(|| Box::new(proto_of(self)));
+        pb::Claims::clone(proto)
+    }
+}
+
+fn proto_of(c: &Claims) -> pb::Claims {
+    pb::Claims {
+        client_id: c.client_id().to_owned(),
+        subject: c.subject().to_owned(),
+        issuer: c.issuer().to_owned(),
+        scopes: c.scopes().map(str::to_owned).collect(),
+        token_use: c.token_use().to_owned(),
+        jti: c.jti().to_owned(),
+        issued_at: c.issued_at(),
+        expires_at: c.expires_at(),
+        all: Some(json_object_to_struct(c.all())),
+    }
+}
+
+fn json_object_to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map
+            .into_iter()
+            .map(|(k, v)| (k, json_to_value(v)))
+            .collect(),
+    }
+}
+
+fn json_to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_to_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(json_object_to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
 }
 
 #[cfg(test)]
