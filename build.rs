@@ -16,7 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     // Separate descriptor sets: reflection on the gateway must not list the demo
     // service, which only the protected-server example serves.
+    // `Claims.all` is shared between the answers for one verified token.
     tonic_prost_build::configure()
+        .extern_path(".google.protobuf.Struct", "crate::proto::SharedStruct")
         .file_descriptor_set_path(out_dir.join("gateway_descriptor.bin"))
         .compile_protos(&["proto/m2m/gateway/v1/gateway.proto"], &["proto"])?;
     tonic_prost_build::configure()

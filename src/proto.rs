@@ -1,5 +1,7 @@
 //! Generated protobuf and gRPC code, and the descriptor sets served by reflection.
 
+use std::sync::{Arc, OnceLock};
+
 /// `m2m.gateway.v1`: the gateway's contract.
 pub mod gateway {
     /// Version 1.
@@ -18,6 +20,73 @@ pub mod demo {
     }
 }
 
+/// `google.protobuf.Struct` as the generated gateway types hold it (`Claims.all`):
+/// shared, so that the claims of a verified token, converted once, are answered
+/// any number of times without copying the Struct (a clone is a reference count).
+/// Encoding and decoding are prost's own `Struct` code, delegated; the encoded
+/// length, asked once per nesting level while encoding, is remembered.
+#[derive(Clone, Default)]
+pub struct SharedStruct(Arc<(prost_types::Struct, OnceLock<usize>)>);
+
+impl SharedStruct {
+    /// The Struct, owned (copied only if shared).
+    pub fn into_inner(self) -> prost_types::Struct {
+        Arc::unwrap_or_clone(self.0).0
+    }
+}
+
+impl From<prost_types::Struct> for SharedStruct {
+    fn from(s: prost_types::Struct) -> Self {
+        Self(Arc::new((s, OnceLock::new())))
+    }
+}
+
+impl std::ops::Deref for SharedStruct {
+    type Target = prost_types::Struct;
+
+    fn deref(&self) -> &prost_types::Struct {
+        &self.0.0
+    }
+}
+
+impl PartialEq for SharedStruct {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.0 == other.0.0
+    }
+}
+
+impl std::fmt::Debug for SharedStruct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.0.fmt(f)
+    }
+}
+
+impl prost::Message for SharedStruct {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        self.0.0.encode_raw(buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        let (inner, len) = Arc::make_mut(&mut self.0);
+        len.take();
+        inner.merge_field(tag, wire_type, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        *self.0.1.get_or_init(|| self.0.0.encoded_len())
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
 /// Encoded `FileDescriptorSet` of `m2m.gateway.v1` (with its imports).
 pub const GATEWAY_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gateway_descriptor.bin"));
@@ -26,10 +95,9 @@ pub const GATEWAY_DESCRIPTOR_SET: &[u8] =
 pub const DEMO_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/demo_descriptor.bin"));
 
-/// A protobuf message that is already encoded: sent as its bytes, with no encoding
-/// work per call. The gateway answers Validate for a token it has verified before
-/// with the same `ValidateResponse` every time, so it keeps those answers encoded;
-/// load generators use it to send one request many times.
+/// A protobuf message that is already encoded, sent as its bytes: for load
+/// generators and clients that send one request many times (the gateway's own
+/// answers are plain generated messages).
 ///
 /// It is for sending only: decoding into it skips every field and keeps nothing.
 /// `Debug` shows the length, never the bytes (a request may hold a token).
@@ -77,7 +145,52 @@ impl prost::Message for Encoded {
 mod tests {
     use prost::Message as _;
 
-    use super::{Encoded, gateway::v1 as pb};
+    use super::{Encoded, SharedStruct, gateway::v1 as pb};
+
+    #[test]
+    fn shared_struct_is_prost_struct_on_the_wire() {
+        use prost_types::{Struct, Value, value::Kind};
+        let all = Struct {
+            fields: [
+                ("client_id", Kind::StringValue("c1".into())),
+                ("exp", Kind::NumberValue(1.8e9)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Value { kind: Some(v) }))
+            .collect(),
+        };
+        let shared = SharedStruct::from(all.clone());
+        assert_eq!(shared.encode_to_vec(), all.encode_to_vec());
+        assert_eq!(shared.encoded_len(), all.encoded_len());
+        // Nested in the generated Claims, and read back.
+        let claims = pb::Claims {
+            client_id: "c1".into(),
+            all: Some(shared.clone()),
+            ..Default::default()
+        };
+        let back = pb::Claims::decode(claims.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back, claims);
+        assert_eq!(back.all.unwrap().into_inner(), all);
+        // Decoding into a shared value changes only the decoded copy, and its
+        // remembered length follows.
+        let mut other = shared.clone();
+        let more = Struct {
+            fields: [(
+                "jti".to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue("j".into())),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        other.merge(more.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(shared.fields.len(), 2);
+        assert_eq!(other.fields.len(), 3);
+        let mut merged = all.clone();
+        merged.merge(more.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(other.encoded_len(), merged.encoded_len());
+    }
 
     #[test]
     fn encoded_sends_exactly_the_message_it_was_made_from() {

@@ -61,7 +61,7 @@ async fn get_token_then_validate_round_trip() {
     assert_eq!(claims.issuer, emu.issuer());
     assert_eq!(claims.token_use, "access");
     assert!(claims.expires_at > claims.issued_at);
-    let all = claims.all.unwrap().fields;
+    let all = claims.all.unwrap().into_inner().fields;
     assert!(
         all.contains_key("version") && all.contains_key("auth_time") && all.contains_key("jti")
     );

@@ -112,7 +112,10 @@ impl RemoteValidator {
                 "gateway answered valid without claims",
             )
         })?;
-        let all = c.all.map(struct_to_json).unwrap_or_default();
+        let all = c
+            .all
+            .map(|s| struct_to_json(s.into_inner()))
+            .unwrap_or_default();
         Ok(Arc::new(Claims::from_verified(
             &c.client_id,
             &c.subject,

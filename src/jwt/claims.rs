@@ -363,7 +363,7 @@ fn proto_of(c: &Claims) -> pb::Claims {
         jti: c.jti().to_owned(),
         issued_at: c.issued_at(),
         expires_at: c.expires_at(),
-        all: Some(json_object_to_struct(c.all())),
+        all: Some(json_object_to_struct(c.all()).into()),
     }
 }
 
