@@ -5,7 +5,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -545,8 +545,9 @@ impl Config {
         }
         let endpoints = self.endpoints().map_err(|(key, m)| invalid(key, m))?;
         check_transport(&endpoints.token_endpoint)
-            .map_err(|m| invalid("cognito.token_endpoint", m))?;
-        check_transport(&endpoints.jwks_uri).map_err(|m| invalid("cognito.jwks_uri", m))?;
+            .map_err(|m| invalid("cognito.token_endpoint", m.to_string()))?;
+        check_transport(&endpoints.jwks_uri)
+            .map_err(|m| invalid("cognito.jwks_uri", m.to_string()))?;
         for (key, v) in [
             ("cognito.connect_timeout_ms", c.connect_timeout_ms),
             ("cognito.timeout_ms", c.timeout_ms),
@@ -677,7 +678,7 @@ impl Config {
             }
         }
         if let Some(key) = &cache.encryption_key {
-            decode_key(key).map_err(|m| invalid("cache.encryption_key", m))?;
+            decode_key(key).map_err(|m| invalid("cache.encryption_key", m.to_string()))?;
         }
         if cache.backend == CacheBackend::Redis {
             if cache.redis_url.is_none() {
@@ -833,14 +834,24 @@ impl Config {
     }
 }
 
+/// Why `[cache] encryption_key` is not a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyDecodeError {
+    /// Not standard base64.
+    #[error("not valid base64")]
+    NotBase64,
+    /// Base64 of the wrong number of bytes.
+    #[error("decodes to {0} bytes, need 32")]
+    WrongLength(usize),
+}
+
 /// Decodes `[cache] encryption_key`: base64 of exactly 32 bytes.
-pub fn decode_key(key: &SecretString) -> Result<[u8; 32], String> {
+pub fn decode_key(key: &SecretString) -> Result<[u8; 32], KeyDecodeError> {
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(key.expose_secret().trim())
-        .map_err(|_| "not valid base64".to_owned())?;
-    <[u8; 32]>::try_from(bytes.as_slice())
-        .map_err(|_| format!("decodes to {} bytes, need 32", bytes.len()))
+        .map_err(|_| KeyDecodeError::NotBase64)?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyDecodeError::WrongLength(bytes.len()))
 }
 
 /// Parses a Cognito URL of `key`: never with user-info (Cognito uses none, and a
@@ -903,26 +914,7 @@ fn is_pool_id(s: &str) -> bool {
     }
 }
 
-/// Whether `url` may carry client secrets or keys: `https`, or `http` to loopback.
-pub fn check_transport(url: &Url) -> Result<(), String> {
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if is_loopback_host(url) => Ok(()),
-        "http" => Err(format!(
-            "{url} uses plain http to a non-loopback host; secrets and keys travel only over https"
-        )),
-        other => Err(format!("{url}: unsupported scheme {other:?}")),
-    }
-}
-
-fn is_loopback_host(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-        None => false,
-    }
-}
+pub use crate::http::check_transport;
 
 #[cfg(test)]
 mod tests {

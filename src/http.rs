@@ -64,17 +64,67 @@ pub(crate) fn describe(e: &reqwest::Error) -> String {
     msg
 }
 
+/// Why an outbound endpoint (token endpoint, JWKS) cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// `http` to a host that is not loopback: secrets and keys would travel in
+    /// clear text.
+    #[error(
+        "{url} uses plain http to a non-loopback host; secrets and keys travel only over https"
+    )]
+    PlainHttp {
+        /// The URL (never with user-info: those are refused earlier).
+        url: String,
+    },
+    /// Neither `https` nor `http`.
+    #[error("{url}: unsupported scheme {scheme:?}")]
+    UnsupportedScheme {
+        /// The URL.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// The HTTP client could not be built (TLS backend).
+    #[error("building the HTTP client: {0}")]
+    Client(String),
+}
+
+/// Whether `url` may carry client secrets or keys: `https`, or `http` to loopback.
+pub fn check_transport(url: &url::Url) -> Result<(), EndpointError> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(url) => Ok(()),
+        "http" => Err(EndpointError::PlainHttp {
+            url: url.to_string(),
+        }),
+        other => Err(EndpointError::UnsupportedScheme {
+            url: url.to_string(),
+            scheme: other.to_owned(),
+        }),
+    }
+}
+
+fn is_loopback_host(url: &url::Url) -> bool {
+    use std::net::IpAddr;
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
 /// A reqwest client with the gateway's defaults: no redirects (credentials must
 /// never follow one), bounded connect and total timeouts.
 pub(crate) fn client(
     connect_timeout: std::time::Duration,
     timeout: std::time::Duration,
-) -> Result<reqwest::Client, String> {
+) -> Result<reqwest::Client, EndpointError> {
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
         .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("m2m-gateway/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| describe(&e))
+        .map_err(|e| EndpointError::Client(describe(&e)))
 }

@@ -17,6 +17,8 @@ pub mod edge;
 pub mod emulator;
 pub mod histogram;
 mod http;
+
+pub use http::EndpointError;
 pub mod jwt;
 pub mod proto;
 pub mod registry;

@@ -82,7 +82,7 @@ impl Gateway {
                     },
                     key,
                 )
-                .map_err(|e| anyhow::anyhow!(e))?,
+                .map_err(anyhow::Error::new)?,
             )),
             _ => None,
         };

@@ -4,7 +4,7 @@
 //! [`crate::calls::CallLayer`]'s.
 
 use secrecy::SecretString;
-use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::{
@@ -109,29 +109,17 @@ impl pb::gateway_server::Gateway for GatewayService {
     }
 }
 
-/// The one message for every authentication failure: no client enumeration.
-const BAD_CREDENTIALS: &str = "invalid client credentials";
-
-/// Maps a broker error onto the DESIGN status table.
+/// The gateway's status for a broker error: [`BrokerError::code`] with the error's
+/// sentence (one sentence for every credential failure: no client enumeration),
+/// and `google.rpc.RetryInfo` when the wait is known.
 pub fn broker_status(e: &BrokerError) -> Status {
-    match e {
-        BrokerError::Unauthenticated => Status::unauthenticated(BAD_CREDENTIALS),
-        BrokerError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
-        BrokerError::PermissionDenied(m) => Status::permission_denied(m.clone()),
-        BrokerError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
-        BrokerError::TooManyFailedAttempts { retry_after }
-        | BrokerError::UpstreamBudget { retry_after } => {
-            // The standard machine-readable wait (google.rpc.RetryInfo) beside the
-            // sentence for humans.
-            Status::with_error_details(
-                Code::ResourceExhausted,
-                e.to_string(),
-                ErrorDetails::with_retry_info(Some(*retry_after)),
-            )
-        }
-        BrokerError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
-        BrokerError::Unavailable(m) => Status::unavailable(m.clone()),
-        BrokerError::Internal(m) => Status::internal(m.clone()),
+    match e.retry_after() {
+        Some(wait) => Status::with_error_details(
+            e.code(),
+            e.to_string(),
+            ErrorDetails::with_retry_info(Some(wait)),
+        ),
+        None => Status::new(e.code(), e.to_string()),
     }
 }
 
@@ -205,7 +193,7 @@ fn credentials(
                 secret: SecretString::from(std::mem::take(&mut req.client_secret)),
             })
         }
-        _ => Err(Status::unauthenticated(BAD_CREDENTIALS)),
+        _ => Err(broker_status(&BrokerError::InvalidClient)),
     }
 }
 
@@ -236,6 +224,8 @@ pub fn strip_bearer(token: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
     use base64::{Engine as _, engine::general_purpose::STANDARD};
 
@@ -314,6 +304,8 @@ mod tests {
         assert_eq!(strip_bearer("Bearerabc"), "Bearerabc");
     }
 
+    const BAD_CREDENTIALS: &str = "invalid client credentials";
+
     #[test]
     fn limit_refusals_carry_retry_info() {
         use tonic_types::StatusExt as _;
@@ -335,8 +327,31 @@ mod tests {
                 status.message()
             );
         }
-        let plain = broker_status(&BrokerError::ResourceExhausted("throttled".into()));
+        let plain = broker_status(&BrokerError::Throttled);
         assert!(plain.get_details_retry_info().is_none());
+    }
+
+    #[test]
+    fn every_broker_error_round_trips_through_a_gateway_status() {
+        use crate::broker::UpstreamError;
+        for e in BrokerError::examples() {
+            let status = broker_status(&e);
+            assert_eq!(status.code(), e.code(), "{e:?}");
+            // A token source reading this status, in front of another broker,
+            // ends with the same code (and the same transience).
+            let seen = UpstreamError::from_gateway(&status);
+            let again = BrokerError::from(seen.clone());
+            assert_eq!(again.code(), e.code(), "{e:?} -> {seen:?} -> {again:?}");
+            assert_eq!(
+                again.retry_after().is_some() || again.code() == Code::ResourceExhausted,
+                e.code() == Code::ResourceExhausted,
+            );
+        }
+        // Every credential failure reads the same.
+        assert_eq!(
+            broker_status(&BrokerError::InvalidClient).message(),
+            BAD_CREDENTIALS
+        );
     }
 
     #[test]
@@ -519,7 +534,7 @@ mod tests {
                 ("token-2", &["orders/read".to_string()][..])
             );
             let refused = call(&["orders/admin"]).await.unwrap_err();
-            assert_eq!(refused.code(), Code::PermissionDenied);
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied);
         }
     }
 }

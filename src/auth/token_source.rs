@@ -9,9 +9,7 @@ use std::{
 use futures::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::{task::JoinHandle, time::Instant};
-use tonic::{
-    Code, Request, Status, metadata::MetadataValue, service::Interceptor, transport::Channel,
-};
+use tonic::{Request, Status, metadata::MetadataValue, service::Interceptor, transport::Channel};
 use url::Url;
 
 use crate::{
@@ -55,14 +53,7 @@ impl TokenEndpoint for GatewayTokenEndpoint {
                         .collect(),
                 })
                 .await
-                .map_err(|s| match s.code() {
-                    Code::Unauthenticated => UpstreamError::InvalidClient,
-                    Code::PermissionDenied => UpstreamError::InvalidScope,
-                    Code::FailedPrecondition => UpstreamError::NotPermitted(s.message().to_owned()),
-                    Code::ResourceExhausted => UpstreamError::Throttled,
-                    Code::InvalidArgument => UpstreamError::Rejected(s.message().to_owned()),
-                    _ => UpstreamError::Unavailable(format!("{:?}: {}", s.code(), s.message())),
-                })?
+                .map_err(|s| UpstreamError::from_gateway(&s))?
                 .into_inner();
             let expires_in = u64::try_from(response.expires_in)
                 .ok()
@@ -170,8 +161,8 @@ impl TokenSource {
         client_id: impl Into<String>,
         secret: impl Into<String>,
         scopes: I,
-    ) -> Result<Self, String> {
-        crate::config::check_transport(&token_endpoint)?;
+    ) -> Result<Self, crate::EndpointError> {
+        crate::http::check_transport(&token_endpoint)?;
         let client = CognitoClient::new(
             token_endpoint,
             Duration::from_secs(2),

@@ -65,6 +65,14 @@ pub enum UpstreamError {
     /// a proxy in the way, never the caller's fault.
     #[error("upstream rejected the request: {0}")]
     Rejected(String),
+    /// The caller's request is malformed (a gateway's INVALID_ARGUMENT, read by
+    /// [`crate::auth::TokenSource`]); Cognito's own `invalid_request` is
+    /// [`UpstreamError::Rejected`], since the gateway built that request.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// No answer within the total timeout.
+    #[error("no answer in time")]
+    Timeout,
     /// HTTP 429 or a throttling error.
     #[error("upstream throttled the request")]
     Throttled,
@@ -74,6 +82,24 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// What a gateway's GetToken status means to its caller: the inverse of
+    /// [`super::BrokerError::code`], so that a token source in front of a gateway
+    /// sees the error the gateway's broker saw (tested both ways).
+    pub fn from_gateway(status: &tonic::Status) -> Self {
+        use tonic::Code;
+        let message = || status.message().to_owned();
+        match status.code() {
+            Code::Unauthenticated => UpstreamError::InvalidClient,
+            Code::InvalidArgument => UpstreamError::InvalidRequest(message()),
+            Code::PermissionDenied => UpstreamError::InvalidScope,
+            Code::FailedPrecondition => UpstreamError::NotPermitted(message()),
+            Code::ResourceExhausted => UpstreamError::Throttled,
+            Code::DeadlineExceeded => UpstreamError::Timeout,
+            Code::Internal => UpstreamError::Rejected(message()),
+            code => UpstreamError::Unavailable(format!("{code:?}: {}", status.message())),
+        }
+    }
+
     /// Stable label for metrics.
     pub const fn label(&self) -> &'static str {
         match self {
@@ -81,6 +107,8 @@ impl UpstreamError {
             UpstreamError::InvalidScope => "invalid_scope",
             UpstreamError::NotPermitted(_) => "unauthorized_client",
             UpstreamError::Rejected(_) => "rejected",
+            UpstreamError::InvalidRequest(_) => "invalid_request",
+            UpstreamError::Timeout => "timeout",
             UpstreamError::Throttled => "throttled",
             UpstreamError::Unavailable(_) => "unavailable",
         }
@@ -144,7 +172,7 @@ impl CognitoClient {
         endpoint: Url,
         connect_timeout: Duration,
         timeout: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, http::EndpointError> {
         Ok(Self {
             http: http::client(connect_timeout, timeout)?,
             endpoint,
@@ -181,7 +209,7 @@ impl CognitoClient {
         };
         tokio::time::timeout(self.timeout, attempt_loop)
             .await
-            .unwrap_or_else(|_| Err(UpstreamError::Unavailable("timeout".into())))
+            .unwrap_or(Err(UpstreamError::Timeout))
     }
 
     async fn attempt(
@@ -206,6 +234,8 @@ impl CognitoClient {
                 let reason = http::describe(&e);
                 if e.is_connect() {
                     Attempt::Retryable(reason)
+                } else if e.is_timeout() {
+                    Attempt::Final(UpstreamError::Timeout)
                 } else {
                     Attempt::Final(UpstreamError::Unavailable(reason))
                 }

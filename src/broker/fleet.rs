@@ -164,6 +164,17 @@ impl fmt::Debug for FleetCache {
     }
 }
 
+/// Why the fleet cache cannot be set up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetSetupError {
+    /// `cache.redis_url` is not a Redis URL.
+    #[error("cache.redis_url: {0}")]
+    RedisUrl(String),
+    /// The crypto backend refused the derived key.
+    #[error("cache encryption key rejected by the crypto backend")]
+    Crypto,
+}
+
 /// Why a Redis call did not help.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum FleetError {
@@ -195,19 +206,20 @@ pub struct FleetSettings {
 
 impl FleetCache {
     /// Connects lazily (a Redis that is down at start does not stop the gateway).
-    pub fn new(settings: &FleetSettings, master_key: &[u8; 32]) -> Result<Self, String> {
+    pub fn new(settings: &FleetSettings, master_key: &[u8; 32]) -> Result<Self, FleetSetupError> {
         let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| format!("cache.redis_url: {e}"))?;
+            .map_err(|e| FleetSetupError::RedisUrl(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| format!("redis: {e}"))?;
+            .map_err(|e| FleetSetupError::RedisUrl(e.to_string()))?;
         let aead_key = derive(master_key, b"m2m-gateway cache encryption v1");
-        let aead =
-            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &aead_key).map_err(|_| "AES key")?);
+        let aead = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &aead_key).map_err(|_| FleetSetupError::Crypto)?,
+        );
         Ok(Self {
             client,
             conn,

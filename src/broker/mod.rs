@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 pub use budget::BudgetStats;
 pub use cognito::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
-pub use fleet::{FleetCache, FleetSettings, FleetStats};
+pub use fleet::{FleetCache, FleetSettings, FleetSetupError, FleetStats};
 pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
 
 use budget::{Grant, Priority, Schedule};
@@ -74,21 +74,28 @@ pub struct IssuedToken {
     pub scopes: Arc<[String]>,
 }
 
-/// Why GetToken failed, named for what happened; `service` picks the status.
+/// Why GetToken failed, named for what happened. [`BrokerError::code`] is the one
+/// table from these to gRPC codes; `service::broker_status` builds the status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
-    /// No credentials, unknown client or wrong secret. One message for all three.
+    /// No credentials, an unknown client, a wrong secret, or Cognito's
+    /// `invalid_client`: one message for all of them (no client enumeration).
     #[error("invalid client credentials")]
-    Unauthenticated,
-    /// Malformed request.
+    InvalidClient,
+    /// A client id or secret that no Cognito app client can have.
     #[error("{0}")]
-    InvalidArgument(String),
-    /// Scope outside the client's registered scopes, or Cognito `invalid_scope`.
+    MalformedCredentials(String),
+    /// Requested scopes that are not scopes, or too many of them.
     #[error("{0}")]
-    PermissionDenied(String),
-    /// The app client may not use this grant.
+    MalformedScopes(String),
+    /// A scope outside the client's registered scopes, or refused by Cognito
+    /// (`invalid_scope`).
     #[error("{0}")]
-    FailedPrecondition(String),
+    ScopeNotAllowed(String),
+    /// The app client may not use the client_credentials grant
+    /// (`unauthorized_client` and the like).
+    #[error("the app client may not use the client_credentials grant ({0})")]
+    GrantNotAllowed(String),
     /// Too many attempts with secrets Cognito has not accepted for this client.
     #[error(
         "too many attempts with unproven secrets for this client; retry in {} s",
@@ -109,28 +116,56 @@ pub enum BrokerError {
         retry_after: Duration,
     },
     /// Cognito throttled the request.
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// Cognito unreachable, failing or answering garbage.
-    #[error("{0}")]
-    Unavailable(String),
+    #[error("Cognito is throttling token requests")]
+    Throttled,
+    /// Cognito did not answer within `cognito.timeout_ms`.
+    #[error("Cognito did not answer in time")]
+    UpstreamTimeout,
+    /// Cognito unreachable, failing (5xx) or answering garbage.
+    #[error("Cognito unavailable: {0}")]
+    UpstreamUnavailable(String),
+    /// Cognito refused a request the gateway built (`invalid_request` or an
+    /// unexpected 4xx): a proxy in the way or a gateway bug, never the caller's.
+    #[error("the token endpoint refused the request: {0}")]
+    UpstreamRejected(String),
     /// A gateway-side fault.
     #[error("{0}")]
     Internal(String),
 }
 
 impl BrokerError {
+    /// The gRPC code of each error (DESIGN's status table).
+    pub const fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            BrokerError::InvalidClient => Code::Unauthenticated,
+            BrokerError::MalformedCredentials(_) | BrokerError::MalformedScopes(_) => {
+                Code::InvalidArgument
+            }
+            BrokerError::ScopeNotAllowed(_) => Code::PermissionDenied,
+            BrokerError::GrantNotAllowed(_) => Code::FailedPrecondition,
+            BrokerError::TooManyFailedAttempts { .. }
+            | BrokerError::UpstreamBudget { .. }
+            | BrokerError::Throttled => Code::ResourceExhausted,
+            BrokerError::UpstreamTimeout | BrokerError::UpstreamUnavailable(_) => Code::Unavailable,
+            BrokerError::UpstreamRejected(_) | BrokerError::Internal(_) => Code::Internal,
+        }
+    }
+
     /// Stable label for metrics and logs.
     pub const fn label(&self) -> &'static str {
         match self {
-            BrokerError::Unauthenticated => "unauthenticated",
-            BrokerError::InvalidArgument(_) => "invalid_argument",
-            BrokerError::PermissionDenied(_) => "permission_denied",
-            BrokerError::FailedPrecondition(_) => "failed_precondition",
+            BrokerError::InvalidClient => "invalid_client",
+            BrokerError::MalformedCredentials(_) => "malformed_credentials",
+            BrokerError::MalformedScopes(_) => "malformed_scopes",
+            BrokerError::ScopeNotAllowed(_) => "scope_not_allowed",
+            BrokerError::GrantNotAllowed(_) => "grant_not_allowed",
             BrokerError::TooManyFailedAttempts { .. } => "failed_auth_limited",
             BrokerError::UpstreamBudget { .. } => "upstream_budget",
-            BrokerError::ResourceExhausted(_) => "resource_exhausted",
-            BrokerError::Unavailable(_) => "unavailable",
+            BrokerError::Throttled => "throttled",
+            BrokerError::UpstreamTimeout => "upstream_timeout",
+            BrokerError::UpstreamUnavailable(_) => "upstream_unavailable",
+            BrokerError::UpstreamRejected(_) => "upstream_rejected",
             BrokerError::Internal(_) => "internal",
         }
     }
@@ -147,31 +182,51 @@ impl BrokerError {
     fn is_transient(&self) -> bool {
         matches!(
             self,
-            BrokerError::Unavailable(_)
-                | BrokerError::ResourceExhausted(_)
+            BrokerError::UpstreamTimeout
+                | BrokerError::UpstreamUnavailable(_)
+                | BrokerError::Throttled
                 | BrokerError::UpstreamBudget { .. }
                 | BrokerError::Internal(_)
         )
+    }
+
+    /// One of each variant (tests of the tables).
+    #[cfg(test)]
+    pub(crate) fn examples() -> Vec<BrokerError> {
+        vec![
+            BrokerError::InvalidClient,
+            BrokerError::MalformedCredentials("m".into()),
+            BrokerError::MalformedScopes("m".into()),
+            BrokerError::ScopeNotAllowed("m".into()),
+            BrokerError::GrantNotAllowed("unauthorized_client".into()),
+            BrokerError::TooManyFailedAttempts {
+                retry_after: Duration::from_secs(6),
+            },
+            BrokerError::UpstreamBudget {
+                retry_after: Duration::from_millis(250),
+            },
+            BrokerError::Throttled,
+            BrokerError::UpstreamTimeout,
+            BrokerError::UpstreamUnavailable("HTTP 503".into()),
+            BrokerError::UpstreamRejected("invalid_request".into()),
+            BrokerError::Internal("m".into()),
+        ]
     }
 }
 
 impl From<UpstreamError> for BrokerError {
     fn from(e: UpstreamError) -> Self {
         match e {
-            UpstreamError::InvalidClient => BrokerError::Unauthenticated,
-            UpstreamError::InvalidScope => BrokerError::PermissionDenied(
+            UpstreamError::InvalidClient => BrokerError::InvalidClient,
+            UpstreamError::InvalidScope => BrokerError::ScopeNotAllowed(
                 "the app client is not allowed a requested scope (invalid_scope)".into(),
             ),
-            UpstreamError::NotPermitted(code) => BrokerError::FailedPrecondition(format!(
-                "the app client may not use the client_credentials grant ({code})"
-            )),
-            UpstreamError::Throttled => {
-                BrokerError::ResourceExhausted("Cognito is throttling token requests".into())
-            }
-            UpstreamError::Rejected(m) => BrokerError::Internal(m),
-            UpstreamError::Unavailable(m) => {
-                BrokerError::Unavailable(format!("Cognito unavailable: {m}"))
-            }
+            UpstreamError::InvalidRequest(m) => BrokerError::MalformedCredentials(m),
+            UpstreamError::NotPermitted(code) => BrokerError::GrantNotAllowed(code),
+            UpstreamError::Throttled => BrokerError::Throttled,
+            UpstreamError::Rejected(m) => BrokerError::UpstreamRejected(m),
+            UpstreamError::Timeout => BrokerError::UpstreamTimeout,
+            UpstreamError::Unavailable(m) => BrokerError::UpstreamUnavailable(m),
         }
     }
 }
@@ -184,16 +239,16 @@ pub const MAX_SECRET_LEN: usize = 128;
 /// Refuses ids and secrets that no Cognito app client can have.
 fn check_shape(credentials: &Credentials) -> Result<(), BrokerError> {
     if credentials.client_id.is_empty() || credentials.secret.expose_secret().is_empty() {
-        return Err(BrokerError::Unauthenticated);
+        return Err(BrokerError::InvalidClient);
     }
     if !registry::is_valid_client_id(&credentials.client_id) {
-        return Err(BrokerError::InvalidArgument(
+        return Err(BrokerError::MalformedCredentials(
             "client_id is not an app client id (1 to 128 letters, digits, '_', '-' or '+')".into(),
         ));
     }
     let secret = credentials.secret.expose_secret();
     if secret.len() > MAX_SECRET_LEN || !secret.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(BrokerError::InvalidArgument(format!(
+        return Err(BrokerError::MalformedCredentials(format!(
             "client_secret is not an app client secret (1 to {MAX_SECRET_LEN} printable ASCII characters)"
         )));
     }
@@ -479,17 +534,15 @@ impl Broker {
         let inner = &self.inner;
         check_shape(credentials)?;
         let Some(client) = inner.registry.get(&credentials.client_id) else {
-            return Err(BrokerError::Unauthenticated);
+            return Err(BrokerError::InvalidClient);
         };
         let scopes = match inner.registry.normalise(client, scopes) {
             Ok(scopes) => scopes,
             Err(e) => {
                 inner.clients.refused(client.index);
                 return Err(match e {
-                    ScopeRequestError::NotAllowed(_) => {
-                        BrokerError::PermissionDenied(e.to_string())
-                    }
-                    _ => BrokerError::InvalidArgument(e.to_string()),
+                    ScopeRequestError::NotAllowed(_) => BrokerError::ScopeNotAllowed(e.to_string()),
+                    _ => BrokerError::MalformedScopes(e.to_string()),
                 });
             }
         };
@@ -601,7 +654,7 @@ impl Broker {
                 )
                 .await;
             match result {
-                Err(BrokerError::Unauthenticated)
+                Err(BrokerError::InvalidClient)
                     if used != verifier
                         && self
                             .inner
@@ -960,8 +1013,8 @@ impl Broker {
         self.prove(client, verifier, started + lifetime).await;
         if let Some(extra) = granted.iter().find(|s| !scopes.contains(s)) {
             tracing::error!(client = %client.name, scope = %extra, "Cognito returned a token broader than the request; refusing it");
-            return Err(BrokerError::Unavailable(
-                "upstream returned a token with scopes outside the request".into(),
+            return Err(BrokerError::UpstreamUnavailable(
+                "the token endpoint returned a token with scopes outside the request".into(),
             ));
         }
         let settings = &inner.settings;

@@ -141,11 +141,11 @@ async fn unregistered_client_refused_without_upstream_call() {
     };
     assert_eq!(
         b.get_token(&stranger, &[]).await.unwrap_err(),
-        BrokerError::Unauthenticated
+        BrokerError::InvalidClient
     );
     assert_eq!(
         b.get_token(&creds(""), &[]).await.unwrap_err(),
-        BrokerError::Unauthenticated
+        BrokerError::InvalidClient
     );
     assert_eq!(up.calls(), 0);
 }
@@ -158,15 +158,15 @@ async fn scope_outside_registry_refused_without_upstream_call() {
         .get_token(&creds("s3cret"), &scopes(&["orders/admin"]))
         .await
         .unwrap_err();
-    assert!(matches!(err, BrokerError::PermissionDenied(_)), "{err:?}");
+    assert!(matches!(err, BrokerError::ScopeNotAllowed(_)), "{err:?}");
     let err = b
         .get_token(&creds("s3cret"), &scopes(&["orders read"]))
         .await
         .unwrap_err();
-    assert!(matches!(err, BrokerError::InvalidArgument(_)), "{err:?}");
+    assert!(matches!(err, BrokerError::MalformedScopes(_)), "{err:?}");
     let many = vec!["orders/read".to_string(); 11];
     let err = b.get_token(&creds("s3cret"), &many).await.unwrap_err();
-    assert!(matches!(err, BrokerError::InvalidArgument(_)), "{err:?}");
+    assert!(matches!(err, BrokerError::MalformedScopes(_)), "{err:?}");
     assert_eq!(up.calls(), 0);
 }
 
@@ -176,7 +176,7 @@ async fn cached_token_refused_for_wrong_secret() {
     let b = broker(up.clone());
     let good = b.get_token(&creds("s3cret"), &[]).await.unwrap();
     let err = b.get_token(&creds("guess"), &[]).await.unwrap_err();
-    assert_eq!(err, BrokerError::Unauthenticated);
+    assert_eq!(err, BrokerError::InvalidClient);
     // The wrong secret was put to Cognito (it may have been a rotation), which refused it.
     assert_eq!(up.calls(), 2);
     // The right secret still gets the cached token.
@@ -210,7 +210,7 @@ async fn wrong_secret_flood_is_rate_limited() {
                 assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(6));
                 exhausted += 1
             }
-            Err(BrokerError::Unauthenticated) => {}
+            Err(BrokerError::InvalidClient) => {}
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -277,7 +277,10 @@ async fn broader_token_from_upstream_is_refused() {
         .get_token(&creds("s3cret"), &scopes(&["orders/read"]))
         .await
         .unwrap_err();
-    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    assert!(
+        matches!(err, BrokerError::UpstreamUnavailable(_)),
+        "{err:?}"
+    );
     assert_eq!(b.cached_entries(), 0);
 }
 
@@ -347,7 +350,10 @@ async fn failed_refresh_serves_the_old_token_while_it_has_life() {
     // Close to expiry the old token is no longer handed out.
     tokio::time::advance(Duration::from_secs(12)).await;
     let err = b.get_token(&creds("s3cret"), &[]).await.unwrap_err();
-    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    assert!(
+        matches!(err, BrokerError::UpstreamUnavailable(_)),
+        "{err:?}"
+    );
     // After expiry, never.
     tokio::time::advance(Duration::from_secs(30)).await;
     assert!(b.get_token(&creds("s3cret"), &[]).await.is_err());
@@ -362,7 +368,7 @@ async fn revoked_secret_during_refresh_is_not_papered_over() {
     tokio::time::advance(Duration::from_secs(80)).await;
     assert_eq!(
         b.get_token(&creds("s3cret"), &[]).await.unwrap_err(),
-        BrokerError::Unauthenticated
+        BrokerError::InvalidClient
     );
 }
 
@@ -413,7 +419,7 @@ async fn two_live_secrets_share_one_cached_token() {
     // A third, wrong secret is still refused.
     assert_eq!(
         b.get_token(&creds("third-secret"), &[]).await.unwrap_err(),
-        BrokerError::Unauthenticated
+        BrokerError::InvalidClient
     );
     assert_eq!(b.stats().snapshot().rate_limited, 0);
 }
@@ -431,7 +437,7 @@ async fn a_deleted_secret_stops_being_proven_and_the_other_is_served_without_a_g
     // The next upstream call made with it (a refresh) fails and drops it.
     assert_eq!(
         b.get_token(&creds("old-secret"), &[]).await.unwrap_err(),
-        BrokerError::Unauthenticated
+        BrokerError::InvalidClient
     );
     assert_eq!(b.proven_secrets(), 1);
     // The new secret keeps being served: the refresh with it succeeds.
@@ -450,7 +456,7 @@ async fn a_deleted_secret_stops_being_proven_and_the_other_is_served_without_a_g
     let calls = up.calls();
     assert_eq!(
         b.get_token(&creds("old-secret"), &[]).await.unwrap_err(),
-        BrokerError::Unauthenticated
+        BrokerError::InvalidClient
     );
     assert_eq!(up.calls(), calls + 1);
 }
@@ -488,7 +494,7 @@ async fn knowing_a_client_id_cannot_lock_its_owner_out() {
     for i in 0..30 {
         match b.get_token(&creds(&format!("wrong-secret-{i}")), &[]).await {
             Err(BrokerError::TooManyFailedAttempts { .. }) => limited += 1,
-            Err(BrokerError::Unauthenticated) => {}
+            Err(BrokerError::InvalidClient) => {}
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -543,7 +549,7 @@ async fn ids_and_secrets_no_cognito_client_has_are_refused_before_any_call() {
         },
     ] {
         let e = b.get_token(&c, &[]).await.unwrap_err();
-        assert!(matches!(e, BrokerError::InvalidArgument(_)), "{e:?}");
+        assert!(matches!(e, BrokerError::MalformedCredentials(_)), "{e:?}");
         assert!(!e.to_string().contains("xxxx"), "never echoed");
     }
     assert_eq!(up.calls(), 0);
@@ -824,40 +830,40 @@ mod http {
     #[tokio::test]
     async fn status_table() {
         let (e, n) = outcome(400, r#"{"error":"invalid_client"}"#).await;
-        assert_eq!((e, n), (BrokerError::Unauthenticated, 1));
+        assert_eq!((e, n), (BrokerError::InvalidClient, 1));
         let (e, n) = outcome(400, r#"{"error":"invalid_scope"}"#).await;
         assert!(
-            matches!(e, BrokerError::PermissionDenied(_)) && n == 1,
+            matches!(e, BrokerError::ScopeNotAllowed(_)) && n == 1,
             "{e:?}"
         );
         let (e, n) = outcome(400, r#"{"error":"unauthorized_client"}"#).await;
         assert!(
-            matches!(e, BrokerError::FailedPrecondition(_)) && n == 1,
+            matches!(e, BrokerError::GrantNotAllowed(_)) && n == 1,
             "{e:?}"
         );
         let (e, n) = outcome(429, "slow down").await;
-        assert!(
-            matches!(e, BrokerError::ResourceExhausted(_)) && n == 1,
-            "{e:?}"
-        );
+        assert!(matches!(e, BrokerError::Throttled) && n == 1, "{e:?}");
         let (e, n) = outcome(400, r#"{"error":"invalid_request"}"#).await;
         assert!(
-            matches!(e, BrokerError::Internal(_)) && n == 1,
+            matches!(e, BrokerError::UpstreamRejected(_)) && n == 1,
             "4xx never retried: {e:?}"
         );
         let (e, n) = outcome(503, "<html>down</html>").await;
         assert!(
-            matches!(e, BrokerError::Unavailable(_)) && n == 2,
+            matches!(e, BrokerError::UpstreamUnavailable(_)) && n == 2,
             "5xx retried once: {e:?} {n}"
         );
         let (e, n) = outcome(200, "<html>captive portal</html>").await;
-        assert!(matches!(e, BrokerError::Unavailable(_)) && n == 1, "{e:?}");
+        assert!(
+            matches!(e, BrokerError::UpstreamUnavailable(_)) && n == 1,
+            "{e:?}"
+        );
         let (e, _) = outcome(
             200,
             r#"{"access_token":"x","expires_in":"soon","token_type":"Bearer"}"#,
         )
         .await;
-        assert!(matches!(e, BrokerError::Unavailable(_)), "{e:?}");
+        assert!(matches!(e, BrokerError::UpstreamUnavailable(_)), "{e:?}");
     }
 
     #[tokio::test]
@@ -896,10 +902,7 @@ mod http {
         let b = http_broker(client_for(&server, Duration::from_millis(300)).await);
         let started = std::time::Instant::now();
         let err = b.get_token(&creds("s3cret"), &[]).await.unwrap_err();
-        assert!(
-            matches!(err, BrokerError::Unavailable(ref m) if m.contains("timeout")),
-            "{err:?}"
-        );
+        assert!(matches!(err, BrokerError::UpstreamTimeout), "{err:?}");
         // Bounded by the configured total timeout, not by the 30 s hang.
         assert!(started.elapsed() < Duration::from_secs(10));
     }
@@ -916,7 +919,10 @@ mod http {
             .get_token(&creds("s3cret"), &[])
             .await
             .unwrap_err();
-        assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+        assert!(
+            matches!(err, BrokerError::UpstreamUnavailable(_)),
+            "{err:?}"
+        );
     }
 }
 
@@ -1006,7 +1012,7 @@ mod fleet_lock {
         // A wrong secret still gets nothing from the fleet's entry.
         assert_eq!(
             b.get_token(&creds("wrong-secret"), &[]).await.unwrap_err(),
-            BrokerError::Unauthenticated
+            BrokerError::InvalidClient
         );
     }
 }

@@ -7,4 +7,4 @@ mod keys;
 mod server;
 
 pub use keys::SigningKey;
-pub use server::{Emulator, EmulatorClient, EmulatorConfig};
+pub use server::{ClientSpecError, Emulator, EmulatorClient, EmulatorConfig};

@@ -77,21 +77,44 @@ impl EmulatorClient {
     }
 
     /// Parses `ID:SECRET:SCOPE[,SCOPE...]` (the `--client` flag).
-    pub fn parse(spec: &str) -> Result<Self, String> {
+    pub fn parse(spec: &str) -> Result<Self, ClientSpecError> {
         let mut parts = spec.splitn(3, ':');
         let (Some(id), Some(secret), Some(scopes)) = (parts.next(), parts.next(), parts.next())
         else {
-            return Err(format!("{spec:?}: expected ID:SECRET:SCOPE[,SCOPE...]"));
+            return Err(ClientSpecError::Shape);
         };
         if id.is_empty() || secret.is_empty() {
-            return Err(format!("{spec:?}: empty client id or secret"));
+            return Err(ClientSpecError::Empty);
         }
         let scopes: Vec<&str> = scopes.split(',').filter(|s| !s.is_empty()).collect();
         for scope in &scopes {
-            crate::registry::validate_scope(scope).map_err(|e| format!("{scope:?}: {e}"))?;
+            crate::registry::validate_scope(scope).map_err(|e| ClientSpecError::Scope {
+                scope: (*scope).to_owned(),
+                reason: e.to_string(),
+            })?;
         }
         Ok(Self::new(id, secret, &scopes))
     }
+}
+
+/// Why a `--client` spec is not `ID:SECRET:SCOPE[,SCOPE...]` (the spec itself is
+/// not repeated: it holds a secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientSpecError {
+    /// Fewer than three `:`-separated parts.
+    #[error("expected ID:SECRET:SCOPE[,SCOPE...]")]
+    Shape,
+    /// An empty id or secret.
+    #[error("empty client id or secret")]
+    Empty,
+    /// A scope that is not one.
+    #[error("{scope:?}: {reason}")]
+    Scope {
+        /// The scope.
+        scope: String,
+        /// Why not.
+        reason: String,
+    },
 }
 
 /// Emulator settings.

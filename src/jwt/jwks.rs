@@ -34,6 +34,20 @@ pub enum JwksError {
     Garbage(String),
 }
 
+/// Why a JWK's RSA components are not a usable RS256 key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// A modulus under 2048 bits (RFC 7518 §3.3).
+    #[error("modulus of {bits} bits is under 2048")]
+    TooShort {
+        /// The modulus length.
+        bits: usize,
+    },
+    /// aws-lc-rs refused the key.
+    #[error("key rejected: {0}")]
+    Rejected(String),
+}
+
 /// Fetches the raw JWKS document. Implemented over HTTP by [`HttpFetcher`]; tests
 /// supply their own.
 pub trait JwksFetcher: Send + Sync + 'static {
@@ -51,7 +65,8 @@ pub struct HttpFetcher {
 impl HttpFetcher {
     /// A fetcher for `uri` (transport rules are checked by config validation).
     pub fn new(uri: Url, connect_timeout: Duration, timeout: Duration) -> Result<Self, JwksError> {
-        let client = crate::http::client(connect_timeout, timeout).map_err(JwksError::Fetch)?;
+        let client = crate::http::client(connect_timeout, timeout)
+            .map_err(|e| JwksError::Fetch(e.to_string()))?;
         Ok(Self { client, uri })
     }
 }
@@ -112,14 +127,14 @@ impl VerifyingKey {
         alg: Option<&str>,
         n: &[u8],
         e: &[u8],
-    ) -> Result<Self, String> {
+    ) -> Result<Self, KeyError> {
         let n = strip_zeros(n);
         if n.len() < 256 {
-            return Err(format!("modulus of {} bits is under 2048", n.len() * 8));
+            return Err(KeyError::TooShort { bits: n.len() * 8 });
         }
         let der = rsa_public_key_der(n, strip_zeros(e));
         let key = ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der)
-            .map_err(|e| format!("key rejected: {e}"))?;
+            .map_err(|e| KeyError::Rejected(e.to_string()))?;
         Ok(Self {
             kid: Arc::from(kid),
             alg: alg.map(str::to_owned),

@@ -17,7 +17,7 @@ use std::{
 
 pub use claims::Claims;
 pub use jwks::{
-    HttpFetcher, JwksError, JwksFetcher, JwksStats, KeySet, MAX_JWKS_BYTES, MAX_KID_LEN,
+    HttpFetcher, JwksError, JwksFetcher, JwksStats, KeyError, KeySet, MAX_JWKS_BYTES, MAX_KID_LEN,
     StaticJwks, VerifyingKey, parse_jwks,
 };
 pub use validator::{JwtValidator, ValidatorSettings};
