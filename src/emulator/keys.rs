@@ -1,19 +1,28 @@
 //! RS256 signing keys for the emulator (and for tests that need real tokens).
+//! Tokens are signed by jsonwebtoken's `encode`, independent of the gateway's
+//! validator; only [`SigningKey::sign_with_header`], for the hostile headers
+//! tests craft (which jsonwebtoken rightly cannot produce), signs by hand.
 
 use std::fmt;
 
 use aws_lc_rs::{
+    encoding::AsDer,
     rand::SystemRandom,
     rsa::KeySize,
     signature::{KeyPair, RSA_PKCS1_SHA256, RsaKeyPair},
 };
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use base64::{
+    Engine as _,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 /// An RSA-2048 signing key with its `kid`.
 pub struct SigningKey {
     kid: String,
     pair: RsaKeyPair,
+    encoding: EncodingKey,
 }
 
 impl fmt::Debug for SigningKey {
@@ -28,9 +37,24 @@ impl SigningKey {
     /// Generates a fresh RSA-2048 key named `kid`.
     pub fn generate(kid: impl Into<String>) -> Self {
         let pair = RsaKeyPair::generate(KeySize::Rsa2048).expect("RSA-2048 key generation");
+        // PKCS#8 from aws-lc-rs, as the PEM jsonwebtoken reads.
+        let pkcs8 = pair.as_der().expect("PKCS#8 export");
+        let body = STANDARD.encode(pkcs8.as_ref());
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+            .collect();
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            lines.join("\n")
+        );
+        let encoding =
+            EncodingKey::from_rsa_pem(pem.as_bytes()).expect("jsonwebtoken reads the key");
         Self {
             kid: kid.into(),
             pair,
+            encoding,
         }
     }
 
@@ -52,12 +76,16 @@ impl SigningKey {
         })
     }
 
-    /// Signs `claims` with header `{"kid", "alg": "RS256"}`.
+    /// Signs `claims` with header `{"alg": "RS256", "kid"}` (as Cognito does: no
+    /// `typ`), with jsonwebtoken.
     pub fn sign(&self, claims: &Value) -> String {
-        self.sign_with_header(&json!({"kid": self.kid, "alg": "RS256"}), claims)
+        let mut header = Header::new(Algorithm::RS256);
+        header.typ = None;
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).expect("RS256 signing")
     }
 
-    /// Signs with an arbitrary header (tests craft hostile ones).
+    /// Signs with an arbitrary header, by hand (tests craft hostile ones).
     pub fn sign_with_header(&self, header: &Value, claims: &Value) -> String {
         let signing_input = format!(
             "{}.{}",

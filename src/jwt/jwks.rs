@@ -211,60 +211,68 @@ fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The JWK set document, each key kept as JSON so that one malformed key is
+/// skipped instead of failing the whole set.
 #[derive(Deserialize)]
 struct JwkSetDoc {
     keys: Vec<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct RsaJwk<'a> {
-    kty: &'a str,
-    kid: Option<String>,
-    alg: Option<String>,
-    #[serde(rename = "use")]
-    use_: Option<String>,
-    key_ops: Option<Vec<String>>,
-    n: Option<String>,
-    e: Option<String>,
-}
-
 /// Parses a JWKS document into verification keys: RSA signing keys only; a key
-/// that cannot be used is skipped; no usable key at all is an error.
+/// that cannot be used is skipped; no usable key at all is an error. Each key is
+/// read with jsonwebtoken's JWK types; the verifier is built once here
+/// ([`VerifyingKey`], aws-lc-rs) because the hot path verifies with it.
 pub fn parse_jwks(body: &[u8]) -> Result<HashMap<String, Arc<VerifyingKey>>, JwksError> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyAlgorithm, KeyOperations, PublicKeyUse};
     let doc: JwkSetDoc = serde_json::from_slice(body)
         .map_err(|e| JwksError::Garbage(format!("not a JWK set: {e}")))?;
     let mut keys = HashMap::new();
-    for raw in &doc.keys {
-        let Ok(jwk) = RsaJwk::deserialize(raw) else {
-            tracing::debug!("skipping a JWK with unexpected member types");
+    for raw in doc.keys {
+        let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
+            tracing::debug!("skipping a JWK with unexpected members");
             continue;
         };
-        if jwk.kty != "RSA"
-            || jwk.use_.as_deref().is_some_and(|u| u != "sig")
-            || jwk
-                .key_ops
+        let AlgorithmParameters::RSA(rsa) = &jwk.algorithm else {
+            continue;
+        };
+        let common = &jwk.common;
+        if common
+            .public_key_use
+            .as_ref()
+            .is_some_and(|u| *u != PublicKeyUse::Signature)
+            || common
+                .key_operations
                 .as_ref()
-                .is_some_and(|ops| !ops.iter().any(|o| o == "verify"))
+                .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
         {
             continue;
         }
-        let (Some(kid), Some(n), Some(e)) = (jwk.kid, jwk.n, jwk.e) else {
+        let Some(kid) = common.key_id.as_deref() else {
             continue;
         };
         if kid.is_empty() || kid.len() > MAX_KID_LEN {
             continue;
         }
-        let (Ok(n), Ok(e)) = (URL_SAFE_NO_PAD.decode(&n), URL_SAFE_NO_PAD.decode(&e)) else {
+        let (Ok(n), Ok(e)) = (
+            URL_SAFE_NO_PAD.decode(&rsa.n),
+            URL_SAFE_NO_PAD.decode(&rsa.e),
+        ) else {
             tracing::warn!(kid = %kid, "skipping a JWK with bad base64url components");
             continue;
         };
-        match VerifyingKey::from_components(&kid, jwk.alg.as_deref(), &n, &e) {
+        // A key declared for another algorithm keeps that name and never
+        // verifies an RS256 token.
+        let alg = common.key_algorithm.map(|a| match a {
+            KeyAlgorithm::RS256 => "RS256".to_owned(),
+            other => format!("{other:?}"),
+        });
+        match VerifyingKey::from_components(kid, alg.as_deref(), &n, &e) {
             Ok(key) => {
-                if keys.contains_key(&kid) {
+                if keys.contains_key(kid) {
                     tracing::warn!(kid = %kid, "duplicate kid in JWKS; keeping the first");
                     continue;
                 }
-                keys.insert(kid, Arc::new(key));
+                keys.insert(kid.to_owned(), Arc::new(key));
             }
             Err(reason) => tracing::warn!(kid = %kid, %reason, "skipping a JWK"),
         }

@@ -634,3 +634,48 @@ async fn only_successes_are_cached() {
     assert_eq!(stats.rejected(Rejection::Expired), 1);
     assert_eq!(stats.valid(), 0);
 }
+
+#[test]
+fn only_usable_rsa_signing_keys_are_read_from_a_jwks() {
+    let base = key().jwk();
+    let with = |changes: Value| {
+        let mut jwk = base.clone();
+        for (k, v) in changes.as_object().unwrap() {
+            if v.is_null() {
+                jwk.as_object_mut().unwrap().remove(k);
+            } else {
+                jwk[k] = v.clone();
+            }
+        }
+        jwk
+    };
+    let doc = json!({"keys": [
+        with(json!({"kid": "good"})),
+        with(json!({"kid": "good", "n": other_key().jwk()["n"]})),   // duplicate kid: first kept
+        with(json!({"kid": "enc", "use": "enc"})),
+        with(json!({"kid": "ops", "key_ops": ["encrypt"]})),
+        with(json!({"kid": "verify-op", "use": null, "key_ops": ["verify"]})),
+        with(json!({"kid": null})),
+        with(json!({"kid": 5})),                                       // wrong member type
+        with(json!({"kid": "short", "n": "AQAB"})),                    // 17-bit modulus
+        with(json!({"kid": "bad-b64", "n": "!!!"})),
+        with(json!({"kid": "rs512", "alg": "RS512"})),
+        {"kty": "EC", "kid": "ec", "crv": "P-256", "x": "AAAA", "y": "AAAA"},
+    ]});
+    let keys = crate::jwt::parse_jwks(doc.to_string().as_bytes()).unwrap();
+    let mut kids: Vec<&str> = keys.keys().map(String::as_str).collect();
+    kids.sort_unstable();
+    assert_eq!(kids, ["good", "rs512", "verify-op"]);
+    // The first of the duplicates (it verifies `key()`'s signatures), and a key
+    // of another algorithm keeps its name.
+    let token = key().sign(&claims());
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
+    assert!(keys["good"].verify(input.as_bytes(), &sig));
+    assert_eq!(keys["good"].alg(), Some("RS256"));
+    assert_eq!(keys["rs512"].alg(), Some("RS512"));
+    // Nothing usable at all is an error.
+    let none = json!({"keys": [with(json!({"use": "enc"}))]});
+    assert!(crate::jwt::parse_jwks(none.to_string().as_bytes()).is_err());
+    assert!(crate::jwt::parse_jwks(b"{\"keys\": 5}").is_err());
+}
