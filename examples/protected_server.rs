@@ -23,11 +23,11 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use clap::Parser;
 use m2m_gateway::{
     auth::{AuthLayer, AuthPolicy},
-    config::Config,
     demo::EchoService,
     edge::{self, Edge, EdgeLayer, EdgeSettings},
     proto::{self, demo::v1::echo_server::EchoServer},
     server::build_validator,
+    settings::Settings,
 };
 
 #[derive(Parser)]
@@ -54,8 +54,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let config = Config::load(&args.config)?;
-    let validator = build_validator(&config)?;
+    let settings = Settings::load(&args.config)?;
+    let validator = build_validator(&settings)?;
     let _loader = validator.keys().spawn_loader(Duration::from_secs(3600));
 
     let (reporter, health) = tonic_health::server::health_reporter();

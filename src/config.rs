@@ -1,13 +1,13 @@
-//! Typed configuration: loading (TOML + `M2M_GATEWAY__SECTION__KEY` environment
-//! overrides), derivation of the Cognito URLs, validation, and a redacted view for
-//! `check-config`.
+//! The configuration file as written: loading (TOML + `M2M_GATEWAY__SECTION__KEY`
+//! environment overrides), the checks (every error names its key), derivation of
+//! the Cognito URLs, and a redacted view for `check-config`. What the gateway runs
+//! with is [`crate::settings::Settings`], built from it once.
 
 use std::{
     collections::HashSet,
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use figment::{
@@ -465,8 +465,9 @@ pub struct Endpoints {
 }
 
 impl Config {
-    /// Loads `path` (must exist) with environment overrides, then validates.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    /// Reads `path` (must exist) with environment overrides, unchecked: use
+    /// [`Settings::load`](crate::settings::Settings::load).
+    pub(crate) fn read(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
         std::fs::metadata(path).map_err(|source| ConfigError::Read {
             path: shown.clone(),
@@ -478,8 +479,8 @@ impl Config {
         Self::from_figment(figment, &shown)
     }
 
-    /// Parses a TOML string (no environment), then validates. `origin` names it in errors.
-    pub fn from_toml_str(toml: &str, origin: &str) -> Result<Self, ConfigError> {
+    /// Parses a TOML string (no environment), unchecked.
+    pub(crate) fn parse_toml(toml: &str, origin: &str) -> Result<Self, ConfigError> {
         Self::from_figment(Figment::new().merge(Toml::string(toml)), origin)
     }
 
@@ -492,12 +493,12 @@ impl Config {
                 .collect::<Vec<_>>()
                 .join("; "),
         })?;
-        config.validate(origin)?;
         Ok(config)
     }
 
-    /// Checks every value; errors name the key.
-    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    /// Checks every value (errors name the key) and derives the Cognito
+    /// endpoints; run once, by [`Settings::new`](crate::settings::Settings::new).
+    pub(crate) fn check(&self, origin: &str) -> Result<Endpoints, ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: origin.to_owned(),
             key: key.to_owned(),
@@ -753,12 +754,12 @@ impl Config {
                     .map_err(|e: ScopeError| invalid(&key("allowed_scopes"), e.to_string()))?;
             }
         }
-        Ok(())
+        Ok(endpoints)
     }
 
     /// The token endpoint, issuer and JWKS URI, derived unless set.
     /// Errors carry the key they concern.
-    pub fn endpoints(&self) -> Result<Endpoints, (&'static str, String)> {
+    fn endpoints(&self) -> Result<Endpoints, (&'static str, String)> {
         let c = &self.cognito;
         let issuer = match &c.issuer {
             Some(i) => {
@@ -802,26 +803,22 @@ impl Config {
         })
     }
 
-    /// Upstream connect timeout.
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.cognito.connect_timeout_ms)
-    }
-
     /// The configuration as TOML, secrets redacted (what `dev --write-config` writes).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
 
-    /// The effective settings, secrets redacted, for `check-config`.
-    pub fn redacted_json(&self) -> String {
+    /// The effective settings with the derived `endpoints`, secrets redacted, for
+    /// `check-config`.
+    pub fn redacted_json(&self, endpoints: &Endpoints) -> String {
         let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        if let (Ok(endpoints), Some(obj)) = (self.endpoints(), value.get_mut("cognito")) {
+        if let Some(obj) = value.get_mut("cognito") {
             if let Some(map) = obj.as_object_mut() {
                 map.insert(
                     "token_endpoint".into(),
                     endpoints.token_endpoint.as_str().into(),
                 );
-                map.insert("issuer".into(), endpoints.issuer.into());
+                map.insert("issuer".into(), endpoints.issuer.as_str().into());
                 map.insert("jwks_uri".into(), endpoints.jwks_uri.as_str().into());
             }
         }
@@ -920,6 +917,10 @@ pub use crate::http::check_transport;
 mod tests {
     use super::*;
 
+    fn parse(toml: &str, origin: &str) -> Result<Config, ConfigError> {
+        crate::settings::Settings::from_toml_str(toml, origin).map(|s| s.config)
+    }
+
     const BASE: &str = r#"
 [cognito]
 region = "us-east-1"
@@ -934,7 +935,7 @@ allowed_scopes = ["orders/read", "orders/write"]
 
     #[test]
     fn derives_cognito_urls() {
-        let c = Config::from_toml_str(BASE, "t.toml").unwrap();
+        let c = parse(BASE, "t.toml").unwrap();
         let e = c.endpoints().unwrap();
         assert_eq!(
             e.token_endpoint.as_str(),
@@ -955,9 +956,7 @@ allowed_scopes = ["orders/read", "orders/write"]
     #[test]
     fn bad_listen_names_the_key() {
         let toml = format!("[server]\nlisten = \"not-an-address\"\n{BASE}");
-        let err = Config::from_toml_str(&toml, "gw.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&toml, "gw.toml").unwrap_err().to_string();
         assert!(err.contains("gw.toml"), "{err}");
         assert!(err.contains("listen"), "{err}");
     }
@@ -965,9 +964,7 @@ allowed_scopes = ["orders/read", "orders/write"]
     #[test]
     fn missing_user_pool_id_names_the_key() {
         let toml = BASE.replace("user_pool_id = \"us-east-1_AbCdEf123\"\n", "");
-        let err = Config::from_toml_str(&toml, "gw.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&toml, "gw.toml").unwrap_err().to_string();
         assert!(err.contains("user_pool_id"), "{err}");
     }
 
@@ -977,9 +974,7 @@ allowed_scopes = ["orders/read", "orders/write"]
             "domain = \"https://example.auth.us-east-1.amazoncognito.com\"",
             "domain = \"http://example.com\"",
         );
-        let err = Config::from_toml_str(&remote, "gw.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&remote, "gw.toml").unwrap_err().to_string();
         assert!(
             err.contains("cognito.token_endpoint") && err.contains("https"),
             "{err}"
@@ -989,9 +984,7 @@ allowed_scopes = ["orders/read", "orders/write"]
             "[cognito]\n",
             "[cognito]\njwks_uri = \"http://10.0.0.1/jwks.json\"\n",
         );
-        let err = Config::from_toml_str(&jwks, "gw.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&jwks, "gw.toml").unwrap_err().to_string();
         assert!(err.contains("cognito.jwks_uri"), "{err}");
 
         for host in ["127.0.0.1:9000", "localhost:9000", "[::1]:9000"] {
@@ -1001,22 +994,18 @@ allowed_scopes = ["orders/read", "orders/write"]
                     "domain = \"http://{host}\"\njwks_uri = \"http://{host}/p/.well-known/jwks.json\"\nissuer = \"http://{host}/p\""
                 ),
             );
-            Config::from_toml_str(&local, "gw.toml").unwrap();
+            parse(&local, "gw.toml").unwrap();
         }
     }
 
     #[test]
     fn unknown_keys_and_bad_scopes_are_refused() {
         let typo = BASE.replace("[cognito]\n", "[cognito]\nregoin = \"x\"\n");
-        let err = Config::from_toml_str(&typo, "gw.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&typo, "gw.toml").unwrap_err().to_string();
         assert!(err.contains("regoin"), "{err}");
 
         let bad_scope = BASE.replace("\"orders/write\"", "\"orders write\"");
-        let err = Config::from_toml_str(&bad_scope, "gw.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&bad_scope, "gw.toml").unwrap_err().to_string();
         assert!(err.contains("clients[0].allowed_scopes"), "{err}");
     }
 
@@ -1025,21 +1014,17 @@ allowed_scopes = ["orders/read", "orders/write"]
         let redis = format!(
             "{BASE}\n[cache]\nbackend = \"redis\"\nredis_url = \"redis://:pw@127.0.0.1:6379\"\n"
         );
-        let err = Config::from_toml_str(&redis, "gw.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&redis, "gw.toml").unwrap_err().to_string();
         assert!(err.contains("cache.encryption_key"), "{err}");
 
         let short = format!("{redis}encryption_key = \"AAAA\"\n");
-        let err = Config::from_toml_str(&short, "gw.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&short, "gw.toml").unwrap_err().to_string();
         assert!(err.contains("need 32"), "{err}");
 
         let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
         let ok = format!("{redis}encryption_key = \"{key}\"\n");
-        let c = Config::from_toml_str(&ok, "gw.toml").unwrap();
-        let shown = c.redacted_json();
+        let c = parse(&ok, "gw.toml").unwrap();
+        let shown = c.redacted_json(&c.endpoints().unwrap());
         assert!(!shown.contains(key), "{shown}");
         assert!(!shown.contains(":pw@"), "{shown}");
         assert!(!format!("{c:?}").contains(key));
@@ -1047,7 +1032,7 @@ allowed_scopes = ["orders/read", "orders/write"]
 
     #[test]
     fn urls_with_user_info_are_refused_without_echoing_the_password() {
-        let mut c = Config::from_toml_str(BASE, "t.toml").unwrap();
+        let mut c = parse(BASE, "t.toml").unwrap();
         c.cognito.token_endpoint = Some("https://user:hunter2@example.com/oauth2/token".into());
         let (key, message) = c.endpoints().unwrap_err();
         assert_eq!(key, "cognito.token_endpoint");
@@ -1065,23 +1050,19 @@ allowed_scopes = ["orders/read", "orders/write"]
     #[test]
     fn region_must_match_the_pool_and_domain_must_have_no_path() {
         let wrong_region = BASE.replace("region = \"us-east-1\"", "region = \"eu-west-1\"");
-        let err = Config::from_toml_str(&wrong_region, "t.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&wrong_region, "t.toml").unwrap_err().to_string();
         assert!(
             err.contains("cognito.region") && err.contains("us-east-1"),
             "{err}"
         );
         let with_path = BASE.replace("amazoncognito.com\"", "amazoncognito.com/oauth2/token\"");
-        let err = Config::from_toml_str(&with_path, "t.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&with_path, "t.toml").unwrap_err().to_string();
         assert!(
             err.contains("cognito.domain") && err.contains("has a path"),
             "{err}"
         );
         let trailing_slash = BASE.replace("amazoncognito.com\"", "amazoncognito.com/\"");
-        assert!(Config::from_toml_str(&trailing_slash, "t.toml").is_ok());
+        assert!(parse(&trailing_slash, "t.toml").is_ok());
     }
 
     #[test]
@@ -1089,9 +1070,7 @@ allowed_scopes = ["orders/read", "orders/write"]
         let dup = format!(
             "{BASE}\n[[clients]]\nclient_id = \"k6h0hnjenh7auvi2as\"\nname = \"again\"\nallowed_scopes = [\"a/b\"]\n"
         );
-        let err = Config::from_toml_str(&dup, "gw.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse(&dup, "gw.toml").unwrap_err().to_string();
         assert!(
             err.contains("clients[1].client_id") && err.contains("twice"),
             "{err}"

@@ -9,6 +9,7 @@ use crate::{
     config::Config,
     emulator::{Emulator, EmulatorClient, EmulatorConfig},
     server::Gateway,
+    settings::Settings,
 };
 
 /// The demo client's id.
@@ -37,7 +38,9 @@ pub fn config_for(emulator: &Emulator, listen: SocketAddr, clients: &[EmulatorCl
             scopes = serde_json::to_string(&c.scopes).unwrap_or_default(),
         ));
     }
-    Config::from_toml_str(&toml, "dev").expect("the dev configuration is valid")
+    Settings::from_toml_str(&toml, "dev")
+        .expect("the dev configuration is valid")
+        .config
 }
 
 /// Runs the emulator and the gateway until `shutdown` resolves. `listen` must be a

@@ -24,4 +24,5 @@ pub mod proto;
 pub mod registry;
 pub mod server;
 pub mod service;
+pub mod settings;
 pub mod telemetry;

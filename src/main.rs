@@ -5,9 +5,9 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use m2m_gateway::{
-    config::Config,
     emulator::{Emulator, EmulatorClient, EmulatorConfig},
     server::Gateway,
+    settings::Settings,
 };
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -124,9 +124,13 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(config) => {
-                println!("{}: OK\n{}", file.display(), config.redacted_json());
+        Command::CheckConfig { file } => match Settings::load(&file) {
+            Ok(settings) => {
+                println!(
+                    "{}: OK\n{}",
+                    file.display(),
+                    settings.config.redacted_json(&settings.endpoints)
+                );
                 Ok(())
             }
             Err(e) => Err(anyhow::anyhow!(e)),
@@ -158,9 +162,9 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&path)?;
-    let listen = config.server.listen;
-    let gateway = Gateway::from_config(config)?;
+    let settings = Settings::load(&path)?;
+    let listen = settings.server.listen;
+    let gateway = Gateway::from_settings(settings)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

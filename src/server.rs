@@ -2,7 +2,7 @@
 //! service, `grpc.health.v1.Health`, server reflection v1 and v1alpha, limits,
 //! and graceful shutdown.
 
-use std::{future::Future, num::NonZeroU32, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -11,14 +11,15 @@ use tonic_health::ServingStatus;
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
-    broker::{Broker, BrokerSettings, CognitoClient, FleetCache, FleetSettings},
+    broker::{Broker, CognitoClient, FleetCache},
     calls::CallLayer,
-    config::{self, CacheBackend, Config},
+    config::{self, Config},
     edge::{self, Edge, EdgeLayer, EdgeSettings},
-    jwt::{HttpFetcher, JwtValidator, KeySet, ValidatorSettings},
+    jwt::{HttpFetcher, JwtValidator, KeySet},
     proto::{self, gateway::v1::gateway_server::GatewayServer},
     registry::Registry,
     service::GatewayService,
+    settings::Settings,
     telemetry::{RpcStats, Telemetry, serve_admin},
 };
 
@@ -28,11 +29,11 @@ pub const LIVENESS_SERVICE: &str = "liveness";
 /// How often the key set is refreshed when nothing else triggers it.
 pub const JWKS_REFRESH_PERIOD: Duration = Duration::from_secs(3600);
 
-/// The gateway's parts, built from a validated [`Config`].
+/// The gateway's parts, built from validated [`Settings`].
 #[derive(Debug, Clone)]
 pub struct Gateway {
-    /// The configuration it was built from.
-    pub config: Config,
+    /// The settings it was built from.
+    pub settings: Settings,
     /// Registered clients.
     pub registry: Registry,
     /// The GetToken broker.
@@ -44,67 +45,34 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds every part; fails on an unusable configuration (e.g. TLS files).
+    /// Checks `config` and builds every part (see [`Gateway::from_settings`]).
     pub fn from_config(config: Config) -> anyhow::Result<Self> {
-        config.validate("config").map_err(|e| anyhow::anyhow!(e))?;
-        let endpoints = config
-            .endpoints()
-            .map_err(|(key, m)| anyhow::anyhow!("{key}: {m}"))?;
+        Self::from_settings(Settings::new(config, "config")?)
+    }
+
+    /// Builds every part from checked settings.
+    pub fn from_settings(settings: Settings) -> anyhow::Result<Self> {
+        let config = &settings.config;
         let registry = Registry::new(&config.clients, config.limits.max_scopes);
         let upstream = CognitoClient::new(
-            endpoints.token_endpoint.clone(),
-            config.connect_timeout(),
-            Duration::from_millis(config.cognito.timeout_ms),
+            settings.endpoints.token_endpoint.clone(),
+            settings.upstream.connect_timeout,
+            settings.upstream.token_timeout,
         )
-        .map_err(|e| anyhow::anyhow!("token endpoint client: {e}"))?;
-        let verifier_key = config
-            .cache
-            .encryption_key
-            .as_ref()
-            .map(config::decode_key)
-            .transpose()
-            .map_err(|e| anyhow::anyhow!("cache.encryption_key: {e}"))?;
-        let fleet = match (
-            &config.cache.backend,
-            &config.cache.redis_url,
-            &verifier_key,
-        ) {
-            (CacheBackend::Redis, Some(url), Some(key)) => Some(Arc::new(
-                FleetCache::new(
-                    &FleetSettings {
-                        url: url.clone(),
-                        timeout: Duration::from_millis(config.cache.redis_timeout_ms),
-                        // Covers the wait for a budget slot and the call itself.
-                        lock_ttl: Duration::from_millis(
-                            config.limits.upstream_max_wait_ms + config.cognito.timeout_ms + 1000,
-                        ),
-                        lock_wait: Duration::from_millis(config.cache.lock_wait_ms),
-                    },
-                    key,
-                )
-                .map_err(anyhow::Error::new)?,
-            )),
+        .context("token endpoint client")?;
+        let fleet = match (&settings.fleet, &settings.cache_key) {
+            (Some(fleet), Some(key)) => Some(Arc::new(FleetCache::new(fleet, key)?)),
             _ => None,
         };
         let broker = Broker::with_fleet(
             registry.clone(),
             Arc::new(upstream),
-            BrokerSettings {
-                max_entries: config.cache.max_entries,
-                refresh_ratio: config.cache.refresh_ratio,
-                refresh_jitter: config.cache.refresh_jitter,
-                upstream_per_second: NonZeroU32::new(config.limits.upstream_per_second),
-                upstream_max_wait: Duration::from_millis(config.limits.upstream_max_wait_ms),
-                min_remaining: Duration::from_secs(config.cache.min_remaining_secs),
-                failed_auth_per_minute: NonZeroU32::new(config.limits.failed_auth_per_minute)
-                    .context("limits.failed_auth_per_minute must be at least 1")?,
-                verifier_key,
-            },
+            settings.broker.clone(),
             fleet,
         );
-        let validator = build_validator(&config)?;
+        let validator = build_validator(&settings)?;
         Ok(Self {
-            config,
+            settings,
             registry,
             broker,
             validator,
@@ -120,7 +88,7 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let admin_listener = match self.config.server.admin_listen {
+        let admin_listener = match self.settings.server.admin_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
@@ -138,7 +106,7 @@ impl Gateway {
         admin_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let server_cfg = self.config.server.clone();
+        let server_cfg = self.settings.server.clone();
         // Everything that can fail on configuration fails before serving.
         let tls = server_cfg.tls.as_ref().map(tls_config).transpose()?;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -146,22 +114,18 @@ impl Gateway {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("building reflection v1")?
-            .max_decoding_message_size(server_cfg.max_message_bytes);
+            .max_decoding_message_size(server_cfg.edge.max_message_bytes);
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building reflection v1alpha")?
-            .max_decoding_message_size(server_cfg.max_message_bytes);
+            .max_decoding_message_size(server_cfg.edge.max_message_bytes);
 
         let mut builder = Server::builder()
-            .timeout(Duration::from_millis(server_cfg.request_timeout_ms))
-            .http2_keepalive_interval(Some(Duration::from_secs(
-                server_cfg.http2_keepalive_interval_secs,
-            )))
-            .http2_keepalive_timeout(Some(Duration::from_secs(
-                server_cfg.http2_keepalive_timeout_secs,
-            )))
+            .timeout(server_cfg.request_timeout)
+            .http2_keepalive_interval(Some(server_cfg.keepalive_interval))
+            .http2_keepalive_timeout(Some(server_cfg.keepalive_timeout))
             .max_concurrent_streams(Some(server_cfg.max_concurrent_streams));
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).context("configuring TLS")?;
@@ -191,7 +155,7 @@ impl Gateway {
         // Redis is connected now, and the fleet's proven secrets followed.
         self.broker.start();
         let (reporter, health) = tonic_health::server::health_reporter();
-        let health = health.max_decoding_message_size(server_cfg.max_message_bytes);
+        let health = health.max_decoding_message_size(server_cfg.edge.max_message_bytes);
         reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
@@ -217,19 +181,12 @@ impl Gateway {
         };
 
         let gateway = GatewayService::new(self.broker.clone(), self.validator.clone())
-            .into_server(server_cfg.max_message_bytes);
+            .into_server(server_cfg.edge.max_message_bytes);
 
-        let grace = Duration::from_millis(server_cfg.shutdown_grace_ms);
+        let grace = server_cfg.shutdown_grace;
         let edge = Edge::new(EdgeSettings {
-            max_connections: edge::connection_cap(server_cfg.max_connections),
-            handshake_timeout: Duration::from_millis(server_cfg.handshake_timeout_ms),
-            idle_timeout: Duration::from_secs(server_cfg.idle_timeout_secs),
-            body_timeout: Duration::from_millis(server_cfg.request_body_timeout_ms),
-            max_message_bytes: server_cfg.max_message_bytes,
-            max_requests_per_peer: match server_cfg.max_requests_per_peer {
-                0 => usize::MAX,
-                n => n,
-            },
+            max_connections: self.settings.connection_cap(),
+            ..server_cfg.edge.clone()
         });
         telemetry.set_edge(edge.clone());
         let signal = {
@@ -247,7 +204,7 @@ impl Gateway {
         let addr = listener
             .local_addr()
             .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-        tracing::info!(%addr, issuer = %self.validator.issuer(), clients = self.config.clients.len(), "gateway listening");
+        tracing::info!(%addr, issuer = %self.validator.issuer(), clients = self.settings.config.clients.len(), "gateway listening");
         // A call's message is collected (bounded in time and size) before the call
         // takes a slot of the budget; beyond max_concurrent_requests calls in flight,
         // new calls are shed at once with RESOURCE_EXHAUSTED instead of queueing.
@@ -257,7 +214,7 @@ impl Gateway {
             .layer(EdgeLayer::new(edge.clone(), &edge::REFLECTION_PATHS))
             .load_shed()
             .layer(GlobalConcurrencyLimitLayer::new(
-                server_cfg.max_concurrent_requests,
+                server_cfg.max_concurrent_requests.get(),
             ));
         let serve = builder
             .layer(limits)
@@ -300,30 +257,25 @@ impl Gateway {
 /// The access-token validator of a configuration: its issuer, its JWKS URI, its
 /// registered clients. The key set is empty until loaded
 /// ([`KeySet::spawn_loader`] or [`KeySet::refresh`]).
-pub fn build_validator(config: &Config) -> anyhow::Result<JwtValidator> {
-    let endpoints = config
-        .endpoints()
-        .map_err(|(key, m)| anyhow::anyhow!("{key}: {m}"))?;
+pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
+    let endpoints = &settings.endpoints;
+    let upstream = &settings.upstream;
     let fetcher = HttpFetcher::new(
         endpoints.jwks_uri.clone(),
-        config.connect_timeout(),
-        Duration::from_millis(config.cognito.jwks_timeout_ms),
+        upstream.connect_timeout,
+        upstream.jwks_timeout,
     )
-    .map_err(|e| anyhow::anyhow!("JWKS client: {e}"))?;
+    .context("JWKS client")?;
     let keys = Arc::new(KeySet::new(
         endpoints.issuer.clone(),
         Arc::new(fetcher),
-        Duration::from_secs(config.validation.jwks_cooldown_secs),
+        upstream.jwks_cooldown,
     ));
     Ok(JwtValidator::new(
-        endpoints.issuer,
-        config.clients.iter().map(|c| c.client_id.clone()),
+        endpoints.issuer.clone(),
+        settings.config.clients.iter().map(|c| c.client_id.clone()),
         keys,
-        ValidatorSettings {
-            leeway: Duration::from_secs(config.validation.leeway_secs),
-            max_token_bytes: config.validation.max_token_bytes,
-            verified_cache_size: config.validation.verified_cache_size,
-        },
+        settings.validator.clone(),
     ))
 }
 

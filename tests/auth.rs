@@ -12,6 +12,7 @@ use m2m_gateway::{
     jwt::JwtValidator,
     proto::demo::v1::{EchoRequest, echo_client::EchoClient, echo_server::EchoServer},
     server::build_validator,
+    settings::Settings,
 };
 use support::*;
 use tokio::{net::TcpListener, sync::oneshot};
@@ -71,7 +72,8 @@ async fn serve_with_interceptor(validator: JwtValidator, scopes: &[&str]) -> Ser
 }
 
 async fn loaded_validator(emu: &Emulator) -> JwtValidator {
-    let validator = build_validator(&config(emu, &[client_a()])).unwrap();
+    let validator =
+        build_validator(&Settings::new(config(emu, &[client_a()]), "test").unwrap()).unwrap();
     validator.keys().refresh().await.unwrap();
     validator
 }
@@ -194,7 +196,7 @@ async fn keys_not_loadable_is_unavailable() {
     drop(dead);
     cfg.cognito.jwks_uri = Some(format!("http://127.0.0.1:{port}/jwks.json"));
     cfg.cognito.connect_timeout_ms = 300;
-    let validator = build_validator(&cfg).unwrap();
+    let validator = build_validator(&Settings::new(cfg, "test").unwrap()).unwrap();
     let served = serve_with_layer(AuthLayer::local(validator, AuthPolicy::new())).await;
     let mut client = EchoClient::new(served.channel().await);
     let token = emu.issue(CLIENT, &[]);

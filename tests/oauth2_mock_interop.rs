@@ -11,8 +11,8 @@ use std::{
 };
 
 use m2m_gateway::{
-    config::Config,
     proto::gateway::v1::{GetTokenRequest, ValidateRequest},
+    settings::Settings,
 };
 use support::*;
 
@@ -69,7 +69,7 @@ async fn gateway_gets_and_validates_third_party_tokens() {
     let issuer = info["issuer"].as_str().unwrap();
     let port = info["port"].as_u64().unwrap();
 
-    let config = Config::from_toml_str(
+    let config = Settings::from_toml_str(
         &format!(
             r#"
 [cognito]
@@ -87,7 +87,8 @@ allowed_scopes = ["orders/read", "orders/write"]
         ),
         "interop.toml",
     )
-    .unwrap();
+    .unwrap()
+    .config;
     let gw = TestGateway::start(config).await.ready().await;
     let mut c = gw.client().await;
     let t = c

@@ -1,0 +1,240 @@
+//! The configuration as the gateway runs with it: the file (and environment) is
+//! parsed and checked once ([`Settings::load`]), into typed values — durations,
+//! URLs, the derived Cognito endpoints, the decoded cache key, non-zero limits —
+//! that `serve`, `dev` and `check-config` share. Nothing downstream re-validates
+//! or re-derives.
+
+use std::{
+    net::SocketAddr,
+    num::{NonZeroU32, NonZeroUsize},
+    path::Path,
+    time::Duration,
+};
+
+use crate::{
+    broker::{BrokerSettings, FleetSettings},
+    config::{CacheBackend, Config, ConfigError, Endpoints, TlsConfig},
+    edge::{self, EdgeSettings},
+    jwt::ValidatorSettings,
+};
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The configuration as written (printed by `check-config`, written by `dev`).
+    pub config: Config,
+    /// Token endpoint, issuer and JWKS URI.
+    pub endpoints: Endpoints,
+    /// The gRPC listener and its limits.
+    pub server: ServerSettings,
+    /// Calls to Cognito.
+    pub upstream: UpstreamSettings,
+    /// The access-token validator.
+    pub validator: ValidatorSettings,
+    /// The GetToken broker (its verifier key is the cache key when one is set).
+    pub broker: BrokerSettings,
+    /// The shared cache on Redis (`cache.backend = "redis"`).
+    pub fleet: Option<FleetSettings>,
+    /// The decoded `cache.encryption_key`.
+    pub cache_key: Option<[u8; 32]>,
+}
+
+/// `[server]`, typed.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Admin HTTP address.
+    pub admin_listen: Option<SocketAddr>,
+    /// TLS files.
+    pub tls: Option<TlsConfig>,
+    /// Longest RPC.
+    pub request_timeout: Duration,
+    /// Drain time after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Calls in flight across all connections.
+    pub max_concurrent_requests: NonZeroUsize,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// HTTP/2 keepalive ping timeout.
+    pub keepalive_timeout: Duration,
+    /// Connection and request limits (the connection cap as configured; the
+    /// listener lowers it below the open-file limit when it starts).
+    pub edge: EdgeSettings,
+}
+
+/// How Cognito is called.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamSettings {
+    /// TCP/TLS connect timeout (token endpoint and JWKS).
+    pub connect_timeout: Duration,
+    /// Total time of one token request, retry included.
+    pub token_timeout: Duration,
+    /// Total time of one JWKS fetch.
+    pub jwks_timeout: Duration,
+    /// Least time between two JWKS fetches caused by unknown `kid`s.
+    pub jwks_cooldown: Duration,
+}
+
+impl Settings {
+    /// Loads `path` (must exist) with environment overrides, and checks it.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        Self::new(Config::read(path)?, &origin)
+    }
+
+    /// Parses a TOML string (no environment) and checks it. `origin` names it
+    /// in errors.
+    pub fn from_toml_str(toml: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::new(Config::parse_toml(toml, origin)?, origin)
+    }
+
+    /// Checks `config` (errors name the key and `origin`) and types its values.
+    pub fn new(config: Config, origin: &str) -> Result<Self, ConfigError> {
+        let endpoints = config.check(origin)?;
+        let s = &config.server;
+        let c = &config.cognito;
+        let cache = &config.cache;
+        let limits = &config.limits;
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        // `check` refused every zero these need.
+        let nonzero_u32 = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
+        let cache_key = cache
+            .encryption_key
+            .as_ref()
+            .map(crate::config::decode_key)
+            .transpose()
+            .map_err(|e| ConfigError::Invalid {
+                path: origin.to_owned(),
+                key: "cache.encryption_key".into(),
+                message: e.to_string(),
+            })?;
+        let server = ServerSettings {
+            listen: s.listen,
+            admin_listen: s.admin_listen,
+            tls: s.tls.clone(),
+            request_timeout: ms(s.request_timeout_ms),
+            shutdown_grace: ms(s.shutdown_grace_ms),
+            max_concurrent_requests: NonZeroUsize::new(s.max_concurrent_requests)
+                .unwrap_or(NonZeroUsize::MIN),
+            max_concurrent_streams: s.max_concurrent_streams,
+            keepalive_interval: secs(s.http2_keepalive_interval_secs),
+            keepalive_timeout: secs(s.http2_keepalive_timeout_secs),
+            edge: EdgeSettings {
+                max_connections: s.max_connections,
+                handshake_timeout: ms(s.handshake_timeout_ms),
+                idle_timeout: secs(s.idle_timeout_secs),
+                body_timeout: ms(s.request_body_timeout_ms),
+                max_message_bytes: s.max_message_bytes,
+                max_requests_per_peer: match s.max_requests_per_peer {
+                    0 => usize::MAX,
+                    n => n,
+                },
+            },
+        };
+        let upstream = UpstreamSettings {
+            connect_timeout: ms(c.connect_timeout_ms),
+            token_timeout: ms(c.timeout_ms),
+            jwks_timeout: ms(c.jwks_timeout_ms),
+            jwks_cooldown: secs(config.validation.jwks_cooldown_secs),
+        };
+        let validator = ValidatorSettings {
+            leeway: secs(config.validation.leeway_secs),
+            max_token_bytes: config.validation.max_token_bytes,
+            verified_cache_size: config.validation.verified_cache_size,
+        };
+        let broker = BrokerSettings {
+            max_entries: cache.max_entries,
+            refresh_ratio: cache.refresh_ratio,
+            refresh_jitter: cache.refresh_jitter,
+            upstream_per_second: NonZeroU32::new(limits.upstream_per_second),
+            upstream_max_wait: ms(limits.upstream_max_wait_ms),
+            min_remaining: secs(cache.min_remaining_secs),
+            failed_auth_per_minute: nonzero_u32(limits.failed_auth_per_minute),
+            verifier_key: cache_key,
+        };
+        let fleet = match (&cache.backend, &cache.redis_url) {
+            (CacheBackend::Redis, Some(url)) => Some(FleetSettings {
+                url: url.clone(),
+                timeout: ms(cache.redis_timeout_ms),
+                // Covers the wait for a budget slot and the call itself.
+                lock_ttl: ms(limits.upstream_max_wait_ms + c.timeout_ms + 1000),
+                lock_wait: ms(cache.lock_wait_ms),
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            endpoints,
+            server,
+            upstream,
+            validator,
+            broker,
+            fleet,
+            cache_key,
+            config,
+        })
+    }
+
+    /// The connection cap the listener applies: `server.max_connections`, kept
+    /// below the open-file limit.
+    pub fn connection_cap(&self) -> usize {
+        edge::connection_cap(self.server.edge.max_connections)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[server]
+request_timeout_ms = 2500
+max_requests_per_peer = 0
+[cognito]
+region = "eu-west-1"
+user_pool_id = "eu-west-1_AbCdEf123"
+domain = "https://example.auth.eu-west-1.amazoncognito.com"
+timeout_ms = 4000
+[cache]
+backend = "redis"
+redis_url = "redis://127.0.0.1:6379"
+encryption_key = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="
+[limits]
+upstream_per_second = 0
+upstream_max_wait_ms = 2000
+[[clients]]
+client_id = "c1"
+name = "one"
+allowed_scopes = ["a/read"]
+"#;
+
+    #[test]
+    fn values_are_typed_once_from_the_checked_file() {
+        let s = Settings::from_toml_str(BASE, "t.toml").unwrap();
+        assert_eq!(s.server.request_timeout, Duration::from_millis(2500));
+        assert_eq!(s.server.edge.max_requests_per_peer, usize::MAX, "0 = off");
+        assert_eq!(s.upstream.token_timeout, Duration::from_secs(4));
+        assert_eq!(
+            s.endpoints.token_endpoint.as_str(),
+            "https://example.auth.eu-west-1.amazoncognito.com/oauth2/token"
+        );
+        assert_eq!(
+            s.endpoints.issuer,
+            "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123"
+        );
+        let key: Vec<u8> = (1..=32).collect();
+        assert_eq!(s.cache_key.as_ref().map(|k| &k[..]), Some(&key[..]));
+        assert_eq!(s.broker.verifier_key, s.cache_key);
+        assert_eq!(s.broker.upstream_per_second, None, "0 = off");
+        let fleet = s.fleet.as_ref().expect("redis backend");
+        // The lock outlives the wait for a budget slot and the call itself.
+        assert_eq!(fleet.lock_ttl, Duration::from_millis(2000 + 4000 + 1000));
+        // A value `check` refuses never becomes a setting.
+        let bad = BASE.replace("timeout_ms = 4000", "timeout_ms = 0");
+        let err = Settings::from_toml_str(&bad, "t.toml").unwrap_err();
+        assert!(err.to_string().contains("cognito.timeout_ms"), "{err}");
+    }
+}
