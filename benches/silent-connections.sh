@@ -4,10 +4,11 @@
 # server.handshake_timeout_ms, 5 s by default). Loopback only.
 # Two waves: the memory of the first is reused by the second (RSS after the
 # second wave stays where the first left it).
-# usage: benches/silent-connections.sh [connections]
+# usage: benches/silent-connections.sh [connections] [waves]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-2000}"
+waves="${2:-2}"
 cargo build --release --bins -q
 gw=127.0.0.1:50555
 target/release/m2m-gateway dev --listen "$gw" >/dev/null 2>&1 &
@@ -16,7 +17,7 @@ trap 'kill $pid 2>/dev/null' EXIT
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/${gw%:*}/${gw#*:}") 2>/dev/null && break; sleep 0.1; done
 rss() { awk '/VmRSS/ {print $2 " kB"}' "/proc/$pid/status"; }
 echo "before: $(rss)"
-for wave in 1 2; do
+for wave in $(seq "$waves"); do
 echo "wave $wave"
 python3 - "$gw" "$n" "$pid" <<'PY'
 import socket, sys, time
