@@ -4,7 +4,7 @@
 use std::{hint::black_box, sync::Arc};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use futures::future::BoxFuture;
+use futures_util::future::BoxFuture;
 use m2m_gateway::{
     broker::{
         AccessToken, Broker, BrokerSettings, Credentials, TokenEndpoint, TokenResponse,

@@ -8,7 +8,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::future::BoxFuture;
+use futures_util::future::BoxFuture;
 use m2m_gateway::{
     broker::{
         AccessToken, Broker, BrokerSettings, Credentials, TokenEndpoint, TokenResponse,

@@ -35,7 +35,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::Stream;
+use futures_util::Stream;
 use http_body_util::BodyExt as _;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -45,8 +45,10 @@ use tokio::{
 use tonic::{
     Status,
     body::Body,
-    transport::server::{Connected, TcpConnectInfo, TlsConnectInfo},
+    transport::server::{Connected, TcpConnectInfo},
 };
+#[cfg(feature = "tls")]
+use tonic::transport::server::TlsConnectInfo;
 
 /// Length of the HTTP/2 client connection preface (`PRI * HTTP/2.0…`).
 const PREFACE_LEN: u64 = 24;
@@ -246,7 +248,7 @@ fn accepting(
     listener: impl Accept,
     edge: Arc<Edge>,
 ) -> impl Stream<Item = io::Result<Guarded<TcpStream>>> + Send + 'static {
-    futures::stream::unfold(
+    futures_util::stream::unfold(
         (listener, edge, Duration::ZERO),
         |(mut listener, edge, mut backoff)| async move {
             loop {
@@ -451,8 +453,10 @@ impl Connected for Guarded<TcpStream> {
 /// The peer of a request served through [`incoming`] (plain or TLS).
 pub fn peer_info<B>(req: &http::Request<B>) -> Option<&PeerInfo> {
     let ext = req.extensions();
-    ext.get::<PeerInfo>()
-        .or_else(|| ext.get::<TlsConnectInfo<PeerInfo>>().map(|t| t.get_ref()))
+    let plain = ext.get::<PeerInfo>();
+    #[cfg(feature = "tls")]
+    let plain = plain.or_else(|| ext.get::<TlsConnectInfo<PeerInfo>>().map(|t| t.get_ref()));
+    plain
 }
 
 /// The peer address of a request, whatever listener accepted it.
@@ -461,12 +465,15 @@ pub fn peer_addr<B>(req: &http::Request<B>) -> Option<SocketAddr> {
         return p.remote;
     }
     let ext = req.extensions();
-    ext.get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
-            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|t| t.get_ref().remote_addr())
-        })
+    let plain = ext
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr);
+    #[cfg(feature = "tls")]
+    let plain = plain.or_else(|| {
+        ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|t| t.get_ref().remote_addr())
+    });
+    plain
 }
 
 /// Applies the request rules of [`Edge`]; `streaming` lists the paths whose
@@ -735,7 +742,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use futures::StreamExt as _;
+    use futures_util::StreamExt as _;
 
     use super::*;
 

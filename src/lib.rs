@@ -4,25 +4,54 @@
 //! coalescing broker for the OAuth 2.0 `client_credentials` grant (`GetToken`) and
 //! an RS256 access-token validator (`Validate`) that follows AWS's verification
 //! steps and RFC 8725.
+//!
+//! ## Features
+//!
+//! - `gateway` (default): the whole gateway — broker, Redis fleet cache, admin
+//!   endpoints, configuration files, the emulator's server, the `m2m-gateway`
+//!   binary.
+//! - `auth`: only what a tonic service protecting itself needs — [`auth`]
+//!   (`AuthLayer`, the interceptor, `RemoteValidator`, `TokenSource`, `claims`),
+//!   the validator ([`jwt`]), the hardened serving of [`edge`], the generated
+//!   [`proto`] types and the token-endpoint client ([`oauth`]). No Redis, axum,
+//!   clap, figment, governor, tracing-subscriber, health or reflection; tonic
+//!   without a TLS backend and tokio without `full` (use your own features):
+//!
+//!   ```toml
+//!   m2m-gateway = { version = "0.1", default-features = false, features = ["auth"] }
+//!   ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod auth;
+#[cfg(feature = "gateway")]
 pub mod broker;
+#[cfg(feature = "gateway")]
 pub mod calls;
+#[cfg(feature = "gateway")]
 pub mod config;
 pub mod demo;
+#[cfg(feature = "gateway")]
 pub mod dev;
 pub mod edge;
+#[cfg(any(test, feature = "gateway"))]
 pub mod emulator;
+#[cfg(feature = "gateway")]
 pub mod histogram;
 mod http;
+pub mod jwt;
+pub mod oauth;
+pub mod proto;
+#[cfg(feature = "gateway")]
+pub mod registry;
+#[cfg(feature = "gateway")]
+pub mod server;
+#[cfg(feature = "gateway")]
+pub mod service;
+#[cfg(feature = "gateway")]
+pub mod settings;
+#[cfg(feature = "gateway")]
+pub mod telemetry;
 
 pub use http::EndpointError;
-pub mod jwt;
-pub mod proto;
-pub mod registry;
-pub mod server;
-pub mod service;
-pub mod settings;
-pub mod telemetry;

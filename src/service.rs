@@ -7,10 +7,11 @@ use secrecy::SecretString;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
+pub use crate::proto::{rejection_from_proto, rejection_to_proto};
 use crate::{
     broker::{Broker, BrokerError, Credentials},
     calls::CallNote,
-    jwt::{JwtValidator, Rejection},
+    jwt::JwtValidator,
     proto::gateway::v1 as pb,
     registry,
 };
@@ -123,30 +124,6 @@ pub fn broker_status(e: &BrokerError) -> Status {
     }
 }
 
-/// The proto value of a [`Rejection`].
-pub fn rejection_to_proto(r: Rejection) -> pb::Rejection {
-    match r {
-        Rejection::Malformed => pb::Rejection::Malformed,
-        Rejection::UnsupportedAlgorithm => pb::Rejection::UnsupportedAlgorithm,
-        Rejection::UnknownKey => pb::Rejection::UnknownKey,
-        Rejection::BadSignature => pb::Rejection::BadSignature,
-        Rejection::Expired => pb::Rejection::Expired,
-        Rejection::NotYetValid => pb::Rejection::NotYetValid,
-        Rejection::WrongIssuer => pb::Rejection::WrongIssuer,
-        Rejection::WrongTokenUse => pb::Rejection::WrongTokenUse,
-        Rejection::ClientNotAllowed => pb::Rejection::ClientNotAllowed,
-        Rejection::InsufficientScope => pb::Rejection::InsufficientScope,
-        Rejection::KeysUnavailable => pb::Rejection::KeysUnavailable,
-    }
-}
-
-/// The [`Rejection`] of a proto value (`None` for UNSPECIFIED or unknown values).
-pub fn rejection_from_proto(value: i32) -> Option<Rejection> {
-    Rejection::ALL
-        .into_iter()
-        .find(|r| rejection_to_proto(*r) as i32 == value)
-}
-
 /// Credentials from the request body (taken out of it) or from
 /// `authorization: Basic` metadata.
 fn credentials(
@@ -227,6 +204,7 @@ mod tests {
     use tonic::Code;
 
     use super::*;
+    use crate::jwt::Rejection;
     use base64::{Engine as _, engine::general_purpose::STANDARD};
 
     fn req(id: &str, secret: &str) -> pb::GetTokenRequest {
@@ -375,7 +353,7 @@ mod tests {
             time::Duration,
         };
 
-        use futures::future::BoxFuture;
+        use futures_util::future::BoxFuture;
         use serde_json::json;
 
         use std::sync::Arc;

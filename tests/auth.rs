@@ -269,7 +269,7 @@ async fn token_source_from_the_gateway_calls_a_protected_service() {
 mod paused {
     //! TokenSource timing under paused time, with an in-memory endpoint.
     use super::*;
-    use futures::future::BoxFuture;
+    use futures_util::future::BoxFuture;
     use m2m_gateway::broker::{AccessToken, TokenEndpoint, TokenResponse, UpstreamError};
     use secrecy::SecretString;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

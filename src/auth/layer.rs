@@ -8,7 +8,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use futures::future::BoxFuture;
+use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use tower::{Layer, Service};
 

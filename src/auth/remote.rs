@@ -6,41 +6,28 @@ use aws_lc_rs::digest;
 use tonic::transport::Channel;
 
 use crate::{
-    jwt::{Claims, Clock, Invalid, Rejection, SystemClock},
+    jwt::{Claims, Clock, Invalid, Rejection, SystemClock, ValidatorSettings},
     proto::gateway::v1::{ValidateRequest, gateway_client::GatewayClient},
-    service::rejection_from_proto,
+    proto::rejection_from_proto,
 };
 
 /// Asks a running gateway whether tokens are valid. Answers for valid tokens are
 /// cached by SHA-256 of the token, never beyond the token's `exp`; scopes and
-/// expiry are checked locally on every hit.
+/// expiry are checked locally on every hit, with the same leeway as the local
+/// validator (5 s by default, [`RemoteValidator::with_leeway`]).
 #[derive(Clone)]
 pub struct RemoteValidator {
     client: GatewayClient<Channel>,
-    cache: moka::sync::Cache<[u8; 32], Arc<Claims>>,
+    cache: Arc<quick_cache::sync::Cache<[u8; 32], Arc<Claims>>>,
     clock: Arc<dyn Clock>,
+    leeway: i64,
 }
 
 impl fmt::Debug for RemoteValidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteValidator")
-            .field("cached", &self.cache.entry_count())
+            .field("cached", &self.cache.len())
             .finish_non_exhaustive()
-    }
-}
-
-struct UntilExp(Arc<dyn Clock>);
-
-impl moka::Expiry<[u8; 32], Arc<Claims>> for UntilExp {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        value: &Arc<Claims>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(Duration::from_secs(
-            (value.expires_at() - self.0.now()).max(0) as u64,
-        ))
     }
 }
 
@@ -48,15 +35,21 @@ impl RemoteValidator {
     /// A validator calling the gateway on `channel`, remembering up to
     /// `cache_size` valid tokens.
     pub fn new(channel: Channel, cache_size: u64) -> Self {
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         Self {
             client: GatewayClient::new(channel),
-            cache: moka::sync::Cache::builder()
-                .max_capacity(cache_size)
-                .expire_after(UntilExp(clock.clone()))
-                .build(),
-            clock,
+            cache: Arc::new(quick_cache::sync::Cache::new(
+                usize::try_from(cache_size).unwrap_or(usize::MAX).max(1),
+            )),
+            clock: Arc::new(SystemClock),
+            leeway: ValidatorSettings::default().leeway.as_secs() as i64,
         }
+    }
+
+    /// Allows `exp` this far in the past (clock skew), as the local validator's
+    /// `ValidatorSettings::leeway` does.
+    pub fn with_leeway(mut self, leeway: Duration) -> Self {
+        self.leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
+        self
     }
 
     /// Validates `token` and checks `required_scopes` against its claims.
@@ -67,15 +60,21 @@ impl RemoteValidator {
     ) -> Result<Arc<Claims>, Invalid> {
         let key = <[u8; 32]>::try_from(digest::digest(&digest::SHA256, token.as_bytes()).as_ref())
             .expect("SHA-256 is 32 bytes");
-        let claims = match self.cache.get(&key) {
+        let now = self.clock.now();
+        let live = |c: &Arc<Claims>| c.expires_at().saturating_add(self.leeway) > now;
+        let claims = match self.cache.get(&key).filter(live) {
             Some(claims) => claims,
             None => {
                 let claims = self.ask(token).await?;
-                self.cache.insert(key, claims.clone());
+                if live(&claims) {
+                    self.cache.insert(key, claims.clone());
+                } else {
+                    self.cache.remove(&key);
+                }
                 claims
             }
         };
-        if claims.expires_at() <= self.clock.now() {
+        if !live(&claims) {
             return Err(Invalid::new(Rejection::Expired, "token has expired"));
         }
         if let Some(missing) = required_scopes.iter().find(|s| !claims.has_scope(s)) {

@@ -6,14 +6,14 @@ use std::{
     time::Duration,
 };
 
-use futures::future::BoxFuture;
+use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::{task::JoinHandle, time::Instant};
 use tonic::{Request, Status, metadata::MetadataValue, service::Interceptor, transport::Channel};
 use url::Url;
 
 use crate::{
-    broker::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError},
+    oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError},
     proto::gateway::v1::{GetTokenRequest, gateway_client::GatewayClient},
 };
 

@@ -514,7 +514,7 @@ impl FleetCache {
     /// Subscribes to the fleet's proof announcements (a dedicated connection).
     pub(crate) async fn proof_events(
         self: &std::sync::Arc<Self>,
-    ) -> Result<impl futures::Stream<Item = ProofEvent> + Send + use<>, FleetError> {
+    ) -> Result<impl futures_util::Stream<Item = ProofEvent> + Send + use<>, FleetError> {
         let connect = async {
             let mut pubsub = self.client.get_async_pubsub().await?;
             pubsub.subscribe(PROOF_CHANNEL).await?;
@@ -525,7 +525,7 @@ impl FleetCache {
             .map_err(|_| FleetError::Timeout)?
             .map_err(|e| FleetError::Redis(e.to_string()))?;
         let this = std::sync::Arc::clone(self);
-        Ok(futures::StreamExt::filter_map(
+        Ok(futures_util::StreamExt::filter_map(
             pubsub.into_on_message(),
             move |msg| {
                 let event = msg

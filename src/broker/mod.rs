@@ -7,7 +7,6 @@
 //! to gRPC statuses by `service`.
 
 mod budget;
-pub mod cognito;
 mod fleet;
 mod proven;
 mod stats;
@@ -23,7 +22,7 @@ use std::{
 
 use aws_lc_rs::hmac;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use futures::{
+use futures_util::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
@@ -35,7 +34,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
 pub use budget::BudgetStats;
-pub use cognito::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
+pub use crate::oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
 pub use fleet::{FleetCache, FleetSettings, FleetSetupError, FleetStats};
 pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
 
@@ -1049,14 +1048,7 @@ impl Broker {
     }
 }
 
-/// A uniform random number in [0, 1) (jitter of refresh points and retries).
-pub(crate) fn unit_random() -> f64 {
-    let mut bytes = [0u8; 4];
-    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
-        return 0.0;
-    }
-    f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
-}
+pub(crate) use crate::oauth::unit_random;
 
 /// The `scope` claim of a JWT access token, read without verification (the token
 /// comes straight from the token endpoint over TLS). `None` for opaque tokens.

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt as _;
+use futures_util::StreamExt as _;
 use tokio::sync::watch;
 
 use super::{

@@ -9,7 +9,7 @@ use std::{
 };
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use futures::future::BoxFuture;
+use futures_util::future::BoxFuture;
 use secrecy::SecretString;
 use serde_json::json;
 
@@ -95,7 +95,7 @@ impl TokenEndpoint for FakeEndpoint {
                     expires_in: 3600,
                 }),
                 Mode::Fail(e) => Err(e),
-                Mode::Hang => futures::future::pending().await,
+                Mode::Hang => futures_util::future::pending().await,
                 Mode::Panic => panic!("the token endpoint double failed"),
             }
         })

@@ -4,7 +4,9 @@
 //! exactly those of a Cognito client-credentials access token.
 
 mod keys;
+#[cfg(feature = "gateway")]
 mod server;
 
 pub use keys::SigningKey;
+#[cfg(feature = "gateway")]
 pub use server::{ClientSpecError, Emulator, EmulatorClient, EmulatorConfig};

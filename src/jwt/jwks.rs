@@ -13,7 +13,7 @@ use std::{
 
 use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use futures::future::BoxFuture;
+use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use tokio::{sync::watch, time::Instant};
 use url::Url;

@@ -1,14 +1,17 @@
-//! The HTTP client for Cognito's `/oauth2/token` (client_credentials grant) and the
-//! parsing of its answers, errors included.
+//! The OAuth 2.0 client-credentials client: Cognito's `/oauth2/token` over HTTP
+//! (Basic client authentication, form body), the parsing of its answers, errors
+//! included, and the [`TokenEndpoint`] trait that `TokenSource` and the gateway's
+//! broker share.
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use futures::future::BoxFuture;
+use futures_util::future::BoxFuture;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
+pub use crate::http::check_transport;
 use crate::http::{self, BodyError};
 
 /// Largest token-endpoint answer read.
@@ -83,7 +86,7 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// What a gateway's GetToken status means to its caller: the inverse of
-    /// [`super::BrokerError::code`], so that a token source in front of a gateway
+    /// `broker::BrokerError::code`, so that a token source in front of a gateway
     /// sees the error the gateway's broker saw (tested both ways).
     pub fn from_gateway(status: &tonic::Status) -> Self {
         use tonic::Code;
@@ -272,7 +275,7 @@ impl Attempt {
 }
 
 fn jitter() -> Duration {
-    Duration::from_millis(50) + Duration::from_millis(100).mul_f64(super::unit_random())
+    Duration::from_millis(50) + Duration::from_millis(100).mul_f64(unit_random())
 }
 
 fn parse_success(status: u16, body: &[u8]) -> Result<TokenResponse, UpstreamError> {
@@ -327,6 +330,15 @@ fn parse_failure(status: u16, body: &[u8]) -> UpstreamError {
         )),
         (_, None) => UpstreamError::Unavailable(format!("HTTP {status} with a non-JSON body")),
     }
+}
+
+/// A uniform random number in [0, 1) (jitter of refresh points and retries).
+pub(crate) fn unit_random() -> f64 {
+    let mut bytes = [0u8; 4];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        return 0.0;
+    }
+    f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
 }
 
 #[cfg(test)]
