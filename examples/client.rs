@@ -48,7 +48,6 @@ async fn main() -> anyhow::Result<()> {
     let tokens =
         TokenSource::from_gateway(gateway, args.client_id, args.client_secret, args.scopes);
     tokens.token().await?;
-    let _refresher = tokens.spawn_refresher();
 
     let service = Channel::from_shared(args.service)?.connect().await?;
     let mut echo = EchoClient::with_interceptor(service, tokens.interceptor());

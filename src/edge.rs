@@ -42,13 +42,13 @@ use tokio::{
     net::{TcpListener, TcpStream},
     time::{Instant, Sleep},
 };
+#[cfg(feature = "tls")]
+use tonic::transport::server::TlsConnectInfo;
 use tonic::{
     Status,
     body::Body,
     transport::server::{Connected, TcpConnectInfo},
 };
-#[cfg(feature = "tls")]
-use tonic::transport::server::TlsConnectInfo;
 
 /// Length of the HTTP/2 client connection preface (`PRI * HTTP/2.0…`).
 const PREFACE_LEN: u64 = 24;

@@ -336,15 +336,26 @@ mod paused {
     async fn background_refresher_keeps_a_fresh_token() {
         let endpoint = Arc::new(Counting::default());
         let tokens = TokenSource::new(endpoint.clone(), "c", "s", ["a/b"]);
-        let refresher = tokens.spawn_refresher();
-        // Paused time advances only when every task is idle, so each sleep below
-        // lets the refresher run exactly to its next timer.
+        // Nothing else to start. Paused time advances only when every task is
+        // idle, so each sleep below lets the refresher run exactly to its next timer.
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(tokens.current().unwrap().expose(), "token-1");
         tokio::time::sleep(Duration::from_secs(75)).await;
         assert_eq!(tokens.current().unwrap().expose(), "token-2");
         assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2);
-        refresher.abort();
+        // The last clone gone, the refresher stops: no more calls.
+        let clone = tokens.clone();
+        drop(tokens);
+        tokio::time::sleep(Duration::from_secs(75)).await;
+        assert_eq!(
+            endpoint.calls.load(Ordering::SeqCst),
+            3,
+            "the clone keeps it"
+        );
+        drop(clone);
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 3, "stopped");
+        assert_eq!(Arc::strong_count(&endpoint), 1, "the endpoint was released");
     }
 }
 

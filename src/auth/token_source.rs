@@ -8,7 +8,7 @@ use std::{
 
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::{task::JoinHandle, time::Instant};
+use tokio::time::Instant;
 use tonic::{Request, Status, metadata::MetadataValue, service::Interceptor, transport::Channel};
 use url::Url;
 
@@ -89,15 +89,17 @@ struct Inner {
 
 /// Obtains tokens for a caller from the gateway (or straight from a Cognito token
 /// endpoint), caches them, refreshes at 75% of their lifetime, and makes one
-/// request at a time however many tasks ask.
+/// request at a time however many tasks ask. Built inside a tokio runtime, it
+/// starts its own refresher: the first token is fetched at once and each next one
+/// at its refresh point, until the last clone is dropped. Nothing to spawn or
+/// keep alive.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use m2m_gateway::{auth::TokenSource, proto::demo::v1::echo_client::EchoClient};
 /// let gateway = tonic::transport::Channel::from_static("http://127.0.0.1:50051").connect().await?;
 /// let tokens = TokenSource::from_gateway(gateway, "dev-client", "dev-secret", ["demo/read"]);
-/// tokens.token().await?;          // first token
-/// let _refresher = tokens.spawn_refresher();
+/// tokens.token().await?;          // optional: wait for the first token
 /// let service = tonic::transport::Channel::from_static("http://127.0.0.1:50052").connect().await?;
 /// let mut echo = EchoClient::with_interceptor(service, tokens.interceptor());
 /// # let _ = &mut echo;
@@ -138,6 +140,53 @@ impl TokenSource {
                 fetching: tokio::sync::Mutex::new(()),
             }),
         }
+        .refreshing()
+    }
+
+    /// Starts the background refresher (when a tokio runtime is running): it
+    /// fetches the first token at once, then each one at its refresh point,
+    /// retrying with backoff; it holds only a weak reference and ends when the
+    /// last clone of the source is dropped.
+    fn refreshing(self) -> Self {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let this = TokenSource { inner };
+                let wait = match this.token().await {
+                    Ok(_) => {
+                        backoff = Duration::from_millis(500);
+                        let next = this
+                            .inner
+                            .current
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .map(|c| c.refresh_at);
+                        match next {
+                            Some(at) if at > Instant::now() => at - Instant::now(),
+                            _ => backoff,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?backoff, "token fetch failed; retrying");
+                        let wait = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        wait
+                    }
+                };
+                // No strong reference while waiting: dropping every clone ends it.
+                drop(this);
+                tokio::time::sleep(wait).await;
+            }
+        });
+        self
     }
 
     /// Tokens from the gateway's GetToken.
@@ -222,38 +271,6 @@ impl TokenSource {
             .map(|c| c.token.clone())
     }
 
-    /// Keeps a fresh token in the background: fetches at each refresh point,
-    /// retrying with backoff on failure. Abort the handle to stop it.
-    pub fn spawn_refresher(&self) -> JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(500);
-            loop {
-                match this.token().await {
-                    Ok(_) => {
-                        backoff = Duration::from_millis(500);
-                        let next = this
-                            .inner
-                            .current
-                            .read()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .as_ref()
-                            .map(|c| c.refresh_at);
-                        match next {
-                            Some(at) if at > Instant::now() => tokio::time::sleep_until(at).await,
-                            _ => tokio::time::sleep(backoff).await,
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?backoff, "token fetch failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                }
-            }
-        })
-    }
-
     /// A client interceptor adding `authorization: Bearer <token>` from the cache.
     pub fn interceptor(&self) -> BearerInterceptor {
         BearerInterceptor(self.clone())
@@ -261,8 +278,9 @@ impl TokenSource {
 }
 
 /// Adds the [`TokenSource`]'s current token to outgoing calls. Synchronous: it
-/// uses the cached token, so call [`TokenSource::token`] once or run
-/// [`TokenSource::spawn_refresher`].
+/// uses the cached token (kept fresh by the source's refresher); until the first
+/// token arrives calls fail UNAUTHENTICATED, so await [`TokenSource::token`] once
+/// where that matters.
 #[derive(Debug, Clone)]
 pub struct BearerInterceptor(TokenSource);
 
@@ -270,7 +288,7 @@ impl Interceptor for BearerInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let token = self.0.current().ok_or_else(|| {
             Status::unauthenticated(
-                "no token yet: call TokenSource::token() or spawn_refresher() first",
+                "no token yet: await TokenSource::token() once before the first call",
             )
         })?;
         let value = MetadataValue::try_from(format!("Bearer {}", token.expose()))

@@ -33,8 +33,8 @@ use governor::{
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 
-pub use budget::BudgetStats;
 pub use crate::oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
+pub use budget::BudgetStats;
 pub use fleet::{FleetCache, FleetSettings, FleetSetupError, FleetStats};
 pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
 
