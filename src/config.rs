@@ -892,24 +892,7 @@ fn redact_url_password(url: &str) -> String {
     }
 }
 
-fn is_region(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
-fn is_pool_id(s: &str) -> bool {
-    match s.split_once('_') {
-        Some((region, id)) => {
-            is_region(region)
-                && !id.is_empty()
-                && id.len() <= 64
-                && id.bytes().all(|b| b.is_ascii_alphanumeric())
-        }
-        None => false,
-    }
-}
+use crate::jwt::{is_pool_id, is_region};
 
 pub use crate::http::check_transport;
 

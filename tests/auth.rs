@@ -377,3 +377,95 @@ async fn token_source_straight_from_a_cognito_token_endpoint() {
     let remote = url::Url::parse("http://cognito.example/oauth2/token").unwrap();
     assert!(TokenSource::from_cognito(remote, CLIENT, SECRET, ["orders/read"]).is_err());
 }
+
+mod built_in_code {
+    use m2m_gateway::jwt::{BuildError, CognitoValidator, Rejection};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_code_built_validator_loads_its_own_keys_and_checks_clients() {
+        let emu = emulator(vec![]).await;
+        // Only the emulator's issuer differs from a real pool's derivation.
+        let validator = CognitoValidator::builder()
+            .region("us-east-1")
+            .user_pool_id(emu.pool_id())
+            .issuer(emu.issuer())
+            .clients([CLIENT])
+            .build()
+            .unwrap();
+        // No loader to start: the first call waits for the first key set.
+        let token = emu.issue(CLIENT, &["orders/read".to_owned()]);
+        let claims = validator
+            .validate(&token, &["orders/read".to_owned()])
+            .await
+            .expect("valid on the first call");
+        assert_eq!(claims.client_id(), CLIENT);
+        // Another app client of the same pool: refused unless asked for.
+        let other = emu.issue("other-client", &["orders/read".to_owned()]);
+        let err = validator.validate(&other, &[]).await.unwrap_err();
+        assert_eq!(err.rejection, Rejection::ClientNotAllowed);
+        let open = CognitoValidator::builder()
+            .issuer(emu.issuer())
+            .any_client()
+            .build()
+            .unwrap();
+        assert!(open.validate(&other, &[]).await.is_ok());
+        // The loader holds the key set weakly: gone with the last validator.
+        let keys = Arc::downgrade(validator.keys());
+        drop(validator);
+        tokio::task::yield_now().await;
+        assert!(
+            keys.upgrade().is_none(),
+            "the key set outlived its validator"
+        );
+    }
+
+    #[tokio::test]
+    async fn builder_errors_say_what_to_do() {
+        let err = |b: m2m_gateway::jwt::CognitoValidatorBuilder| b.build().unwrap_err();
+        let base = || {
+            CognitoValidator::builder()
+                .region("us-east-1")
+                .user_pool_id("us-east-1_AbCdEf123")
+        };
+        assert!(matches!(err(base()), BuildError::NoClients));
+        assert!(err(base()).to_string().contains(".any_client()"));
+        assert!(matches!(
+            err(base().region("eu-west-1").clients(["c"])),
+            BuildError::RegionMismatch { .. }
+        ));
+        assert!(matches!(
+            err(CognitoValidator::builder()
+                .user_pool_id("us-east-1_A")
+                .clients(["c"])),
+            BuildError::MissingRegion
+        ));
+        assert!(matches!(
+            err(base().user_pool_id("pool").clients(["c"])),
+            BuildError::BadUserPoolId(_)
+        ));
+        assert!(matches!(
+            err(base().issuer("http://example.com/pool").clients(["c"])),
+            BuildError::Endpoint(_)
+        ));
+        let (issuer, jwks) = base().endpoints().unwrap();
+        assert_eq!(
+            issuer,
+            "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123"
+        );
+        assert_eq!(
+            jwks.as_str(),
+            "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
+        );
+    }
+
+    #[test]
+    fn build_outside_a_runtime_is_an_error_not_a_panic() {
+        let b = CognitoValidator::builder()
+            .region("us-east-1")
+            .user_pool_id("us-east-1_AbCdEf123")
+            .clients(["c"]);
+        assert!(matches!(b.build().unwrap_err(), BuildError::NoRuntime));
+    }
+}

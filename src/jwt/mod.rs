@@ -3,6 +3,7 @@
 //! [`Claims`] or an [`Invalid`] carrying a stable [`Rejection`].
 
 mod claims;
+mod cognito;
 mod jwks;
 mod validator;
 
@@ -16,6 +17,9 @@ use std::{
 };
 
 pub use claims::Claims;
+pub use cognito::{BuildError, CognitoValidator, CognitoValidatorBuilder};
+#[cfg(feature = "gateway")]
+pub(crate) use cognito::{is_pool_id, is_region};
 pub use jwks::{
     HttpFetcher, JwksError, JwksFetcher, JwksStats, KeyError, KeySet, MAX_JWKS_BYTES, MAX_KID_LEN,
     StaticJwks, VerifyingKey, parse_jwks,

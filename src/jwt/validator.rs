@@ -82,8 +82,11 @@ pub struct JwtValidator {
 
 struct Inner {
     issuer: Arc<str>,
-    clients: HashSet<String>,
+    /// `None`: every app client of the pool.
+    clients: Option<HashSet<String>>,
     keys: Arc<KeySet>,
+    /// How long a call waits for the first key set (0: not at all).
+    first_load_wait: Duration,
     leeway: i64,
     max_token_bytes: usize,
     clock: Arc<dyn Clock>,
@@ -95,11 +98,21 @@ struct Inner {
     inserts: AtomicU64,
 }
 
+impl Inner {
+    fn settings(&self) -> ValidatorSettings {
+        ValidatorSettings {
+            leeway: Duration::from_secs(self.leeway as u64),
+            max_token_bytes: self.max_token_bytes,
+            verified_cache_size: self.verified_capacity,
+        }
+    }
+}
+
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JwtValidator")
             .field("issuer", &self.issuer)
-            .field("clients", &self.clients.len())
+            .field("clients", &self.clients.as_ref().map(HashSet::len))
             .field("leeway", &self.leeway)
             .field("verified_cached", &self.verified.as_ref().map(|c| c.len()))
             .finish_non_exhaustive()
@@ -148,16 +161,39 @@ impl JwtValidator {
     ) -> Self {
         Self::build(
             Arc::from(issuer.into()),
-            clients.into_iter().collect(),
+            Some(clients.into_iter().collect()),
             keys,
             settings,
             Arc::new(SystemClock),
         )
     }
 
+    /// Accepts tokens of every app client of the pool (no `client_id` list).
+    pub(crate) fn any_client(self) -> Self {
+        let i = &self.inner;
+        let mut v = Self::build(
+            i.issuer.clone(),
+            None,
+            i.keys.clone(),
+            i.settings(),
+            i.clock.clone(),
+        );
+        Arc::get_mut(&mut v.inner).expect("fresh").first_load_wait = i.first_load_wait;
+        v
+    }
+
+    /// Lets a call wait up to `wait` for the first key set instead of answering
+    /// KEYS_UNAVAILABLE at once (a service's first calls right after start).
+    pub(crate) fn with_first_load_wait(mut self, wait: Duration) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.first_load_wait = wait;
+        }
+        self
+    }
+
     fn build(
         issuer: Arc<str>,
-        clients: HashSet<String>,
+        clients: Option<HashSet<String>>,
         keys: Arc<KeySet>,
         settings: ValidatorSettings,
         clock: Arc<dyn Clock>,
@@ -174,6 +210,7 @@ impl JwtValidator {
                 issuer,
                 clients,
                 keys,
+                first_load_wait: Duration::ZERO,
                 leeway,
                 max_token_bytes: settings.max_token_bytes,
                 clock,
@@ -188,18 +225,15 @@ impl JwtValidator {
     /// Replaces the clock (tests). Starts with an empty verified-token cache.
     pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
         let i = &self.inner;
-        let settings = ValidatorSettings {
-            leeway: Duration::from_secs(i.leeway as u64),
-            max_token_bytes: i.max_token_bytes,
-            verified_cache_size: i.verified_capacity,
-        };
-        Self::build(
+        let mut v = Self::build(
             i.issuer.clone(),
             i.clients.clone(),
             i.keys.clone(),
-            settings,
+            i.settings(),
             clock,
-        )
+        );
+        Arc::get_mut(&mut v.inner).expect("fresh").first_load_wait = i.first_load_wait;
+        v
     }
 
     /// The issuer accepted.
@@ -267,7 +301,12 @@ impl JwtValidator {
     ) -> Result<Arc<Claims>, Invalid> {
         let parsed = self.parse(token)?;
         let raw = self.issuer_checks(&parsed.payload)?;
-        let key = match self.inner.keys.get(&parsed.kid) {
+        let keys = &self.inner.keys;
+        if !keys.is_loaded() && !self.inner.first_load_wait.is_zero() {
+            // Right after start: the loader is fetching; wait for it, bounded.
+            let _ = tokio::time::timeout(self.inner.first_load_wait, keys.wait_loaded()).await;
+        }
+        let key = match keys.get(&parsed.kid) {
             Some(key) => key,
             None => {
                 self.inner.keys.refresh_if_cool().await;
@@ -465,7 +504,11 @@ impl JwtValidator {
         let claims = Claims::from_payload(&raw, client_id, exp, inner.issuer.clone());
         // Time first: an expired token is EXPIRED whoever it was issued to.
         self.check_time_and_scopes(&claims, raw.nbf, &[])?;
-        if !inner.clients.contains(client_id) {
+        if inner
+            .clients
+            .as_ref()
+            .is_some_and(|clients| !clients.contains(client_id))
+        {
             return Err(Invalid::new(
                 Rejection::ClientNotAllowed,
                 "client_id is not a registered client",
