@@ -1,7 +1,8 @@
 //! The strangers of `tests/stranger.rs`, tried against `examples/protected_server`
 //! (a tonic service protected by the library's layer and served as the README
 //! recommends), run as its users run it: the compiled example, on loopback.
-//! Also: grpcurl 1.8 (reflection v1alpha) can list it.
+//! Also: grpcurl 1.8 (reflection v1alpha) lists it and calls Echo with and
+//! without a token.
 
 mod support;
 
@@ -217,6 +218,42 @@ fn grpcurl_lists_the_example_over_reflection_v1alpha() {
         "grpcurl list: {stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let echo = |token: Option<&str>| {
+        let mut cmd = Command::new("grpcurl");
+        cmd.args(["-plaintext", "-max-time", "10", "-d", r#"{"message":"hi"}"#]);
+        if let Some(token) = token {
+            cmd.args(["-H", &format!("authorization: Bearer {token}")]);
+        }
+        let out = cmd
+            .arg(example.addr.to_string())
+            .arg("m2m.demo.v1.Echo/Echo")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = echo(None);
+    assert!(
+        !ok && text.contains("Unauthenticated"),
+        "without a token: {text}"
+    );
+    let token = emu.issue(CLIENT, &["orders/read".to_owned()]);
+    // The example loads its keys in the background: retry briefly while UNAVAILABLE.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (ok, text) = loop {
+        let (ok, text) = echo(Some(&token));
+        if ok || !text.contains("Unavailable") || std::time::Instant::now() > deadline {
+            break (ok, text);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(ok && text.contains(CLIENT), "with a token: {text}");
     drop(example);
     rt.block_on(emu.shutdown());
 }
