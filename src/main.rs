@@ -46,8 +46,8 @@ enum Command {
     },
     /// Run a local Cognito emulator and the gateway wired to it (no AWS needed).
     Dev {
-        /// gRPC listen address (loopback only).
-        #[arg(long, default_value = "127.0.0.1:50051")]
+        /// gRPC listen address (loopback only; `localhost:PORT` is 127.0.0.1).
+        #[arg(long, default_value = "127.0.0.1:50051", value_parser = local_addr)]
         listen: SocketAddr,
         /// Also write the gateway configuration of this session to FILE (for the
         /// examples: `protected_server --config FILE`).
@@ -57,8 +57,8 @@ enum Command {
     /// Exit 0 when the gateway's health check answers SERVING (container health
     /// checks; plaintext gRPC).
     Probe {
-        /// gRPC address of the gateway.
-        #[arg(long, default_value = "127.0.0.1:50051")]
+        /// gRPC address of the gateway (`localhost:PORT` is 127.0.0.1).
+        #[arg(long, default_value = "127.0.0.1:50051", value_parser = local_addr)]
         addr: SocketAddr,
         /// Health service name: "" = ready (keys loaded), "liveness" = alive.
         #[arg(long, default_value = "")]
@@ -69,8 +69,8 @@ enum Command {
     },
     /// Run only the Cognito-compatible emulator, for other projects' tests.
     Emulator {
-        /// HTTP listen address.
-        #[arg(long, default_value = "127.0.0.1:9229")]
+        /// HTTP listen address (`localhost:PORT` is 127.0.0.1).
+        #[arg(long, default_value = "127.0.0.1:9229", value_parser = local_addr)]
         listen: SocketAddr,
         /// User pool id used in paths and in `iss`.
         #[arg(long, default_value = "us-east-1_Emulated1")]
@@ -82,6 +82,18 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         expires_in: u64,
     },
+}
+
+/// An `IP:PORT` address, or `localhost:PORT` (127.0.0.1): no name resolution.
+fn local_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = text.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{port:?} is not a port number"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse()
+        .map_err(|_| format!("{text:?} is not IP:PORT (e.g. 127.0.0.1:50051) or localhost:PORT"))
 }
 
 fn init_logging(format: LogFormat) {

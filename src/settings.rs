@@ -94,6 +94,13 @@ impl Settings {
     /// Checks `config` (errors name the key and `origin`) and types its values.
     pub fn new(config: Config, origin: &str) -> Result<Self, ConfigError> {
         let endpoints = config.check(origin)?;
+        if let Some(tls) = &config.server.tls {
+            check_tls(tls).map_err(|(key, message)| ConfigError::Invalid {
+                path: origin.to_owned(),
+                key: key.to_owned(),
+                message,
+            })?;
+        }
         let s = &config.server;
         let c = &config.cognito;
         let cache = &config.cache;
@@ -183,6 +190,64 @@ impl Settings {
     pub fn connection_cap(&self) -> usize {
         edge::connection_cap(self.server.edge.max_connections)
     }
+}
+
+/// Reads and parses the TLS files, as the listener will: each error names the key
+/// and the file (`check-config` and `serve` both stop on it).
+fn check_tls(tls: &TlsConfig) -> Result<(), (&'static str, String)> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let read = |key: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|e| (key, format!("{}: cannot read: {e}", path.display())))
+    };
+    let certs = |key: &'static str, path: &Path| {
+        let pem = read(key, path)?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                (
+                    key,
+                    format!("{}: not a PEM certificate ({e})", path.display()),
+                )
+            })?;
+        if certs.is_empty() {
+            return Err((key, format!("{}: not a PEM certificate", path.display())));
+        }
+        Ok(certs)
+    };
+    let chain = certs("server.tls.cert", &tls.cert)?;
+    let pem = read("server.tls.key", &tls.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+        (
+            "server.tls.key",
+            format!(
+                "{}: no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                tls.key.display()
+            ),
+        )
+    })?;
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).map_err(|e| {
+        (
+            "server.tls.key",
+            format!("{}: unusable private key: {e}", tls.key.display()),
+        )
+    })?;
+    let certified = rustls::sign::CertifiedKey::new(chain, signer);
+    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        certified.keys_match()
+    {
+        return Err((
+            "server.tls.key",
+            format!(
+                "{} is not the key of the certificate in {}",
+                tls.key.display(),
+                tls.cert.display()
+            ),
+        ));
+    }
+    if let Some(ca) = &tls.client_ca {
+        certs("server.tls.client_ca", ca)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

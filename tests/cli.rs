@@ -206,3 +206,51 @@ fn dev_writes_a_config_that_check_config_accepts() {
         "{text}"
     );
 }
+
+#[test]
+fn addresses_accept_localhost_and_say_what_they_expect() {
+    // localhost:PORT is 127.0.0.1:PORT (nothing listens on port 1: the probe
+    // fails to connect, it does not fail to parse).
+    let out = Command::new(BIN)
+        .args(["probe", "--addr", "localhost:1", "--timeout-ms", "300"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains("invalid value"), "{stderr}");
+    let out = Command::new(BIN)
+        .args(["dev", "--listen", "example.com:50051"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is not IP:PORT (e.g. 127.0.0.1:50051) or localhost:PORT"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_config_reads_the_tls_files_as_serve_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        &format!(
+            "[server.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n{CONFIG}"
+        ),
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "check-config accepted a missing certificate"
+    );
+    assert!(
+        stderr.contains("server.tls.cert") && stderr.contains("/nonexistent/cert.pem"),
+        "{stderr}"
+    );
+}

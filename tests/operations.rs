@@ -450,38 +450,63 @@ fn pki_other_identity() -> Identity {
 async fn bad_tls_files_fail_at_start_with_a_clear_error() {
     let emu = emulator(vec![]).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&emu, &[client_a()]);
-    cfg.server.tls = Some(m2m_gateway::config::TlsConfig {
-        cert: dir.path().join("missing.crt"),
-        key: dir.path().join("missing.key"),
-        client_ca: None,
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = Gateway::from_config(cfg.clone())
-        .unwrap()
-        .serve(listener, std::future::pending())
-        .await
-        .unwrap_err();
-    let msg = format!("{err:#}");
+    let file = |name: &str| dir.path().join(name);
+    let cfg = config(&emu, &[client_a()]);
+    // What check-config and serve both say, before anything listens.
+    let refused = |cert: &str, key: &str| {
+        let mut cfg = cfg.clone();
+        cfg.server.tls = Some(m2m_gateway::config::TlsConfig {
+            cert: file(cert),
+            key: file(key),
+            client_ca: None,
+        });
+        format!("{:#}", Gateway::from_config(cfg).unwrap_err())
+    };
+    let msg = refused("missing.crt", "missing.key");
     assert!(
-        msg.contains("server.tls.cert") && msg.contains("missing.crt"),
+        msg.contains("server.tls.cert")
+            && msg.contains("missing.crt")
+            && msg.contains("cannot read"),
         "{msg}"
     );
-
-    std::fs::write(dir.path().join("garbage.crt"), "not a certificate").unwrap();
-    std::fs::write(dir.path().join("garbage.key"), "not a key").unwrap();
-    cfg.server.tls = Some(m2m_gateway::config::TlsConfig {
-        cert: dir.path().join("garbage.crt"),
-        key: dir.path().join("garbage.key"),
-        client_ca: None,
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = Gateway::from_config(cfg)
+    std::fs::write(file("garbage.crt"), "not a certificate").unwrap();
+    std::fs::write(file("garbage.key"), "not a key").unwrap();
+    let msg = refused("garbage.crt", "garbage.key");
+    assert!(
+        msg.contains("server.tls.cert") && msg.contains("garbage.crt: not a PEM certificate"),
+        "{msg}"
+    );
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".into()])
         .unwrap()
-        .serve(listener, std::future::pending())
-        .await
-        .unwrap_err();
-    assert!(format!("{err:#}").contains("TLS"), "{err:#}");
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(file("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(file("tls.key"), key.serialize_pem()).unwrap();
+    let msg = refused("tls.crt", "garbage.key");
+    assert!(
+        msg.contains("server.tls.key") && msg.contains("garbage.key: no PEM private key"),
+        "{msg}"
+    );
+    std::fs::write(
+        file("other.key"),
+        KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    let msg = refused("tls.crt", "other.key");
+    assert!(
+        msg.contains("server.tls.key") && msg.contains("is not the key of the certificate in"),
+        "{msg}"
+    );
+    // The matching pair passes.
+    let mut ok = cfg.clone();
+    ok.server.tls = Some(m2m_gateway::config::TlsConfig {
+        cert: file("tls.crt"),
+        key: file("tls.key"),
+        client_ca: Some(file("garbage.crt")),
+    });
+    let msg = format!("{:#}", Gateway::from_config(ok).unwrap_err());
+    assert!(msg.contains("server.tls.client_ca"), "{msg}");
 }
 
 #[tokio::test]
