@@ -24,6 +24,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("demo_descriptor.bin"))
         .compile_protos(&["proto/m2m/demo/v1/echo.proto"], &["proto"])?;
+    // AuthPolicy::from_descriptors reads descriptor sets through this view.
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_protos(
+            &["proto/m2m/auth/internal/descriptor_view.proto"],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

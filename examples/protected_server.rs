@@ -38,7 +38,8 @@ struct Args {
     /// Listen address.
     #[arg(long, default_value = "127.0.0.1:50052")]
     listen: SocketAddr,
-    /// Scope every Echo call needs (repeatable).
+    /// Scope every Echo call needs (repeatable); overrides the scopes declared
+    /// in echo.proto (demo/read).
     #[arg(long = "require-scope")]
     require_scope: Vec<String>,
     /// Serve without the AuthLayer (baseline for benchmarks).
@@ -79,7 +80,12 @@ async fn main() -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let policy = AuthPolicy::new().service("m2m.demo.v1.Echo", args.require_scope.clone());
+    // The scopes declared in echo.proto ((m2m.auth.v1.required_scopes)); the
+    // flag, when given, overrides them.
+    let mut policy = AuthPolicy::from_descriptors(proto::DEMO_DESCRIPTOR_SET)?;
+    if !args.require_scope.is_empty() {
+        policy = policy.method("/m2m.demo.v1.Echo/Echo", args.require_scope.clone());
+    }
     let listener = TcpListener::bind(args.listen).await?;
     let listen = listener.local_addr()?;
     if args.no_auth {

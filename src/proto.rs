@@ -13,6 +13,20 @@ pub mod gateway {
     }
 }
 
+/// `m2m.auth.v1`: the access options declared in `.proto` files, and the view of
+/// descriptor sets that reads them.
+pub mod auth {
+    /// The options' extension messages (google/protobuf/descriptor.proto parts).
+    pub(crate) mod internal {
+        #![allow(missing_docs, unreachable_pub, clippy::all, dead_code)]
+        tonic::include_proto!("m2m.auth.internal");
+    }
+}
+
+/// `proto/m2m/auth/v1/options.proto`: import it in your `.proto` files to declare
+/// the scopes each method needs (see `AuthPolicy::from_descriptors`).
+pub const AUTH_OPTIONS_PROTO: &str = include_str!("../proto/m2m/auth/v1/options.proto");
+
 /// `m2m.demo.v1`: the demo service of the protected-server example.
 pub mod demo {
     /// Version 1.

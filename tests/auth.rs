@@ -378,6 +378,43 @@ async fn token_source_straight_from_a_cognito_token_endpoint() {
     assert!(TokenSource::from_cognito(remote, CLIENT, SECRET, ["orders/read"]).is_err());
 }
 
+#[tokio::test]
+async fn a_method_declaring_no_scopes_is_refused_to_every_caller() {
+    let emu = emulator(vec![]).await;
+    let validator = loaded_validator(&emu).await;
+    // Echo as a .proto with no (m2m.auth.v1.*) option describes it.
+    let set = prost_types::FileDescriptorSet {
+        file: vec![prost_types::FileDescriptorProto {
+            package: Some("m2m.demo.v1".into()),
+            service: vec![prost_types::ServiceDescriptorProto {
+                name: Some("Echo".into()),
+                method: vec![prost_types::MethodDescriptorProto {
+                    name: Some("Echo".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let policy = AuthPolicy::from_descriptors(&prost::Message::encode_to_vec(&set)).unwrap();
+    let served = serve_with_layer(AuthLayer::local(validator, policy)).await;
+    let mut client = EchoClient::new(served.channel().await);
+    let token = emu.issue(
+        CLIENT,
+        &["orders/read".to_owned(), "orders/write".to_owned()],
+    );
+    let status = client.echo(echo(Some(&token))).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("declares no required scopes"),
+        "{status:?}"
+    );
+    // Health stays public.
+    let mut health = HealthClient::new(served.channel().await);
+    assert!(health.check(HealthCheckRequest::default()).await.is_ok());
+}
+
 mod built_in_code {
     use m2m_gateway::jwt::{BuildError, CognitoValidator, Rejection};
 

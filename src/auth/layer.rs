@@ -176,6 +176,12 @@ where
                 let scopes = match shared.policy.requirement(req.uri().path()) {
                     Requirement::Public => return inner.call(req).await,
                     Requirement::Scopes(scopes) => scopes,
+                    Requirement::Denied => {
+                        return Ok(tonic::Status::permission_denied(
+                            "this method declares no required scopes: it is refused to every caller (declare (m2m.auth.v1.required_scopes) or (m2m.auth.v1.public) in its .proto)",
+                        )
+                        .into_http());
+                    }
                 };
                 let mut values = req.headers().get_all(http::header::AUTHORIZATION).iter();
                 let header = match (values.next(), values.next()) {

@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 pub use interceptor::{AuthInterceptor, interceptor};
 pub use layer::{Auth, AuthLayer, ResponseFuture};
-pub use policy::{AuthPolicy, DEFAULT_PUBLIC, Requirement};
+pub use policy::{AuthPolicy, DEFAULT_PUBLIC, PolicyError, Requirement};
 pub use remote::RemoteValidator;
 pub use token_source::{BearerInterceptor, GatewayTokenEndpoint, TokenSource};
 
