@@ -2,8 +2,8 @@
 //! `TokenSource` (cached, refreshed in the background at 75% of its life).
 //!
 //! ```sh
-//! cargo run --release -- dev &                               # gateway on :50051
-//! cargo run --example protected_server -- --config dev.toml --require-scope demo/read &
+//! cargo run --release -- dev --write-config /tmp/dev.toml &   # gateway on :50051
+//! cargo run --example protected_server -- --config /tmp/dev.toml &   # Echo needs demo/read
 //! cargo run --example client -- --gateway http://127.0.0.1:50051 --service http://127.0.0.1:50052
 //! ```
 
