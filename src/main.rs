@@ -60,6 +60,13 @@ enum Command {
         /// gRPC address of the gateway (`localhost:PORT` is 127.0.0.1).
         #[arg(long, default_value = "127.0.0.1:50051", value_parser = local_addr)]
         addr: SocketAddr,
+        /// The gateway's configuration: probe its admin listener over HTTP
+        /// (`/healthz` for liveness, `/readyz` otherwise) when it has one, which
+        /// works whether the gRPC listener speaks TLS or not; else plaintext
+        /// gRPC on its `server.listen` port (on 127.0.0.1 when it listens on all
+        /// addresses).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Health service name: "" = ready (keys loaded), "liveness" = alive.
         #[arg(long, default_value = "")]
         service: String,
@@ -154,9 +161,13 @@ async fn main() -> ExitCode {
         } => m2m_gateway::dev::run(listen, write_config.as_deref(), shutdown_signal()).await,
         Command::Probe {
             addr,
+            config,
             service,
             timeout_ms,
-        } => probe(addr, service, timeout_ms).await,
+        } => match config {
+            Some(path) => probe_configured(&path, service, timeout_ms).await,
+            None => probe(addr, service, timeout_ms).await,
+        },
         Command::Emulator {
             listen,
             pool_id,
@@ -181,6 +192,50 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     gateway.serve(listener, shutdown_signal()).await
+}
+
+/// `probe --config`: the admin listener when there is one, else plaintext gRPC.
+async fn probe_configured(
+    path: &std::path::Path,
+    service: String,
+    timeout_ms: u64,
+) -> anyhow::Result<()> {
+    let settings = Settings::load(path)?;
+    let local = |a: SocketAddr| {
+        if a.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        } else {
+            a
+        }
+    };
+    match (settings.server.admin_listen, &settings.server.tls) {
+        (Some(admin), _) => {
+            let admin = local(admin);
+            let route = if service == m2m_gateway::server::LIVENESS_SERVICE {
+                "/healthz"
+            } else {
+                "/readyz"
+            };
+            let url = format!("http://{admin}{route}");
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_millis(timeout_ms))
+                .build()?;
+            let status = client
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("{url}: {e}"))?
+                .status();
+            println!("{url}: {status}");
+            anyhow::ensure!(status.is_success(), "not serving");
+            Ok(())
+        }
+        (None, Some(_)) => anyhow::bail!(
+            "{}: the gRPC listener speaks TLS and there is no admin listener: set server.admin_listen to probe over HTTP",
+            path.display()
+        ),
+        (None, None) => probe(local(settings.server.listen), service, timeout_ms).await,
+    }
 }
 
 async fn probe(addr: SocketAddr, service: String, timeout_ms: u64) -> anyhow::Result<()> {

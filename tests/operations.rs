@@ -544,3 +544,46 @@ async fn oversized_requests_are_refused_before_any_work() {
         .into_inner();
     assert!(!v.valid);
 }
+
+/// `m2m-gateway probe --config FILE` against a TLS gateway: over its admin
+/// listener, which works whatever the gRPC listener speaks (what the Dockerfile's
+/// HEALTHCHECK runs); without an admin listener, an error saying what to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_works_for_a_tls_gateway_through_its_admin_listener() {
+    let pki = pki();
+    let emu = emulator(vec![]).await;
+    let mut cfg = config(&emu, &[client_a()]);
+    cfg.server.tls = Some(tls_config(&pki, true));
+    let gw = TestGateway::start(cfg.clone()).await.ready().await;
+    // The configuration as the running gateway has it (its bound ports).
+    cfg.server.listen = gw.addr;
+    cfg.server.admin_listen = Some(gw.admin);
+    let path = pki.dir.path().join("gateway.toml");
+    std::fs::write(&path, cfg.to_toml()).unwrap();
+    let probe = |service: &str, path: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
+            .arg("probe")
+            .arg("--config")
+            .arg(path)
+            .args(["--service", service])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = probe("", &path);
+    assert!(ok && text.contains("/readyz: 200"), "{text}");
+    let (ok, text) = probe("liveness", &path);
+    assert!(ok && text.contains("/healthz: 200"), "{text}");
+    cfg.server.admin_listen = None;
+    let bare = pki.dir.path().join("bare.toml");
+    std::fs::write(&bare, cfg.to_toml()).unwrap();
+    let (ok, text) = probe("", &bare);
+    assert!(!ok && text.contains("set server.admin_listen"), "{text}");
+}
