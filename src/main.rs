@@ -141,7 +141,8 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log_format = cli.log_format;
+    init_logging(log_format);
     let result = match cli.command {
         Command::CheckConfig { file } => match Settings::load(&file) {
             Ok(settings) => {
@@ -178,7 +179,11 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match log_format {
+                // One JSON object like every other line, for log pipelines.
+                LogFormat::Json => tracing::error!(error = %format!("{e:#}"), "fatal"),
+                LogFormat::Text => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -254,3 +254,32 @@ fn check_config_reads_the_tls_files_as_serve_would() {
         "{stderr}"
     );
 }
+
+#[test]
+fn with_json_logs_a_fatal_error_is_json_too() {
+    let out = Command::new(BIN)
+        .args([
+            "--log-format",
+            "json",
+            "check-config",
+            "/nonexistent/gateway.toml",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert_eq!(v["level"], "ERROR", "{line}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("/nonexistent/gateway.toml"),
+            "{line}"
+        );
+    }
+}

@@ -435,13 +435,17 @@ impl KeySet {
                 self.loaded_tx.send_replace(Some(Instant::now()));
                 self.stats.fetch_ok.fetch_add(1, Ordering::Relaxed);
                 if changed {
-                    tracing::info!(issuer = %self.issuer, keys = count, kids = ?self.kids(), "JWKS loaded");
+                    tracing::info!(issuer = %self.issuer, keys = count, kids = %self.kids().join(" "), "JWKS loaded");
                 }
                 Ok(count)
             }
             Err(e) => {
                 self.stats.fetch_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(issuer = %self.issuer, error = %e, "JWKS fetch failed; keeping the last good key set");
+                if self.is_loaded() {
+                    tracing::warn!(issuer = %self.issuer, error = %e, "JWKS fetch failed; keeping the last good key set");
+                } else {
+                    tracing::warn!(issuer = %self.issuer, error = %e, "JWKS fetch failed; no key set loaded yet (tokens are refused until one loads)");
+                }
                 Err(e)
             }
         }
