@@ -882,7 +882,7 @@ fn redact_userinfo_text(text: &str) -> String {
     }
 }
 
-fn redact_url_password(url: &str) -> String {
+pub(crate) fn redact_url_password(url: &str) -> String {
     match Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("redacted"));

@@ -43,24 +43,61 @@ pub fn config_for(emulator: &Emulator, listen: SocketAddr, clients: &[EmulatorCl
         .config
 }
 
-/// Runs the emulator and the gateway until `shutdown` resolves. `listen` must be a
-/// loopback address.
+/// Default address of the emulator in dev mode: fixed, so that a written
+/// configuration stays valid across runs (the `emulator` command's default too).
+pub const DEV_EMULATOR_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9229,
+));
+
+/// What `dev` runs besides the gateway's own listener.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// Where the emulator listens (port 0: any free port).
+    pub emulator_listen: SocketAddr,
+    /// An admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_listen: Option<SocketAddr>,
+    /// The shared cache on this Redis (a fresh encryption key per run).
+    pub redis_url: Option<String>,
+}
+
+impl Default for DevOptions {
+    fn default() -> Self {
+        Self {
+            emulator_listen: DEV_EMULATOR_LISTEN,
+            admin_listen: None,
+            redis_url: None,
+        }
+    }
+}
+
+/// Runs the emulator and the gateway until `shutdown` resolves. Every address
+/// must be a loopback address.
 pub async fn run(
     listen: SocketAddr,
     write_config: Option<&Path>,
+    options: DevOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        listen.ip().is_loopback(),
-        "dev mode listens on loopback only; {listen} is not a loopback address"
-    );
+    for (what, addr) in [
+        ("--listen", Some(listen)),
+        ("--emulator-listen", Some(options.emulator_listen)),
+        ("--admin-listen", options.admin_listen),
+    ] {
+        if let Some(addr) = addr {
+            anyhow::ensure!(
+                addr.ip().is_loopback(),
+                "dev mode listens on loopback only; {what} {addr} is not a loopback address"
+            );
+        }
+    }
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let listen = listener.local_addr()?;
     let client = EmulatorClient::new(DEV_CLIENT_ID, DEV_CLIENT_SECRET, &DEV_SCOPES);
     let emulator = Emulator::start(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
+        options.emulator_listen,
         EmulatorConfig {
             pool_id: "us-east-1_DevPool01".into(),
             clients: vec![client.clone()],
@@ -68,12 +105,31 @@ pub async fn run(
         },
     )
     .await
-    .context("starting the Cognito emulator")?;
-    let config = config_for(&emulator, listen, &[client]);
+    .with_context(|| {
+        format!(
+            "starting the Cognito emulator on {} (another dev or emulator running? choose another with --emulator-listen, port 0 for any)",
+            options.emulator_listen
+        )
+    })?;
+    let mut config = config_for(&emulator, listen, &[client]);
+    // The written file is for the examples and check-config: no admin listener
+    // (it would clash with this one) and the in-memory cache (its key stays here).
+    let written = config.clone();
+    config.server.admin_listen = options.admin_listen;
+    if let Some(url) = &options.redis_url {
+        use base64::Engine as _;
+        let mut key = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut key).map_err(|_| anyhow::anyhow!("no randomness"))?;
+        config.cache.backend = crate::config::CacheBackend::Redis;
+        config.cache.redis_url = Some(url.clone());
+        config.cache.encryption_key = Some(secrecy::SecretString::from(
+            base64::engine::general_purpose::STANDARD.encode(key),
+        ));
+    }
     if let Some(path) = write_config {
         // Written whole, then renamed: a reader never sees half a file.
         let partial = path.with_extension("partial");
-        std::fs::write(&partial, config.to_toml())
+        std::fs::write(&partial, written.to_toml())
             .and_then(|()| std::fs::rename(&partial, path))
             .with_context(|| format!("writing {}", path.display()))?;
     }
@@ -82,6 +138,15 @@ pub async fn run(
     let server = tokio::spawn(gateway.serve(listener, shutdown));
     keys.wait_loaded().await;
     println!("{}", banner(listen, &emulator));
+    if let Some(admin) = options.admin_listen {
+        println!("admin: http://{admin}/metrics, /healthz, /readyz");
+    }
+    if let Some(url) = &options.redis_url {
+        println!(
+            "shared cache on {}",
+            crate::config::redact_url_password(url)
+        );
+    }
     let result = server.await.context("gateway task")?;
     emulator.shutdown().await;
     result

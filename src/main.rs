@@ -50,9 +50,21 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:50051", value_parser = local_addr)]
         listen: SocketAddr,
         /// Also write the gateway configuration of this session to FILE (for the
-        /// examples: `protected_server --config FILE`).
+        /// examples: `protected_server --config FILE`; in-memory cache, no admin
+        /// listener).
         #[arg(long, value_name = "FILE")]
         write_config: Option<PathBuf>,
+        /// The emulator's address: fixed by default so that a written
+        /// configuration stays valid across runs; port 0 for any free port.
+        #[arg(long, default_value = "127.0.0.1:9229", value_parser = local_addr)]
+        emulator_listen: SocketAddr,
+        /// Serve /metrics, /healthz and /readyz here (loopback).
+        #[arg(long, value_parser = local_addr)]
+        admin_listen: Option<SocketAddr>,
+        /// Use this Redis for the shared cache (e.g. redis://127.0.0.1:6379), with
+        /// a fresh encryption key per run.
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
     },
     /// Exit 0 when the gateway's health check answers SERVING (container health
     /// checks; plaintext gRPC).
@@ -159,7 +171,17 @@ async fn main() -> ExitCode {
         Command::Dev {
             listen,
             write_config,
-        } => m2m_gateway::dev::run(listen, write_config.as_deref(), shutdown_signal()).await,
+            emulator_listen,
+            admin_listen,
+            redis,
+        } => {
+            let options = m2m_gateway::dev::DevOptions {
+                emulator_listen,
+                admin_listen,
+                redis_url: redis,
+            };
+            m2m_gateway::dev::run(listen, write_config.as_deref(), options, shutdown_signal()).await
+        }
         Command::Probe {
             addr,
             config,

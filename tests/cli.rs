@@ -151,7 +151,15 @@ async fn emulator_command_serves_a_token_endpoint() {
 #[test]
 fn json_logs_are_one_object_per_line() {
     let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "dev", "--listen", "127.0.0.1:0"])
+        .args([
+            "--log-format",
+            "json",
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--emulator-listen",
+            "127.0.0.1:0",
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -175,7 +183,14 @@ fn dev_writes_a_config_that_check_config_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dev.toml");
     let mut child = Command::new(BIN)
-        .args(["dev", "--listen", "127.0.0.1:0", "--write-config"])
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--emulator-listen",
+            "127.0.0.1:0",
+            "--write-config",
+        ])
         .arg(&path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -13,8 +13,21 @@ use m2m_gateway::proto::gateway::v1::{
 
 #[tokio::test]
 async fn dev_binary_serves_and_stops_cleanly() {
+    // A free loopback port for the admin listener.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
-        .args(["dev", "--listen", "127.0.0.1:0"])
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--emulator-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin-listen", &admin])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -72,6 +85,24 @@ async fn dev_binary_serves_and_stops_cleanly() {
         .into_inner();
     assert!(v.valid, "{}", v.detail);
     drop(client);
+
+    // dev --admin-listen: the operations endpoints, with the calls just made.
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"m2m.gateway.v1.Gateway\",grpc_method=\"Validate\",grpc_code=\"OK\"} 1"
+        ),
+        "{metrics}"
+    );
+    let ready = reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
 
     let probe = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
