@@ -426,12 +426,12 @@ fn redact_opt<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S:
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{path}: cannot read config file: {source}")]
+    #[error("{path}: cannot read config file: {error}")]
     Read {
         /// The file.
         path: String,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not repeated as a source).
+        error: std::io::Error,
     },
     /// Parsing or typing failed.
     #[error("{path}: {message}")]
@@ -469,9 +469,9 @@ impl Config {
     /// [`Settings::load`](crate::settings::Settings::load).
     pub(crate) fn read(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        std::fs::metadata(path).map_err(|error| ConfigError::Read {
             path: shown.clone(),
-            source,
+            error,
         })?;
         let figment = Figment::new()
             .merge(Toml::file_exact(path))
@@ -485,15 +485,23 @@ impl Config {
     }
 
     fn from_figment(figment: Figment, origin: &str) -> Result<Self, ConfigError> {
-        let config: Config = figment.extract().map_err(|e| ConfigError::Parse {
-            path: origin.to_owned(),
-            message: e
+        figment.extract().map_err(|errors| {
+            // The first error decides where it came from (file or variable).
+            let described: Vec<(String, String)> = errors
                 .into_iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        })?;
-        Ok(config)
+                .map(|e| describe_figment_error(&e, origin))
+                .collect();
+            ConfigError::Parse {
+                path: described
+                    .first()
+                    .map_or_else(|| origin.to_owned(), |(from, _)| from.clone()),
+                message: described
+                    .into_iter()
+                    .map(|(_, m)| m)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            }
+        })
     }
 
     /// Checks every value (errors name the key) and derives the Cognito
@@ -545,8 +553,14 @@ impl Config {
             }
         }
         let endpoints = self.endpoints().map_err(|(key, m)| invalid(key, m))?;
+        // Blame the key the user wrote: the token endpoint is derived from the domain.
+        let token_key = if c.token_endpoint.is_some() {
+            "cognito.token_endpoint"
+        } else {
+            "cognito.domain"
+        };
         check_transport(&endpoints.token_endpoint)
-            .map_err(|m| invalid("cognito.token_endpoint", m.to_string()))?;
+            .map_err(|m| invalid(token_key, m.to_string()))?;
         check_transport(&endpoints.jwks_uri)
             .map_err(|m| invalid("cognito.jwks_uri", m.to_string()))?;
         for (key, v) in [
@@ -842,6 +856,44 @@ pub enum KeyDecodeError {
     WrongLength(usize),
 }
 
+/// Where a parsing error came from (the file, or the environment variable that
+/// set the key) and what it says, naming the key as the user wrote it.
+fn describe_figment_error(e: &figment::Error, file: &str) -> (String, String) {
+    use figment::error::Kind;
+    let from_env = e
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.name.contains("environment"));
+    let key = |path: &[String]| path.join(".").to_ascii_lowercase();
+    let from = if from_env {
+        let upper: Vec<String> = e.path.iter().map(|k| k.to_ascii_uppercase()).collect();
+        format!("environment variable {ENV_PREFIX}{}", upper.join("__"))
+    } else {
+        file.to_owned()
+    };
+    let message = match &e.kind {
+        Kind::UnknownField(found, expected) => {
+            let mut path = e.path.clone();
+            if path.last() != Some(found) {
+                path.push(found.clone());
+            }
+            format!(
+                "unknown key `{}` (known here: {})",
+                key(&path),
+                expected.join(", ")
+            )
+        }
+        Kind::MissingField(field) => {
+            let mut path = e.path.clone();
+            path.push(field.to_string());
+            format!("missing key `{}`", key(&path))
+        }
+        kind if e.path.is_empty() => kind.to_string(),
+        kind => format!("key `{}`: {kind}", key(&e.path)),
+    };
+    (from, message)
+}
+
 /// Decodes `[cache] encryption_key`: base64 of exactly 32 bytes.
 pub fn decode_key(key: &SecretString) -> Result<[u8; 32], KeyDecodeError> {
     use base64::Engine as _;
@@ -854,8 +906,16 @@ pub fn decode_key(key: &SecretString) -> Result<[u8; 32], KeyDecodeError> {
 /// Parses a Cognito URL of `key`: never with user-info (Cognito uses none, and a
 /// password there would travel and be printed), and never echoing one back.
 fn checked_url(key: &'static str, text: &str) -> Result<Url, (&'static str, String)> {
-    let url =
-        Url::parse(text).map_err(|e| (key, format!("{:?}: {e}", redact_userinfo_text(text))))?;
+    let url = Url::parse(text).map_err(|e| {
+        let shown = redact_userinfo_text(text);
+        match e {
+            url::ParseError::RelativeUrlWithoutBase => (
+                key,
+                format!("{shown:?} has no scheme: write it as https://{shown}"),
+            ),
+            e => (key, format!("{shown:?}: {e}")),
+        }
+    })?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err((
             key,

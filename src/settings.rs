@@ -82,7 +82,23 @@ impl Settings {
     /// Loads `path` (must exist) with environment overrides, and checks it.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let origin = path.display().to_string();
-        Self::new(Config::read(path)?, &origin)
+        Self::new(Config::read(path)?, &origin).map_err(|e| match e {
+            // A value set by an environment variable is blamed on the variable.
+            ConfigError::Invalid { key, message, path } => {
+                let var = format!(
+                    "{}{}",
+                    crate::config::ENV_PREFIX,
+                    key.replace('.', "__").to_ascii_uppercase()
+                );
+                let path = if std::env::var_os(&var).is_some() {
+                    format!("environment variable {var}")
+                } else {
+                    path
+                };
+                ConfigError::Invalid { key, message, path }
+            }
+            other => other,
+        })
     }
 
     /// Parses a TOML string (no environment) and checks it. `origin` names it

@@ -298,3 +298,54 @@ fn with_json_logs_a_fatal_error_is_json_too() {
         );
     }
 }
+
+#[test]
+fn config_errors_name_the_key_written_and_where_it_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str, env: &[(&str, &str)]| {
+        let path = write(&dir, text);
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg(&path)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "accepted: {text}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A typo: the key as written, once, no doubled quoting.
+    let err = check(&CONFIG.replace("domain =", "domian ="), &[]);
+    assert!(err.contains("unknown key `cognito.domian`"), "{err}");
+    assert!(!err.contains("``") && !err.contains("default."), "{err}");
+    // http in the domain: blamed on cognito.domain, the key the user wrote.
+    let err = check(&CONFIG.replace("https://example", "http://example"), &[]);
+    assert!(
+        err.contains("`cognito.domain`") && !err.contains("token_endpoint"),
+        "{err}"
+    );
+    // No scheme: says what to write.
+    let err = check(&CONFIG.replace("https://example", "example"), &[]);
+    assert!(
+        err.contains("has no scheme: write it as https://example"),
+        "{err}"
+    );
+    // A bad value from the environment: blamed on the variable, not the file.
+    let err = check(CONFIG, &[("M2M_GATEWAY__SERVER__LISTEN", "bogus")]);
+    assert!(
+        err.contains("environment variable M2M_GATEWAY__SERVER__LISTEN"),
+        "{err}"
+    );
+    let err = check(CONFIG, &[("M2M_GATEWAY__SERVER__REQUEST_TIMEOUT_MS", "0")]);
+    assert!(
+        err.contains("environment variable M2M_GATEWAY__SERVER__REQUEST_TIMEOUT_MS")
+            && err.contains("server.request_timeout_ms"),
+        "{err}"
+    );
+    // A missing file: its OS error once.
+    let out = Command::new(BIN)
+        .args(["check-config", "/nonexistent/gateway.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
