@@ -167,13 +167,24 @@ fn json_logs_are_one_object_per_line() {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let first = lines.next().expect("a log line").unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
     let v: serde_json::Value =
         serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
     assert_eq!(v["level"], "INFO");
     assert!(
         v["message"].is_string() && v["timestamp"].is_string(),
+        "{v}"
+    );
+    // Key ids: one plain field per line, never a list inside a string.
+    let key_line = lines
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("\"JWKS key\""))
+        .expect("a JWKS key line");
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value = serde_json::from_str(&key_line).unwrap();
+    let kid = v["kid"].as_str().unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        !kid.is_empty() && !kid.contains('[') && !kid.contains(' '),
         "{v}"
     );
 }

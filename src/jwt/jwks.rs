@@ -435,7 +435,11 @@ impl KeySet {
                 self.loaded_tx.send_replace(Some(Instant::now()));
                 self.stats.fetch_ok.fetch_add(1, Ordering::Relaxed);
                 if changed {
-                    tracing::info!(issuer = %self.issuer, keys = count, kids = %self.kids().join(" "), "JWKS loaded");
+                    tracing::info!(issuer = %self.issuer, keys = count, "JWKS loaded");
+                    // One line per key: a plain field, not a list in a string.
+                    for kid in self.kids() {
+                        tracing::info!(issuer = %self.issuer, %kid, "JWKS key");
+                    }
                 }
                 Ok(count)
             }
