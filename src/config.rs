@@ -152,6 +152,11 @@ pub struct CognitoConfig {
     /// Overrides the derived token endpoint.
     #[serde(default)]
     pub token_endpoint: Option<String>,
+    /// The pool's issuer form: `original` (`https://cognito-idp.<region>…`) or
+    /// `updated` (`https://issuer-cognito-idp.<region>…`); derives the issuer and
+    /// the JWKS URI.
+    #[serde(default)]
+    pub issuer_type: crate::jwt::IssuerType,
     /// Overrides the derived issuer.
     #[serde(default)]
     pub issuer: Option<String>,
@@ -780,10 +785,7 @@ impl Config {
                 checked_url("cognito.issuer", i)?;
                 i.clone()
             }
-            None => format!(
-                "https://cognito-idp.{}.amazonaws.com/{}",
-                c.region, c.user_pool_id
-            ),
+            None => c.issuer_type.issuer(&c.region, &c.user_pool_id),
         };
         let jwks_uri = match &c.jwks_uri {
             Some(u) => u.clone(),
@@ -994,6 +996,24 @@ allowed_scopes = ["orders/read", "orders/write"]
         );
         assert_eq!(c.server.listen.port(), 50051);
         assert_eq!(c.cache.refresh_ratio, 0.75);
+
+        // The updated issuer form (IssuerConfigurationType UPDATED).
+        let updated = BASE.replace("[cognito]", "[cognito]\nissuer_type = \"updated\"");
+        let e = parse(&updated, "t.toml").unwrap().endpoints().unwrap();
+        assert_eq!(
+            e.issuer,
+            "https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123"
+        );
+        assert_eq!(
+            e.jwks_uri.as_str(),
+            "https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
+        );
+        let typo = BASE.replace("[cognito]", "[cognito]\nissuer_type = \"new\"");
+        let err = parse(&typo, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("issuer_type") && err.contains("original"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -486,6 +486,14 @@ mod built_in_code {
             err(base().issuer("http://example.com/pool").clients(["c"])),
             BuildError::Endpoint(_)
         ));
+        let (issuer, _) = base()
+            .issuer_type(m2m_gateway::jwt::IssuerType::Updated)
+            .endpoints()
+            .unwrap();
+        assert_eq!(
+            issuer,
+            "https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123"
+        );
         let (issuer, jwks) = base().endpoints().unwrap();
         assert_eq!(
             issuer,

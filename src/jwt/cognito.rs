@@ -9,6 +9,34 @@ use url::Url;
 use super::{HttpFetcher, JwksError, JwtValidator, KeySet, ValidatorSettings};
 use crate::http::{EndpointError, check_transport};
 
+/// Which form of issuer a user pool has (its `IssuerConfigurationType`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IssuerType {
+    /// `https://cognito-idp.<region>.amazonaws.com/<poolId>` (pools created
+    /// before 2026, unless switched).
+    #[default]
+    Original,
+    /// `https://issuer-cognito-idp.<region>.amazonaws.com/<poolId>`: recommended
+    /// for every pool and required for multi-Region replication; `<region>` is
+    /// the pool's primary Region.
+    Updated,
+}
+
+impl IssuerType {
+    /// The issuer of `user_pool_id` in `region` in this form.
+    pub fn issuer(self, region: &str, user_pool_id: &str) -> String {
+        match self {
+            IssuerType::Original => {
+                format!("https://cognito-idp.{region}.amazonaws.com/{user_pool_id}")
+            }
+            IssuerType::Updated => {
+                format!("https://issuer-cognito-idp.{region}.amazonaws.com/{user_pool_id}")
+            }
+        }
+    }
+}
+
 /// Builds a [`JwtValidator`] for a Cognito user pool.
 ///
 /// ```no_run
@@ -42,6 +70,7 @@ impl CognitoValidator {
 pub struct CognitoValidatorBuilder {
     region: Option<String>,
     user_pool_id: Option<String>,
+    issuer_type: IssuerType,
     clients: Option<Vec<String>>,
     any_client: bool,
     issuer: Option<String>,
@@ -59,6 +88,7 @@ impl Default for CognitoValidatorBuilder {
         Self {
             region: None,
             user_pool_id: None,
+            issuer_type: IssuerType::Original,
             clients: None,
             any_client: false,
             issuer: None,
@@ -133,6 +163,13 @@ impl CognitoValidatorBuilder {
         self
     }
 
+    /// The pool's issuer form (`Original` unless the pool was switched to the
+    /// updated issuer).
+    pub fn issuer_type(mut self, issuer_type: IssuerType) -> Self {
+        self.issuer_type = issuer_type;
+        self
+    }
+
     /// The app clients whose tokens are accepted (`client_id` claim).
     pub fn clients<I: IntoIterator<Item = S>, S: Into<String>>(mut self, ids: I) -> Self {
         self.clients = Some(ids.into_iter().map(Into::into).collect());
@@ -204,7 +241,7 @@ impl CognitoValidatorBuilder {
                         pool: pool.to_owned(),
                     });
                 }
-                format!("https://cognito-idp.{region}.amazonaws.com/{pool}")
+                self.issuer_type.issuer(region, pool)
             }
         };
         let issuer_url = Url::parse(&issuer).map_err(|e| BuildError::BadUrl {

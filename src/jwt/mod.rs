@@ -17,7 +17,7 @@ use std::{
 };
 
 pub use claims::Claims;
-pub use cognito::{BuildError, CognitoValidator, CognitoValidatorBuilder};
+pub use cognito::{BuildError, CognitoValidator, CognitoValidatorBuilder, IssuerType};
 #[cfg(feature = "gateway")]
 pub(crate) use cognito::{is_pool_id, is_region};
 pub use jwks::{
