@@ -6,6 +6,10 @@ use std::{
     process::{Command, Stdio},
 };
 
+mod support;
+
+use support::DevProcess;
+
 const BIN: &str = env!("CARGO_BIN_EXE_m2m-gateway");
 
 const CONFIG: &str = r#"
@@ -189,38 +193,18 @@ fn json_logs_are_one_object_per_line() {
     );
 }
 
-#[test]
-fn dev_writes_a_config_that_check_config_accepts() {
+#[tokio::test]
+async fn dev_writes_a_config_that_check_config_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dev.toml");
-    let mut child = Command::new(BIN)
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--emulator-listen",
-            "127.0.0.1:0",
-            "--write-config",
-        ])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // The banner comes after the file is written and the keys are loaded.
-    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines {
-        if line.unwrap().contains("Ctrl-C stops.") {
-            break;
-        }
-    }
+    let dev = DevProcess::start(&["--write-config", path.to_str().unwrap()]).await;
     let out = Command::new(BIN)
         .arg("check-config")
         .arg(&path)
         .output()
         .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(dev);
     assert!(
         out.status.success(),
         "{}",

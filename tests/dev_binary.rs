@@ -1,15 +1,14 @@
 //! Drives the built `m2m-gateway dev` binary as a newcomer would: spawn it, call
 //! it with a tonic client, stop it with SIGTERM, expect a clean exit.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+mod support;
+
+use std::{process::Command, time::Duration};
 
 use m2m_gateway::proto::gateway::v1::{
     GetTokenRequest, ValidateRequest, gateway_client::GatewayClient,
 };
+use support::DevProcess;
 
 #[tokio::test]
 async fn dev_binary_serves_and_stops_cleanly() {
@@ -19,48 +18,15 @@ async fn dev_binary_serves_and_stops_cleanly() {
         .local_addr()
         .unwrap()
         .to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--emulator-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--admin-listen", &admin])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
     // The banner is printed once the gateway is ready; it names the address.
-    let banner = tokio::task::spawn_blocking(move || {
-        let mut text = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            text.push_str(&line);
-            text.push('\n');
-            if line.contains("Ctrl-C stops.") {
-                break;
-            }
-        }
-        text
-    });
-    let banner = tokio::time::timeout(Duration::from_secs(30), banner)
-        .await
-        .expect("dev mode ready in time")
-        .unwrap();
+    let dev = DevProcess::start(&["--admin-listen", &admin]).await;
+    let banner = &dev.banner;
     assert!(banner.contains("grpcurl -plaintext"), "{banner}");
     assert!(
         banner.contains("m2m.gateway.v1.Gateway/GetToken"),
         "{banner}"
     );
-    let addr = banner
-        .split("gateway on ")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .expect("address in banner")
-        .to_owned();
+    let addr = dev.addr.clone();
 
     let mut client = GatewayClient::connect(format!("http://{addr}"))
         .await
@@ -132,6 +98,7 @@ async fn dev_binary_serves_and_stops_cleanly() {
             .success()
     );
 
+    let mut child = dev.into_child();
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -462,42 +462,9 @@ async fn dev_mode_uses_the_redis_it_is_given() {
     let Some(redis) = start_redis() else {
         return;
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--emulator-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--redis", &format!("redis://127.0.0.1:{}", redis.port)])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let banner = tokio::task::spawn_blocking(move || {
-        let mut text = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            text.push_str(&line);
-            text.push('\n');
-            if line.starts_with("shared cache on") {
-                break;
-            }
-        }
-        text
-    });
-    let banner = tokio::time::timeout(std::time::Duration::from_secs(30), banner)
-        .await
-        .expect("dev mode ready in time")
-        .unwrap();
-    let addr = banner
-        .split("gateway on ")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .expect("address in banner")
-        .to_owned();
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let dev = DevProcess::start(&["--redis", &url]).await;
+    let addr = &dev.addr;
     let mut client = GatewayClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -506,8 +473,7 @@ async fn dev_mode_uses_the_redis_it_is_given() {
         .await
         .expect("a token");
     let keys = redis_dump(redis.port).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(dev);
     assert!(
         keys.iter().any(|(k, _, _)| k.starts_with("m2m:")),
         "nothing in Redis: {:?}",

@@ -179,3 +179,75 @@ impl LogCapture {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
     }
 }
+
+/// `m2m-gateway dev` as a child process (gateway and emulator on free loopback
+/// ports, plus `extra` arguments), started and read up to the end of its banner,
+/// which it prints once ready. Killed on drop.
+pub struct DevProcess {
+    child: Option<std::process::Child>,
+    /// Everything printed up to and including "Ctrl-C stops.".
+    pub banner: String,
+    /// The gateway's address, from the banner.
+    pub addr: String,
+}
+
+impl DevProcess {
+    pub async fn start(extra: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--emulator-listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let banner = tokio::task::spawn_blocking(move || {
+            let mut text = String::new();
+            for line in BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                text.push_str(&line);
+                text.push('\n');
+                if line.contains("Ctrl-C stops.") {
+                    break;
+                }
+            }
+            text
+        });
+        let banner = tokio::time::timeout(Duration::from_secs(30), banner)
+            .await
+            .expect("dev mode ready in time")
+            .unwrap();
+        let addr = banner
+            .split("gateway on ")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .unwrap_or_else(|| panic!("no address in the banner: {banner}"))
+            .to_owned();
+        Self {
+            child: Some(child),
+            banner,
+            addr,
+        }
+    }
+
+    /// The process, no longer killed on drop (to stop it another way).
+    pub fn into_child(mut self) -> std::process::Child {
+        self.child.take().unwrap()
+    }
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
