@@ -561,20 +561,12 @@ async fn the_probe_works_for_a_tls_gateway_through_its_admin_listener() {
     let path = pki.dir.path().join("gateway.toml");
     std::fs::write(&path, cfg.to_toml()).unwrap();
     let probe = |service: &str, path: &std::path::Path| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
-            .arg("probe")
-            .arg("--config")
-            .arg(path)
-            .args(["--service", service])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+        run_to_end(
+            std::process::Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
+                .arg("probe")
+                .arg("--config")
+                .arg(path)
+                .args(["--service", service]),
         )
     };
     let (ok, text) = probe("", &path);

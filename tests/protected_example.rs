@@ -224,18 +224,9 @@ fn grpcurl_lists_the_example_over_reflection_v1alpha() {
         if let Some(token) = token {
             cmd.args(["-H", &format!("authorization: Bearer {token}")]);
         }
-        let out = cmd
-            .arg(example.addr.to_string())
-            .arg("m2m.demo.v1.Echo/Echo")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+        run_to_end(
+            cmd.arg(example.addr.to_string())
+                .arg("m2m.demo.v1.Echo/Echo"),
         )
     };
     let (ok, text) = echo(None);

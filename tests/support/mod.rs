@@ -251,3 +251,16 @@ impl Drop for DevProcess {
         }
     }
 }
+
+/// Runs `cmd` to its end: whether it succeeded, and its stdout then stderr.
+pub fn run_to_end(cmd: &mut std::process::Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
