@@ -277,17 +277,13 @@ impl CognitoValidatorBuilder {
             Arc::new(fetcher),
             self.cooldown,
         ));
-        let validator = JwtValidator::new(
+        let validator = JwtValidator::for_pool(
             issuer,
-            clients.clone().unwrap_or_default(),
+            clients.map(|c| c.into_iter().collect()),
             keys.clone(),
             self.settings,
+            self.first_load_wait,
         );
-        let validator = match clients {
-            Some(_) => validator,
-            None => validator.any_client(),
-        }
-        .with_first_load_wait(self.first_load_wait);
         runtime.spawn(load_while_used(Arc::downgrade(&keys), self.refresh_period));
         Ok(validator)
     }

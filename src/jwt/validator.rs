@@ -165,30 +165,28 @@ impl JwtValidator {
             keys,
             settings,
             Arc::new(SystemClock),
+            Duration::ZERO,
         )
     }
 
-    /// Accepts tokens of every app client of the pool (no `client_id` list).
-    pub(crate) fn any_client(self) -> Self {
-        let i = &self.inner;
-        let mut v = Self::build(
-            i.issuer.clone(),
-            None,
-            i.keys.clone(),
-            i.settings(),
-            i.clock.clone(),
-        );
-        Arc::get_mut(&mut v.inner).expect("fresh").first_load_wait = i.first_load_wait;
-        v
-    }
-
-    /// Lets a call wait up to `wait` for the first key set instead of answering
-    /// KEYS_UNAVAILABLE at once (a service's first calls right after start).
-    pub(crate) fn with_first_load_wait(mut self, wait: Duration) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.first_load_wait = wait;
-        }
-        self
+    /// A validator that accepts `clients` (`None`: every app client of the
+    /// pool) and lets a call wait up to `first_load_wait` for the first key set
+    /// instead of answering KEYS_UNAVAILABLE at once ([`super::CognitoValidator`]).
+    pub(crate) fn for_pool(
+        issuer: impl Into<String>,
+        clients: Option<HashSet<String>>,
+        keys: Arc<KeySet>,
+        settings: ValidatorSettings,
+        first_load_wait: Duration,
+    ) -> Self {
+        Self::build(
+            Arc::from(issuer.into()),
+            clients,
+            keys,
+            settings,
+            Arc::new(SystemClock),
+            first_load_wait,
+        )
     }
 
     fn build(
@@ -197,6 +195,7 @@ impl JwtValidator {
         keys: Arc<KeySet>,
         settings: ValidatorSettings,
         clock: Arc<dyn Clock>,
+        first_load_wait: Duration,
     ) -> Self {
         assert_eq!(keys.issuer(), &*issuer, "a key set is bound to its issuer");
         let leeway = settings.leeway.as_secs().min(i64::MAX as u64) as i64;
@@ -210,7 +209,7 @@ impl JwtValidator {
                 issuer,
                 clients,
                 keys,
-                first_load_wait: Duration::ZERO,
+                first_load_wait,
                 leeway,
                 max_token_bytes: settings.max_token_bytes,
                 clock,
@@ -225,15 +224,14 @@ impl JwtValidator {
     /// Replaces the clock (tests). Starts with an empty verified-token cache.
     pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
         let i = &self.inner;
-        let mut v = Self::build(
+        Self::build(
             i.issuer.clone(),
             i.clients.clone(),
             i.keys.clone(),
             i.settings(),
             clock,
-        );
-        Arc::get_mut(&mut v.inner).expect("fresh").first_load_wait = i.first_load_wait;
-        v
+            i.first_load_wait,
+        )
     }
 
     /// The issuer accepted.
