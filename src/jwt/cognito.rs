@@ -284,30 +284,11 @@ impl CognitoValidatorBuilder {
             self.settings,
             self.first_load_wait,
         );
-        runtime.spawn(load_while_used(Arc::downgrade(&keys), self.refresh_period));
+        runtime.spawn(super::jwks::load_while_used(
+            Arc::downgrade(&keys),
+            self.refresh_period,
+        ));
         Ok(validator)
-    }
-}
-
-/// Loads the first key set (retrying with backoff), then refreshes every
-/// `period`; ends once the key set is no longer used by any validator.
-async fn load_while_used(keys: std::sync::Weak<KeySet>, period: Duration) {
-    let mut backoff = Duration::from_millis(250);
-    loop {
-        let Some(set) = keys.upgrade() else {
-            return;
-        };
-        let loaded = set.refresh().await.is_ok();
-        drop(set);
-        let wait = if loaded {
-            backoff = Duration::from_millis(250);
-            period
-        } else {
-            let wait = backoff;
-            backoff = (backoff * 2).min(Duration::from_secs(30));
-            wait
-        };
-        tokio::time::sleep(wait).await;
     }
 }
 

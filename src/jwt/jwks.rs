@@ -456,20 +456,32 @@ impl KeySet {
     }
 
     /// Loads the first key set (retrying with backoff), then refreshes every
-    /// `period`. Runs until the returned task is aborted.
+    /// `period`. Runs until the returned task is aborted or the key set is no
+    /// longer used (it holds only a weak reference between fetches).
     pub fn spawn_loader(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(250);
-            while this.refresh().await.is_err() {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-            loop {
-                tokio::time::sleep(period).await;
-                let _ = this.refresh().await;
-            }
-        })
+        tokio::spawn(load_while_used(Arc::downgrade(self), period))
+    }
+}
+
+/// [`KeySet::spawn_loader`]'s task: the first key set with backoff (250 ms
+/// doubling to 30 s), then a refresh every `period`; ends once `keys` is gone.
+pub(crate) async fn load_while_used(keys: std::sync::Weak<KeySet>, period: Duration) {
+    let mut backoff = Duration::from_millis(250);
+    let mut loaded = false;
+    loop {
+        let Some(set) = keys.upgrade() else {
+            return;
+        };
+        loaded |= set.refresh().await.is_ok();
+        drop(set);
+        let wait = if loaded {
+            period
+        } else {
+            let wait = backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            wait
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 
