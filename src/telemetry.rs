@@ -135,13 +135,6 @@ impl RpcStats {
         m.codes[(code as usize).min(CODES - 1)].fetch_add(1, Relaxed);
         m.latency.record(latency);
     }
-
-    /// Calls of `method` that ended with `code`.
-    pub fn count(&self, method: Method, code: Code) -> u64 {
-        self.method(method.path).map_or(0, |i| {
-            self.methods[i].codes[(code as usize).min(CODES - 1)].load(Relaxed)
-        })
-    }
 }
 
 /// A status code as grpc-go names it (go-grpc-prometheus's `grpc_code`).
