@@ -24,6 +24,15 @@ use crate::registry::{self, ScopeError};
 /// `M2M_GATEWAY__SERVER__LISTEN=127.0.0.1:6000` sets `[server] listen`.
 pub const ENV_PREFIX: &str = "M2M_GATEWAY__";
 
+/// The environment variable that overrides the dotted `key` (`server.listen` →
+/// `M2M_GATEWAY__SERVER__LISTEN`).
+pub fn env_var(key: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    )
+}
+
 /// The whole gateway configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -868,8 +877,7 @@ fn describe_figment_error(e: &figment::Error, file: &str) -> (String, String) {
         .is_some_and(|m| m.name.contains("environment"));
     let key = |path: &[String]| path.join(".").to_ascii_lowercase();
     let from = if from_env {
-        let upper: Vec<String> = e.path.iter().map(|k| k.to_ascii_uppercase()).collect();
-        format!("environment variable {ENV_PREFIX}{}", upper.join("__"))
+        format!("environment variable {}", env_var(&e.path.join(".")))
     } else {
         file.to_owned()
     };

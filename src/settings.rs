@@ -85,11 +85,7 @@ impl Settings {
         Self::new(Config::read(path)?, &origin).map_err(|e| match e {
             // A value set by an environment variable is blamed on the variable.
             ConfigError::Invalid { key, message, path } => {
-                let var = format!(
-                    "{}{}",
-                    crate::config::ENV_PREFIX,
-                    key.replace('.', "__").to_ascii_uppercase()
-                );
+                let var = crate::config::env_var(&key);
                 let path = if std::env::var_os(&var).is_some() {
                     format!("environment variable {var}")
                 } else {
