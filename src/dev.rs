@@ -51,7 +51,7 @@ pub const DEV_EMULATOR_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV
 ));
 
 /// What `dev` runs besides the gateway's own listener.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DevOptions {
     /// Where the emulator listens (port 0: any free port).
     pub emulator_listen: SocketAddr,
@@ -59,6 +59,23 @@ pub struct DevOptions {
     pub admin_listen: Option<SocketAddr>,
     /// The shared cache on this Redis (a fresh encryption key per run).
     pub redis_url: Option<String>,
+}
+
+impl std::fmt::Debug for DevOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevOptions")
+            .field("emulator_listen", &self.emulator_listen)
+            .field("admin_listen", &self.admin_listen)
+            // A Redis URL may carry a password.
+            .field(
+                "redis_url",
+                &self
+                    .redis_url
+                    .as_deref()
+                    .map(crate::config::redact_url_password),
+            )
+            .finish()
+    }
 }
 
 impl Default for DevOptions {
@@ -178,4 +195,20 @@ fn banner(addr: SocketAddr, emulator: &Emulator) -> String {
         iss = emulator.issuer(),
         scopes = DEV_SCOPES.join(" "),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn options_never_show_a_redis_password() {
+        let options = super::DevOptions {
+            redis_url: Some("redis://user:hunter2@127.0.0.1:6379".into()),
+            ..Default::default()
+        };
+        let shown = format!("{options:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("127.0.0.1:6379"),
+            "{shown}"
+        );
+    }
 }
