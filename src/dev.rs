@@ -154,15 +154,25 @@ pub async fn run(
     let keys = gateway.validator.keys().clone();
     let server = tokio::spawn(gateway.serve(listener, shutdown));
     keys.wait_loaded().await;
-    println!("{}", banner(listen, &emulator));
+    let mut text = banner(listen, &emulator);
     if let Some(admin) = options.admin_listen {
-        println!("admin: http://{admin}/metrics, /healthz, /readyz");
+        text.push_str(&format!(
+            "admin: http://{admin}/metrics, /healthz, /readyz\n"
+        ));
     }
     if let Some(url) = &options.redis_url {
-        println!(
-            "shared cache on {}",
+        text.push_str(&format!(
+            "shared cache on {}\n",
             crate::config::redact_url_password(url)
-        );
+        ));
+    }
+    text.push_str("\nCtrl-C stops.\n");
+    // One write; a reader that went away (`dev | head`) must not stop the gateway,
+    // so a failed write is ignored instead of panicking as `println!` would.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
     }
     let result = server.await.context("gateway task")?;
     emulator.shutdown().await;
@@ -188,9 +198,7 @@ fn banner(addr: SocketAddr, emulator: &Emulator) -> String {
          grpcurl -plaintext -d \"{{\\\"token\\\":\\\"$TOKEN\\\",\\\"required_scopes\\\":[\\\"demo/read\\\"]}}\" {addr} m2m.gateway.v1.Gateway/Validate\n\
          \n\
          # health\n\
-         grpcurl -plaintext {addr} grpc.health.v1.Health/Check\n\
-         \n\
-         Ctrl-C stops.",
+         grpcurl -plaintext {addr} grpc.health.v1.Health/Check\n",
         emu = emulator.addr(),
         iss = emulator.issuer(),
         scopes = DEV_SCOPES.join(" "),

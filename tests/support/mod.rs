@@ -210,7 +210,8 @@ impl DevProcess {
         let stdout = child.stdout.take().unwrap();
         let banner = tokio::task::spawn_blocking(move || {
             let mut text = String::new();
-            for line in BufReader::new(stdout).lines() {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref() {
                 let line = line.unwrap();
                 text.push_str(&line);
                 text.push('\n');
@@ -218,6 +219,9 @@ impl DevProcess {
                     break;
                 }
             }
+            // Keep reading to the end, as a terminal would: the gateway's stdout
+            // stays open for as long as it runs.
+            std::thread::spawn(move || lines.for_each(drop));
             text
         });
         let banner = tokio::time::timeout(Duration::from_secs(30), banner)
