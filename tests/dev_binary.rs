@@ -98,6 +98,7 @@ async fn dev_binary_serves_and_stops_cleanly() {
             .success()
     );
 
+    let stderr = dev.stderr.clone();
     let mut child = dev.into_child();
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -109,5 +110,9 @@ async fn dev_binary_serves_and_stops_cleanly() {
         .await
         .expect("exits after SIGTERM")
         .unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        status.success(),
+        "exit status {status:?}; stderr:\n{}",
+        stderr.lock().unwrap()
+    );
 }

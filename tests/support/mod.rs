@@ -189,6 +189,8 @@ pub struct DevProcess {
     pub banner: String,
     /// The gateway's address, from the banner.
     pub addr: String,
+    /// Everything the process wrote to stderr so far (its logs), for failure messages.
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl DevProcess {
@@ -204,9 +206,19 @@ impl DevProcess {
             ])
             .args(extra)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let errors = BufReader::new(child.stderr.take().unwrap());
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in errors.lines().map_while(Result::ok) {
+                let mut sink = sink.lock().unwrap();
+                sink.push_str(&line);
+                sink.push('\n');
+            }
+        });
         let stdout = child.stdout.take().unwrap();
         let banner = tokio::task::spawn_blocking(move || {
             let mut text = String::new();
@@ -238,6 +250,7 @@ impl DevProcess {
             child: Some(child),
             banner,
             addr,
+            stderr,
         }
     }
 
