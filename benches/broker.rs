@@ -40,6 +40,7 @@ fn bench(c: &mut Criterion) {
     let registry = Registry::new(
         &[ClientConfig {
             client_id: "k6h0hnjenh7auvi2as".into(),
+            pool: None,
             name: "acme".into(),
             allowed_scopes: vec!["orders/read".into(), "orders/write".into()],
         }],

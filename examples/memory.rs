@@ -138,6 +138,7 @@ fn main() -> anyhow::Result<()> {
     let clients: Vec<ClientConfig> = (0..CLIENTS)
         .map(|i| ClientConfig {
             client_id: format!("client{i:05}abcdefghijk"),
+            pool: None,
             name: format!("client {i}"),
             allowed_scopes: ["s/a", "s/b", "s/c", "s/d"].map(String::from).to_vec(),
         })

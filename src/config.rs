@@ -40,8 +40,13 @@ pub struct Config {
     /// Listeners.
     #[serde(default)]
     pub server: ServerConfig,
-    /// The Cognito user pool the gateway fronts.
-    pub cognito: CognitoConfig,
+    /// The Cognito user pool the gateway fronts (the one-pool shorthand of
+    /// `[[pools]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cognito: Option<CognitoConfig>,
+    /// The user pools the gateway fronts, when there are several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<CognitoConfig>,
     /// Token validation settings.
     #[serde(default)]
     pub validation: ValidationConfig,
@@ -147,10 +152,14 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
 }
 
-/// `[cognito]`.
+/// `[cognito]`, or one `[[pools]]` entry.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CognitoConfig {
+    /// The pool's name in `[[clients]] pool`, metrics and logs (required in
+    /// `[[pools]]`; `default` for `[cognito]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// AWS Region of the user pool, e.g. `us-east-1`.
     pub region: String,
     /// The user pool id, e.g. `us-east-1_AbCdEf123`.
@@ -166,6 +175,10 @@ pub struct CognitoConfig {
     /// the JWKS URI.
     #[serde(default)]
     pub issuer_type: crate::jwt::IssuerType,
+    /// Also accept tokens of the pool's other issuer form (`true`), or of the
+    /// issuers listed, during an issuer migration; each with its own key set.
+    #[serde(default)]
+    pub accept_previous_issuer: AcceptPrevious,
     /// Overrides the derived issuer.
     #[serde(default)]
     pub issuer: Option<String>,
@@ -324,12 +337,33 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `accept_previous_issuer`: `false`, `true` (the pool's other issuer form), or
+/// a list of issuers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum AcceptPrevious {
+    /// `true`: the other form of the pool's issuer (`original` ⇄ `updated`).
+    Flag(bool),
+    /// These issuers, exactly.
+    Issuers(Vec<String>),
+}
+
+impl Default for AcceptPrevious {
+    fn default() -> Self {
+        AcceptPrevious::Flag(false)
+    }
+}
+
 /// One `[[clients]]` entry.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     /// The Cognito app client id.
     pub client_id: String,
+    /// The `[[pools]]` entry (by name) the client belongs to; required when
+    /// there are several pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// Name for logs and metrics.
     pub name: String,
     /// Scopes this client may ask for.
@@ -467,15 +501,37 @@ pub enum ConfigError {
     },
 }
 
-/// The Cognito endpoints after derivation.
+/// One user pool's Cognito endpoints after derivation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Endpoints {
+    /// The pool's name.
+    pub pool: String,
     /// `/oauth2/token` URL.
     pub token_endpoint: Url,
     /// Expected `iss`, byte for byte.
     pub issuer: String,
     /// JWKS URL.
     pub jwks_uri: Url,
+    /// Other issuers accepted for this pool (`accept_previous_issuer`), each with
+    /// the JWKS URL of its own key set.
+    pub accepted_issuers: Vec<AcceptedIssuer>,
+}
+
+/// An issuer accepted besides a pool's own, and where its keys are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AcceptedIssuer {
+    /// Expected `iss`, byte for byte.
+    pub issuer: String,
+    /// JWKS URL.
+    pub jwks_uri: Url,
+}
+
+/// Pool names: what `[[clients]] pool` and metric labels can carry.
+fn is_pool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 impl Config {
@@ -520,72 +576,58 @@ impl Config {
 
     /// Checks every value (errors name the key) and derives the Cognito
     /// endpoints; run once, by [`Settings::new`](crate::settings::Settings::new).
-    pub(crate) fn check(&self, origin: &str) -> Result<Endpoints, ConfigError> {
+    pub(crate) fn check(&self, origin: &str) -> Result<Vec<Endpoints>, ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: origin.to_owned(),
             key: key.to_owned(),
             message,
         };
-        let c = &self.cognito;
-        if !is_region(&c.region) {
+        let entries = self.pool_entries();
+        if entries.is_empty() {
             return Err(invalid(
-                "cognito.region",
-                format!("{:?} is not an AWS Region such as us-east-1", c.region),
+                "cognito",
+                "missing: describe the user pool in [cognito] (or several in [[pools]])".into(),
             ));
         }
-        if !is_pool_id(&c.user_pool_id) {
+        if self.cognito.is_some() && !self.pools.is_empty() {
             return Err(invalid(
-                "cognito.user_pool_id",
-                format!(
-                    "{:?} is not a user pool id such as us-east-1_AbCdEf123",
-                    c.user_pool_id
-                ),
+                "pools",
+                "give either [cognito] (one pool) or [[pools]] entries, not both".into(),
             ));
         }
-        let pool_region = c.user_pool_id.split('_').next().unwrap_or_default();
-        if c.issuer.is_none() && pool_region != c.region {
-            return Err(invalid(
-                "cognito.region",
-                format!(
-                    "{:?} is not the Region of user pool {:?} (its id starts with {pool_region:?}); \
-                     the derived issuer would refuse every token",
-                    c.region, c.user_pool_id
-                ),
-            ));
-        }
-        if let (Some(domain), None) = (&c.domain, &c.token_endpoint) {
-            if let Ok(url) = Url::parse(domain) {
-                if !matches!(url.path(), "" | "/") {
+        let mut pools: Vec<Endpoints> = Vec::with_capacity(entries.len());
+        for (prefix, c) in &entries {
+            let endpoints = check_pool(prefix, c, self.cognito.is_some()).map_err(|(key, m)| invalid(&key, m))?;
+            if pools.iter().any(|p| p.pool == endpoints.pool) {
+                return Err(invalid(
+                    &format!("{prefix}.name"),
+                    format!("pool {:?} is described twice", endpoints.pool),
+                ));
+            }
+            // One issuer, one key set and one set of clients: never two pools.
+            let claimed = |p: &Endpoints| -> Vec<String> {
+                std::iter::once(p.issuer.clone())
+                    .chain(p.accepted_issuers.iter().map(|a| a.issuer.clone()))
+                    .collect()
+            };
+            for issuer in claimed(&endpoints) {
+                if let Some(other) = pools.iter().find(|p| claimed(p).contains(&issuer)) {
                     return Err(invalid(
-                        "cognito.domain",
+                        &format!("{prefix}.issuer"),
                         format!(
-                            "{:?} has a path: give the domain only (https://<prefix>.auth.<region>.amazoncognito.com); /oauth2/token is appended",
-                            redact_userinfo_text(domain)
+                            "issuer {issuer:?} is already pool {:?}'s: a token's issuer must name one pool",
+                            other.pool
                         ),
                     ));
                 }
             }
+            pools.push(endpoints);
         }
-        let endpoints = self.endpoints().map_err(|(key, m)| invalid(key, m))?;
-        // Blame the key the user wrote: the token endpoint is derived from the domain.
-        let token_key = if c.token_endpoint.is_some() {
-            "cognito.token_endpoint"
-        } else {
-            "cognito.domain"
-        };
-        check_transport(&endpoints.token_endpoint)
-            .map_err(|m| invalid(token_key, m.to_string()))?;
-        check_transport(&endpoints.jwks_uri)
-            .map_err(|m| invalid("cognito.jwks_uri", m.to_string()))?;
-        for (key, v) in [
-            ("cognito.connect_timeout_ms", c.connect_timeout_ms),
-            ("cognito.timeout_ms", c.timeout_ms),
-            ("cognito.jwks_timeout_ms", c.jwks_timeout_ms),
-            ("server.request_timeout_ms", self.server.request_timeout_ms),
-        ] {
-            if !(1..=600_000).contains(&v) {
-                return Err(invalid(key, format!("{v} is outside 1..=600000")));
-            }
+        if !(1..=600_000).contains(&self.server.request_timeout_ms) {
+            return Err(invalid(
+                "server.request_timeout_ms",
+                format!("{} is outside 1..=600000", self.server.request_timeout_ms),
+            ));
         }
         let server = &self.server;
         if !(1..=1_000_000).contains(&server.max_concurrent_requests) {
@@ -768,6 +810,24 @@ impl Config {
                     format!("{:?} is registered twice", client.client_id),
                 ));
             }
+            match &client.pool {
+                Some(pool) if !pools.iter().any(|p| &p.pool == pool) => {
+                    return Err(invalid(
+                        &key("pool"),
+                        format!(
+                            "{pool:?} is not a pool; pools: {}",
+                            pools.iter().map(|p| format!("{:?}", p.pool)).collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+                None if pools.len() > 1 => {
+                    return Err(invalid(
+                        &key("pool"),
+                        "missing: with several [[pools]], name the client's pool".into(),
+                    ));
+                }
+                _ => {}
+            }
             if client.name.trim().is_empty() || client.name.len() > 128 {
                 return Err(invalid(&key("name"), "must be 1-128 characters".into()));
             }
@@ -782,50 +842,34 @@ impl Config {
                     .map_err(|e: ScopeError| invalid(&key("allowed_scopes"), e.to_string()))?;
             }
         }
-        Ok(endpoints)
+        Ok(pools)
     }
 
-    /// The token endpoint, issuer and JWKS URI, derived unless set.
-    /// Errors carry the key they concern.
-    fn endpoints(&self) -> Result<Endpoints, (&'static str, String)> {
-        let c = &self.cognito;
-        let issuer = match &c.issuer {
-            Some(i) => {
-                checked_url("cognito.issuer", i)?;
-                i.clone()
-            }
-            None => c.issuer_type.issuer(&c.region, &c.user_pool_id),
-        };
-        let jwks_uri = match &c.jwks_uri {
-            Some(u) => u.clone(),
-            None => format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')),
-        };
-        let jwks_uri = checked_url("cognito.jwks_uri", &jwks_uri)?;
-        let token_endpoint = match (&c.token_endpoint, &c.domain) {
-            (Some(t), _) => checked_url("cognito.token_endpoint", t)?,
-            (None, Some(d)) => {
-                let base = checked_url("cognito.domain", d)?;
-                if base.query().is_some() || base.fragment().is_some() {
-                    return Err((
-                        "cognito.domain",
-                        "must not carry a query or fragment".into(),
-                    ));
-                }
-                let joined = format!("{}/oauth2/token", base.as_str().trim_end_matches('/'));
-                checked_url("cognito.domain", &joined)?
-            }
-            (None, None) => {
-                return Err((
-                    "cognito.domain",
-                    "missing: set the user pool domain (or cognito.token_endpoint)".into(),
-                ));
-            }
-        };
-        Ok(Endpoints {
-            token_endpoint,
-            issuer,
-            jwks_uri,
-        })
+    /// `[cognito]` or the `[[pools]]` entries, each with the key prefix its
+    /// errors name.
+    pub(crate) fn pool_entries(&self) -> Vec<(String, &CognitoConfig)> {
+        match &self.cognito {
+            Some(c) => vec![("cognito".to_owned(), c)],
+            None => self
+                .pools
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("pools[{i}]"), c))
+                .collect(),
+        }
+    }
+
+    /// The name of the pool `client` belongs to.
+    pub(crate) fn pool_of<'a>(&'a self, client: &'a ClientConfig) -> &'a str {
+        match (&client.pool, &self.cognito) {
+            (Some(pool), _) => pool,
+            (None, Some(c)) => c.name.as_deref().unwrap_or(crate::jwt::DEFAULT_POOL),
+            (None, None) => self
+                .pools
+                .first()
+                .and_then(|p| p.name.as_deref())
+                .unwrap_or(crate::jwt::DEFAULT_POOL),
+        }
     }
 
     /// The configuration as TOML, secrets redacted (what `dev --write-config` writes).
@@ -835,16 +879,30 @@ impl Config {
 
     /// The effective settings with the derived `endpoints`, secrets redacted, for
     /// `check-config`.
-    pub fn redacted_json(&self, endpoints: &Endpoints) -> String {
+    pub fn redacted_json(&self, pools: &[Endpoints]) -> String {
         let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        if let Some(obj) = value.get_mut("cognito") {
-            if let Some(map) = obj.as_object_mut() {
+        let entries: Vec<&mut serde_json::Value> = match value.get_mut("cognito") {
+            Some(one) => vec![one],
+            None => value
+                .get_mut("pools")
+                .and_then(|p| p.as_array_mut())
+                .map(|a| a.iter_mut().collect())
+                .unwrap_or_default(),
+        };
+        for (entry, endpoints) in entries.into_iter().zip(pools) {
+            if let Some(map) = entry.as_object_mut() {
+                map.insert("name".into(), endpoints.pool.as_str().into());
                 map.insert(
                     "token_endpoint".into(),
                     endpoints.token_endpoint.as_str().into(),
                 );
                 map.insert("issuer".into(), endpoints.issuer.as_str().into());
                 map.insert("jwks_uri".into(), endpoints.jwks_uri.as_str().into());
+                map.insert(
+                    "accepted_issuers".into(),
+                    serde_json::to_value(&endpoints.accepted_issuers)
+                        .unwrap_or(serde_json::Value::Null),
+                );
             }
         }
         if let Some(url) = value.pointer_mut("/cache/redis_url") {
@@ -854,6 +912,148 @@ impl Config {
         }
         serde_json::to_string_pretty(&value).unwrap_or_default()
     }
+}
+
+/// Checks one pool (`prefix` is `cognito` or `pools[i]`) and derives its
+/// endpoints. Errors carry the key they concern.
+fn check_pool(
+    prefix: &str,
+    c: &CognitoConfig,
+    shorthand: bool,
+) -> Result<Endpoints, (String, String)> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    let name = match (&c.name, shorthand) {
+        (Some(name), _) => name.clone(),
+        (None, true) => crate::jwt::DEFAULT_POOL.to_owned(),
+        (None, false) => {
+            return Err((
+                key("name"),
+                "missing: each [[pools]] entry needs a name (clients name their pool with it)".into(),
+            ));
+        }
+    };
+    if !is_pool_name(&name) {
+        return Err((
+            key("name"),
+            format!("{name:?} must be 1-64 characters of [A-Za-z0-9_.-]"),
+        ));
+    }
+    if !is_region(&c.region) {
+        return Err((
+            key("region"),
+            format!("{:?} is not an AWS Region such as us-east-1", c.region),
+        ));
+    }
+    if !is_pool_id(&c.user_pool_id) {
+        return Err((
+            key("user_pool_id"),
+            format!(
+                "{:?} is not a user pool id such as us-east-1_AbCdEf123",
+                c.user_pool_id
+            ),
+        ));
+    }
+    let pool_region = c.user_pool_id.split('_').next().unwrap_or_default();
+    if c.issuer.is_none() && pool_region != c.region {
+        return Err((
+            key("region"),
+            format!(
+                "{:?} is not the Region of user pool {:?} (its id starts with {pool_region:?}); \
+                 the derived issuer would refuse every token",
+                c.region, c.user_pool_id
+            ),
+        ));
+    }
+    if let (Some(domain), None) = (&c.domain, &c.token_endpoint) {
+        if let Ok(url) = Url::parse(domain) {
+            if !matches!(url.path(), "" | "/") {
+                return Err((
+                    key("domain"),
+                    format!(
+                        "{:?} has a path: give the domain only (https://<prefix>.auth.<region>.amazoncognito.com); /oauth2/token is appended",
+                        redact_userinfo_text(domain)
+                    ),
+                ));
+            }
+        }
+    }
+    let issuer = match &c.issuer {
+        Some(i) => {
+            checked_url(&key("issuer"), i)?;
+            i.clone()
+        }
+        None => c.issuer_type.issuer(&c.region, &c.user_pool_id),
+    };
+    let jwks_uri = match &c.jwks_uri {
+        Some(u) => u.clone(),
+        None => crate::jwt::jwks_uri_of(&issuer),
+    };
+    let jwks_uri = checked_url(&key("jwks_uri"), &jwks_uri)?;
+    // Blame the key the user wrote: the token endpoint is derived from the domain.
+    let (token_key, token_endpoint) = match (&c.token_endpoint, &c.domain) {
+        (Some(t), _) => (key("token_endpoint"), checked_url(&key("token_endpoint"), t)?),
+        (None, Some(d)) => {
+            let base = checked_url(&key("domain"), d)?;
+            if base.query().is_some() || base.fragment().is_some() {
+                return Err((key("domain"), "must not carry a query or fragment".into()));
+            }
+            let joined = format!("{}/oauth2/token", base.as_str().trim_end_matches('/'));
+            (key("domain"), checked_url(&key("domain"), &joined)?)
+        }
+        (None, None) => {
+            return Err((
+                key("domain"),
+                "missing: set the user pool domain (or token_endpoint)".into(),
+            ));
+        }
+    };
+    check_transport(&token_endpoint).map_err(|m| (token_key, m.to_string()))?;
+    check_transport(&jwks_uri).map_err(|m| (key("jwks_uri"), m.to_string()))?;
+    let previous = match &c.accept_previous_issuer {
+        AcceptPrevious::Flag(false) => Vec::new(),
+        AcceptPrevious::Flag(true) => {
+            if c.issuer.is_some() {
+                return Err((
+                    key("accept_previous_issuer"),
+                    "true derives the other issuer form from region and user_pool_id, but issuer is set by hand: list the previous issuer instead (accept_previous_issuer = [\"https://...\"])".into(),
+                ));
+            }
+            vec![c.issuer_type.other().issuer(&c.region, &c.user_pool_id)]
+        }
+        AcceptPrevious::Issuers(list) => list.clone(),
+    };
+    let mut accepted_issuers = Vec::new();
+    for other in previous {
+        checked_url(&key("accept_previous_issuer"), &other)?;
+        if other == issuer || accepted_issuers.iter().any(|a: &AcceptedIssuer| a.issuer == other) {
+            return Err((
+                key("accept_previous_issuer"),
+                format!("{other:?} is listed twice (or is the pool's own issuer)"),
+            ));
+        }
+        let jwks = checked_url(&key("accept_previous_issuer"), &crate::jwt::jwks_uri_of(&other))?;
+        check_transport(&jwks).map_err(|m| (key("accept_previous_issuer"), m.to_string()))?;
+        accepted_issuers.push(AcceptedIssuer {
+            issuer: other,
+            jwks_uri: jwks,
+        });
+    }
+    for (k, v) in [
+        ("connect_timeout_ms", c.connect_timeout_ms),
+        ("timeout_ms", c.timeout_ms),
+        ("jwks_timeout_ms", c.jwks_timeout_ms),
+    ] {
+        if !(1..=600_000).contains(&v) {
+            return Err((key(k), format!("{v} is outside 1..=600000")));
+        }
+    }
+    Ok(Endpoints {
+        pool: name,
+        token_endpoint,
+        issuer,
+        jwks_uri,
+        accepted_issuers,
+    })
 }
 
 /// Why `[cache] encryption_key` is not a key.
@@ -915,8 +1115,9 @@ pub fn decode_key(key: &SecretString) -> Result<[u8; 32], KeyDecodeError> {
 
 /// Parses a Cognito URL of `key`: never with user-info (Cognito uses none, and a
 /// password there would travel and be printed), and never echoing one back.
-fn checked_url(key: &'static str, text: &str) -> Result<Url, (&'static str, String)> {
+fn checked_url(key: &str, text: &str) -> Result<Url, (String, String)> {
     let url = Url::parse(text).map_err(|e| {
+        let key = key.to_owned();
         let shown = redact_userinfo_text(text);
         match e {
             url::ParseError::RelativeUrlWithoutBase => (
@@ -928,7 +1129,7 @@ fn checked_url(key: &'static str, text: &str) -> Result<Url, (&'static str, Stri
     })?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err((
-            key,
+            key.to_owned(),
             format!(
                 "{:?}: must not carry a user name or password (Cognito uses neither)",
                 redact_userinfo_text(text)
@@ -985,6 +1186,14 @@ client_id = "k6h0hnjenh7auvi2as"
 name = "acme-billing"
 allowed_scopes = ["orders/read", "orders/write"]
 "#;
+
+    impl Config {
+        /// The first pool's endpoints, checked alone.
+        fn endpoints(&self) -> Result<Endpoints, (String, String)> {
+            let (prefix, c) = &self.pool_entries()[0];
+            check_pool(prefix, c, self.cognito.is_some())
+        }
+    }
 
     #[test]
     fn derives_cognito_urls() {
@@ -1096,7 +1305,7 @@ allowed_scopes = ["orders/read", "orders/write"]
         let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
         let ok = format!("{redis}encryption_key = \"{key}\"\n");
         let c = parse(&ok, "gw.toml").unwrap();
-        let shown = c.redacted_json(&c.endpoints().unwrap());
+        let shown = c.redacted_json(&[c.endpoints().unwrap()]);
         assert!(!shown.contains(key), "{shown}");
         assert!(!shown.contains(":pw@"), "{shown}");
         assert!(!format!("{c:?}").contains(key));
@@ -1105,12 +1314,12 @@ allowed_scopes = ["orders/read", "orders/write"]
     #[test]
     fn urls_with_user_info_are_refused_without_echoing_the_password() {
         let mut c = parse(BASE, "t.toml").unwrap();
-        c.cognito.token_endpoint = Some("https://user:hunter2@example.com/oauth2/token".into());
+        c.cognito.as_mut().unwrap().token_endpoint = Some("https://user:hunter2@example.com/oauth2/token".into());
         let (key, message) = c.endpoints().unwrap_err();
         assert_eq!(key, "cognito.token_endpoint");
         assert!(!message.contains("hunter2"), "{message}");
         assert!(message.contains("user name or password"), "{message}");
-        c.cognito.token_endpoint = Some("https://user:hunter2@exa mple.com/".into());
+        c.cognito.as_mut().unwrap().token_endpoint = Some("https://user:hunter2@exa mple.com/".into());
         let (_, message) = c.endpoints().unwrap_err();
         assert!(!message.contains("hunter2"), "{message}");
         assert_eq!(

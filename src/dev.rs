@@ -22,26 +22,63 @@ pub const DEV_SCOPES: [&str; 2] = ["demo/read", "demo/write"];
 /// A gateway configuration pointing at a running emulator, listening on `listen`,
 /// with one registered client per emulator client given (at least one).
 pub fn config_for(emulator: &Emulator, listen: SocketAddr, clients: &[EmulatorClient]) -> Config {
-    let mut toml = format!(
-        "[server]\nlisten = {listen:?}\n\n[cognito]\nregion = \"us-east-1\"\nuser_pool_id = {pool:?}\n\
-         token_endpoint = {te:?}\nissuer = {iss:?}\njwks_uri = {jwks:?}\n",
-        listen = listen.to_string(),
-        pool = emulator.pool_id(),
-        te = emulator.token_endpoint(),
-        iss = emulator.issuer(),
-        jwks = emulator.jwks_uri(),
-    );
-    for c in clients {
+    config_for_pools(&[(emulator, clients)], listen)
+}
+
+/// A gateway configuration fronting several running emulators, one user pool
+/// each (`[cognito]` for one, `[[pools]]` named `pool1`, `pool2`, … for more),
+/// with the given clients registered in each.
+pub fn config_for_pools(pools: &[(&Emulator, &[EmulatorClient])], listen: SocketAddr) -> Config {
+    let mut toml = format!("[server]\nlisten = {:?}\n", listen.to_string());
+    let several = pools.len() > 1;
+    for (i, (emulator, _)) in pools.iter().enumerate() {
+        let header = if several {
+            format!("[[pools]]\nname = \"pool{}\"\n", i + 1)
+        } else {
+            "[cognito]\n".to_owned()
+        };
         toml.push_str(&format!(
-            "\n[[clients]]\nclient_id = {id:?}\nname = {id:?}\nallowed_scopes = {scopes}\n",
-            id = c.client_id,
-            scopes = serde_json::to_string(&c.scopes).unwrap_or_default(),
+            "\n{header}region = \"us-east-1\"\nuser_pool_id = {pool:?}\n\
+             token_endpoint = {te:?}\nissuer = {iss:?}\njwks_uri = {jwks:?}\n",
+            pool = emulator.pool_id(),
+            te = emulator.token_endpoint(),
+            iss = emulator.issuer(),
+            jwks = emulator.jwks_uri(),
         ));
+    }
+    for (i, (_, clients)) in pools.iter().enumerate() {
+        for c in *clients {
+            toml.push_str(&format!(
+                "\n[[clients]]\nclient_id = {id:?}\nname = {id:?}\nallowed_scopes = {scopes}\n",
+                id = c.client_id,
+                scopes = serde_json::to_string(&c.scopes).unwrap_or_default(),
+            ));
+            if several {
+                toml.push_str(&format!("pool = \"pool{}\"\n", i + 1));
+            }
+        }
     }
     Settings::from_toml_str(&toml, "dev")
         .expect("the dev configuration is valid")
         .config
 }
+
+/// The demo client of pool `n` (1-based): `dev-client` / `dev-secret` in the
+/// first, `dev-client-2` / `dev-secret-2` in the second, and so on.
+pub fn dev_client(n: usize) -> EmulatorClient {
+    if n == 1 {
+        EmulatorClient::new(DEV_CLIENT_ID, DEV_CLIENT_SECRET, &DEV_SCOPES)
+    } else {
+        EmulatorClient::new(
+            &format!("{DEV_CLIENT_ID}-{n}"),
+            &format!("{DEV_CLIENT_SECRET}-{n}"),
+            &DEV_SCOPES,
+        )
+    }
+}
+
+/// Most user pools `dev --pools` runs.
+pub const MAX_DEV_POOLS: usize = 4;
 
 /// Default address of the emulator in dev mode: fixed, so that a written
 /// configuration stays valid across runs (the `emulator` command's default too).
@@ -59,6 +96,9 @@ pub struct DevOptions {
     pub admin_listen: Option<SocketAddr>,
     /// The shared cache on this Redis (a fresh encryption key per run).
     pub redis_url: Option<String>,
+    /// User pools to emulate (1..=[`MAX_DEV_POOLS`]); each gets its own
+    /// emulator (own keys, own issuer) on the next port.
+    pub pools: usize,
 }
 
 impl std::fmt::Debug for DevOptions {
@@ -66,6 +106,7 @@ impl std::fmt::Debug for DevOptions {
         f.debug_struct("DevOptions")
             .field("emulator_listen", &self.emulator_listen)
             .field("admin_listen", &self.admin_listen)
+            .field("pools", &self.pools)
             // A Redis URL may carry a password.
             .field(
                 "redis_url",
@@ -84,6 +125,7 @@ impl Default for DevOptions {
             emulator_listen: DEV_EMULATOR_LISTEN,
             admin_listen: None,
             redis_url: None,
+            pools: 1,
         }
     }
 }
@@ -112,23 +154,40 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let listen = listener.local_addr()?;
-    let client = EmulatorClient::new(DEV_CLIENT_ID, DEV_CLIENT_SECRET, &DEV_SCOPES);
-    let emulator = Emulator::start(
-        options.emulator_listen,
-        EmulatorConfig {
-            pool_id: "us-east-1_DevPool01".into(),
-            clients: vec![client.clone()],
-            ..EmulatorConfig::default()
-        },
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "starting the Cognito emulator on {} (another dev or emulator running? choose another with --emulator-listen, port 0 for any)",
-            options.emulator_listen
+    anyhow::ensure!(
+        (1..=MAX_DEV_POOLS).contains(&options.pools),
+        "--pools {} is outside 1..={MAX_DEV_POOLS}",
+        options.pools
+    );
+    let mut emulators = Vec::with_capacity(options.pools);
+    for n in 1..=options.pools {
+        // Pool n listens on the next port (any free port when the first is 0).
+        let mut addr = options.emulator_listen;
+        if addr.port() != 0 {
+            let port = addr.port().checked_add(n as u16 - 1).context("--emulator-listen port too high")?;
+            addr.set_port(port);
+        }
+        let emulator = Emulator::start(
+            addr,
+            EmulatorConfig {
+                pool_id: format!("us-east-1_DevPool{n:02}"),
+                clients: vec![dev_client(n)],
+                ..EmulatorConfig::default()
+            },
         )
-    })?;
-    let mut config = config_for(&emulator, listen, &[client]);
+        .await
+        .with_context(|| {
+            format!(
+                "starting the Cognito emulator on {addr} (another dev or emulator running? choose another with --emulator-listen, port 0 for any)"
+            )
+        })?;
+        emulators.push((emulator, [dev_client(n)]));
+    }
+    let pools: Vec<(&Emulator, &[EmulatorClient])> = emulators
+        .iter()
+        .map(|(e, c)| (e, c.as_slice()))
+        .collect();
+    let mut config = config_for_pools(&pools, listen);
     // The written file is for the examples and check-config: no admin listener
     // (it would clash with this one) and the in-memory cache (its key stays here).
     let written = config.clone();
@@ -151,10 +210,21 @@ pub async fn run(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let gateway = Gateway::from_config(config)?;
-    let keys = gateway.validator.keys().clone();
+    let validator = gateway.validator.clone();
     let server = tokio::spawn(gateway.serve(listener, shutdown));
-    keys.wait_loaded().await;
-    let mut text = banner(listen, &emulator);
+    validator.wait_loaded().await;
+    let mut text = banner(listen, &emulators[0].0);
+    for (n, (emulator, _)) in emulators.iter().enumerate().skip(1) {
+        let client = dev_client(n + 1);
+        text.push_str(&format!(
+            "pool{p}: Cognito emulator on {addr} (issuer {iss}), client {id} / {secret}\n",
+            p = n + 1,
+            addr = emulator.addr(),
+            iss = emulator.issuer(),
+            id = client.client_id,
+            secret = client.secret,
+        ));
+    }
     if let Some(admin) = options.admin_listen {
         text.push_str(&format!(
             "admin: http://{admin}/metrics, /healthz, /readyz\n"
@@ -175,7 +245,9 @@ pub async fn run(
         let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
     }
     let result = server.await.context("gateway task")?;
-    emulator.shutdown().await;
+    for (emulator, _) in emulators {
+        emulator.shutdown().await;
+    }
     result
 }
 

@@ -65,6 +65,11 @@ enum Command {
         /// a fresh encryption key per run.
         #[arg(long, value_name = "URL")]
         redis: Option<String>,
+        /// Emulate this many user pools (1-4), each with its own keys, issuer and
+        /// demo client (`dev-client-2` / `dev-secret-2` in the second, …), its
+        /// emulator on the next port after --emulator-listen.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+        pools: u8,
     },
     /// Exit 0 when the gateway's health check answers SERVING (container health
     /// checks; plaintext gRPC).
@@ -161,7 +166,13 @@ async fn main() -> ExitCode {
                 println!(
                     "{}: OK\n{}",
                     file.display(),
-                    settings.config.redacted_json(&settings.endpoints)
+                    settings.config.redacted_json(
+                        &settings
+                            .pools
+                            .iter()
+                            .map(|p| p.endpoints.clone())
+                            .collect::<Vec<_>>()
+                    )
                 );
                 Ok(())
             }
@@ -174,11 +185,13 @@ async fn main() -> ExitCode {
             emulator_listen,
             admin_listen,
             redis,
+            pools,
         } => {
             let options = m2m_gateway::dev::DevOptions {
                 emulator_listen,
                 admin_listen,
                 redis_url: redis,
+                pools: usize::from(pools),
             };
             m2m_gateway::dev::run(listen, write_config.as_deref(), options, shutdown_signal()).await
         }

@@ -57,6 +57,8 @@ pub struct Client {
     pub client_id: Arc<str>,
     /// Name for logs and metrics.
     pub name: Arc<str>,
+    /// The user pool it belongs to (logs and metrics).
+    pub pool: Arc<str>,
     /// The scopes it may ask for, sorted: also what an empty scope list asks for.
     pub allowed_scopes: ScopeSet,
     /// Its position in the registry (0..len): per-client state is kept in tables
@@ -136,8 +138,26 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Builds the registry from validated config entries.
+    /// Builds the registry from validated config entries, each in the pool it
+    /// names (`default` when it names none).
     pub fn new(clients: &[ClientConfig], max_scopes: usize) -> Self {
+        Self::with_pools(clients, max_scopes, |c| {
+            c.pool.as_deref().unwrap_or(crate::jwt::DEFAULT_POOL)
+        })
+    }
+
+    /// The registry of a validated configuration, each client in its pool.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self::with_pools(&config.clients, config.limits.max_scopes, |c| {
+            config.pool_of(c)
+        })
+    }
+
+    fn with_pools<'c>(
+        clients: &'c [ClientConfig],
+        max_scopes: usize,
+        pool_of: impl Fn(&'c ClientConfig) -> &'c str,
+    ) -> Self {
         let clients = clients
             .iter()
             .enumerate()
@@ -147,6 +167,7 @@ impl Registry {
                     Client {
                         client_id: Arc::from(c.client_id.as_str()),
                         name: Arc::from(c.name.as_str()),
+                        pool: Arc::from(pool_of(c)),
                         allowed_scopes: ScopeSet::new(c.allowed_scopes.iter().cloned().collect()),
                         index,
                     },
@@ -221,6 +242,7 @@ mod tests {
         Registry::new(
             &[ClientConfig {
                 client_id: "c1".into(),
+                pool: None,
                 name: "one".into(),
                 allowed_scopes: vec!["a/read".into(), "a/write".into(), "b/x".into()],
             }],

@@ -11,11 +11,11 @@ use tonic_health::ServingStatus;
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
-    broker::{Broker, CognitoClient, FleetCache},
+    broker::{Broker, CognitoClient, FleetCache, PoolRoutes, TokenEndpoint},
     calls::CallLayer,
     config::{self, Config},
     edge::{self, Edge, EdgeLayer, EdgeSettings},
-    jwt::{HttpFetcher, JwtValidator, KeySet},
+    jwt::{HttpFetcher, JwtValidator, KeySet, TrustedIssuer},
     proto::{self, gateway::v1::gateway_server::GatewayServer},
     registry::Registry,
     service::GatewayService,
@@ -53,20 +53,15 @@ impl Gateway {
     /// Builds every part from checked settings.
     pub fn from_settings(settings: Settings) -> anyhow::Result<Self> {
         let config = &settings.config;
-        let registry = Registry::new(&config.clients, config.limits.max_scopes);
-        let upstream = CognitoClient::new(
-            settings.endpoints.token_endpoint.clone(),
-            settings.upstream.connect_timeout,
-            settings.upstream.token_timeout,
-        )
-        .context("token endpoint client")?;
+        let registry = Registry::from_config(config);
+        let upstream = token_endpoints(&settings)?;
         let fleet = match (&settings.fleet, &settings.cache_key) {
             (Some(fleet), Some(key)) => Some(Arc::new(FleetCache::new(fleet, key)?)),
             _ => None,
         };
         let broker = Broker::with_fleet(
             registry.clone(),
-            Arc::new(upstream),
+            upstream,
             settings.broker.clone(),
             fleet,
         );
@@ -150,8 +145,12 @@ impl Gateway {
             tokio::spawn(serve_admin(l, telemetry.clone(), stopped()))
         });
 
-        let keys = self.validator.keys().clone();
-        let loader = keys.spawn_loader(JWKS_REFRESH_PERIOD);
+        // One loader per key set: every pool's issuer, and any previous issuer.
+        let loaders: Vec<_> = self
+            .validator
+            .issuers()
+            .map(|(trusted, _)| trusted.keys().spawn_loader(JWKS_REFRESH_PERIOD))
+            .collect();
         // Redis is connected now, and the fleet's proven secrets followed.
         self.broker.start();
         let (reporter, health) = tonic_health::server::health_reporter();
@@ -167,10 +166,11 @@ impl Gateway {
             .set_not_serving::<GatewayServer<GatewayService>>()
             .await;
         let readiness = {
-            let keys = keys.clone();
+            // Ready once every pool's first key set is in.
+            let validator = self.validator.clone();
             let reporter = reporter.clone();
             tokio::spawn(async move {
-                keys.wait_loaded().await;
+                validator.wait_loaded().await;
                 reporter
                     .set_serving::<GatewayServer<GatewayService>>()
                     .await;
@@ -235,7 +235,7 @@ impl Gateway {
                 Ok(())
             }
         };
-        loader.abort();
+        loaders.iter().for_each(tokio::task::JoinHandle::abort);
         readiness.abort();
         telemetry.set_listening(false);
         if let Some(mut admin) = admin {
@@ -254,29 +254,66 @@ impl Gateway {
     }
 }
 
-/// The access-token validator of a configuration: its issuer, its JWKS URI, its
-/// registered clients. The key set is empty until loaded
-/// ([`KeySet::spawn_loader`] or [`KeySet::refresh`]).
+/// Where GetToken goes: the pool's token endpoint, or with several pools each
+/// client's own pool's.
+fn token_endpoints(settings: &Settings) -> anyhow::Result<Arc<dyn TokenEndpoint>> {
+    let mut pools: Vec<(Arc<str>, Arc<dyn TokenEndpoint>)> = Vec::new();
+    for pool in &settings.pools {
+        let client = CognitoClient::new(
+            pool.endpoints.token_endpoint.clone(),
+            pool.upstream.connect_timeout,
+            pool.upstream.token_timeout,
+        )
+        .with_context(|| format!("token endpoint client of pool {:?}", pool.endpoints.pool))?;
+        pools.push((Arc::from(pool.endpoints.pool.as_str()), Arc::new(client)));
+    }
+    if let [(_, only)] = pools.as_slice() {
+        return Ok(only.clone());
+    }
+    let config = &settings.config;
+    Ok(Arc::new(PoolRoutes::new(
+        pools,
+        config
+            .clients
+            .iter()
+            .map(|c| (c.client_id.as_str(), config.pool_of(c))),
+    )))
+}
+
+/// The access-token validator of a configuration: for every pool, its issuer
+/// (and any accepted previous issuer), each with its own key set from its own
+/// JWKS URI, and the clients registered for that pool. The key sets are empty
+/// until loaded ([`KeySet::spawn_loader`] or [`KeySet::refresh`]).
 pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
-    let endpoints = &settings.endpoints;
-    let upstream = &settings.upstream;
-    let fetcher = HttpFetcher::new(
-        endpoints.jwks_uri.clone(),
-        upstream.connect_timeout,
-        upstream.jwks_timeout,
-    )
-    .context("JWKS client")?;
-    let keys = Arc::new(KeySet::new(
-        endpoints.issuer.clone(),
-        Arc::new(fetcher),
-        upstream.jwks_cooldown,
-    ));
-    Ok(JwtValidator::new(
-        endpoints.issuer.clone(),
-        settings.config.clients.iter().map(|c| c.client_id.clone()),
-        keys,
-        settings.validator.clone(),
-    ))
+    let config = &settings.config;
+    let mut trusted = Vec::new();
+    for pool in &settings.pools {
+        let e = &pool.endpoints;
+        let upstream = &pool.upstream;
+        let clients: Vec<String> = config
+            .clients
+            .iter()
+            .filter(|c| config.pool_of(c) == e.pool)
+            .map(|c| c.client_id.clone())
+            .collect();
+        let issuers = std::iter::once((&e.issuer, &e.jwks_uri))
+            .chain(e.accepted_issuers.iter().map(|a| (&a.issuer, &a.jwks_uri)));
+        for (issuer, jwks_uri) in issuers {
+            let fetcher = HttpFetcher::new(
+                jwks_uri.clone(),
+                upstream.connect_timeout,
+                upstream.jwks_timeout,
+            )
+            .with_context(|| format!("JWKS client of pool {:?}", e.pool))?;
+            let keys = Arc::new(
+                KeySet::new(issuer.clone(), Arc::new(fetcher), upstream.jwks_cooldown)
+                    .with_pool(e.pool.clone()),
+            );
+            trusted.push(TrustedIssuer::new(e.pool.clone(), keys, clients.clone()));
+        }
+    }
+    // `check` refused empty and shared issuers.
+    Ok(JwtValidator::for_issuers(trusted, settings.validator.clone())?)
 }
 
 fn tls_config(tls: &config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {

@@ -420,6 +420,7 @@ mod tests {
             let registry = Registry::new(
                 &[ClientConfig {
                     client_id: "client-a".into(),
+                    pool: None,
                     name: "acme".into(),
                     allowed_scopes: vec!["orders/read".into(), "orders/write".into()],
                 }],

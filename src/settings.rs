@@ -23,12 +23,11 @@ use crate::{
 pub struct Settings {
     /// The configuration as written (printed by `check-config`, written by `dev`).
     pub config: Config,
-    /// Token endpoint, issuer and JWKS URI.
-    pub endpoints: Endpoints,
+    /// The user pools: endpoints and how they are called, in configuration
+    /// order (`[cognito]` is one pool).
+    pub pools: Vec<PoolSettings>,
     /// The gRPC listener and its limits.
     pub server: ServerSettings,
-    /// Calls to Cognito.
-    pub upstream: UpstreamSettings,
     /// The access-token validator.
     pub validator: ValidatorSettings,
     /// The GetToken broker (its verifier key is the cache key when one is set).
@@ -63,6 +62,15 @@ pub struct ServerSettings {
     /// Connection and request limits (the connection cap as configured; the
     /// listener lowers it below the open-file limit when it starts).
     pub edge: EdgeSettings,
+}
+
+/// One user pool.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Name, token endpoint, issuers and JWKS URIs.
+    pub endpoints: Endpoints,
+    /// How its endpoints are called.
+    pub upstream: UpstreamSettings,
 }
 
 /// How Cognito is called.
@@ -106,6 +114,25 @@ impl Settings {
     /// Checks `config` (errors name the key and `origin`) and types its values.
     pub fn new(config: Config, origin: &str) -> Result<Self, ConfigError> {
         let endpoints = config.check(origin)?;
+        let pools: Vec<PoolSettings> = config
+            .pool_entries()
+            .into_iter()
+            .zip(endpoints)
+            .map(|((_, c), endpoints)| PoolSettings {
+                endpoints,
+                upstream: UpstreamSettings {
+                    connect_timeout: Duration::from_millis(c.connect_timeout_ms),
+                    token_timeout: Duration::from_millis(c.timeout_ms),
+                    jwks_timeout: Duration::from_millis(c.jwks_timeout_ms),
+                    jwks_cooldown: Duration::from_secs(config.validation.jwks_cooldown_secs),
+                },
+            })
+            .collect();
+        let longest_token_call = pools
+            .iter()
+            .map(|p| p.upstream.token_timeout)
+            .max()
+            .unwrap_or_default();
         if let Some(tls) = &config.server.tls {
             check_tls(tls).map_err(|(key, message)| ConfigError::Invalid {
                 path: origin.to_owned(),
@@ -114,7 +141,6 @@ impl Settings {
             })?;
         }
         let s = &config.server;
-        let c = &config.cognito;
         let cache = &config.cache;
         let limits = &config.limits;
         let ms = Duration::from_millis;
@@ -154,12 +180,6 @@ impl Settings {
                 },
             },
         };
-        let upstream = UpstreamSettings {
-            connect_timeout: ms(c.connect_timeout_ms),
-            token_timeout: ms(c.timeout_ms),
-            jwks_timeout: ms(c.jwks_timeout_ms),
-            jwks_cooldown: secs(config.validation.jwks_cooldown_secs),
-        };
         let validator = ValidatorSettings {
             leeway: secs(config.validation.leeway_secs),
             max_token_bytes: config.validation.max_token_bytes,
@@ -180,15 +200,14 @@ impl Settings {
                 url: url.clone(),
                 timeout: ms(cache.redis_timeout_ms),
                 // Covers the wait for a budget slot and the call itself.
-                lock_ttl: ms(limits.upstream_max_wait_ms + c.timeout_ms + 1000),
+                lock_ttl: ms(limits.upstream_max_wait_ms + 1000) + longest_token_call,
                 lock_wait: ms(cache.lock_wait_ms),
             }),
             _ => None,
         };
         Ok(Self {
-            endpoints,
+            pools,
             server,
-            upstream,
             validator,
             broker,
             fleet,
@@ -293,13 +312,15 @@ allowed_scopes = ["a/read"]
         let s = Settings::from_toml_str(BASE, "t.toml").unwrap();
         assert_eq!(s.server.request_timeout, Duration::from_millis(2500));
         assert_eq!(s.server.edge.max_requests_per_peer, usize::MAX, "0 = off");
-        assert_eq!(s.upstream.token_timeout, Duration::from_secs(4));
+        let pool = &s.pools[0];
+        assert_eq!(pool.upstream.token_timeout, Duration::from_secs(4));
+        assert_eq!(pool.endpoints.pool, "default");
         assert_eq!(
-            s.endpoints.token_endpoint.as_str(),
+            pool.endpoints.token_endpoint.as_str(),
             "https://example.auth.eu-west-1.amazoncognito.com/oauth2/token"
         );
         assert_eq!(
-            s.endpoints.issuer,
+            pool.endpoints.issuer,
             "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123"
         );
         let key: Vec<u8> = (1..=32).collect();

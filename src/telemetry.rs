@@ -272,11 +272,11 @@ impl Telemetry {
         self.listening.store(up, Relaxed);
     }
 
-    /// Ready: the first key set is loaded, the gRPC listener is up and it is not
-    /// refusing connections (at its cap, or out of descriptors).
+    /// Ready: every pool's first key set is loaded, the gRPC listener is up and
+    /// it is not refusing connections (at its cap, or out of descriptors).
     pub fn ready(&self) -> bool {
         self.listening.load(Relaxed)
-            && self.validator.keys().is_loaded()
+            && self.validator.is_loaded()
             && !self.edge.get().is_some_and(|e| e.is_refusing())
     }
 
@@ -489,8 +489,9 @@ impl Telemetry {
             for c in &clients {
                 let _ = writeln!(
                     out,
-                    "m2m_gateway_{family}{{client=\"{}\"}} {}",
+                    "m2m_gateway_{family}{{client=\"{}\",pool=\"{}\"}} {}",
                     label_value(&c.name),
+                    label_value(&c.pool),
                     pick(c)
                 );
             }
@@ -639,6 +640,32 @@ impl Telemetry {
                 v.rejected(r)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_pool_validations_total Token validations by the trusted issuer the token claimed, and result.\n# TYPE m2m_gateway_pool_validations_total counter"
+        );
+        for (trusted, v) in self.validator.issuers() {
+            let labels = format!(
+                "pool=\"{}\",issuer=\"{}\"",
+                label_value(trusted.pool()),
+                label_value(trusted.issuer())
+            );
+            let _ = writeln!(
+                out,
+                "m2m_gateway_pool_validations_total{{{labels},result=\"valid\"}} {}",
+                v.valid()
+            );
+            for r in Rejection::ALL {
+                let n = v.rejected(r);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "m2m_gateway_pool_validations_total{{{labels},result=\"{}\"}} {n}",
+                        r.as_str()
+                    );
+                }
+            }
+        }
         gauge(
             &mut out,
             "verified_cache_entries",
@@ -646,42 +673,74 @@ impl Telemetry {
             self.validator.cached_verifications() as f64,
         );
 
-        // Keys.
-        let keys = self.validator.keys();
-        let s = keys.stats();
-        let _ = writeln!(
-            out,
-            "# HELP m2m_gateway_jwks_fetches_total JWKS fetches by outcome.\n# TYPE m2m_gateway_jwks_fetches_total counter"
+        // Keys: one key set per trusted issuer.
+        let key_sets: Vec<(String, &Arc<crate::jwt::KeySet>)> = self
+            .validator
+            .issuers()
+            .map(|(trusted, _)| {
+                (
+                    format!(
+                        "pool=\"{}\",issuer=\"{}\"",
+                        label_value(trusted.pool()),
+                        label_value(trusted.issuer())
+                    ),
+                    trusted.keys(),
+                )
+            })
+            .collect();
+        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(
+                out,
+                "# HELP m2m_gateway_{name} {help}\n# TYPE m2m_gateway_{name} {kind}"
+            );
+        };
+        family(
+            &mut out,
+            "jwks_fetches_total",
+            "counter",
+            "JWKS fetches by key set and outcome.",
         );
-        let _ = writeln!(
-            out,
-            "m2m_gateway_jwks_fetches_total{{outcome=\"ok\"}} {}",
-            s.fetch_ok.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "m2m_gateway_jwks_fetches_total{{outcome=\"failed\"}} {}",
-            s.fetch_failed.load(Relaxed)
-        );
-        counter(
+        for (labels, keys) in &key_sets {
+            let s = keys.stats();
+            let _ = writeln!(
+                out,
+                "m2m_gateway_jwks_fetches_total{{{labels},outcome=\"ok\"}} {}\nm2m_gateway_jwks_fetches_total{{{labels},outcome=\"failed\"}} {}",
+                s.fetch_ok.load(Relaxed),
+                s.fetch_failed.load(Relaxed)
+            );
+        }
+        family(
             &mut out,
             "jwks_refetches_suppressed_total",
+            "counter",
             "Unknown-kid refetches skipped by the cool-down.",
-            s.refetch_suppressed.load(Relaxed),
         );
-        gauge(
+        for (labels, keys) in &key_sets {
+            let _ = writeln!(
+                out,
+                "m2m_gateway_jwks_refetches_suppressed_total{{{labels}}} {}",
+                keys.stats().refetch_suppressed.load(Relaxed)
+            );
+        }
+        family(
             &mut out,
             "jwks_keys",
+            "gauge",
             "Keys in the current key set.",
-            keys.kids().len() as f64,
         );
-        let age = keys.loaded_at().map_or(-1.0, |t| t.elapsed().as_secs_f64());
-        gauge(
+        for (labels, keys) in &key_sets {
+            let _ = writeln!(out, "m2m_gateway_jwks_keys{{{labels}}} {}", keys.kids().len());
+        }
+        family(
             &mut out,
             "jwks_age_seconds",
+            "gauge",
             "Age of the current key set (-1 = never loaded).",
-            age,
         );
+        for (labels, keys) in &key_sets {
+            let age = keys.loaded_at().map_or(-1.0, |t| t.elapsed().as_secs_f64());
+            let _ = writeln!(out, "m2m_gateway_jwks_age_seconds{{{labels}}} {age}");
+        }
         gauge(
             &mut out,
             "ready",

@@ -194,8 +194,8 @@ async fn keys_not_loadable_is_unavailable() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = dead.local_addr().unwrap().port();
     drop(dead);
-    cfg.cognito.jwks_uri = Some(format!("http://127.0.0.1:{port}/jwks.json"));
-    cfg.cognito.connect_timeout_ms = 300;
+    cfg.cognito.as_mut().unwrap().jwks_uri = Some(format!("http://127.0.0.1:{port}/jwks.json"));
+    cfg.cognito.as_mut().unwrap().connect_timeout_ms = 300;
     let validator = build_validator(&Settings::new(cfg, "test").unwrap()).unwrap();
     let served = serve_with_layer(AuthLayer::local(validator, AuthPolicy::new())).await;
     let mut client = EchoClient::new(served.channel().await);

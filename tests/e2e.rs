@@ -275,8 +275,8 @@ async fn hung_cognito_answers_the_caller_within_the_timeout() {
     let (addr, _accepted) = silent_upstream().await;
     let emu = emulator(vec![]).await;
     let mut cfg = config(&emu, &[client_a()]);
-    cfg.cognito.token_endpoint = Some(format!("http://{addr}/oauth2/token"));
-    cfg.cognito.timeout_ms = 300;
+    cfg.cognito.as_mut().unwrap().token_endpoint = Some(format!("http://{addr}/oauth2/token"));
+    cfg.cognito.as_mut().unwrap().timeout_ms = 300;
     let gw = TestGateway::start(cfg).await.ready().await;
     let mut c = gw.client().await;
     let started = std::time::Instant::now();
@@ -290,8 +290,8 @@ async fn caller_deadline_bounds_a_hung_cognito() {
     let (addr, _accepted) = silent_upstream().await;
     let emu = emulator(vec![]).await;
     let mut cfg = config(&emu, &[client_a()]);
-    cfg.cognito.token_endpoint = Some(format!("http://{addr}/oauth2/token"));
-    cfg.cognito.timeout_ms = 60_000;
+    cfg.cognito.as_mut().unwrap().token_endpoint = Some(format!("http://{addr}/oauth2/token"));
+    cfg.cognito.as_mut().unwrap().timeout_ms = 60_000;
     let gw = TestGateway::start(cfg).await.ready().await;
     let mut c = gw.client().await;
     let mut req = Request::new(get(CLIENT, SECRET, &[]));

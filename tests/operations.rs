@@ -254,7 +254,7 @@ async fn not_ready_until_keys_load() {
     let open = Arc::new(AtomicBool::new(false));
     let jwks = gated_jwks(emu.jwks_uri(), open.clone()).await;
     let mut cfg = config(&emu, &[client_a()]);
-    cfg.cognito.jwks_uri = Some(format!("http://{jwks}/jwks.json"));
+    cfg.cognito.as_mut().unwrap().jwks_uri = Some(format!("http://{jwks}/jwks.json"));
     let gw = TestGateway::start(cfg).await;
     let mut health = HealthClient::new(gw.channel().await);
     let check = |service: &str| HealthCheckRequest {
@@ -319,8 +319,8 @@ async fn load_shedding_answers_resource_exhausted() {
     let (upstream, mut accepted) = silent_upstream().await;
     let emu = emulator(vec![]).await;
     let mut cfg = config(&emu, &[client_a()]);
-    cfg.cognito.token_endpoint = Some(format!("http://{upstream}/oauth2/token"));
-    cfg.cognito.timeout_ms = 30_000;
+    cfg.cognito.as_mut().unwrap().token_endpoint = Some(format!("http://{upstream}/oauth2/token"));
+    cfg.cognito.as_mut().unwrap().timeout_ms = 30_000;
     cfg.server.max_concurrent_requests = 1;
     let gw = TestGateway::start(cfg).await.ready().await;
     let mut first = gw.client().await;

@@ -8,6 +8,7 @@
 
 mod budget;
 mod fleet;
+mod pools;
 mod proven;
 mod stats;
 mod sync;
@@ -36,6 +37,7 @@ use tokio::time::Instant;
 pub use crate::oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
 pub use budget::BudgetStats;
 pub use fleet::{FleetCache, FleetSettings, FleetSetupError, FleetStats};
+pub use pools::PoolRoutes;
 pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
 
 use budget::{Grant, Priority, Schedule};

@@ -155,7 +155,8 @@ struct ClientCounters {
 /// the cardinality; no caller-supplied string becomes a label).
 #[derive(Debug)]
 pub struct ClientStats {
-    names: Box<[Option<std::sync::Arc<str>>]>,
+    /// Name and pool, by registry index.
+    names: Box<[Option<(std::sync::Arc<str>, std::sync::Arc<str>)>]>,
     counters: Box<[ClientCounters]>,
 }
 
@@ -164,6 +165,8 @@ pub struct ClientStats {
 pub struct ClientSnapshot {
     /// The registered name.
     pub name: std::sync::Arc<str>,
+    /// The user pool it belongs to.
+    pub pool: std::sync::Arc<str>,
     /// GetToken answered from the cache.
     pub hits: u64,
     /// Token endpoint calls made for it.
@@ -176,7 +179,7 @@ impl ClientStats {
     pub(crate) fn new(registry: &Registry, slots: usize) -> Self {
         let mut names = vec![None; slots];
         for c in registry.clients() {
-            names[c.index] = Some(c.name.clone());
+            names[c.index] = Some((c.name.clone(), c.pool.clone()));
         }
         Self {
             names: names.into(),
@@ -207,8 +210,10 @@ impl ClientStats {
             .iter()
             .zip(self.counters.iter())
             .filter_map(|(name, c)| {
+                let (name, pool) = name.clone()?;
                 Some(ClientSnapshot {
-                    name: name.clone()?,
+                    name,
+                    pool,
                     hits: c.hits.load(Relaxed),
                     upstream: c.upstream.load(Relaxed),
                     refused: c.refused.load(Relaxed),

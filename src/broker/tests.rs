@@ -109,6 +109,7 @@ fn registry() -> Registry {
     Registry::new(
         &[ClientConfig {
             client_id: "client-a".into(),
+            pool: None,
             name: "acme".into(),
             allowed_scopes: vec!["orders/read".into(), "orders/write".into()],
         }],
@@ -578,6 +579,7 @@ async fn refresh_points_are_spread_over_the_jitter_window() {
     let registry = Registry::new(
         &[ClientConfig {
             client_id: "client-a".into(),
+            pool: None,
             name: "acme".into(),
             allowed_scopes: many.clone(),
         }],
@@ -613,6 +615,7 @@ fn nine_scope_registry() -> (Registry, Vec<String>) {
     let registry = Registry::new(
         &[ClientConfig {
             client_id: "client-a".into(),
+            pool: None,
             name: "acme".into(),
             allowed_scopes: nine.clone(),
         }],

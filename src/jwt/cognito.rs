@@ -1,12 +1,12 @@
-//! A validator for one Cognito user pool, configured in code: the issuer and the
-//! JWKS URI are derived as the gateway derives them, and the validator loads and
-//! refreshes its own keys (from `build`, until its last clone is dropped).
+//! A validator for Cognito user pools, configured in code: issuers and JWKS URIs
+//! are derived as the gateway derives them, and the validator loads and refreshes
+//! its own keys (from `build`, until its last clone is dropped).
 
 use std::{sync::Arc, time::Duration};
 
 use url::Url;
 
-use super::{HttpFetcher, JwksError, JwtValidator, KeySet, ValidatorSettings};
+use super::{HttpFetcher, JwksError, JwtValidator, KeySet, TrustedIssuer, ValidatorSettings};
 use crate::http::{EndpointError, check_transport};
 
 /// Which form of issuer a user pool has (its `IssuerConfigurationType`).
@@ -37,21 +37,50 @@ impl IssuerType {
     }
 }
 
-/// Builds a [`JwtValidator`] for a Cognito user pool.
+impl IssuerType {
+    /// The other form (what a pool switching issuers issued before, or will).
+    pub fn other(self) -> Self {
+        match self {
+            IssuerType::Original => IssuerType::Updated,
+            IssuerType::Updated => IssuerType::Original,
+        }
+    }
+}
+
+/// The JWKS URI Cognito serves for `issuer`: `<issuer>/.well-known/jwks.json`.
+pub fn jwks_uri_of(issuer: &str) -> String {
+    format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/'))
+}
+
+/// Builds a [`JwtValidator`] for one Cognito user pool or several.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), m2m_gateway::jwt::BuildError> {
-/// use m2m_gateway::jwt::CognitoValidator;
+/// use m2m_gateway::jwt::{CognitoPool, CognitoValidator, IssuerType};
 ///
+/// // One pool.
 /// let validator = CognitoValidator::builder()
 ///     .region("us-east-1")
 ///     .user_pool_id("us-east-1_AbCdEf123")
 ///     .clients(["1example23456789"])   // or .any_client()
 ///     .build()?;
+///
+/// // Several pools; the first one switching to the updated issuer form.
+/// let validator = CognitoValidator::builder()
+///     .pool(
+///         CognitoPool::new("us-east-1", "us-east-1_AbCdEf123")
+///             .issuer_type(IssuerType::Updated)
+///             .accept_previous_issuer()
+///             .clients(["1example23456789"]),
+///     )
+///     .pool(CognitoPool::new("eu-west-1", "eu-west-1_XyZ987654").clients(["2example"]))
+///     .build()?;
 /// # let _ = validator;
 /// # Ok(()) }
 /// ```
 ///
+/// Each issuer has its own key set: a token is checked against the keys of the
+/// issuer it claims (matched exactly) and the clients of that issuer's pool.
 /// Keys are fetched at once and every hour; an unknown `kid` refetches them (at
 /// most once per cooldown); a call made before the first key set arrives waits for
 /// it up to `first_load_wait` (5 s), then answers KEYS_UNAVAILABLE.
@@ -65,9 +94,11 @@ impl CognitoValidator {
     }
 }
 
-/// The settings of [`CognitoValidator::builder`].
-#[derive(Debug, Clone)]
-pub struct CognitoValidatorBuilder {
+/// One user pool whose tokens a validator accepts
+/// ([`CognitoValidatorBuilder::pool`]).
+#[derive(Debug, Clone, Default)]
+pub struct CognitoPool {
+    name: Option<String>,
     region: Option<String>,
     user_pool_id: Option<String>,
     issuer_type: IssuerType,
@@ -75,6 +106,182 @@ pub struct CognitoValidatorBuilder {
     any_client: bool,
     issuer: Option<String>,
     jwks_uri: Option<String>,
+    accept_previous_issuer: bool,
+    also_accept: Vec<String>,
+}
+
+impl CognitoPool {
+    /// The pool `user_pool_id` in `region` (e.g. `us-east-1`,
+    /// `us-east-1_AbCdEf123`).
+    pub fn new(region: impl Into<String>, user_pool_id: impl Into<String>) -> Self {
+        Self {
+            region: Some(region.into()),
+            user_pool_id: Some(user_pool_id.into()),
+            ..Self::default()
+        }
+    }
+
+    /// A pool known by its issuer only (an emulator, a test); its JWKS is
+    /// `<issuer>/.well-known/jwks.json` unless [`CognitoPool::jwks_uri`] says
+    /// otherwise.
+    pub fn with_issuer(issuer: impl Into<String>) -> Self {
+        Self {
+            issuer: Some(issuer.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Its name in metrics and logs (default: the user pool id).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The pool's issuer form (`Original` unless the pool was switched to the
+    /// updated issuer).
+    pub fn issuer_type(mut self, issuer_type: IssuerType) -> Self {
+        self.issuer_type = issuer_type;
+        self
+    }
+
+    /// The app clients whose tokens are accepted (`client_id` claim).
+    pub fn clients<I: IntoIterator<Item = S>, S: Into<String>>(mut self, ids: I) -> Self {
+        self.clients = Some(ids.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Accepts tokens of every app client of the pool: an explicit choice, since
+    /// any client anyone can create in the pool then gets in.
+    pub fn any_client(mut self) -> Self {
+        self.any_client = true;
+        self
+    }
+
+    /// An explicit issuer instead of the derived one.
+    pub fn issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.issuer = Some(issuer.into());
+        self
+    }
+
+    /// An explicit JWKS URI for the issuer instead of
+    /// `<issuer>/.well-known/jwks.json`.
+    pub fn jwks_uri(mut self, uri: impl Into<String>) -> Self {
+        self.jwks_uri = Some(uri.into());
+        self
+    }
+
+    /// Also accepts tokens carrying the pool's other issuer form (tokens issued
+    /// before a switch of issuer type live up to a day), each checked against the
+    /// keys published under that issuer. Turn it off once they have expired.
+    pub fn accept_previous_issuer(mut self) -> Self {
+        self.accept_previous_issuer = true;
+        self
+    }
+
+    /// Also accepts tokens of `issuer` (keys from `<issuer>/.well-known/jwks.json`)
+    /// for this pool's clients: an explicit form of
+    /// [`CognitoPool::accept_previous_issuer`].
+    pub fn accept_issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.also_accept.push(issuer.into());
+        self
+    }
+
+    fn is_set(&self) -> bool {
+        self.region.is_some()
+            || self.user_pool_id.is_some()
+            || self.issuer.is_some()
+            || self.clients.is_some()
+            || self.any_client
+    }
+
+    fn display_name(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| self.user_pool_id.clone())
+            .unwrap_or_else(|| super::DEFAULT_POOL.to_owned())
+    }
+
+    fn region_and_pool(&self) -> Result<(&str, &str), BuildError> {
+        let region = self.region.as_deref().ok_or(BuildError::MissingRegion)?;
+        let pool = self
+            .user_pool_id
+            .as_deref()
+            .ok_or(BuildError::MissingUserPoolId)?;
+        if !is_region(region) {
+            return Err(BuildError::BadRegion(region.to_owned()));
+        }
+        if !is_pool_id(pool) {
+            return Err(BuildError::BadUserPoolId(pool.to_owned()));
+        }
+        if !pool.starts_with(&format!("{region}_")) {
+            return Err(BuildError::RegionMismatch {
+                region: region.to_owned(),
+                pool: pool.to_owned(),
+            });
+        }
+        Ok((region, pool))
+    }
+
+    /// Every issuer this pool's tokens may carry, with its JWKS URI: the pool's
+    /// issuer first, then the accepted previous ones.
+    pub fn issuers(&self) -> Result<Vec<(String, Url)>, BuildError> {
+        let issuer = match &self.issuer {
+            Some(issuer) => issuer.clone(),
+            None => {
+                let (region, pool) = self.region_and_pool()?;
+                self.issuer_type.issuer(region, pool)
+            }
+        };
+        checked("issuer", issuer.clone())?;
+        let jwks = self
+            .jwks_uri
+            .clone()
+            .unwrap_or_else(|| jwks_uri_of(&issuer));
+        let mut out = vec![(issuer, checked("jwks_uri", jwks)?)];
+        let mut previous = self.also_accept.clone();
+        if self.accept_previous_issuer {
+            if self.issuer.is_some() {
+                return Err(BuildError::PreviousIssuerUnknown);
+            }
+            let (region, pool) = self.region_and_pool()?;
+            previous.push(self.issuer_type.other().issuer(region, pool));
+        }
+        for p in previous {
+            checked("accept_issuer", p.clone())?;
+            if out.iter().all(|(i, _)| *i != p) {
+                let jwks = checked("accept_issuer", jwks_uri_of(&p))?;
+                out.push((p, jwks));
+            }
+        }
+        Ok(out)
+    }
+
+    fn clients_accepted(&self) -> Result<Option<Vec<String>>, BuildError> {
+        match (&self.clients, self.any_client) {
+            (Some(c), _) if !c.is_empty() => Ok(Some(c.clone())),
+            (_, true) => Ok(None),
+            _ => Err(BuildError::NoClients),
+        }
+    }
+}
+
+/// A URL that parses and keeps keys off clear text.
+fn checked(what: &'static str, url: String) -> Result<Url, BuildError> {
+    let parsed = Url::parse(&url).map_err(|e| BuildError::BadUrl {
+        what,
+        message: e.to_string(),
+    })?;
+    check_transport(&parsed)?;
+    Ok(parsed)
+}
+
+/// The settings of [`CognitoValidator::builder`]: the pool-level methods
+/// (`region`, `user_pool_id`, `clients`, …) describe one pool; [`Self::pool`]
+/// adds more.
+#[derive(Debug, Clone)]
+pub struct CognitoValidatorBuilder {
+    first: CognitoPool,
+    more: Vec<CognitoPool>,
     settings: ValidatorSettings,
     first_load_wait: Duration,
     refresh_period: Duration,
@@ -86,13 +293,8 @@ pub struct CognitoValidatorBuilder {
 impl Default for CognitoValidatorBuilder {
     fn default() -> Self {
         Self {
-            region: None,
-            user_pool_id: None,
-            issuer_type: IssuerType::Original,
-            clients: None,
-            any_client: false,
-            issuer: None,
-            jwks_uri: None,
+            first: CognitoPool::default(),
+            more: Vec::new(),
             settings: ValidatorSettings::default(),
             first_load_wait: Duration::from_secs(5),
             refresh_period: Duration::from_secs(3600),
@@ -131,6 +333,12 @@ pub enum BuildError {
         "no app clients: list the accepted ones with .clients([...]) or accept every client of the pool with .any_client()"
     )]
     NoClients,
+    /// `accept_previous_issuer` with an explicit issuer: the other form cannot be
+    /// derived.
+    #[error(
+        "accept_previous_issuer derives the other issuer form from region and user_pool_id; with an explicit issuer, name the other one with .accept_issuer(..)"
+    )]
+    PreviousIssuerUnknown,
     /// An issuer or JWKS URI that is not a URL.
     #[error("{what}: {message}")]
     BadUrl {
@@ -139,6 +347,9 @@ pub enum BuildError {
         /// Why.
         message: String,
     },
+    /// Two pools (or a pool and its previous issuer) claim the same issuer.
+    #[error(transparent)]
+    Trust(#[from] super::TrustError),
     /// A URL that would carry keys in clear text.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
@@ -153,45 +364,58 @@ pub enum BuildError {
 impl CognitoValidatorBuilder {
     /// The pool's AWS Region, e.g. `us-east-1`.
     pub fn region(mut self, region: impl Into<String>) -> Self {
-        self.region = Some(region.into());
+        self.first.region = Some(region.into());
         self
     }
 
     /// The user pool id, e.g. `us-east-1_AbCdEf123`.
     pub fn user_pool_id(mut self, id: impl Into<String>) -> Self {
-        self.user_pool_id = Some(id.into());
+        self.first.user_pool_id = Some(id.into());
         self
     }
 
     /// The pool's issuer form (`Original` unless the pool was switched to the
     /// updated issuer).
     pub fn issuer_type(mut self, issuer_type: IssuerType) -> Self {
-        self.issuer_type = issuer_type;
+        self.first = self.first.issuer_type(issuer_type);
+        self
+    }
+
+    /// Also accepts the pool's other issuer form (see
+    /// [`CognitoPool::accept_previous_issuer`]).
+    pub fn accept_previous_issuer(mut self) -> Self {
+        self.first = self.first.accept_previous_issuer();
         self
     }
 
     /// The app clients whose tokens are accepted (`client_id` claim).
     pub fn clients<I: IntoIterator<Item = S>, S: Into<String>>(mut self, ids: I) -> Self {
-        self.clients = Some(ids.into_iter().map(Into::into).collect());
+        self.first = self.first.clients(ids);
         self
     }
 
     /// Accepts tokens of every app client of the pool: an explicit choice, since
     /// any client anyone can create in the pool then gets in.
     pub fn any_client(mut self) -> Self {
-        self.any_client = true;
+        self.first = self.first.any_client();
         self
     }
 
     /// An explicit issuer instead of the derived one (an emulator, a test).
     pub fn issuer(mut self, issuer: impl Into<String>) -> Self {
-        self.issuer = Some(issuer.into());
+        self.first = self.first.issuer(issuer);
         self
     }
 
     /// An explicit JWKS URI instead of `<issuer>/.well-known/jwks.json`.
     pub fn jwks_uri(mut self, uri: impl Into<String>) -> Self {
-        self.jwks_uri = Some(uri.into());
+        self.first = self.first.jwks_uri(uri);
+        self
+    }
+
+    /// Another user pool whose tokens are accepted.
+    pub fn pool(mut self, pool: CognitoPool) -> Self {
+        self.more.push(pool);
         self
     }
 
@@ -219,75 +443,46 @@ impl CognitoValidatorBuilder {
         self
     }
 
-    /// The issuer and JWKS URI this builder derives.
+    /// The issuer and JWKS URI this builder derives for its (first) pool.
     pub fn endpoints(&self) -> Result<(String, Url), BuildError> {
-        let issuer = match &self.issuer {
-            Some(issuer) => issuer.clone(),
-            None => {
-                let region = self.region.as_deref().ok_or(BuildError::MissingRegion)?;
-                let pool = self
-                    .user_pool_id
-                    .as_deref()
-                    .ok_or(BuildError::MissingUserPoolId)?;
-                if !is_region(region) {
-                    return Err(BuildError::BadRegion(region.to_owned()));
-                }
-                if !is_pool_id(pool) {
-                    return Err(BuildError::BadUserPoolId(pool.to_owned()));
-                }
-                if !pool.starts_with(&format!("{region}_")) {
-                    return Err(BuildError::RegionMismatch {
-                        region: region.to_owned(),
-                        pool: pool.to_owned(),
-                    });
-                }
-                self.issuer_type.issuer(region, pool)
-            }
-        };
-        let issuer_url = Url::parse(&issuer).map_err(|e| BuildError::BadUrl {
-            what: "issuer",
-            message: e.to_string(),
-        })?;
-        check_transport(&issuer_url)?;
-        let jwks = match &self.jwks_uri {
-            Some(uri) => uri.clone(),
-            None => format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')),
-        };
-        let jwks = Url::parse(&jwks).map_err(|e| BuildError::BadUrl {
-            what: "jwks_uri",
-            message: e.to_string(),
-        })?;
-        check_transport(&jwks)?;
-        Ok((issuer, jwks))
+        let pool = self.pools().next().unwrap_or(&self.first);
+        let mut issuers = pool.issuers()?;
+        Ok(issuers.swap_remove(0))
     }
 
-    /// The validator, its key loader started (fetching at once). Must run inside
+    fn pools(&self) -> impl Iterator<Item = &CognitoPool> {
+        std::iter::once(&self.first)
+            .filter(|p| p.is_set())
+            .chain(&self.more)
+    }
+
+    /// The validator, its key loaders started (fetching at once). Must run inside
     /// a tokio runtime.
     pub fn build(self) -> Result<JwtValidator, BuildError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
-        let clients = match (&self.clients, self.any_client) {
-            (Some(c), _) if !c.is_empty() => Some(c.clone()),
-            (_, true) => None,
-            _ => return Err(BuildError::NoClients),
-        };
-        let (issuer, jwks_uri) = self.endpoints()?;
-        let fetcher = HttpFetcher::new(jwks_uri, self.connect_timeout, self.fetch_timeout)?;
-        let keys = Arc::new(KeySet::new(
-            issuer.clone(),
-            Arc::new(fetcher),
-            self.cooldown,
-        ));
-        let validator = JwtValidator::for_pool(
-            issuer,
-            clients.map(|c| c.into_iter().collect()),
-            keys.clone(),
-            self.settings,
-            self.first_load_wait,
-        );
-        runtime.spawn(super::jwks::load_while_used(
-            Arc::downgrade(&keys),
-            self.refresh_period,
-        ));
+        if self.pools().next().is_none() {
+            return Err(BuildError::MissingRegion);
+        }
+        let mut trusted = Vec::new();
+        for pool in self.pools() {
+            let clients = pool.clients_accepted()?;
+            let name = pool.display_name();
+            for (issuer, jwks_uri) in pool.issuers()? {
+                let fetcher = HttpFetcher::new(jwks_uri, self.connect_timeout, self.fetch_timeout)?;
+                let keys = Arc::new(
+                    KeySet::new(issuer, Arc::new(fetcher), self.cooldown).with_pool(name.clone()),
+                );
+                trusted.push(match &clients {
+                    Some(c) => TrustedIssuer::new(name.clone(), keys, c.iter().cloned()),
+                    None => TrustedIssuer::any_client(name.clone(), keys),
+                });
+            }
+        }
+        let keys: Vec<_> = trusted.iter().map(|t| Arc::downgrade(t.keys())).collect();
+        let validator = JwtValidator::checked(trusted, self.settings, self.first_load_wait)?;
+        for keys in keys {
+            runtime.spawn(super::jwks::load_while_used(keys, self.refresh_period));
+        }
         Ok(validator)
     }
 }

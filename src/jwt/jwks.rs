@@ -299,7 +299,9 @@ pub struct JwksStats {
 /// The key set of one issuer. Readers take a short read lock (never across an
 /// await) and clone an `Arc`; refreshes swap the whole map.
 pub struct KeySet {
-    issuer: String,
+    issuer: Arc<str>,
+    /// The user pool's name, in logs.
+    pool: Arc<str>,
     fetcher: Arc<dyn JwksFetcher>,
     keys: RwLock<Arc<KeyMap>>,
     /// Serialises fetches: concurrent callers wait for the one in progress.
@@ -314,6 +316,7 @@ pub struct KeySet {
 impl fmt::Debug for KeySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeySet")
+            .field("pool", &self.pool)
             .field("issuer", &self.issuer)
             .field("kids", &self.kids())
             .field("cooldown", &self.cooldown)
@@ -329,7 +332,8 @@ impl KeySet {
         cooldown: Duration,
     ) -> Self {
         Self {
-            issuer: issuer.into(),
+            issuer: Arc::from(issuer.into()),
+            pool: Arc::from(super::validator::DEFAULT_POOL),
             fetcher,
             keys: RwLock::new(Arc::new(HashMap::new())),
             fetching: tokio::sync::Mutex::new(()),
@@ -340,9 +344,25 @@ impl KeySet {
         }
     }
 
+    /// Names the user pool in this key set's log lines (`default` otherwise).
+    pub fn with_pool(mut self, pool: impl Into<String>) -> Self {
+        self.pool = Arc::from(pool.into());
+        self
+    }
+
+    /// The user pool's name.
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
     /// The issuer these keys belong to.
     pub fn issuer(&self) -> &str {
         &self.issuer
+    }
+
+    /// The issuer, shared (for the claims verified with these keys).
+    pub(crate) fn issuer_shared(&self) -> Arc<str> {
+        self.issuer.clone()
     }
 
     /// The key for `kid`, if loaded. Never waits.
@@ -435,10 +455,10 @@ impl KeySet {
                 self.loaded_tx.send_replace(Some(Instant::now()));
                 self.stats.fetch_ok.fetch_add(1, Ordering::Relaxed);
                 if changed {
-                    tracing::info!(issuer = %self.issuer, keys = count, "JWKS loaded");
+                    tracing::info!(pool = %self.pool, issuer = %self.issuer, keys = count, "JWKS loaded");
                     // One line per key: a plain field, not a list in a string.
                     for kid in self.kids() {
-                        tracing::info!(issuer = %self.issuer, %kid, "JWKS key");
+                        tracing::info!(pool = %self.pool, issuer = %self.issuer, %kid, "JWKS key");
                     }
                 }
                 Ok(count)
@@ -446,9 +466,9 @@ impl KeySet {
             Err(e) => {
                 self.stats.fetch_failed.fetch_add(1, Ordering::Relaxed);
                 if self.is_loaded() {
-                    tracing::warn!(issuer = %self.issuer, error = %e, "JWKS fetch failed; keeping the last good key set");
+                    tracing::warn!(pool = %self.pool, issuer = %self.issuer, error = %e, "JWKS fetch failed; keeping the last good key set");
                 } else {
-                    tracing::warn!(issuer = %self.issuer, error = %e, "JWKS fetch failed; no key set loaded yet (tokens are refused until one loads)");
+                    tracing::warn!(pool = %self.pool, issuer = %self.issuer, error = %e, "JWKS fetch failed; no key set loaded yet (tokens are refused until one loads)");
                 }
                 Err(e)
             }

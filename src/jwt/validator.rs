@@ -21,8 +21,94 @@ use super::{
     jwks::{KeySet, MAX_KID_LEN, VerifyingKey},
 };
 
-/// A verified token: its claims and the `kid` of the key that signed it.
-type Verified = (Arc<Claims>, Arc<str>);
+/// A verified token: its claims, the `kid` of the key that signed it, and the
+/// trusted issuer (index) whose key set holds that key.
+type Verified = (Arc<Claims>, Arc<str>, usize);
+
+/// Name of the single issuer of [`JwtValidator::new`], in metrics and logs.
+pub const DEFAULT_POOL: &str = "default";
+
+/// One issuer a [`JwtValidator`] trusts: the key set bound to it (a token
+/// claiming this issuer is checked against these keys only), the app clients
+/// whose tokens are accepted from it, and a name for metrics and logs (the user
+/// pool).
+#[derive(Clone)]
+pub struct TrustedIssuer {
+    pool: Arc<str>,
+    keys: Arc<KeySet>,
+    /// `None`: every app client of the pool.
+    clients: Option<Arc<HashSet<String>>>,
+}
+
+impl fmt::Debug for TrustedIssuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustedIssuer")
+            .field("pool", &self.pool)
+            .field("issuer", &self.keys.issuer())
+            .field("clients", &self.clients.as_ref().map(|c| c.len()))
+            .finish()
+    }
+}
+
+impl TrustedIssuer {
+    /// The issuer of `keys` (its [`KeySet::issuer`]), accepting tokens of the
+    /// given app clients only.
+    pub fn new(
+        pool: impl Into<String>,
+        keys: Arc<KeySet>,
+        clients: impl IntoIterator<Item = String>,
+    ) -> Self {
+        Self {
+            pool: Arc::from(pool.into()),
+            keys,
+            clients: Some(Arc::new(clients.into_iter().collect())),
+        }
+    }
+
+    /// The issuer of `keys`, accepting tokens of every app client of the pool: an
+    /// explicit choice, since any client created in the pool then gets in.
+    pub fn any_client(pool: impl Into<String>, keys: Arc<KeySet>) -> Self {
+        Self {
+            pool: Arc::from(pool.into()),
+            keys,
+            clients: None,
+        }
+    }
+
+    /// The `iss` value accepted, byte for byte.
+    pub fn issuer(&self) -> &str {
+        self.keys.issuer()
+    }
+
+    /// The pool's name (metrics and logs).
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    /// The key set bound to this issuer.
+    pub fn keys(&self) -> &Arc<KeySet> {
+        &self.keys
+    }
+
+    /// Whether tokens of `client_id` are accepted from this issuer.
+    pub fn accepts_client(&self, client_id: &str) -> bool {
+        self.clients
+            .as_ref()
+            .is_none_or(|clients| clients.contains(client_id))
+    }
+}
+
+/// Why a set of [`TrustedIssuer`]s cannot make a validator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    /// No issuer at all: every token would be refused.
+    #[error("no trusted issuer")]
+    Empty,
+    /// Two entries for one issuer: which key set and clients apply would be
+    /// ambiguous.
+    #[error("issuer {0:?} is trusted twice")]
+    Duplicate(String),
+}
 
 /// Expired entries are swept from the verified-token cache every this many inserts
 /// (they are refused, and dropped, on any access before that).
@@ -51,13 +137,17 @@ impl Default for ValidatorSettings {
     }
 }
 
-/// Verifies Cognito access tokens of one issuer.
+/// Verifies Cognito access tokens of one issuer, or of several
+/// ([`JwtValidator::for_issuers`]: user pools, or both issuer forms of a pool
+/// during a migration).
 ///
-/// Rules: compact JWS only; `alg` must be `RS256` and equal the JWK's `alg`; `kid`
-/// required and looked up only in this issuer's key set; `jku`, `x5u`, `x5c` and
+/// Rules: compact JWS only; `alg` must be `RS256` and equal the JWK's `alg`; `iss`
+/// must equal a trusted issuer exactly (checked before any key lookup: trust is
+/// never derived from the token); `kid` required and looked up only in that
+/// issuer's key set; `jku`, `x5u`, `x5c` and
 /// `jwk` headers are ignored; any `crit` is refused; `exp` required, `nbf`
-/// honoured, both with a small leeway; `iss` equal to the configured issuer;
-/// `token_use == "access"`; `client_id` registered; claims of the wrong JSON type
+/// honoured, both with a small leeway; `token_use == "access"`; `client_id`
+/// registered for that issuer; claims of the wrong JSON type
 /// are MALFORMED.
 ///
 /// ```no_run
@@ -81,10 +171,8 @@ pub struct JwtValidator {
 }
 
 struct Inner {
-    issuer: Arc<str>,
-    /// `None`: every app client of the pool.
-    clients: Option<HashSet<String>>,
-    keys: Arc<KeySet>,
+    /// Never empty; issuers distinct.
+    issuers: Box<[Trusted]>,
     /// How long a call waits for the first key set (0: not at all).
     first_load_wait: Duration,
     leeway: i64,
@@ -96,6 +184,12 @@ struct Inner {
     verified: Option<quick_cache::sync::Cache<[u8; 32], Verified>>,
     verified_capacity: u64,
     inserts: AtomicU64,
+}
+
+/// A trusted issuer and the outcomes of the tokens that claimed it.
+struct Trusted {
+    trusted: TrustedIssuer,
+    stats: ValidationStats,
 }
 
 impl Inner {
@@ -111,8 +205,10 @@ impl Inner {
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JwtValidator")
-            .field("issuer", &self.issuer)
-            .field("clients", &self.clients.as_ref().map(HashSet::len))
+            .field(
+                "issuers",
+                &self.issuers.iter().map(|t| &t.trusted).collect::<Vec<_>>(),
+            )
             .field("leeway", &self.leeway)
             .field("verified_cached", &self.verified.as_ref().map(|c| c.len()))
             .finish_non_exhaustive()
@@ -159,45 +255,58 @@ impl JwtValidator {
         keys: Arc<KeySet>,
         settings: ValidatorSettings,
     ) -> Self {
+        assert_eq!(
+            keys.issuer(),
+            issuer.into(),
+            "a key set is bound to its issuer"
+        );
         Self::build(
-            Arc::from(issuer.into()),
-            Some(clients.into_iter().collect()),
-            keys,
+            vec![TrustedIssuer::new(DEFAULT_POOL, keys, clients)],
             settings,
             Arc::new(SystemClock),
             Duration::ZERO,
         )
     }
 
-    /// A validator that accepts `clients` (`None`: every app client of the
-    /// pool) and lets a call wait up to `first_load_wait` for the first key set
-    /// instead of answering KEYS_UNAVAILABLE at once ([`super::CognitoValidator`]).
-    pub(crate) fn for_pool(
-        issuer: impl Into<String>,
-        clients: Option<HashSet<String>>,
-        keys: Arc<KeySet>,
+    /// A validator for tokens of any of `issuers`, each checked against its own
+    /// key set and its own clients.
+    pub fn for_issuers(
+        issuers: impl IntoIterator<Item = TrustedIssuer>,
+        settings: ValidatorSettings,
+    ) -> Result<Self, TrustError> {
+        Self::checked(issuers, settings, Duration::ZERO)
+    }
+
+    /// [`JwtValidator::for_issuers`] where a call waits up to `first_load_wait`
+    /// for its issuer's first key set instead of answering KEYS_UNAVAILABLE at
+    /// once ([`super::CognitoValidator`], the gateway).
+    pub(crate) fn checked(
+        issuers: impl IntoIterator<Item = TrustedIssuer>,
         settings: ValidatorSettings,
         first_load_wait: Duration,
-    ) -> Self {
-        Self::build(
-            Arc::from(issuer.into()),
-            clients,
-            keys,
+    ) -> Result<Self, TrustError> {
+        let issuers: Vec<TrustedIssuer> = issuers.into_iter().collect();
+        if issuers.is_empty() {
+            return Err(TrustError::Empty);
+        }
+        let mut seen = HashSet::new();
+        if let Some(dup) = issuers.iter().find(|t| !seen.insert(t.issuer())) {
+            return Err(TrustError::Duplicate(dup.issuer().to_owned()));
+        }
+        Ok(Self::build(
+            issuers,
             settings,
             Arc::new(SystemClock),
             first_load_wait,
-        )
+        ))
     }
 
     fn build(
-        issuer: Arc<str>,
-        clients: Option<HashSet<String>>,
-        keys: Arc<KeySet>,
+        issuers: Vec<TrustedIssuer>,
         settings: ValidatorSettings,
         clock: Arc<dyn Clock>,
         first_load_wait: Duration,
     ) -> Self {
-        assert_eq!(keys.issuer(), &*issuer, "a key set is bound to its issuer");
         let leeway = settings.leeway.as_secs().min(i64::MAX as u64) as i64;
         let verified = (settings.verified_cache_size > 0).then(|| {
             quick_cache::sync::Cache::new(
@@ -206,9 +315,13 @@ impl JwtValidator {
         });
         Self {
             inner: Arc::new(Inner {
-                issuer,
-                clients,
-                keys,
+                issuers: issuers
+                    .into_iter()
+                    .map(|trusted| Trusted {
+                        trusted,
+                        stats: ValidationStats::default(),
+                    })
+                    .collect(),
                 first_load_wait,
                 leeway,
                 max_token_bytes: settings.max_token_bytes,
@@ -225,26 +338,42 @@ impl JwtValidator {
     pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
         let i = &self.inner;
         Self::build(
-            i.issuer.clone(),
-            i.clients.clone(),
-            i.keys.clone(),
+            i.issuers.iter().map(|t| t.trusted.clone()).collect(),
             i.settings(),
             clock,
             i.first_load_wait,
         )
     }
 
-    /// The issuer accepted.
+    /// The trusted issuers, in order, each with the outcomes of the tokens that
+    /// claimed it.
+    pub fn issuers(&self) -> impl Iterator<Item = (&TrustedIssuer, &ValidationStats)> {
+        self.inner.issuers.iter().map(|t| (&t.trusted, &t.stats))
+    }
+
+    /// Whether every trusted issuer's first key set has been loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.inner.issuers.iter().all(|t| t.trusted.keys.is_loaded())
+    }
+
+    /// Waits until every trusted issuer's first key set has been loaded.
+    pub async fn wait_loaded(&self) {
+        for t in self.inner.issuers.iter() {
+            t.trusted.keys.wait_loaded().await;
+        }
+    }
+
+    /// The (first) issuer accepted.
     pub fn issuer(&self) -> &str {
-        &self.inner.issuer
+        self.inner.issuers[0].trusted.issuer()
     }
 
-    /// The key set used.
+    /// The (first) issuer's key set.
     pub fn keys(&self) -> &Arc<KeySet> {
-        &self.inner.keys
+        &self.inner.issuers[0].trusted.keys
     }
 
-    /// Outcome counters.
+    /// Outcome counters, all issuers together.
     pub fn stats(&self) -> &ValidationStats {
         &self.inner.stats
     }
@@ -254,20 +383,24 @@ impl JwtValidator {
         self.inner.verified.as_ref().map_or(0, |c| c.len() as u64)
     }
 
-    /// Full validation. An unknown `kid` triggers a JWKS refetch, at most once per
-    /// cool-down across all callers.
+    /// Full validation. An unknown `kid` triggers a JWKS refetch of the token's
+    /// issuer, at most once per cool-down across all callers.
     pub async fn validate(
         &self,
         token: &str,
         required_scopes: &[String],
     ) -> Result<Arc<Claims>, Invalid> {
         let digest = self.cache_key(token);
-        let result = match self.cached(digest.as_ref(), required_scopes) {
+        let mut issuer = None;
+        let result = match self.cached(digest.as_ref(), required_scopes, &mut issuer) {
             Some(hit) => hit,
             // Boxed: the rare path keeps its state out of every call's future.
-            None => Box::pin(self.validate_uncached(token, digest, required_scopes)).await,
+            None => {
+                Box::pin(self.validate_uncached(token, digest, required_scopes, &mut issuer))
+                    .await
+            }
         };
-        self.inner.stats.record(&result);
+        self.record(issuer, &result);
         result
     }
 
@@ -279,16 +412,25 @@ impl JwtValidator {
         required_scopes: &[String],
     ) -> Result<Arc<Claims>, Invalid> {
         let digest = self.cache_key(token);
+        let mut issuer = None;
         let result = self
-            .cached(digest.as_ref(), required_scopes)
+            .cached(digest.as_ref(), required_scopes, &mut issuer)
             .unwrap_or_else(|| {
                 let parsed = self.parse(token)?;
-                let raw = self.issuer_checks(&parsed.payload)?;
-                let key = self.lookup_after_refresh(&parsed.kid)?;
-                self.finish(digest, &parsed, raw, &key, required_scopes)
+                let (raw, i) = self.issuer_checks(&parsed.payload)?;
+                issuer = Some(i);
+                let key = self.lookup_after_refresh(i, &parsed.kid)?;
+                self.finish(digest, &parsed, raw, i, &key, required_scopes)
             });
-        self.inner.stats.record(&result);
+        self.record(issuer, &result);
         result
+    }
+
+    fn record(&self, issuer: Option<usize>, result: &Result<Arc<Claims>, Invalid>) {
+        self.inner.stats.record(result);
+        if let Some(i) = issuer {
+            self.inner.issuers[i].stats.record(result);
+        }
     }
 
     async fn validate_uncached(
@@ -296,10 +438,12 @@ impl JwtValidator {
         token: &str,
         digest: Option<[u8; 32]>,
         required_scopes: &[String],
+        issuer: &mut Option<usize>,
     ) -> Result<Arc<Claims>, Invalid> {
         let parsed = self.parse(token)?;
-        let raw = self.issuer_checks(&parsed.payload)?;
-        let keys = &self.inner.keys;
+        let (raw, i) = self.issuer_checks(&parsed.payload)?;
+        *issuer = Some(i);
+        let keys = &self.inner.issuers[i].trusted.keys;
         if !keys.is_loaded() && !self.inner.first_load_wait.is_zero() {
             // Right after start: the loader is fetching; wait for it, bounded.
             let _ = tokio::time::timeout(self.inner.first_load_wait, keys.wait_loaded()).await;
@@ -307,11 +451,11 @@ impl JwtValidator {
         let key = match keys.get(&parsed.kid) {
             Some(key) => key,
             None => {
-                self.inner.keys.refresh_if_cool().await;
-                self.lookup_after_refresh(&parsed.kid)?
+                keys.refresh_if_cool().await;
+                self.lookup_after_refresh(i, &parsed.kid)?
             }
         };
-        self.finish(digest, &parsed, raw, &key, required_scopes)
+        self.finish(digest, &parsed, raw, i, &key, required_scopes)
     }
 
     /// The verified-token cache key: SHA-256 of the token, computed once per call;
@@ -327,13 +471,15 @@ impl JwtValidator {
         &self,
         digest: Option<&[u8; 32]>,
         required_scopes: &[String],
+        issuer: &mut Option<usize>,
     ) -> Option<Result<Arc<Claims>, Invalid>> {
         let (cache, digest) = (self.inner.verified.as_ref()?, digest?);
-        let (claims, kid) = cache.get(digest)?;
-        if self.inner.keys.get(&kid).is_none() {
+        let (claims, kid, i) = cache.get(digest)?;
+        if self.inner.issuers[i].trusted.keys.get(&kid).is_none() {
             cache.remove(digest);
             return None;
         }
+        *issuer = Some(i);
         let checked = self.check_time_and_scopes(&claims, None, required_scopes);
         if checked
             .as_ref()
@@ -370,10 +516,11 @@ impl JwtValidator {
         Ok(())
     }
 
-    fn lookup_after_refresh(&self, kid: &str) -> Result<Arc<VerifyingKey>, Invalid> {
-        match self.inner.keys.get(kid) {
+    fn lookup_after_refresh(&self, issuer: usize, kid: &str) -> Result<Arc<VerifyingKey>, Invalid> {
+        let keys = &self.inner.issuers[issuer].trusted.keys;
+        match keys.get(kid) {
             Some(key) => Ok(key),
-            None if !self.inner.keys.is_loaded() => Err(Invalid::new(
+            None if !keys.is_loaded() => Err(Invalid::new(
                 Rejection::KeysUnavailable,
                 "the issuer's key set has not been loaded",
             )),
@@ -450,17 +597,24 @@ impl JwtValidator {
     }
 
     /// Parses the claims and checks what needs no key: issuer and token_use (so
-    /// that tokens of other issuers never cause a JWKS refetch).
-    fn issuer_checks<'p>(&self, payload: &'p [u8]) -> Result<Payload<'p>, Invalid> {
+    /// that tokens of other issuers never cause a JWKS refetch). Returns the
+    /// trusted issuer the token claims: an exact match, never derived from it.
+    fn issuer_checks<'p>(&self, payload: &'p [u8]) -> Result<(Payload<'p>, usize), Invalid> {
         let claims = parse_claims(payload)?;
-        if claims.iss.as_ref().map(Text::as_str) != Some(&*self.inner.issuer) {
+        let iss = claims.iss.as_ref().map(Text::as_str);
+        let Some(i) = self
+            .inner
+            .issuers
+            .iter()
+            .position(|t| Some(t.trusted.issuer()) == iss)
+        else {
             return Err(Invalid::new(
                 Rejection::WrongIssuer,
-                "iss is not the configured issuer",
+                "iss is not a trusted issuer",
             ));
-        }
+        };
         match claims.token_use.as_ref().map(Text::as_str) {
-            Some("access") => Ok(claims),
+            Some("access") => Ok((claims, i)),
             Some(other) => Err(Invalid::new(
                 Rejection::WrongTokenUse,
                 format!("token_use is {:?}, need \"access\"", truncate(other)),
@@ -474,10 +628,12 @@ impl JwtValidator {
         digest: Option<[u8; 32]>,
         parsed: &Parsed<'_>,
         raw: Payload<'_>,
+        issuer: usize,
         key: &VerifyingKey,
         required_scopes: &[String],
     ) -> Result<Arc<Claims>, Invalid> {
         let inner = &self.inner;
+        let trusted = &inner.issuers[issuer].trusted;
         if key.alg().is_some_and(|alg| alg != "RS256") {
             return Err(Invalid::new(
                 Rejection::UnsupportedAlgorithm,
@@ -499,25 +655,21 @@ impl JwtValidator {
             .as_ref()
             .map(Text::as_str)
             .ok_or_else(|| Invalid::new(Rejection::ClientNotAllowed, "no client_id claim"))?;
-        let claims = Claims::from_payload(&raw, client_id, exp, inner.issuer.clone());
+        let claims = Claims::from_payload(&raw, client_id, exp, trusted.keys.issuer_shared());
         // Time first: an expired token is EXPIRED whoever it was issued to.
         self.check_time_and_scopes(&claims, raw.nbf, &[])?;
-        if inner
-            .clients
-            .as_ref()
-            .is_some_and(|clients| !clients.contains(client_id))
-        {
+        if !trusted.accepts_client(client_id) {
             return Err(Invalid::new(
                 Rejection::ClientNotAllowed,
-                "client_id is not a registered client",
+                "client_id is not a registered client of the token's issuer",
             ));
         }
         let claims = Arc::new(claims);
         if let (Some(cache), Some(digest)) = (&inner.verified, digest) {
-            cache.insert(digest, (claims.clone(), key.kid_shared()));
+            cache.insert(digest, (claims.clone(), key.kid_shared(), issuer));
             if inner.inserts.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
                 let now = inner.clock.now();
-                cache.retain(|_, (c, _)| c.expires_at().saturating_add(inner.leeway) > now);
+                cache.retain(|_, (c, _, _)| c.expires_at().saturating_add(inner.leeway) > now);
             }
         }
         self.check_time_and_scopes(&claims, None, required_scopes)?;
