@@ -597,7 +597,8 @@ impl Config {
         }
         let mut pools: Vec<Endpoints> = Vec::with_capacity(entries.len());
         for (prefix, c) in &entries {
-            let endpoints = check_pool(prefix, c, self.cognito.is_some()).map_err(|(key, m)| invalid(&key, m))?;
+            let endpoints = check_pool(prefix, c, self.cognito.is_some())
+                .map_err(|(key, m)| invalid(&key, m))?;
             if pools.iter().any(|p| p.pool == endpoints.pool) {
                 return Err(invalid(
                     &format!("{prefix}.name"),
@@ -816,7 +817,11 @@ impl Config {
                         &key("pool"),
                         format!(
                             "{pool:?} is not a pool; pools: {}",
-                            pools.iter().map(|p| format!("{:?}", p.pool)).collect::<Vec<_>>().join(", ")
+                            pools
+                                .iter()
+                                .map(|p| format!("{:?}", p.pool))
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     ));
                 }
@@ -928,7 +933,8 @@ fn check_pool(
         (None, false) => {
             return Err((
                 key("name"),
-                "missing: each [[pools]] entry needs a name (clients name their pool with it)".into(),
+                "missing: each [[pools]] entry needs a name (clients name their pool with it)"
+                    .into(),
             ));
         }
     };
@@ -991,7 +997,10 @@ fn check_pool(
     let jwks_uri = checked_url(&key("jwks_uri"), &jwks_uri)?;
     // Blame the key the user wrote: the token endpoint is derived from the domain.
     let (token_key, token_endpoint) = match (&c.token_endpoint, &c.domain) {
-        (Some(t), _) => (key("token_endpoint"), checked_url(&key("token_endpoint"), t)?),
+        (Some(t), _) => (
+            key("token_endpoint"),
+            checked_url(&key("token_endpoint"), t)?,
+        ),
         (None, Some(d)) => {
             let base = checked_url(&key("domain"), d)?;
             if base.query().is_some() || base.fragment().is_some() {
@@ -1025,13 +1034,20 @@ fn check_pool(
     let mut accepted_issuers = Vec::new();
     for other in previous {
         checked_url(&key("accept_previous_issuer"), &other)?;
-        if other == issuer || accepted_issuers.iter().any(|a: &AcceptedIssuer| a.issuer == other) {
+        if other == issuer
+            || accepted_issuers
+                .iter()
+                .any(|a: &AcceptedIssuer| a.issuer == other)
+        {
             return Err((
                 key("accept_previous_issuer"),
                 format!("{other:?} is listed twice (or is the pool's own issuer)"),
             ));
         }
-        let jwks = checked_url(&key("accept_previous_issuer"), &crate::jwt::jwks_uri_of(&other))?;
+        let jwks = checked_url(
+            &key("accept_previous_issuer"),
+            &crate::jwt::jwks_uri_of(&other),
+        )?;
         check_transport(&jwks).map_err(|m| (key("accept_previous_issuer"), m.to_string()))?;
         accepted_issuers.push(AcceptedIssuer {
             issuer: other,
@@ -1195,6 +1211,159 @@ allowed_scopes = ["orders/read", "orders/write"]
         }
     }
 
+    const TWO_POOLS: &str = r#"
+[[pools]]
+name = "us"
+region = "us-east-1"
+user_pool_id = "us-east-1_AbCdEf123"
+domain = "https://us.auth.us-east-1.amazoncognito.com"
+issuer_type = "updated"
+accept_previous_issuer = true
+
+[[pools]]
+name = "eu"
+region = "eu-west-1"
+user_pool_id = "eu-west-1_XyZ987654"
+domain = "https://eu.auth.eu-west-1.amazoncognito.com"
+
+[[clients]]
+client_id = "usclient1"
+name = "us-billing"
+pool = "us"
+allowed_scopes = ["orders/read"]
+
+[[clients]]
+client_id = "euclient1"
+name = "eu-billing"
+pool = "eu"
+allowed_scopes = ["orders/read"]
+"#;
+
+    fn check(toml: &str) -> Result<Vec<Endpoints>, ConfigError> {
+        let settings = crate::settings::Settings::from_toml_str(toml, "t.toml")?;
+        Ok(settings.pools.into_iter().map(|p| p.endpoints).collect())
+    }
+
+    fn refused(toml: &str) -> String {
+        check(toml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn several_pools_each_derive_their_endpoints() {
+        let pools = check(TWO_POOLS).unwrap();
+        assert_eq!(pools.len(), 2);
+        let (us, eu) = (&pools[0], &pools[1]);
+        assert_eq!(us.pool, "us");
+        assert_eq!(
+            us.issuer,
+            "https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123"
+        );
+        assert_eq!(
+            us.accepted_issuers,
+            [AcceptedIssuer {
+                issuer: "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123".into(),
+                jwks_uri: Url::parse(
+                    "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
+                )
+                .unwrap(),
+            }]
+        );
+        assert_eq!(
+            us.token_endpoint.as_str(),
+            "https://us.auth.us-east-1.amazoncognito.com/oauth2/token"
+        );
+        assert_eq!(eu.pool, "eu");
+        assert_eq!(
+            eu.jwks_uri.as_str(),
+            "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_XyZ987654/.well-known/jwks.json"
+        );
+        assert!(eu.accepted_issuers.is_empty());
+        let config = parse(TWO_POOLS, "t.toml").unwrap();
+        let pools_of: Vec<&str> = config.clients.iter().map(|c| config.pool_of(c)).collect();
+        assert_eq!(pools_of, ["us", "eu"]);
+        // check-config shows each pool's derived endpoints.
+        let shown = config.redacted_json(&pools);
+        assert!(shown.contains("\"accepted_issuers\""), "{shown}");
+        assert!(
+            shown.contains("https://eu.auth.eu-west-1.amazoncognito.com/oauth2/token"),
+            "{shown}"
+        );
+        // The written form reads back the same.
+        let again = parse(&config.to_toml(), "again.toml").unwrap();
+        assert_eq!(check(&again.to_toml()).unwrap(), pools);
+    }
+
+    #[test]
+    fn pools_and_clients_that_cannot_work_are_refused_by_key() {
+        let cases: [(String, &str); 8] = [
+            (
+                format!("{BASE}{}", TWO_POOLS.split("[[clients]]").next().unwrap()),
+                "`pools`",
+            ),
+            (TWO_POOLS.replace("name = \"eu\"\n", ""), "`pools[1].name`"),
+            (TWO_POOLS.replace("name = \"eu\"", "name = \"us\""), "described twice"),
+            (TWO_POOLS.replace("pool = \"eu\"", "pool = \"asia\""), "`clients[1].pool`"),
+            (TWO_POOLS.replace("pool = \"eu\"\n", ""), "`clients[1].pool`"),
+            (TWO_POOLS.replace("name = \"eu\"", "name = \"e u\""), "`pools[1].name`"),
+            (
+                // Pool eu claims pool us's previous issuer.
+                TWO_POOLS.replace(
+                    "domain = \"https://eu.auth",
+                    "issuer = \"https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123\"\ndomain = \"https://eu.auth",
+                ),
+                "is already pool \"us\"'s",
+            ),
+            (
+                TWO_POOLS.replace("region = \"eu-west-1\"", "region = \"us-east-1\""),
+                "`pools[1].region`",
+            ),
+        ];
+        for (toml, expected) in cases {
+            let err = refused(&toml);
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+        let none = BASE.replace("[cognito]\nregion = \"us-east-1\"\nuser_pool_id = \"us-east-1_AbCdEf123\"\ndomain = \"https://example.auth.us-east-1.amazoncognito.com\"\n", "");
+        assert!(refused(&none).contains("`cognito`"), "{}", refused(&none));
+    }
+
+    #[test]
+    fn accept_previous_issuer_forms() {
+        // An explicit list: those issuers exactly, each with its JWKS.
+        let list = BASE.replace(
+            "[cognito]",
+            "[cognito]\naccept_previous_issuer = [\"https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123\"]",
+        );
+        let pools = check(&list).unwrap();
+        assert_eq!(
+            pools[0].accepted_issuers[0].jwks_uri.as_str(),
+            "https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
+        );
+        assert_eq!(pools[0].pool, "default");
+        // Off by default.
+        assert!(check(BASE).unwrap()[0].accepted_issuers.is_empty());
+        // `true` cannot derive the other form of a hand-set issuer.
+        let by_hand = BASE.replace(
+            "[cognito]",
+            "[cognito]\naccept_previous_issuer = true\nissuer = \"https://idp.example.com/p\"",
+        );
+        assert!(refused(&by_hand).contains("`cognito.accept_previous_issuer`"));
+        // Its own issuer, or clear text, are refused.
+        let own = BASE.replace(
+            "[cognito]",
+            "[cognito]\naccept_previous_issuer = [\"https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123\"]",
+        );
+        assert!(refused(&own).contains("pool's own issuer"));
+        let clear = BASE.replace(
+            "[cognito]",
+            "[cognito]\naccept_previous_issuer = [\"http://idp.example.com/p\"]",
+        );
+        assert!(
+            refused(&clear).contains("`cognito.accept_previous_issuer`"),
+            "{}",
+            refused(&clear)
+        );
+    }
+
     #[test]
     fn derives_cognito_urls() {
         let c = parse(BASE, "t.toml").unwrap();
@@ -1314,12 +1483,14 @@ allowed_scopes = ["orders/read", "orders/write"]
     #[test]
     fn urls_with_user_info_are_refused_without_echoing_the_password() {
         let mut c = parse(BASE, "t.toml").unwrap();
-        c.cognito.as_mut().unwrap().token_endpoint = Some("https://user:hunter2@example.com/oauth2/token".into());
+        c.cognito.as_mut().unwrap().token_endpoint =
+            Some("https://user:hunter2@example.com/oauth2/token".into());
         let (key, message) = c.endpoints().unwrap_err();
         assert_eq!(key, "cognito.token_endpoint");
         assert!(!message.contains("hunter2"), "{message}");
         assert!(message.contains("user name or password"), "{message}");
-        c.cognito.as_mut().unwrap().token_endpoint = Some("https://user:hunter2@exa mple.com/".into());
+        c.cognito.as_mut().unwrap().token_endpoint =
+            Some("https://user:hunter2@exa mple.com/".into());
         let (_, message) = c.endpoints().unwrap_err();
         assert!(!message.contains("hunter2"), "{message}");
         assert_eq!(

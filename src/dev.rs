@@ -164,7 +164,10 @@ pub async fn run(
         // Pool n listens on the next port (any free port when the first is 0).
         let mut addr = options.emulator_listen;
         if addr.port() != 0 {
-            let port = addr.port().checked_add(n as u16 - 1).context("--emulator-listen port too high")?;
+            let port = addr
+                .port()
+                .checked_add(n as u16 - 1)
+                .context("--emulator-listen port too high")?;
             addr.set_port(port);
         }
         let emulator = Emulator::start(
@@ -183,10 +186,8 @@ pub async fn run(
         })?;
         emulators.push((emulator, [dev_client(n)]));
     }
-    let pools: Vec<(&Emulator, &[EmulatorClient])> = emulators
-        .iter()
-        .map(|(e, c)| (e, c.as_slice()))
-        .collect();
+    let pools: Vec<(&Emulator, &[EmulatorClient])> =
+        emulators.iter().map(|(e, c)| (e, c.as_slice())).collect();
     let mut config = config_for_pools(&pools, listen);
     // The written file is for the examples and check-config: no admin listener
     // (it would clash with this one) and the in-memory cache (its key stays here).

@@ -59,12 +59,7 @@ impl Gateway {
             (Some(fleet), Some(key)) => Some(Arc::new(FleetCache::new(fleet, key)?)),
             _ => None,
         };
-        let broker = Broker::with_fleet(
-            registry.clone(),
-            upstream,
-            settings.broker.clone(),
-            fleet,
-        );
+        let broker = Broker::with_fleet(registry.clone(), upstream, settings.broker.clone(), fleet);
         let validator = build_validator(&settings)?;
         Ok(Self {
             settings,
@@ -313,7 +308,10 @@ pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
         }
     }
     // `check` refused empty and shared issuers.
-    Ok(JwtValidator::for_issuers(trusted, settings.validator.clone())?)
+    Ok(JwtValidator::for_issuers(
+        trusted,
+        settings.validator.clone(),
+    )?)
 }
 
 fn tls_config(tls: &config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {

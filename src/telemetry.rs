@@ -729,7 +729,11 @@ impl Telemetry {
             "Keys in the current key set.",
         );
         for (labels, keys) in &key_sets {
-            let _ = writeln!(out, "m2m_gateway_jwks_keys{{{labels}}} {}", keys.kids().len());
+            let _ = writeln!(
+                out,
+                "m2m_gateway_jwks_keys{{{labels}}} {}",
+                keys.kids().len()
+            );
         }
         family(
             &mut out,

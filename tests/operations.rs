@@ -34,17 +34,6 @@ fn get(scopes: &[&str]) -> GetTokenRequest {
     }
 }
 
-fn metric(body: &str, name_and_labels: &str) -> f64 {
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)?
-                .strip_prefix(' ')?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("{name_and_labels} not in metrics"))
-}
-
 #[tokio::test]
 async fn metrics_move_after_traffic_and_never_carry_secrets() {
     let emu = emulator(vec![]).await;
@@ -88,21 +77,21 @@ async fn metrics_move_after_traffic_and_never_carry_secrets() {
     assert_eq!(
         metric(
             &body,
-            "m2m_gateway_client_token_cache_hits_total{client=\"client-a\"}"
+            "m2m_gateway_client_token_cache_hits_total{client=\"client-a\",pool=\"default\"}"
         ),
         1.0
     );
     assert_eq!(
         metric(
             &body,
-            "m2m_gateway_client_upstream_requests_total{client=\"client-a\"}"
+            "m2m_gateway_client_upstream_requests_total{client=\"client-a\",pool=\"default\"}"
         ),
         2.0
     );
     assert_eq!(
         metric(
             &body,
-            "m2m_gateway_client_refusals_total{client=\"client-a\"}"
+            "m2m_gateway_client_refusals_total{client=\"client-a\",pool=\"default\"}"
         ),
         1.0
     );
@@ -203,9 +192,26 @@ async fn metrics_move_after_traffic_and_never_carry_secrets() {
         metric(&body, "m2m_gateway_validations_total{result=\"malformed\"}"),
         1.0
     );
-    assert!(metric(&body, "m2m_gateway_jwks_fetches_total{outcome=\"ok\"}") >= 1.0);
-    assert_eq!(metric(&body, "m2m_gateway_jwks_keys"), 1.0);
-    assert!(metric(&body, "m2m_gateway_jwks_age_seconds") >= 0.0);
+    let key_set = format!("pool=\"default\",issuer=\"{}\"", emu.issuer());
+    assert!(
+        metric(
+            &body,
+            &format!("m2m_gateway_jwks_fetches_total{{{key_set},outcome=\"ok\"}}")
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(&body, &format!("m2m_gateway_jwks_keys{{{key_set}}}")),
+        1.0
+    );
+    assert!(metric(&body, &format!("m2m_gateway_jwks_age_seconds{{{key_set}}}")) >= 0.0);
+    // Tokens are also counted by the issuer they claimed.
+    assert_eq!(
+        metric(
+            &body,
+            &format!("m2m_gateway_pool_validations_total{{{key_set},result=\"valid\"}}")
+        ),
+        1.0
+    );
     assert_eq!(metric(&body, "m2m_gateway_ready"), 1.0);
     for needle in [
         SECRET,

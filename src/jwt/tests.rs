@@ -679,3 +679,253 @@ fn only_usable_rsa_signing_keys_are_read_from_a_jwks() {
     assert!(crate::jwt::parse_jwks(none.to_string().as_bytes()).is_err());
     assert!(crate::jwt::parse_jwks(b"{\"keys\": 5}").is_err());
 }
+
+/// Several trusted issuers: user pools, and both issuer forms of one pool.
+mod several_issuers {
+    use super::*;
+    use crate::jwt::{IssuerType, StaticJwks, TrustError, TrustedIssuer};
+
+    const POOL_A: &str = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_PoolA";
+    const POOL_B: &str = "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_PoolB";
+
+    async fn key_set(issuer: &str, keys: &[&SigningKey]) -> Arc<KeySet> {
+        let set = Arc::new(KeySet::new(
+            issuer,
+            Arc::new(StaticJwks::new(jwks(keys))),
+            Duration::from_secs(10),
+        ));
+        set.refresh().await.unwrap();
+        set
+    }
+
+    fn token(issuer: &str, client: &str, signer: &SigningKey) -> String {
+        let c = with(
+            with(claims(), "iss", json!(issuer)),
+            "client_id",
+            json!(client),
+        );
+        signer.sign(&c)
+    }
+
+    /// Pool A (key-1, client-a) and pool B (key-2, client-b).
+    async fn two_pools() -> JwtValidator {
+        JwtValidator::for_issuers(
+            [
+                TrustedIssuer::new("a", key_set(POOL_A, &[key()]).await, ["client-a".into()]),
+                TrustedIssuer::new(
+                    "b",
+                    key_set(POOL_B, &[other_key()]).await,
+                    ["client-b".into()],
+                ),
+            ],
+            ValidatorSettings::default(),
+        )
+        .unwrap()
+        .with_clock(Arc::new(ManualClock::new(NOW)))
+    }
+
+    async fn outcome(v: &JwtValidator, token: &str) -> Result<String, Rejection> {
+        v.validate(token, &[])
+            .await
+            .map(|c| c.issuer().to_owned())
+            .map_err(|e| e.rejection)
+    }
+
+    #[tokio::test]
+    async fn each_pool_accepts_its_own_tokens_and_counts_them() {
+        let v = two_pools().await;
+        assert_eq!(
+            outcome(&v, &token(POOL_A, "client-a", key()))
+                .await
+                .unwrap(),
+            POOL_A
+        );
+        assert_eq!(
+            outcome(&v, &token(POOL_B, "client-b", other_key()))
+                .await
+                .unwrap(),
+            POOL_B
+        );
+        // A repeat is a cache hit and still counted for its pool.
+        assert!(
+            outcome(&v, &token(POOL_B, "client-b", other_key()))
+                .await
+                .is_ok()
+        );
+        let counts: Vec<(String, u64)> = v
+            .issuers()
+            .map(|(t, s)| (t.pool().to_owned(), s.valid()))
+            .collect();
+        assert_eq!(counts, [("a".into(), 1), ("b".into(), 2)]);
+        assert!(v.is_loaded());
+    }
+
+    #[tokio::test]
+    async fn a_key_of_one_pool_never_verifies_a_token_claiming_the_other() {
+        let v = two_pools().await;
+        // Claims pool A, signed with (and naming) pool B's key: looked up in A's
+        // key set only.
+        assert_eq!(
+            outcome(&v, &token(POOL_A, "client-a", other_key())).await,
+            Err(Rejection::UnknownKey)
+        );
+        assert_eq!(
+            outcome(&v, &token(POOL_B, "client-b", key())).await,
+            Err(Rejection::UnknownKey)
+        );
+        // An issuer no pool has: refused before any key is looked at.
+        let stranger = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Other";
+        assert_eq!(
+            outcome(&v, &token(stranger, "client-a", key())).await,
+            Err(Rejection::WrongIssuer)
+        );
+        // Issuers are compared byte for byte: no trailing slash, no case folding.
+        for near in [format!("{POOL_A}/"), POOL_A.to_uppercase()] {
+            assert_eq!(
+                outcome(&v, &token(&near, "client-a", key())).await,
+                Err(Rejection::WrongIssuer),
+                "{near}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_of_one_pool_is_refused_with_a_token_of_the_other() {
+        let v = two_pools().await;
+        // A correctly signed pool-B token issued to client-a (a client of pool A).
+        assert_eq!(
+            outcome(&v, &token(POOL_B, "client-a", other_key())).await,
+            Err(Rejection::ClientNotAllowed)
+        );
+        let refused: Vec<u64> = v
+            .issuers()
+            .map(|(_, s)| s.rejected(Rejection::ClientNotAllowed))
+            .collect();
+        assert_eq!(refused, [0, 1], "counted for pool B");
+    }
+
+    #[tokio::test]
+    async fn migration_accepts_both_forms_while_on_and_one_form_after() {
+        let pool = "us-east-1_Switch1";
+        let original = IssuerType::Original.issuer("us-east-1", pool);
+        let updated = IssuerType::Updated.issuer("us-east-1", pool);
+        // Both issuers serve the same JWKS document here, as Cognito may.
+        let same_doc = [key()];
+        let during = JwtValidator::for_issuers(
+            [
+                TrustedIssuer::new("p", key_set(&updated, &same_doc).await, ["client-a".into()]),
+                TrustedIssuer::new(
+                    "p",
+                    key_set(&original, &same_doc).await,
+                    ["client-a".into()],
+                ),
+            ],
+            ValidatorSettings::default(),
+        )
+        .unwrap()
+        .with_clock(Arc::new(ManualClock::new(NOW)));
+        let old = token(&original, "client-a", key());
+        let new = token(&updated, "client-a", key());
+        assert_eq!(outcome(&during, &old).await.unwrap(), original);
+        assert_eq!(outcome(&during, &new).await.unwrap(), updated);
+
+        // Turned off: the updated form only.
+        let after = JwtValidator::for_issuers(
+            [TrustedIssuer::new(
+                "p",
+                key_set(&updated, &same_doc).await,
+                ["client-a".into()],
+            )],
+            ValidatorSettings::default(),
+        )
+        .unwrap()
+        .with_clock(Arc::new(ManualClock::new(NOW)));
+        assert_eq!(outcome(&after, &old).await, Err(Rejection::WrongIssuer));
+        assert!(outcome(&after, &new).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn during_a_migration_each_form_is_checked_against_its_own_keys() {
+        let pool = "us-east-1_Switch2";
+        let original = IssuerType::Original.issuer("us-east-1", pool);
+        let updated = IssuerType::Updated.issuer("us-east-1", pool);
+        let v = JwtValidator::for_issuers(
+            [
+                TrustedIssuer::new(
+                    "p",
+                    key_set(&updated, &[other_key()]).await,
+                    ["client-a".into()],
+                ),
+                TrustedIssuer::new("p", key_set(&original, &[key()]).await, ["client-a".into()]),
+            ],
+            ValidatorSettings::default(),
+        )
+        .unwrap()
+        .with_clock(Arc::new(ManualClock::new(NOW)));
+        assert!(
+            outcome(&v, &token(&original, "client-a", key()))
+                .await
+                .is_ok()
+        );
+        assert!(
+            outcome(&v, &token(&updated, "client-a", other_key()))
+                .await
+                .is_ok()
+        );
+        // A key published under one issuer only never verifies the other's tokens.
+        assert_eq!(
+            outcome(&v, &token(&updated, "client-a", key())).await,
+            Err(Rejection::UnknownKey)
+        );
+        // Nor does the verified-token cache carry a token across issuers: a cached
+        // token is re-checked against the key set it was verified with.
+        let cached = token(&original, "client-a", key());
+        assert!(outcome(&v, &cached).await.is_ok());
+        assert!(outcome(&v, &cached).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_empty_or_ambiguous_trust_set_is_refused() {
+        assert_eq!(
+            JwtValidator::for_issuers([], ValidatorSettings::default()).unwrap_err(),
+            TrustError::Empty
+        );
+        let twice = JwtValidator::for_issuers(
+            [
+                TrustedIssuer::any_client("a", key_set(POOL_A, &[key()]).await),
+                TrustedIssuer::new("b", key_set(POOL_A, &[other_key()]).await, ["x".into()]),
+            ],
+            ValidatorSettings::default(),
+        );
+        assert_eq!(twice.unwrap_err(), TrustError::Duplicate(POOL_A.into()));
+    }
+
+    #[tokio::test]
+    async fn readiness_waits_for_every_issuer() {
+        let loaded = key_set(POOL_A, &[key()]).await;
+        let pending = Arc::new(KeySet::new(
+            POOL_B,
+            Arc::new(StaticJwks::new(jwks(&[other_key()]))),
+            Duration::from_secs(10),
+        ));
+        let v = JwtValidator::for_issuers(
+            [
+                TrustedIssuer::any_client("a", loaded),
+                TrustedIssuer::any_client("b", pending.clone()),
+            ],
+            ValidatorSettings::default(),
+        )
+        .unwrap();
+        assert!(!v.is_loaded());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), v.wait_loaded())
+                .await
+                .is_err()
+        );
+        pending.refresh().await.unwrap();
+        assert!(v.is_loaded());
+        tokio::time::timeout(Duration::from_secs(1), v.wait_loaded())
+            .await
+            .unwrap();
+    }
+}

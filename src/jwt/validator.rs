@@ -353,7 +353,10 @@ impl JwtValidator {
 
     /// Whether every trusted issuer's first key set has been loaded.
     pub fn is_loaded(&self) -> bool {
-        self.inner.issuers.iter().all(|t| t.trusted.keys.is_loaded())
+        self.inner
+            .issuers
+            .iter()
+            .all(|t| t.trusted.keys.is_loaded())
     }
 
     /// Waits until every trusted issuer's first key set has been loaded.
@@ -396,8 +399,7 @@ impl JwtValidator {
             Some(hit) => hit,
             // Boxed: the rare path keeps its state out of every call's future.
             None => {
-                Box::pin(self.validate_uncached(token, digest, required_scopes, &mut issuer))
-                    .await
+                Box::pin(self.validate_uncached(token, digest, required_scopes, &mut issuer)).await
             }
         };
         self.record(issuer, &result);

@@ -53,7 +53,7 @@ impl TestGateway {
     pub async fn ready(self) -> Self {
         tokio::time::timeout(
             Duration::from_secs(10),
-            self.gateway.validator.keys().wait_loaded(),
+            self.gateway.validator.wait_loaded(),
         )
         .await
         .expect("keys loaded");
@@ -280,4 +280,17 @@ pub fn run_to_end(cmd: &mut std::process::Command) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// The value of the series `name_and_labels` (exactly as rendered) in a
+/// Prometheus text exposition.
+pub fn metric(body: &str, name_and_labels: &str) -> f64 {
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)?
+                .strip_prefix(' ')?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{name_and_labels} not in metrics:\n{body}"))
 }
