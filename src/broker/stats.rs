@@ -151,12 +151,15 @@ struct ClientCounters {
     refused: AtomicU64,
 }
 
+/// A client's registered name and its pool's.
+type NameAndPool = (std::sync::Arc<str>, std::sync::Arc<str>);
+
 /// Per-client counters, labelled by the registered `name` (the registry bounds
 /// the cardinality; no caller-supplied string becomes a label).
 #[derive(Debug)]
 pub struct ClientStats {
     /// Name and pool, by registry index.
-    names: Box<[Option<(std::sync::Arc<str>, std::sync::Arc<str>)>]>,
+    names: Box<[Option<NameAndPool>]>,
     counters: Box<[ClientCounters]>,
 }
 
