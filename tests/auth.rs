@@ -505,6 +505,115 @@ mod built_in_code {
         );
     }
 
+    #[tokio::test]
+    async fn a_code_built_validator_of_two_pools_binds_keys_and_clients_to_each() {
+        use m2m_gateway::jwt::CognitoPool;
+        let one = emulator(vec![]).await;
+        let two = emulator(vec![m2m_gateway::emulator::EmulatorClient::new(
+            "client-b",
+            "s",
+            &["orders/read"],
+        )])
+        .await;
+        let validator = CognitoValidator::builder()
+            .pool(
+                CognitoPool::with_issuer(one.issuer())
+                    .name("one")
+                    .clients([CLIENT]),
+            )
+            .pool(
+                CognitoPool::with_issuer(two.issuer())
+                    .name("two")
+                    .clients(["client-b"]),
+            )
+            .build()
+            .unwrap();
+        let scopes = ["orders/read".to_owned()];
+        // Both pools' first key sets are waited for on the first call.
+        let a = validator
+            .validate(&one.issue(CLIENT, &scopes), &[])
+            .await
+            .unwrap();
+        assert_eq!(a.issuer(), one.issuer());
+        let b = validator
+            .validate(&two.issue("client-b", &scopes), &[])
+            .await
+            .unwrap();
+        assert_eq!(b.issuer(), two.issuer());
+        // client-a is pool one's: a pool-two token issued to it is refused.
+        let crossed = validator
+            .validate(&two.issue(CLIENT, &scopes), &[])
+            .await
+            .unwrap_err();
+        assert_eq!(crossed.rejection, Rejection::ClientNotAllowed);
+        let pools: Vec<(String, u64)> = validator
+            .issuers()
+            .map(|(t, s)| (t.pool().to_owned(), s.valid()))
+            .collect();
+        assert_eq!(pools, [("one".into(), 1), ("two".into(), 1)]);
+        assert!(validator.is_loaded());
+        // Two pools claiming one issuer: refused, not silently merged.
+        let twice = CognitoValidator::builder()
+            .pool(CognitoPool::with_issuer(one.issuer()).any_client())
+            .pool(CognitoPool::with_issuer(one.issuer()).any_client())
+            .build()
+            .unwrap_err();
+        assert!(twice.to_string().contains("trusted twice"), "{twice}");
+    }
+
+    #[test]
+    fn a_pool_switching_issuer_form_accepts_both_while_asked_to() {
+        use m2m_gateway::jwt::{CognitoPool, IssuerType};
+        let issuers = |p: CognitoPool| -> Vec<String> {
+            p.issuers()
+                .unwrap()
+                .into_iter()
+                .map(|(issuer, jwks)| {
+                    assert_eq!(jwks.as_str(), format!("{issuer}/.well-known/jwks.json"));
+                    issuer
+                })
+                .collect()
+        };
+        let pool = || CognitoPool::new("us-east-1", "us-east-1_AbCdEf123");
+        assert_eq!(
+            issuers(
+                pool()
+                    .issuer_type(IssuerType::Updated)
+                    .accept_previous_issuer()
+            ),
+            [
+                "https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123",
+                "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123",
+            ]
+        );
+        assert_eq!(
+            issuers(pool()),
+            ["https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123"]
+        );
+        assert_eq!(
+            issuers(pool().accept_issuer("https://idp.example.com/old")),
+            [
+                "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123",
+                "https://idp.example.com/old",
+            ]
+        );
+        // The other form of a hand-set issuer cannot be derived.
+        assert!(matches!(
+            CognitoPool::with_issuer("https://idp.example.com/p")
+                .accept_previous_issuer()
+                .issuers()
+                .unwrap_err(),
+            BuildError::PreviousIssuerUnknown
+        ));
+        assert!(matches!(
+            pool()
+                .accept_issuer("http://idp.example.com/old")
+                .issuers()
+                .unwrap_err(),
+            BuildError::Endpoint(_)
+        ));
+    }
+
     #[test]
     fn build_outside_a_runtime_is_an_error_not_a_panic() {
         let b = CognitoValidator::builder()
