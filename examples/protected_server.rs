@@ -59,14 +59,15 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = Settings::load(&args.config)?;
     let validator = build_validator(&settings)?;
-    let _loader = validator.keys().spawn_loader(Duration::from_secs(3600));
+    // One loader per key set (every pool, every accepted issuer).
+    let _loaders = validator.spawn_loaders(Duration::from_secs(3600));
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_not_serving::<EchoServer<EchoService>>().await;
     {
-        let keys = validator.keys().clone();
+        let validator = validator.clone();
         tokio::spawn(async move {
-            keys.wait_loaded().await;
+            validator.wait_loaded().await;
             reporter.set_serving::<EchoServer<EchoService>>().await;
         });
     }

@@ -141,11 +141,7 @@ impl Gateway {
         });
 
         // One loader per key set: every pool's issuer, and any previous issuer.
-        let loaders: Vec<_> = self
-            .validator
-            .issuers()
-            .map(|(trusted, _)| trusted.keys().spawn_loader(JWKS_REFRESH_PERIOD))
-            .collect();
+        let loaders = self.validator.spawn_loaders(JWKS_REFRESH_PERIOD);
         // Redis is connected now, and the fleet's proven secrets followed.
         self.broker.start();
         let (reporter, health) = tonic_health::server::health_reporter();
@@ -278,7 +274,7 @@ fn token_endpoints(settings: &Settings) -> anyhow::Result<Arc<dyn TokenEndpoint>
 /// The access-token validator of a configuration: for every pool, its issuer
 /// (and any accepted previous issuer), each with its own key set from its own
 /// JWKS URI, and the clients registered for that pool. The key sets are empty
-/// until loaded ([`KeySet::spawn_loader`] or [`KeySet::refresh`]).
+/// until loaded ([`JwtValidator::spawn_loaders`] or [`KeySet::refresh`]).
 pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
     let config = &settings.config;
     let mut trusted = Vec::new();

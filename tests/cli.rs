@@ -60,6 +60,68 @@ fn check_config_prints_effective_settings_with_secrets_redacted() {
 }
 
 #[test]
+fn check_config_prints_every_pools_issuers_and_key_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        r#"
+[[pools]]
+name = "us"
+region = "us-east-1"
+user_pool_id = "us-east-1_AbCdEf123"
+domain = "https://us.auth.us-east-1.amazoncognito.com"
+issuer_type = "updated"
+accept_previous_issuer = true
+
+[[pools]]
+name = "eu"
+region = "eu-west-1"
+user_pool_id = "eu-west-1_XyZ987654"
+domain = "https://eu.auth.eu-west-1.amazoncognito.com"
+
+[[clients]]
+client_id = "k6h0hnjenh7auvi2as"
+name = "acme-billing"
+pool = "us"
+allowed_scopes = ["orders/read"]
+"#,
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json",
+        // The previous (original) form, accepted during the migration.
+        "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json",
+        "https://eu.auth.eu-west-1.amazoncognito.com/oauth2/token",
+        "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_XyZ987654\"",
+    ] {
+        assert!(text.contains(expected), "{expected} not in {text}");
+    }
+    // A client without its pool, with several pools: refused, naming the key.
+    let unnamed = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("pool = \"us\"\n", "");
+    let path = write(&dir, &unnamed);
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("clients[0].pool"), "{err}");
+}
+
+#[test]
 fn check_config_errors_name_the_file_and_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let missing = Command::new(BIN)

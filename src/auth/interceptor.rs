@@ -14,7 +14,7 @@ use crate::jwt::JwtValidator;
 /// neither the method path nor the network, so it has one scope list for the whole
 /// service (no per-method policy, no public methods) and validates with the keys
 /// already loaded — an unknown `kid` is refused at once instead of triggering a
-/// JWKS refetch. Keep the key set fresh with [`crate::jwt::KeySet::spawn_loader`],
+/// JWKS refetch. Keep the key sets fresh with [`crate::jwt::JwtValidator::spawn_loaders`],
 /// or use the layer.
 ///
 /// ```no_run

@@ -359,6 +359,17 @@ impl JwtValidator {
             .all(|t| t.trusted.keys.is_loaded())
     }
 
+    /// Starts one loader per trusted issuer's key set ([`KeySet::spawn_loader`]):
+    /// the first key set with backoff, then a refresh every `period`. Each ends
+    /// once its key set is gone (or when its handle is aborted).
+    pub fn spawn_loaders(&self, period: Duration) -> Vec<tokio::task::JoinHandle<()>> {
+        self.inner
+            .issuers
+            .iter()
+            .map(|t| t.trusted.keys.spawn_loader(period))
+            .collect()
+    }
+
     /// Waits until every trusted issuer's first key set has been loaded.
     pub async fn wait_loaded(&self) {
         for t in self.inner.issuers.iter() {
