@@ -588,7 +588,7 @@ impl Broker {
                     Err(e) if e.is_transient() && self.usable(&entry, Instant::now()) => {
                         if !matches!(e, BrokerError::UpstreamBudget { .. }) {
                             inner.stats.stale_served();
-                            tracing::warn!(client = %client.name, error = %e, "refresh failed; serving the cached token");
+                            tracing::warn!(client = %client.name, pool = %client.pool, error = %e, "refresh failed; serving the cached token");
                         }
                         inner.clients.hit(client.index);
                         Ok(entry.issued(Instant::now()))
@@ -1001,7 +1001,7 @@ impl Broker {
                     inner.clients.refused(client.index);
                     self.revoke(client, verifier).await;
                 }
-                tracing::info!(client = %client.name, outcome = e.label(), "token request refused or failed");
+                tracing::info!(client = %client.name, pool = %client.pool, outcome = e.label(), "token request refused or failed");
                 return Err(e.into());
             }
         };
@@ -1013,7 +1013,7 @@ impl Broker {
         // Cognito accepted the secret: proven (again) for one token lifetime.
         self.prove(client, verifier, started + lifetime).await;
         if let Some(extra) = granted.iter().find(|s| !scopes.contains(s)) {
-            tracing::error!(client = %client.name, scope = %extra, "Cognito returned a token broader than the request; refusing it");
+            tracing::error!(client = %client.name, pool = %client.pool, scope = %extra, "Cognito returned a token broader than the request; refusing it");
             return Err(BrokerError::UpstreamUnavailable(
                 "the token endpoint returned a token with scopes outside the request".into(),
             ));
@@ -1041,7 +1041,7 @@ impl Broker {
 
     async fn revoke(&self, client: &Client, verifier: Verifier) {
         if self.inner.proven.revoke(client.index, &verifier) {
-            tracing::info!(client = %client.name, "Cognito refused a proven secret; it is no longer accepted");
+            tracing::info!(client = %client.name, pool = %client.pool, "Cognito refused a proven secret; it is no longer accepted");
         }
         if let Some(fleet) = &self.inner.fleet {
             let client_key = fleet.proof_key(&client.client_id);
