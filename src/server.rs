@@ -195,7 +195,13 @@ impl Gateway {
         let addr = listener
             .local_addr()
             .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-        tracing::info!(%addr, issuer = %self.validator.issuer(), clients = self.settings.config.clients.len(), "gateway listening");
+        let issuers = self
+            .validator
+            .issuers()
+            .map(|(t, _)| format!("{}={}", t.pool(), t.issuer()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        tracing::info!(%addr, %issuers, clients = self.settings.config.clients.len(), "gateway listening");
         // A call's message is collected (bounded in time and size) before the call
         // takes a slot of the budget; beyond max_concurrent_requests calls in flight,
         // new calls are shed at once with RESOURCE_EXHAUSTED instead of queueing.
