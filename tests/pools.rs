@@ -64,6 +64,14 @@ async fn validate(gw: &TestGateway, token: &str) -> (bool, PbRejection) {
     (v.valid, v.rejection())
 }
 
+/// Access-token claims of client-a claiming `issuer`, to be signed by any key.
+fn claims_of(issuer: &str) -> serde_json::Value {
+    serde_json::json!({
+        "iss": issuer, "client_id": "client-a", "token_use": "access",
+        "scope": "orders/read", "exp": 4_000_000_000i64, "iat": 1_700_000_000,
+    })
+}
+
 fn iss(token: &str) -> String {
     use base64::Engine as _;
     let payload = token.split('.').nth(1).unwrap();
@@ -116,12 +124,8 @@ async fn two_pools_each_client_to_its_own_pool_and_tokens_checked_against_their_
     // Pool 1's issuer, signed with pool 2's key: looked up in pool 1's key set
     // only (the emulators name their keys alike, so the kid is found there and the
     // signature fails; with pool 2's key set it would verify).
-    let claims = serde_json::json!({
-        "iss": one.issuer(), "client_id": "client-a", "token_use": "access",
-        "scope": "orders/read", "exp": 4_000_000_000i64, "iat": 1_700_000_000,
-    });
     assert_eq!(
-        validate(&gw, &two.sign(&claims)).await,
+        validate(&gw, &two.sign(&claims_of(one.issuer()))).await,
         (false, PbRejection::BadSignature)
     );
 
@@ -224,12 +228,8 @@ async fn issuer_migration_accepts_both_forms_only_while_on() {
     );
     // The old issuer's keys verify the old issuer's tokens only (same kid
     // names, other key material: refused on the signature).
-    let claims = serde_json::json!({
-        "iss": new.issuer(), "client_id": "client-a", "token_use": "access",
-        "scope": "orders/read", "exp": 4_000_000_000i64, "iat": 1_700_000_000,
-    });
     assert_eq!(
-        validate(&gw, &old.sign(&claims)).await,
+        validate(&gw, &old.sign(&claims_of(new.issuer()))).await,
         (false, PbRejection::BadSignature)
     );
     let (_, body) = gw.admin_get("/metrics").await;
