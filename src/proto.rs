@@ -39,15 +39,24 @@ pub mod demo {
 /// `google.protobuf.Struct` as the generated gateway types hold it (`Claims.all`):
 /// shared, so that the claims of a verified token, converted once, are answered
 /// any number of times without copying the Struct (a clone is a reference count).
-/// Encoding and decoding are prost's own `Struct` code, delegated; the encoded
-/// length, asked once per nesting level while encoding, is remembered.
+/// Decoding is prost's own `Struct` code, delegated. Encoding too, once: the bytes
+/// prost wrote are remembered and written again for every later answer (the Struct
+/// is immutable while shared; decoding into a value forgets them).
 #[derive(Clone, Default)]
-pub struct SharedStruct(Arc<(prost_types::Struct, OnceLock<usize>)>);
+pub struct SharedStruct(Arc<(prost_types::Struct, OnceLock<Vec<u8>>)>);
 
 impl SharedStruct {
     /// The Struct, owned (copied only if shared).
     pub fn into_inner(self) -> prost_types::Struct {
         Arc::unwrap_or_clone(self.0).0
+    }
+
+    /// prost's encoding of the Struct, computed on first use.
+    fn encoded(&self) -> &[u8] {
+        self.0.1.get_or_init(|| {
+            use prost::Message as _;
+            self.0.0.encode_to_vec()
+        })
     }
 }
 
@@ -59,7 +68,6 @@ impl From<prost_types::Struct> for SharedStruct {
 
 impl std::ops::Deref for SharedStruct {
     type Target = prost_types::Struct;
-
     fn deref(&self) -> &prost_types::Struct {
         &self.0.0
     }
@@ -79,7 +87,7 @@ impl std::fmt::Debug for SharedStruct {
 
 impl prost::Message for SharedStruct {
     fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
-        self.0.0.encode_raw(buf);
+        buf.put_slice(self.encoded());
     }
 
     fn merge_field(
@@ -89,13 +97,13 @@ impl prost::Message for SharedStruct {
         buf: &mut impl bytes::Buf,
         ctx: prost::encoding::DecodeContext,
     ) -> Result<(), prost::DecodeError> {
-        let (inner, len) = Arc::make_mut(&mut self.0);
-        len.take();
+        let (inner, encoded) = Arc::make_mut(&mut self.0);
+        encoded.take();
         inner.merge_field(tag, wire_type, buf, ctx)
     }
 
     fn encoded_len(&self) -> usize {
-        *self.0.1.get_or_init(|| self.0.0.encoded_len())
+        self.encoded().len()
     }
 
     fn clear(&mut self) {
