@@ -239,6 +239,11 @@ mod tests {
         let mut merged = all.clone();
         merged.merge(more.encode_to_vec().as_slice()).unwrap();
         assert_eq!(other.encoded_len(), merged.encoded_len());
+        // The remembered bytes were taken before the merge (`shared` was encoded
+        // above): the decoded copy encodes what it now holds, the original what it
+        // held.
+        assert_eq!(other.encode_to_vec(), merged.encode_to_vec());
+        assert_eq!(shared.encode_to_vec(), all.encode_to_vec());
     }
 
     #[test]
