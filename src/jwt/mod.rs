@@ -44,7 +44,7 @@ pub enum Rejection {
     Expired,
     /// `nbf` is in the future (beyond the leeway).
     NotYetValid,
-    /// `iss` differs from the configured issuer.
+    /// `iss` is none of the trusted issuers.
     WrongIssuer,
     /// `token_use` is not `access` (e.g. an ID token).
     WrongTokenUse,
