@@ -58,7 +58,7 @@ for r in $(seq "$rounds"); do
     out=$(taskset -c 1 h2load -t 1 -c "$conns" -m "$streams" -n "$calls" -d "$dir/$t.bin" \
       -H 'content-type: application/grpc' -H 'te: trailers' "http://${addr[$t]}${path[$t]}")
     read -r b1 a1 <<<"$(core0)"
-    rps=$(sed -n 's/^finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
+    rps=$(sed -n 's/^finished in [0-9.]*m\{0,1\}s, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
     ok=$(sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p' <<<"$out")
     data=$(sed -n 's/^traffic: .*(\([0-9]*\)) data$/\1/p' <<<"$out")
     want=$((calls * frame[$t]))
