@@ -98,7 +98,11 @@ impl Gateway {
     ) -> anyhow::Result<()> {
         let server_cfg = self.settings.server.clone();
         // Everything that can fail on configuration fails before serving.
-        let tls = server_cfg.tls.as_ref().map(tls_config).transpose()?;
+        let tls = server_cfg
+            .tls
+            .as_ref()
+            .map(|tls| tls_config(tls, server_cfg.edge.handshake_timeout))
+            .transpose()?;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -316,14 +320,19 @@ pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
     )?)
 }
 
-fn tls_config(tls: &config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+/// tonic's TLS settings. The handshake has `handshake` to finish (the edge's
+/// preface deadline counts bytes below TLS, which a ClientHello already satisfies,
+/// so a stalled handshake needs its own deadline).
+fn tls_config(tls: &config::TlsConfig, handshake: Duration) -> anyhow::Result<ServerTlsConfig> {
     let read = |path: &std::path::Path, what: &str| {
         std::fs::read(path)
             .with_context(|| format!("server.tls.{what}: cannot read {}", path.display()))
     };
     let cert = read(&tls.cert, "cert")?;
     let key = read(&tls.key, "key")?;
-    let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    let mut cfg = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .timeout(handshake);
     if let Some(ca) = &tls.client_ca {
         cfg = cfg.client_ca_root(Certificate::from_pem(read(ca, "client_ca")?));
     }

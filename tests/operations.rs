@@ -443,6 +443,54 @@ async fn tls_and_mtls_handshakes() {
     assert!(tls_health(gw.addr, trust().identity(other)).await.is_err());
 }
 
+/// A TLS handshake that stalls after its first bytes is closed at
+/// `server.handshake_timeout_ms`, not left to the idle timeout: the edge's preface
+/// deadline counts bytes below TLS, which a ClientHello already provides.
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed_at_the_handshake_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = pki();
+    let emu = emulator(vec![]).await;
+    let mut cfg = config(&emu, &[client_a()]);
+    cfg.server.tls = Some(tls_config(&pki, false));
+    cfg.server.handshake_timeout_ms = 300;
+    let gw = TestGateway::start(cfg).await.ready().await;
+    let mut stalled = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // A handshake record announcing 512 bytes, of which 60 arrive (more than the
+    // 24 bytes of an HTTP/2 preface), then nothing.
+    let mut partial = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    partial.resize(60, 0x42);
+    stalled.write_all(&partial).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the stalled handshake was still open after 10 s"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(250),
+        "closed at once, not at the deadline: {:?}",
+        started.elapsed()
+    );
+    // The listener still serves a complete handshake.
+    let trust = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    tls_health(gw.addr, trust).await.unwrap();
+    gw.stop().await;
+}
+
 fn pki_other_identity() -> Identity {
     let key = KeyPair::generate().unwrap();
     let cert = CertificateParams::new(vec!["intruder".into()])
