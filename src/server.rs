@@ -310,7 +310,7 @@ pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
                 KeySet::new(issuer.clone(), Arc::new(fetcher), upstream.jwks_cooldown)
                     .with_pool(e.pool.clone()),
             );
-            trusted.push(TrustedIssuer::new(e.pool.clone(), keys, clients.clone()));
+            trusted.push(TrustedIssuer::new(keys, clients.clone()));
         }
     }
     // `check` refused empty and shared issuers.

@@ -473,8 +473,8 @@ impl CognitoValidatorBuilder {
                     KeySet::new(issuer, Arc::new(fetcher), self.cooldown).with_pool(name.clone()),
                 );
                 trusted.push(match &clients {
-                    Some(c) => TrustedIssuer::new(name.clone(), keys, c.iter().cloned()),
-                    None => TrustedIssuer::any_client(name.clone(), keys),
+                    Some(c) => TrustedIssuer::new(keys, c.iter().cloned()),
+                    None => TrustedIssuer::any_client(keys),
                 });
             }
         }

@@ -688,12 +688,16 @@ mod several_issuers {
     const POOL_A: &str = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_PoolA";
     const POOL_B: &str = "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_PoolB";
 
-    async fn key_set(issuer: &str, keys: &[&SigningKey]) -> Arc<KeySet> {
-        let set = Arc::new(KeySet::new(
-            issuer,
-            Arc::new(StaticJwks::new(jwks(keys))),
-            Duration::from_secs(10),
-        ));
+    /// The loaded key set of `issuer`, named `pool`.
+    async fn key_set(pool: &str, issuer: &str, keys: &[&SigningKey]) -> Arc<KeySet> {
+        let set = Arc::new(
+            KeySet::new(
+                issuer,
+                Arc::new(StaticJwks::new(jwks(keys))),
+                Duration::from_secs(10),
+            )
+            .with_pool(pool),
+        );
         set.refresh().await.unwrap();
         set
     }
@@ -711,10 +715,9 @@ mod several_issuers {
     async fn two_pools() -> JwtValidator {
         JwtValidator::for_issuers(
             [
-                TrustedIssuer::new("a", key_set(POOL_A, &[key()]).await, ["client-a".into()]),
+                TrustedIssuer::new(key_set("a", POOL_A, &[key()]).await, ["client-a".into()]),
                 TrustedIssuer::new(
-                    "b",
-                    key_set(POOL_B, &[other_key()]).await,
+                    key_set("b", POOL_B, &[other_key()]).await,
                     ["client-b".into()],
                 ),
             ],
@@ -813,10 +816,9 @@ mod several_issuers {
         let same_doc = [key()];
         let during = JwtValidator::for_issuers(
             [
-                TrustedIssuer::new("p", key_set(&updated, &same_doc).await, ["client-a".into()]),
+                TrustedIssuer::new(key_set("p", &updated, &same_doc).await, ["client-a".into()]),
                 TrustedIssuer::new(
-                    "p",
-                    key_set(&original, &same_doc).await,
+                    key_set("p", &original, &same_doc).await,
                     ["client-a".into()],
                 ),
             ],
@@ -832,8 +834,7 @@ mod several_issuers {
         // Turned off: the updated form only.
         let after = JwtValidator::for_issuers(
             [TrustedIssuer::new(
-                "p",
-                key_set(&updated, &same_doc).await,
+                key_set("p", &updated, &same_doc).await,
                 ["client-a".into()],
             )],
             ValidatorSettings::default(),
@@ -852,11 +853,10 @@ mod several_issuers {
         let v = JwtValidator::for_issuers(
             [
                 TrustedIssuer::new(
-                    "p",
-                    key_set(&updated, &[other_key()]).await,
+                    key_set("p", &updated, &[other_key()]).await,
                     ["client-a".into()],
                 ),
-                TrustedIssuer::new("p", key_set(&original, &[key()]).await, ["client-a".into()]),
+                TrustedIssuer::new(key_set("p", &original, &[key()]).await, ["client-a".into()]),
             ],
             ValidatorSettings::default(),
         )
@@ -892,8 +892,8 @@ mod several_issuers {
         );
         let twice = JwtValidator::for_issuers(
             [
-                TrustedIssuer::any_client("a", key_set(POOL_A, &[key()]).await),
-                TrustedIssuer::new("b", key_set(POOL_A, &[other_key()]).await, ["x".into()]),
+                TrustedIssuer::any_client(key_set("a", POOL_A, &[key()]).await),
+                TrustedIssuer::new(key_set("b", POOL_A, &[other_key()]).await, ["x".into()]),
             ],
             ValidatorSettings::default(),
         );
@@ -902,16 +902,19 @@ mod several_issuers {
 
     #[tokio::test]
     async fn readiness_waits_for_every_issuer() {
-        let loaded = key_set(POOL_A, &[key()]).await;
-        let pending = Arc::new(KeySet::new(
-            POOL_B,
-            Arc::new(StaticJwks::new(jwks(&[other_key()]))),
-            Duration::from_secs(10),
-        ));
+        let loaded = key_set("a", POOL_A, &[key()]).await;
+        let pending = Arc::new(
+            KeySet::new(
+                POOL_B,
+                Arc::new(StaticJwks::new(jwks(&[other_key()]))),
+                Duration::from_secs(10),
+            )
+            .with_pool("b"),
+        );
         let v = JwtValidator::for_issuers(
             [
-                TrustedIssuer::any_client("a", loaded),
-                TrustedIssuer::any_client("b", pending.clone()),
+                TrustedIssuer::any_client(loaded),
+                TrustedIssuer::any_client(pending.clone()),
             ],
             ValidatorSettings::default(),
         )

@@ -29,12 +29,11 @@ type Verified = (Arc<Claims>, Arc<str>, usize);
 pub const DEFAULT_POOL: &str = "default";
 
 /// One issuer a [`JwtValidator`] trusts: the key set bound to it (a token
-/// claiming this issuer is checked against these keys only), the app clients
-/// whose tokens are accepted from it, and a name for metrics and logs (the user
-/// pool).
+/// claiming this issuer is checked against these keys only) and the app clients
+/// whose tokens are accepted from it. Its name in metrics and logs is the key
+/// set's pool ([`KeySet::with_pool`]).
 #[derive(Clone)]
 pub struct TrustedIssuer {
-    pool: Arc<str>,
     keys: Arc<KeySet>,
     /// `None`: every app client of the pool.
     clients: Option<Arc<HashSet<String>>>,
@@ -43,7 +42,7 @@ pub struct TrustedIssuer {
 impl fmt::Debug for TrustedIssuer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TrustedIssuer")
-            .field("pool", &self.pool)
+            .field("pool", &self.keys.pool())
             .field("issuer", &self.keys.issuer())
             .field("clients", &self.clients.as_ref().map(|c| c.len()))
             .finish()
@@ -53,13 +52,8 @@ impl fmt::Debug for TrustedIssuer {
 impl TrustedIssuer {
     /// The issuer of `keys` (its [`KeySet::issuer`]), accepting tokens of the
     /// given app clients only.
-    pub fn new(
-        pool: impl Into<String>,
-        keys: Arc<KeySet>,
-        clients: impl IntoIterator<Item = String>,
-    ) -> Self {
+    pub fn new(keys: Arc<KeySet>, clients: impl IntoIterator<Item = String>) -> Self {
         Self {
-            pool: Arc::from(pool.into()),
             keys,
             clients: Some(Arc::new(clients.into_iter().collect())),
         }
@@ -67,9 +61,8 @@ impl TrustedIssuer {
 
     /// The issuer of `keys`, accepting tokens of every app client of the pool: an
     /// explicit choice, since any client created in the pool then gets in.
-    pub fn any_client(pool: impl Into<String>, keys: Arc<KeySet>) -> Self {
+    pub fn any_client(keys: Arc<KeySet>) -> Self {
         Self {
-            pool: Arc::from(pool.into()),
             keys,
             clients: None,
         }
@@ -80,9 +73,9 @@ impl TrustedIssuer {
         self.keys.issuer()
     }
 
-    /// The pool's name (metrics and logs).
+    /// The pool's name (metrics and logs): its key set's.
     pub fn pool(&self) -> &str {
-        &self.pool
+        self.keys.pool()
     }
 
     /// The key set bound to this issuer.
@@ -261,7 +254,7 @@ impl JwtValidator {
             "a key set is bound to its issuer"
         );
         Self::build(
-            vec![TrustedIssuer::new(DEFAULT_POOL, keys, clients)],
+            vec![TrustedIssuer::new(keys, clients)],
             settings,
             Arc::new(SystemClock),
             Duration::ZERO,
