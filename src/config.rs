@@ -517,6 +517,18 @@ pub struct Endpoints {
     pub accepted_issuers: Vec<AcceptedIssuer>,
 }
 
+impl Endpoints {
+    /// Every issuer this pool's tokens may carry, with its JWKS URL: the pool's
+    /// own first, then the accepted ones.
+    pub fn issuers(&self) -> impl Iterator<Item = (&str, &Url)> {
+        std::iter::once((self.issuer.as_str(), &self.jwks_uri)).chain(
+            self.accepted_issuers
+                .iter()
+                .map(|a| (a.issuer.as_str(), &a.jwks_uri)),
+        )
+    }
+}
+
 /// An issuer accepted besides a pool's own, and where its keys are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AcceptedIssuer {
@@ -606,13 +618,11 @@ impl Config {
                 ));
             }
             // One issuer, one key set and one set of clients: never two pools.
-            let claimed = |p: &Endpoints| -> Vec<String> {
-                std::iter::once(p.issuer.clone())
-                    .chain(p.accepted_issuers.iter().map(|a| a.issuer.clone()))
-                    .collect()
-            };
-            for issuer in claimed(&endpoints) {
-                if let Some(other) = pools.iter().find(|p| claimed(p).contains(&issuer)) {
+            for (issuer, _) in endpoints.issuers() {
+                if let Some(other) = pools
+                    .iter()
+                    .find(|p| p.issuers().any(|(claimed, _)| claimed == issuer))
+                {
                     return Err(invalid(
                         &format!("{prefix}.issuer"),
                         format!(

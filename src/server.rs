@@ -297,9 +297,7 @@ pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
             .filter(|c| config.pool_of(c) == e.pool)
             .map(|c| c.client_id.clone())
             .collect();
-        let issuers = std::iter::once((&e.issuer, &e.jwks_uri))
-            .chain(e.accepted_issuers.iter().map(|a| (&a.issuer, &a.jwks_uri)));
-        for (issuer, jwks_uri) in issuers {
+        for (issuer, jwks_uri) in e.issuers() {
             let fetcher = HttpFetcher::new(
                 jwks_uri.clone(),
                 upstream.connect_timeout,
@@ -307,7 +305,7 @@ pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
             )
             .with_context(|| format!("JWKS client of pool {:?}", e.pool))?;
             let keys = Arc::new(
-                KeySet::new(issuer.clone(), Arc::new(fetcher), upstream.jwks_cooldown)
+                KeySet::new(issuer, Arc::new(fetcher), upstream.jwks_cooldown)
                     .with_pool(e.pool.clone()),
             );
             trusted.push(TrustedIssuer::new(keys, clients.clone()));
