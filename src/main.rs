@@ -68,7 +68,7 @@ enum Command {
         /// Emulate this many user pools (1-4), each with its own keys, issuer and
         /// demo client (`dev-client-2` / `dev-secret-2` in the second, …), its
         /// emulator on the next port after --emulator-listen.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=m2m_gateway::dev::MAX_DEV_POOLS as i64))]
         pools: u8,
     },
     /// Exit 0 when the gateway's health check answers SERVING (container health

@@ -35,9 +35,7 @@ impl IssuerType {
             }
         }
     }
-}
 
-impl IssuerType {
     /// The other form (what a pool switching issuers issued before, or will).
     pub fn other(self) -> Self {
         match self {
@@ -459,7 +457,8 @@ impl CognitoValidatorBuilder {
     /// The validator, its key loaders started (fetching at once). Must run inside
     /// a tokio runtime.
     pub fn build(self) -> Result<JwtValidator, BuildError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
+        // The loaders need one (`spawn_loaders` would panic without it).
+        tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
         if self.pools().next().is_none() {
             return Err(BuildError::MissingRegion);
         }
@@ -478,11 +477,9 @@ impl CognitoValidatorBuilder {
                 });
             }
         }
-        let keys: Vec<_> = trusted.iter().map(|t| Arc::downgrade(t.keys())).collect();
         let validator = JwtValidator::checked(trusted, self.settings, self.first_load_wait)?;
-        for keys in keys {
-            runtime.spawn(super::jwks::load_while_used(keys, self.refresh_period));
-        }
+        // Detached: each loader holds its key set weakly and ends with the validator.
+        let _ = validator.spawn_loaders(self.refresh_period);
         Ok(validator)
     }
 }
