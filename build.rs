@@ -16,10 +16,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     // Separate descriptor sets: reflection on the gateway must not list the demo
     // service, which only the protected-server example serves.
-    // `Claims.all` is shared between the answers for one verified token.
+    // `ValidateResponse.claims` is shared between the answers for one verified
+    // token (`crate::proto::SharedClaims`); the `Claims` message it holds comes
+    // from a second run over the same file, without services, in `claims/`.
     tonic_prost_build::configure()
-        .extern_path(".google.protobuf.Struct", "crate::proto::SharedStruct")
+        .extern_path(".m2m.gateway.v1.Claims", "crate::proto::SharedClaims")
         .file_descriptor_set_path(out_dir.join("gateway_descriptor.bin"))
+        .compile_protos(&["proto/m2m/gateway/v1/gateway.proto"], &["proto"])?;
+    let claims_dir = out_dir.join("claims");
+    std::fs::create_dir_all(&claims_dir)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .out_dir(&claims_dir)
         .compile_protos(&["proto/m2m/gateway/v1/gateway.proto"], &["proto"])?;
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("demo_descriptor.bin"))

@@ -10,6 +10,15 @@ pub mod gateway {
     pub mod v1 {
         #![allow(missing_docs, unreachable_pub, clippy::all)]
         tonic::include_proto!("m2m.gateway.v1");
+        pub use super::message::Claims;
+    }
+
+    /// The same file generated again without the extern path: the `Claims`
+    /// message that [`SharedClaims`](crate::proto::SharedClaims) holds. The other
+    /// messages here are unused copies.
+    mod message {
+        #![allow(missing_docs, unreachable_pub, clippy::all, dead_code)]
+        include!(concat!(env!("OUT_DIR"), "/claims/m2m.gateway.v1.rs"));
     }
 }
 
@@ -36,56 +45,68 @@ pub mod demo {
     }
 }
 
-/// `google.protobuf.Struct` as the generated gateway types hold it (`Claims.all`):
-/// shared, so that the claims of a verified token, converted once, are answered
-/// any number of times without copying the Struct (a clone is a reference count).
-/// Decoding is prost's own `Struct` code, delegated. Encoding too, once: the bytes
-/// prost wrote are remembered and written again for every later answer (the Struct
-/// is immutable while shared; decoding into a value forgets them).
-#[derive(Clone, Default)]
-pub struct SharedStruct(Arc<(prost_types::Struct, OnceLock<Vec<u8>>)>);
+/// A message shared by reference count, written as the bytes prost encoded for
+/// it the first time: the claims of a verified token are converted once and
+/// answered by every later Validate of that token (`ValidateResponse.claims` is a
+/// [`SharedClaims`]). Encoding and decoding are prost's own code for `M`; the
+/// message is immutable while shared (decoding into it works on a private copy
+/// and forgets the remembered bytes).
+pub struct Shared<M>(Arc<(M, OnceLock<Vec<u8>>)>);
 
-impl SharedStruct {
-    /// The Struct, owned (copied only if shared).
-    pub fn into_inner(self) -> prost_types::Struct {
+/// `m2m.gateway.v1.Claims` as `ValidateResponse.claims` holds it. Read its fields
+/// through `Deref`; [`Shared::into_inner`] gives the message.
+pub type SharedClaims = Shared<gateway::v1::Claims>;
+
+impl<M: prost::Message + Clone> Shared<M> {
+    /// The message, owned (copied only if shared).
+    pub fn into_inner(self) -> M {
         Arc::unwrap_or_clone(self.0).0
     }
 
-    /// prost's encoding of the Struct, computed on first use.
+    /// prost's encoding of the message, computed on first use.
     fn encoded(&self) -> &[u8] {
-        self.0.1.get_or_init(|| {
-            use prost::Message as _;
-            self.0.0.encode_to_vec()
-        })
+        self.0.1.get_or_init(|| self.0.0.encode_to_vec())
     }
 }
 
-impl From<prost_types::Struct> for SharedStruct {
-    fn from(s: prost_types::Struct) -> Self {
-        Self(Arc::new((s, OnceLock::new())))
+impl<M> Clone for Shared<M> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
     }
 }
 
-impl std::ops::Deref for SharedStruct {
-    type Target = prost_types::Struct;
-    fn deref(&self) -> &prost_types::Struct {
+impl<M: Default> Default for Shared<M> {
+    fn default() -> Self {
+        Self(Arc::new((M::default(), OnceLock::new())))
+    }
+}
+
+impl<M> From<M> for Shared<M> {
+    fn from(message: M) -> Self {
+        Self(Arc::new((message, OnceLock::new())))
+    }
+}
+
+impl<M> std::ops::Deref for Shared<M> {
+    type Target = M;
+    fn deref(&self) -> &M {
         &self.0.0
     }
 }
 
-impl PartialEq for SharedStruct {
+impl<M: PartialEq> PartialEq for Shared<M> {
     fn eq(&self, other: &Self) -> bool {
         self.0.0 == other.0.0
     }
 }
 
-impl std::fmt::Debug for SharedStruct {
+impl<M: std::fmt::Debug> std::fmt::Debug for Shared<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.0.fmt(f)
     }
 }
 
-impl prost::Message for SharedStruct {
+impl<M: prost::Message + Clone + Default> prost::Message for Shared<M> {
     fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
         buf.put_slice(self.encoded());
     }
@@ -194,10 +215,10 @@ impl prost::Message for Encoded {
 mod tests {
     use prost::Message as _;
 
-    use super::{Encoded, SharedStruct, gateway::v1 as pb};
+    use super::{Encoded, SharedClaims, gateway::v1 as pb};
 
     #[test]
-    fn shared_struct_is_prost_struct_on_the_wire() {
+    fn shared_claims_are_the_generated_claims_on_the_wire() {
         use prost_types::{Struct, Value, value::Kind};
         let all = Struct {
             fields: [
@@ -208,42 +229,53 @@ mod tests {
             .map(|(k, v)| (k.to_owned(), Value { kind: Some(v) }))
             .collect(),
         };
-        let shared = SharedStruct::from(all.clone());
-        assert_eq!(shared.encode_to_vec(), all.encode_to_vec());
-        assert_eq!(shared.encoded_len(), all.encoded_len());
-        // Nested in the generated Claims, and read back.
         let claims = pb::Claims {
             client_id: "c1".into(),
-            all: Some(shared.clone()),
+            scopes: vec!["orders/read".into()],
+            expires_at: 1_800_000_000,
+            all: Some(all),
             ..Default::default()
         };
-        let back = pb::Claims::decode(claims.encode_to_vec().as_slice()).unwrap();
-        assert_eq!(back, claims);
-        assert_eq!(back.all.unwrap().into_inner(), all);
-        // Decoding into a shared value changes only the decoded copy, and its
-        // remembered length follows.
+        let shared = SharedClaims::from(claims.clone());
+        assert_eq!(shared.encode_to_vec(), claims.encode_to_vec());
+        assert_eq!(shared.encoded_len(), claims.encoded_len());
+        // Nested in the generated answer: the same bytes as the message itself
+        // would give there, and read back.
+        let answer = pb::ValidateResponse {
+            valid: true,
+            claims: Some(shared.clone()),
+            ..Default::default()
+        };
+        let bytes = answer.encode_to_vec();
+        let mut expected = pb::ValidateResponse {
+            valid: true,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        prost::encoding::message::encode(4, &claims, &mut expected);
+        assert_eq!(bytes, expected);
+        let back = pb::ValidateResponse::decode(bytes.as_slice()).unwrap();
+        assert_eq!(back, answer);
+        assert_eq!(back.claims.unwrap().into_inner(), claims);
+        // Decoding into a shared value changes only the decoded copy, and what it
+        // encodes follows.
         let mut other = shared.clone();
-        let more = Struct {
-            fields: [(
-                "jti".to_owned(),
-                Value {
-                    kind: Some(Kind::StringValue("j".into())),
-                },
-            )]
-            .into_iter()
-            .collect(),
+        let more = pb::Claims {
+            jti: "j".into(),
+            ..Default::default()
         };
         other.merge(more.encode_to_vec().as_slice()).unwrap();
-        assert_eq!(shared.fields.len(), 2);
-        assert_eq!(other.fields.len(), 3);
-        let mut merged = all.clone();
+        assert_eq!(shared.jti, "");
+        assert_eq!(other.jti, "j");
+        let mut merged = claims.clone();
         merged.merge(more.encode_to_vec().as_slice()).unwrap();
         assert_eq!(other.encoded_len(), merged.encoded_len());
         // The remembered bytes were taken before the merge (`shared` was encoded
         // above): the decoded copy encodes what it now holds, the original what it
         // held.
         assert_eq!(other.encode_to_vec(), merged.encode_to_vec());
-        assert_eq!(shared.encode_to_vec(), all.encode_to_vec());
+        assert_eq!(shared.encode_to_vec(), claims.encode_to_vec());
+        assert_eq!(SharedClaims::default().encode_to_vec(), Vec::<u8>::new());
     }
 
     #[test]

@@ -55,13 +55,13 @@ async fn get_token_then_validate_round_trip() {
         .into_inner();
     assert!(v.valid, "{}", v.detail);
     assert_eq!(v.rejection, Rejection::Unspecified as i32);
-    let claims = v.claims.unwrap();
+    let claims = v.claims.unwrap().into_inner();
     assert_eq!(claims.client_id, CLIENT);
     assert_eq!(claims.subject, CLIENT);
     assert_eq!(claims.issuer, emu.issuer());
     assert_eq!(claims.token_use, "access");
     assert!(claims.expires_at > claims.issued_at);
-    let all = claims.all.unwrap().into_inner().fields;
+    let all = claims.all.unwrap().fields;
     assert!(
         all.contains_key("version") && all.contains_key("auth_time") && all.contains_key("jti")
     );

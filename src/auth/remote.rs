@@ -105,16 +105,16 @@ impl RemoteValidator {
                 rejection_from_proto(response.rejection).unwrap_or(Rejection::Malformed);
             return Err(Invalid::new(rejection, response.detail));
         }
-        let c = response.claims.ok_or_else(|| {
-            Invalid::new(
-                Rejection::Malformed,
-                "gateway answered valid without claims",
-            )
-        })?;
-        let all = c
-            .all
-            .map(|s| struct_to_json(s.into_inner()))
-            .unwrap_or_default();
+        let c = response
+            .claims
+            .ok_or_else(|| {
+                Invalid::new(
+                    Rejection::Malformed,
+                    "gateway answered valid without claims",
+                )
+            })?
+            .into_inner();
+        let all = c.all.map(struct_to_json).unwrap_or_default();
         Ok(Arc::new(Claims::from_verified(
             &c.client_id,
             &c.subject,

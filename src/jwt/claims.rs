@@ -13,7 +13,7 @@ use serde::{
 };
 use serde_json::{Map, Value, value::RawValue};
 
-use crate::proto::gateway::v1 as pb;
+use crate::proto::{SharedClaims, gateway::v1 as pb};
 
 /// A JSON string, borrowed from the input unless it had escapes.
 pub(crate) struct Text<'a>(pub(crate) Cow<'a, str>);
@@ -159,7 +159,7 @@ pub struct Claims {
 
 /// [`Claims::to_proto`]'s memo; ignored by comparisons (it is derived).
 #[derive(Clone, Default)]
-struct ProtoMemo(OnceLock<Box<pb::Claims>>);
+struct ProtoMemo(OnceLock<SharedClaims>);
 
 impl PartialEq for ProtoMemo {
     fn eq(&self, _: &Self) -> bool {
@@ -346,10 +346,10 @@ impl Claims {
 }
 
 impl Claims {
-    /// The claims as Validate answers them (`all` as a `Struct`), built once.
-    pub fn to_proto(&self) -> pb::Claims {
-        let proto = self.proto.0.get_or_init(|| Box::new(proto_of(self)));
-        pb::Claims::clone(proto)
+    /// The claims as Validate answers them (`all` as a `Struct`), built once per
+    /// verified token and shared by every answer (encoded once, too).
+    pub fn to_proto(&self) -> SharedClaims {
+        self.proto.0.get_or_init(|| proto_of(self).into()).clone()
     }
 }
 
@@ -363,7 +363,7 @@ fn proto_of(c: &Claims) -> pb::Claims {
         jti: c.jti().to_owned(),
         issued_at: c.issued_at(),
         expires_at: c.expires_at(),
-        all: Some(json_object_to_struct(c.all()).into()),
+        all: Some(json_object_to_struct(c.all())),
     }
 }
 
