@@ -10,6 +10,7 @@
 # on core 0) as the yardstick, and then p50/p99 latency with the project's load
 # generator at one caller (1 connection, 1 call in flight) and at 50 x 10.
 # usage: benches/rpc-h2load.sh [calls-per-run] [rounds] [connections] [streams-per-connection]
+# LATENCY=0 skips the latency part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 calls="${1:-400000}"
@@ -51,9 +52,14 @@ frame[plain-health]=${frame[health]}
 declare -A addr=([plain-health]=$plain [health]=$gw [get-token]=$gw [validate]=$gw)
 
 core0() { awk '$1 == "cpu0" { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat; }
+order="plain-health health get-token validate"
 for r in $(seq "$rounds"); do
   echo "== round $r"
-  for t in plain-health health get-token validate; do
+  # Every other round runs the targets in reverse: a machine getting busier or
+  # quieter during a round then favours no target.
+  targets=$order
+  [ $((r % 2)) -eq 0 ] && targets=$(tr ' ' '\n' <<<"$order" | tac | tr '\n' ' ')
+  for t in $targets; do
     read -r b0 a0 <<<"$(core0)"
     out=$(taskset -c 1 h2load -t 1 -c "$conns" -m "$streams" -n "$calls" -d "$dir/$t.bin" \
       -H 'content-type: application/grpc' -H 'te: trailers' "http://${addr[$t]}${path[$t]}")
@@ -78,6 +84,11 @@ awk '
     for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (x[j] < x[i]) { t = x[i]; x[i] = x[j]; x[j] = t }
     return (m % 2) ? x[(m + 1) / 2] : (x[m / 2] + x[m / 2 + 1]) / 2
   }
+  function quartile(arr, name, q,   m, i, j, t, x) {
+    m = n[name]; for (i = 1; i <= m; i++) x[i] = arr[name, i] + 0
+    for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (x[j] < x[i]) { t = x[i]; x[i] = x[j]; x[j] = t }
+    return x[int((m - 1) * q / 4 + 0.5) + 1]
+  }
   END {
     split("plain-health health get-token validate", names, " ")
     # Ratios within each round (the targets ran back to back), then their median.
@@ -86,11 +97,12 @@ awk '
     for (i = 1; i <= n["health"]; i++) { r1["ratio-get-token", i] = ratio["get-token", i]; r1["ratio-validate", i] = ratio["validate", i] }
     for (k = 1; k <= 4; k++) {
       printf "%-12s %8d req/s   server busy %d%%", names[k], median(v, names[k]), median(busy, names[k])
-      if (k > 2) printf "   %.2fx health (median of per-round ratios)", median(r1, "ratio-" names[k])
+      if (k > 2) printf "   %.2fx health (median of per-round ratios; quartiles %.2f-%.2f)", median(r1, "ratio-" names[k]), quartile(r1, "ratio-" names[k], 1), quartile(r1, "ratio-" names[k], 3)
       printf "\n"
     }
   }' "$dir/out"
 
+[ "${LATENCY:-1}" = 0 ] && exit 0
 echo "== latency (project load generator on core 1, 5 s per run after 1 s of warm-up)"
 for shape in "1 1" "500 50"; do
   read -r conc conns <<<"$shape"
