@@ -133,7 +133,7 @@ impl ScopeSet {
 /// The registry of clients, immutable after load.
 #[derive(Debug, Clone)]
 pub struct Registry {
-    clients: Arc<HashMap<String, Client>>,
+    clients: Arc<HashMap<String, Client, foldhash::fast::RandomState>>,
     max_scopes: usize,
 }
 

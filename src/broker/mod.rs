@@ -396,7 +396,7 @@ struct Inner {
     registry: Registry,
     upstream: Arc<dyn TokenEndpoint>,
     /// Synchronous: a lookup is a call, not a future (the hit path stays small).
-    cache: moka::sync::Cache<CacheKey, Arc<Entry>>,
+    cache: moka::sync::Cache<CacheKey, Arc<Entry>, foldhash::fast::RandomState>,
     inflight: Mutex<HashMap<FlightKey, Flight>>,
     verifier_key: hmac::Key,
     proven: ProvenSecrets,
@@ -455,7 +455,7 @@ impl Broker {
         let cache = moka::sync::Cache::builder()
             .max_capacity(settings.max_entries)
             .expire_after(EntryExpiry)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         let limiter =
             DefaultKeyedRateLimiter::keyed(Quota::per_minute(settings.failed_auth_per_minute));
         let slots = registry.clients().map(|c| c.index + 1).max().unwrap_or(0);
