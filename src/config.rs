@@ -243,9 +243,25 @@ pub struct CacheConfig {
     /// `memory` (default) or `redis`.
     #[serde(default)]
     pub backend: CacheBackend,
-    /// Redis URL, with `backend = "redis"`.
+    /// Redis URL, with `backend = "redis"`: `redis://` or `rediss://` (TLS);
+    /// may carry `user:password@`.
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// `auto` (default: asks the endpoint), `standalone` or `cluster`.
+    #[serde(default)]
+    pub redis_mode: crate::broker::RedisMode,
+    /// PEM bundle of a private CA for `rediss://`, trusted next to the platform's roots.
+    #[serde(default)]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+    /// ACL user (ElastiCache RBAC, Redis 6+ ACL); overrides the URL's.
+    #[serde(default)]
+    pub redis_user: Option<String>,
+    /// ACL password, usually from `M2M_GATEWAY__CACHE__REDIS_PASSWORD`; overrides the URL's.
+    #[serde(default, serialize_with = "redact_opt")]
+    pub redis_password: Option<SecretString>,
+    /// A file holding the ACL password (a mounted Kubernetes Secret).
+    #[serde(default)]
+    pub redis_password_file: Option<std::path::PathBuf>,
     /// Base64 of 32 bytes; encrypts cached tokens and keys the secret verifiers.
     #[serde(default, serialize_with = "redact_opt")]
     pub encryption_key: Option<SecretString>,
@@ -276,6 +292,14 @@ impl fmt::Debug for CacheConfig {
         f.debug_struct("CacheConfig")
             .field("backend", &self.backend)
             .field("redis_url", &self.redis_url.as_ref().map(|_| "..."))
+            .field("redis_mode", &self.redis_mode)
+            .field("redis_ca_file", &self.redis_ca_file)
+            .field("redis_user", &self.redis_user)
+            .field(
+                "redis_password",
+                &self.redis_password.as_ref().map(|_| "..."),
+            )
+            .field("redis_password_file", &self.redis_password_file)
             .field(
                 "encryption_key",
                 &self.encryption_key.as_ref().map(|_| "..."),
@@ -295,6 +319,11 @@ impl Default for CacheConfig {
         Self {
             backend: CacheBackend::Memory,
             redis_url: None,
+            redis_mode: crate::broker::RedisMode::Auto,
+            redis_ca_file: None,
+            redis_user: None,
+            redis_password: None,
+            redis_password_file: None,
             encryption_key: None,
             max_entries: default_max_entries(),
             refresh_ratio: default_refresh_ratio(),
@@ -758,6 +787,24 @@ impl Config {
                     "must start with redis://, rediss:// or redis+unix://".into(),
                 ));
             }
+            if url.ends_with("#insecure") {
+                return Err(invalid(
+                    "cache.redis_url",
+                    "#insecure turns off certificate checks; trust a private CA with cache.redis_ca_file instead".into(),
+                ));
+            }
+            if cache.redis_ca_file.is_some() && !url.starts_with("rediss://") {
+                return Err(invalid(
+                    "cache.redis_ca_file",
+                    "is set but cache.redis_url is not rediss:// (TLS)".into(),
+                ));
+            }
+        }
+        if cache.redis_password.is_some() && cache.redis_password_file.is_some() {
+            return Err(invalid(
+                "cache.redis_password_file",
+                "set together with cache.redis_password: keep one".into(),
+            ));
         }
         if let Some(key) = &cache.encryption_key {
             decode_key(key).map_err(|m| invalid("cache.encryption_key", m.to_string()))?;

@@ -11,8 +11,10 @@ use std::{
     time::Duration,
 };
 
+use secrecy::SecretString;
+
 use crate::{
-    broker::{BrokerSettings, FleetSettings},
+    broker::{BrokerSettings, FleetSettings, RedisTarget, check_ca_pem},
     config::{CacheBackend, Config, ConfigError, Endpoints, TlsConfig},
     edge::{self, EdgeSettings},
     jwt::ValidatorSettings,
@@ -197,8 +199,7 @@ impl Settings {
         };
         let fleet = match (&cache.backend, &cache.redis_url) {
             (CacheBackend::Redis, Some(url)) => Some(FleetSettings {
-                url: url.clone(),
-                timeout: ms(cache.redis_timeout_ms),
+                redis: redis_target(cache, url, origin)?,
                 // Covers the wait for a budget slot and the call itself.
                 lock_ttl: ms(limits.upstream_max_wait_ms + 1000) + longest_token_call,
                 lock_wait: ms(cache.lock_wait_ms),
@@ -279,6 +280,66 @@ fn check_tls(tls: &TlsConfig) -> Result<(), (&'static str, String)> {
         certs("server.tls.client_ca", ca)?;
     }
     Ok(())
+}
+
+/// The Redis endpoint with its TLS material and credentials read and checked:
+/// errors name the key and the file.
+fn redis_target(
+    cache: &crate::config::CacheConfig,
+    url: &str,
+    origin: &str,
+) -> Result<RedisTarget, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        path: origin.to_owned(),
+        key: key.to_owned(),
+        message,
+    };
+    let read = |key: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| invalid(key, format!("{}: {e}", path.display())))
+    };
+    let ca_pem = match &cache.redis_ca_file {
+        Some(path) => {
+            let pem = read("cache.redis_ca_file", path)?;
+            check_ca_pem(&pem)
+                .map_err(|m| invalid("cache.redis_ca_file", format!("{}: {m}", path.display())))?;
+            Some(pem)
+        }
+        None => None,
+    };
+    let password = match (&cache.redis_password, &cache.redis_password_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(path)) => {
+            let bytes = read("cache.redis_password_file", path)?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                invalid(
+                    "cache.redis_password_file",
+                    format!("{}: not UTF-8", path.display()),
+                )
+            })?;
+            // A mounted Secret often ends with a newline that is not part of it.
+            let text = text.trim_end_matches(['\n', '\r']);
+            if text.is_empty() {
+                return Err(invalid(
+                    "cache.redis_password_file",
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            Some(SecretString::from(text.to_owned()))
+        }
+        (None, None) => None,
+    };
+    let target = RedisTarget {
+        url: url.to_owned(),
+        mode: cache.redis_mode,
+        ca_pem,
+        username: cache.redis_user.clone(),
+        password,
+        timeout: Duration::from_millis(cache.redis_timeout_ms),
+    };
+    // Builds the client once: a URL or TLS material it cannot use is an error now.
+    crate::broker::FleetCache::check_target(&target)
+        .map_err(|e| invalid("cache.redis_url", e.to_string()))?;
+    Ok(target)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::{
     fmt,
     sync::{
         Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -20,18 +20,22 @@ use aws_lc_rs::{
     hmac,
 };
 use base64::{Engine as _, engine::general_purpose::STANDARD_NO_PAD};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::budget::{Grant, Priority, RESERVE_SCRIPT};
+use super::{
+    budget::{Grant, Priority, RESERVE_SCRIPT},
+    link::{Link, LinkError, RedisTarget, Topology},
+};
 
 /// Version 2: entries carry no secret verifier (proofs are kept per client).
 const FORMAT_VERSION: u8 = 2;
 /// Where proofs and revocations are announced.
 pub(crate) const PROOF_CHANNEL: &str = "m2m:proofs";
-/// The fleet's upstream schedule.
-const BUDGET_KEY: &str = "m2m:budget";
+/// The fleet's upstream schedule. Every key is hash-tagged (`{...}`) so that a
+/// script or a multi-key command on one subject stays in one cluster slot, while
+/// different subjects spread over the cluster.
+const BUDGET_KEY: &str = "m2m:{budget}";
 /// How long Redis is left alone after a failure before it is tried again.
 const BREAK_FOR: Duration = Duration::from_secs(1);
 /// Pause between two looks at Redis while another replica holds the lock.
@@ -141,24 +145,31 @@ pub struct FleetStats {
     pub bypassed: AtomicU64,
 }
 
+/// Whether Redis has answered yet, and how the last call went.
+const NEVER: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
 /// Redis-backed shared cache.
 pub struct FleetCache {
-    client: redis::Client,
-    conn: ConnectionManager,
+    link: Link,
     key_mac: hmac::Key,
     aead: LessSafeKey,
     timeout: Duration,
     lock_ttl: Duration,
     lock_wait: Duration,
     down_until: Mutex<Option<Instant>>,
-    up: AtomicBool,
+    state: AtomicU8,
+    /// Whether this replica hears the fleet's announcements.
+    subscribed: AtomicBool,
     stats: FleetStats,
 }
 
 impl fmt::Debug for FleetCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FleetCache")
-            .field("up", &self.up.load(Relaxed))
+            .field("link", &self.link)
+            .field("up", &self.is_up())
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -167,7 +178,7 @@ impl fmt::Debug for FleetCache {
 /// Why the fleet cache cannot be set up.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FleetSetupError {
-    /// `cache.redis_url` is not a Redis URL.
+    /// `cache.redis_url` or the TLS material cannot make a Redis client.
     #[error("cache.redis_url: {0}")]
     RedisUrl(String),
     /// The crypto backend refused the derived key.
@@ -184,6 +195,8 @@ pub(crate) enum FleetError {
     Timeout,
     #[error("redis: {0}")]
     Redis(String),
+    #[error("redis: {0}")]
+    Link(LinkError),
 }
 
 fn derive(master: &[u8; 32], label: &[u8]) -> [u8; 32] {
@@ -194,10 +207,8 @@ fn derive(master: &[u8; 32], label: &[u8]) -> [u8; 32] {
 /// Settings of the fleet cache.
 #[derive(Debug, Clone)]
 pub struct FleetSettings {
-    /// Redis URL.
-    pub url: String,
-    /// Timeout of every Redis call.
-    pub timeout: Duration,
+    /// Where Redis is and how to reach it; its timeout bounds every Redis call.
+    pub redis: RedisTarget,
     /// Lifetime of the fetch lock (longer than an upstream call may take).
     pub lock_ttl: Duration,
     /// Longest wait for another replica's fetch before fetching oneself.
@@ -207,34 +218,32 @@ pub struct FleetSettings {
 impl FleetCache {
     /// Connects lazily (a Redis that is down at start does not stop the gateway).
     pub fn new(settings: &FleetSettings, master_key: &[u8; 32]) -> Result<Self, FleetSetupError> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| FleetSetupError::RedisUrl(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+        let link = Link::new(settings.redis.clone())
             .map_err(|e| FleetSetupError::RedisUrl(e.to_string()))?;
         let aead_key = derive(master_key, b"m2m-gateway cache encryption v1");
         let aead = LessSafeKey::new(
             UnboundKey::new(&AES_256_GCM, &aead_key).map_err(|_| FleetSetupError::Crypto)?,
         );
         Ok(Self {
-            client,
-            conn,
+            link,
             key_mac: hmac::Key::new(
                 hmac::HMAC_SHA256,
                 &derive(master_key, b"m2m-gateway cache keys v1"),
             ),
             aead,
-            timeout: settings.timeout,
+            timeout: settings.redis.timeout,
             lock_ttl: settings.lock_ttl,
             lock_wait: settings.lock_wait,
             down_until: Mutex::new(None),
-            up: AtomicBool::new(true),
+            state: AtomicU8::new(NEVER),
+            subscribed: AtomicBool::new(false),
             stats: FleetStats::default(),
         })
+    }
+
+    /// Checks that `target` makes a Redis client (URL, TLS material); connects nothing.
+    pub fn check_target(target: &RedisTarget) -> Result<(), LinkError> {
+        Link::new(target.clone()).map(drop)
     }
 
     /// Counters.
@@ -242,9 +251,40 @@ impl FleetCache {
         &self.stats
     }
 
-    /// Whether the last Redis call succeeded.
+    /// Whether the last Redis call succeeded (false until the first one did).
     pub fn is_up(&self) -> bool {
-        self.up.load(Relaxed)
+        self.state.load(Relaxed) == UP
+    }
+
+    /// Whether this replica shares the fleet's state: Redis answers and the
+    /// fleet's announcements reach it. When false it serves from its own cache.
+    pub fn is_shared(&self) -> bool {
+        self.is_up() && self.subscribed.load(Relaxed)
+    }
+
+    /// What the endpoint turned out to be, once connected.
+    pub fn topology(&self) -> Option<&Topology> {
+        self.link.topology()
+    }
+
+    /// Connects now (if not yet) and says what the endpoint is.
+    pub async fn connect(&self) -> Result<Topology, LinkError> {
+        self.link.conn().await?;
+        Ok(self
+            .link
+            .topology()
+            .cloned()
+            .unwrap_or(Topology::Standalone))
+    }
+
+    pub(super) fn set_subscribed(&self, subscribed: bool, cause: Option<&FleetError>) {
+        if self.subscribed.swap(subscribed, Relaxed) != subscribed {
+            if subscribed {
+                tracing::info!("subscribed to the fleet's announcements");
+            } else if let Some(cause) = cause {
+                tracing::warn!(error = %cause, "lost the fleet's announcements: proofs and refusals of other replicas do not reach this one until it resubscribes");
+            }
+        }
     }
 
     /// Longest wait for another replica's fetch.
@@ -256,13 +296,13 @@ impl FleetCache {
     /// so Redis never sees either (nor any secret).
     pub(crate) fn keys(&self, client_id: &str, scope_param: &str) -> (String, String) {
         let id = self.mac_id(&[client_id.as_bytes(), scope_param.as_bytes()]);
-        (format!("m2m:tok:{id}"), format!("m2m:lock:{id}"))
+        (format!("m2m:tok:{{{id}}}"), format!("m2m:lock:{{{id}}}"))
     }
 
     /// The key of a client's proven secrets: an HMAC of its id.
     pub(crate) fn proof_key(&self, client_id: &str) -> String {
         format!(
-            "m2m:proven:{}",
+            "m2m:proven:{{{}}}",
             self.mac_id(&[b"proven", client_id.as_bytes()])
         )
     }
@@ -302,29 +342,40 @@ impl FleetCache {
             self.stats.bypassed.fetch_add(1, Relaxed);
             return Err(FleetError::Down);
         }
-        let mut conn = self.conn.clone();
-        let result = match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await
-        {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(FleetError::Redis(e.to_string())),
-            Err(_) => Err(FleetError::Timeout),
-        };
-        match &result {
-            Ok(_) => {
-                if !self.up.swap(true, Relaxed) {
-                    tracing::info!("redis is back: the fleet-wide token cache is in use again");
+        let result = match self.link.conn().await {
+            Ok(mut conn) => {
+                match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) => Err(FleetError::Link(LinkError::from_redis(&e))),
+                    Err(_) => Err(FleetError::Timeout),
                 }
             }
+            Err(e) => Err(FleetError::Link(e)),
+        };
+        self.record(&result);
+        result
+    }
+
+    /// Keeps the breaker and the up/down state, with one log line per transition.
+    fn record<T>(&self, result: &Result<T, FleetError>) {
+        match result {
+            Ok(_) => match self.state.swap(UP, Relaxed) {
+                UP => {}
+                NEVER => tracing::info!(
+                    redis = %self.link.describe(),
+                    "redis answers: the token cache, proofs and upstream budget are shared by the fleet"
+                ),
+                _ => tracing::info!("redis is back: the fleet-wide token cache is in use again"),
+            },
             Err(e) => {
                 self.stats.errors.fetch_add(1, Relaxed);
                 *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(Instant::now() + BREAK_FOR);
-                if self.up.swap(false, Relaxed) {
-                    tracing::warn!(error = %e, "redis unavailable: falling back to the local token cache");
+                if self.state.swap(DOWN, Relaxed) != DOWN {
+                    tracing::warn!(error = %e, "redis unavailable: this replica serves from its own cache and budget, not shared with the fleet");
                 }
             }
         }
-        result
     }
 
     /// The entry under `key`, decrypted; `None` when absent or unreadable.
@@ -381,7 +432,9 @@ impl FleetCache {
         let script = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
         );
-        let mut conn = self.conn.clone();
+        let Ok(mut conn) = self.link.conn().await else {
+            return;
+        };
         let _ = tokio::time::timeout(
             self.timeout,
             script
@@ -515,15 +568,14 @@ impl FleetCache {
     pub(crate) async fn proof_events(
         self: &std::sync::Arc<Self>,
     ) -> Result<impl futures_util::Stream<Item = ProofEvent> + Send + use<>, FleetError> {
-        let connect = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
-            pubsub.subscribe(PROOF_CHANNEL).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        let pubsub = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect)
-            .await
-            .map_err(|_| FleetError::Timeout)?
-            .map_err(|e| FleetError::Redis(e.to_string()))?;
+        let mut pubsub = self.link.pubsub().await.map_err(FleetError::Link)?;
+        tokio::time::timeout(
+            self.timeout.max(Duration::from_secs(1)),
+            pubsub.subscribe(PROOF_CHANNEL),
+        )
+        .await
+        .map_err(|_| FleetError::Timeout)?
+        .map_err(|e| FleetError::Link(LinkError::from_redis(&e)))?;
         let this = std::sync::Arc::clone(self);
         Ok(futures_util::StreamExt::filter_map(
             pubsub.into_on_message(),
@@ -627,8 +679,14 @@ mod tests {
     fn cache() -> FleetCache {
         FleetCache::new(
             &FleetSettings {
-                url: "redis://127.0.0.1:1".into(),
-                timeout: Duration::from_millis(50),
+                redis: RedisTarget {
+                    url: "redis://127.0.0.1:1".into(),
+                    mode: super::super::link::RedisMode::Auto,
+                    ca_pem: None,
+                    username: None,
+                    password: None,
+                    timeout: Duration::from_millis(50),
+                },
                 lock_ttl: Duration::from_secs(10),
                 lock_wait: Duration::from_secs(1),
             },
@@ -673,7 +731,11 @@ mod tests {
         let (key, lock) = c.keys("client-a", "orders/read");
         assert!(!key.contains("client-a") && !key.contains("orders"));
         assert_ne!(key, c.keys("client-a", "orders/write").0);
-        assert!(lock.starts_with("m2m:lock:") && key.starts_with("m2m:tok:"));
+        assert!(lock.starts_with("m2m:lock:{") && key.starts_with("m2m:tok:{"));
+        // One hash tag for the entry and its lock: one cluster slot.
+        let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_owned();
+        assert_eq!(tag(&key), tag(&lock));
+        assert_ne!(tag(&key), tag(&c.keys("client-b", "orders/read").0));
     }
 
     #[tokio::test]

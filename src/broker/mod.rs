@@ -8,6 +8,7 @@
 
 mod budget;
 mod fleet;
+mod link;
 mod pools;
 mod proven;
 mod stats;
@@ -37,6 +38,7 @@ use tokio::time::Instant;
 pub use crate::oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
 pub use budget::BudgetStats;
 pub use fleet::{FleetCache, FleetSettings, FleetSetupError, FleetStats};
+pub use link::{LinkError, RedisMode, RedisTarget, Topology, check_ca_pem, redact_url};
 pub use pools::PoolRoutes;
 pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
 

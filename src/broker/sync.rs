@@ -41,6 +41,7 @@ pub(super) async fn follow_proofs(
                 Ok(events) => events,
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot subscribe to the fleet's proven secrets yet");
+                    fleet.set_subscribed(false, Some(&e));
                     return;
                 }
             };
@@ -58,6 +59,7 @@ pub(super) async fn follow_proofs(
                         .prove(i, verifier, fleet::ms_to_instant(until_ms));
                 }
             }
+            fleet.set_subscribed(true, None);
             while let Some(event) = events.next().await {
                 let Some(inner) = broker.upgrade() else {
                     return;
@@ -89,6 +91,10 @@ pub(super) async fn follow_proofs(
             () = session => {}
             _ = alive.changed() => return,
         }
+        fleet.set_subscribed(
+            false,
+            Some(&fleet::FleetError::Redis("the subscription ended".into())),
+        );
         if broker.strong_count() == 0 {
             return;
         }

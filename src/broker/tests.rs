@@ -975,8 +975,14 @@ mod fleet_lock {
     async fn fleet_broker(up: Arc<FakeEndpoint>, port: u16) -> Broker {
         let fleet = FleetCache::new(
             &FleetSettings {
-                url: format!("redis://127.0.0.1:{port}"),
-                timeout: Duration::from_millis(500),
+                redis: crate::broker::RedisTarget {
+                    url: format!("redis://127.0.0.1:{port}"),
+                    mode: crate::broker::RedisMode::Auto,
+                    ca_pem: None,
+                    username: None,
+                    password: None,
+                    timeout: Duration::from_millis(500),
+                },
                 lock_ttl: Duration::from_secs(10),
                 lock_wait: Duration::from_secs(3),
             },

@@ -1,0 +1,622 @@
+//! The connection to the fleet's Redis, as AWS users run it: one endpoint that
+//! is a single node or a cluster (found out from the endpoint itself), TLS with
+//! the platform's roots plus an optional private CA and hostname verification
+//! always on, and ACL credentials from the URL, the environment or a file.
+//!
+//! A [`Link`] connects on first use: a Redis that is down at start does not stop
+//! the gateway, and the next call after a failure tries again.
+
+use std::{
+    fmt,
+    sync::{Mutex, OnceLock},
+    time::Duration,
+};
+
+use redis::{
+    Client, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError,
+    TlsCertificates,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    cluster::{ClusterClientBuilder, ClusterConfig},
+    cluster_async::ClusterConnection,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// How the gateway talks to its Redis (`cache.redis_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// Asks the endpoint (`INFO cluster`) and uses what it answers.
+    #[default]
+    Auto,
+    /// One node (or a primary with replicas behind one endpoint).
+    Standalone,
+    /// Redis Cluster: follows MOVED/ASK redirects and topology changes.
+    Cluster,
+}
+
+/// Where the fleet's Redis is and how to reach it.
+#[derive(Clone)]
+pub struct RedisTarget {
+    /// `redis://` or `rediss://` (TLS) URL; may carry `user:password@`.
+    pub url: String,
+    /// Standalone, cluster, or found out.
+    pub mode: RedisMode,
+    /// PEM bundle of a private CA, trusted next to the platform's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// ACL user (overrides the URL's).
+    pub username: Option<String>,
+    /// ACL password (overrides the URL's).
+    pub password: Option<SecretString>,
+    /// Connect and response timeout.
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("url", &redact_url(&self.url))
+            .field("mode", &self.mode)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "..."))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "..."))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `...`.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("..."));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// What a Redis endpoint turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// A single node.
+    Standalone,
+    /// A cluster with these masters (`host:port`), as the endpoint announced them.
+    Cluster {
+        /// Master addresses.
+        masters: Vec<(String, u16)>,
+    },
+}
+
+impl fmt::Display for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Standalone => f.write_str("standalone"),
+            Self::Cluster { masters } => write!(f, "cluster ({} masters)", masters.len()),
+        }
+    }
+}
+
+/// Why Redis could not be used, in words an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The URL or the TLS material cannot make a client.
+    #[error("{0}")]
+    Setup(String),
+    /// Redis refused the credentials.
+    #[error("authentication failed (check the ACL user and password): {0}")]
+    Auth(String),
+    /// The TLS handshake failed (certificate, CA or hostname).
+    #[error("TLS handshake failed (check cache.redis_ca_file and the host name): {0}")]
+    Tls(String),
+    /// No answer in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// Anything else Redis or the network said.
+    #[error("{0}")]
+    Redis(String),
+}
+
+impl LinkError {
+    /// Classifies a client error.
+    pub(crate) fn from_redis(e: &RedisError) -> Self {
+        let text = e.to_string();
+        let auth = e.kind() == ErrorKind::AuthenticationFailed
+            || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
+        if auth {
+            Self::Auth(text)
+        } else if text.contains("certificate") || text.contains("TLS") || text.contains("tls") {
+            Self::Tls(text)
+        } else {
+            Self::Redis(text)
+        }
+    }
+}
+
+/// The one connection of a replica: a connection manager on a single node, a
+/// cluster connection on a cluster.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Standalone(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Standalone(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The fleet's Redis: made from a [`RedisTarget`], connected on first use.
+pub(crate) struct Link {
+    target: RedisTarget,
+    info: ConnectionInfo,
+    seed: Client,
+    conn: tokio::sync::OnceCell<Conn>,
+    topology: OnceLock<Topology>,
+    /// The last masters seen, for subscribing elsewhere when a node fails.
+    masters: Mutex<Vec<(String, u16)>>,
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Link")
+            .field("target", &self.target)
+            .field("topology", &self.topology.get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes aws-lc-rs the process's rustls provider unless one is installed: the
+/// Redis client builds its TLS configuration from the process default.
+pub(crate) fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+}
+
+impl Link {
+    /// Checks the URL and the TLS material; connects nothing yet.
+    pub(crate) fn new(target: RedisTarget) -> Result<Self, LinkError> {
+        install_crypto_provider();
+        let info = connection_info(&target)?;
+        let seed = client_for(&target, info.clone())?;
+        Ok(Self {
+            target,
+            info,
+            seed,
+            conn: tokio::sync::OnceCell::new(),
+            topology: OnceLock::new(),
+            masters: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Whether the URL asks for TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self.info.addr(), ConnectionAddr::TcpTls { .. })
+    }
+
+    /// The endpoint for log lines: URL without password, and what it is.
+    pub(crate) fn describe(&self) -> String {
+        let url = redact_url(&self.target.url);
+        match self.topology.get() {
+            Some(t) => format!("{url} ({t})"),
+            None => url,
+        }
+    }
+
+    /// What the endpoint turned out to be, once connected.
+    pub(crate) fn topology(&self) -> Option<&Topology> {
+        self.topology.get()
+    }
+
+    /// The connection, made on first use (bounded by the timeout); a failed
+    /// attempt is tried again by the next call.
+    pub(crate) async fn conn(&self) -> Result<Conn, LinkError> {
+        let timeout = self.target.timeout;
+        let make = async {
+            match tokio::time::timeout(timeout * 3, self.connect()).await {
+                Ok(result) => result,
+                Err(_) => Err(LinkError::Timeout(timeout * 3)),
+            }
+        };
+        self.conn.get_or_try_init(|| make).await.cloned()
+    }
+
+    async fn connect(&self) -> Result<Conn, LinkError> {
+        let topology = match self.target.mode {
+            RedisMode::Standalone => Topology::Standalone,
+            RedisMode::Auto | RedisMode::Cluster => self.discover().await?,
+        };
+        let conn = match &topology {
+            Topology::Standalone if self.target.mode == RedisMode::Cluster => {
+                return Err(LinkError::Setup(
+                    "cache.redis_mode = \"cluster\" but the endpoint is not a cluster".into(),
+                ));
+            }
+            Topology::Standalone => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.target.timeout))
+                    .set_response_timeout(Some(self.target.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                let manager = ConnectionManager::new_with_config(self.seed.clone(), config)
+                    .await
+                    .map_err(|e| LinkError::from_redis(&e))?;
+                Conn::Standalone(manager)
+            }
+            Topology::Cluster { masters } => {
+                *self.masters.lock().unwrap_or_else(|p| p.into_inner()) = masters.clone();
+                let mut builder = ClusterClientBuilder::new(vec![self.info.clone()])
+                    .connection_timeout(self.target.timeout)
+                    .response_timeout(self.target.timeout)
+                    .retries(2)
+                    .max_retry_wait(200);
+                if let Some(user) = self.info.redis_settings().username() {
+                    builder = builder.username(user);
+                }
+                if let Some(password) = self.info.redis_settings().password() {
+                    builder = builder.password(password);
+                }
+                if self.is_tls() {
+                    builder = builder.certs(self.certificates());
+                }
+                let client = builder.build().map_err(|e| LinkError::from_redis(&e))?;
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(self.target.timeout)
+                    .set_response_timeout(self.target.timeout);
+                let conn = client
+                    .get_async_connection_with_config(config)
+                    .await
+                    .map_err(|e| LinkError::from_redis(&e))?;
+                Conn::Cluster(conn)
+            }
+        };
+        let _ = self.topology.set(topology);
+        Ok(conn)
+    }
+
+    /// Asks the endpoint whether it is a cluster, and if so for its masters.
+    pub(crate) async fn discover(&self) -> Result<Topology, LinkError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.target.timeout))
+            .set_response_timeout(Some(self.target.timeout));
+        let mut conn = self
+            .seed
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| LinkError::from_redis(&e))?;
+        let cluster = match redis::cmd("INFO")
+            .arg("cluster")
+            .query_async::<String>(&mut conn)
+            .await
+        {
+            Ok(info) => info.lines().any(|l| l.trim() == "cluster_enabled:1"),
+            // Some managed endpoints restrict INFO; CLUSTER SLOTS answers on a cluster only.
+            Err(e) if matches!(LinkError::from_redis(&e), LinkError::Auth(_)) => {
+                return Err(LinkError::from_redis(&e));
+            }
+            Err(_) => false,
+        };
+        if !cluster && self.target.mode == RedisMode::Auto {
+            return Ok(Topology::Standalone);
+        }
+        let slots: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| {
+                if cluster || self.target.mode == RedisMode::Cluster {
+                    LinkError::from_redis(&e)
+                } else {
+                    LinkError::Redis(e.to_string())
+                }
+            })?;
+        let masters = masters_of(&slots, self.host());
+        Ok(Topology::Cluster { masters })
+    }
+
+    fn host(&self) -> &str {
+        match self.info.addr() {
+            ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } => host,
+            ConnectionAddr::Unix(_) => "localhost",
+            _ => "localhost",
+        }
+    }
+
+    fn certificates(&self) -> TlsCertificates {
+        TlsCertificates {
+            client_tls: None,
+            root_cert: self
+                .target
+                .ca_pem
+                .as_ref()
+                .map(|ca| with_platform_roots(ca)),
+        }
+    }
+
+    /// A pub/sub connection: to the endpoint, or when it does not answer, to one
+    /// of the cluster's masters (classic pub/sub reaches every node of a cluster).
+    pub(crate) async fn pubsub(&self) -> Result<redis::aio::PubSub, LinkError> {
+        let timeout = self.target.timeout.max(Duration::from_secs(1));
+        let mut last = match tokio::time::timeout(timeout, self.seed.get_async_pubsub()).await {
+            Ok(Ok(pubsub)) => return Ok(pubsub),
+            Ok(Err(e)) => LinkError::from_redis(&e),
+            Err(_) => LinkError::Timeout(timeout),
+        };
+        let masters = self
+            .masters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (host, port) in masters {
+            let addr = match self.info.addr() {
+                ConnectionAddr::TcpTls { .. } => ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                },
+                _ => ConnectionAddr::Tcp(host, port),
+            };
+            let Ok(client) = client_for(&self.target, self.info.clone().set_addr(addr)) else {
+                continue;
+            };
+            match tokio::time::timeout(timeout, client.get_async_pubsub()).await {
+                Ok(Ok(pubsub)) => return Ok(pubsub),
+                Ok(Err(e)) => last = LinkError::from_redis(&e),
+                Err(_) => last = LinkError::Timeout(timeout),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// The URL's connection info with the configured credentials applied; refuses
+/// what the gateway will not do (unverified TLS).
+fn connection_info(target: &RedisTarget) -> Result<ConnectionInfo, LinkError> {
+    let parsed =
+        url::Url::parse(&target.url).map_err(|e| LinkError::Setup(format!("not a URL: {e}")))?;
+    if parsed.fragment() == Some("insecure") {
+        return Err(LinkError::Setup(
+            "#insecure turns off certificate checks; use cache.redis_ca_file for a private CA"
+                .into(),
+        ));
+    }
+    let info = target
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| LinkError::Setup(e.to_string()))?;
+    let mut redis = info.redis_settings().clone();
+    if let Some(user) = &target.username {
+        redis = redis.set_username(user);
+    }
+    if let Some(password) = &target.password {
+        redis = redis.set_password(password.expose_secret());
+    }
+    if target.ca_pem.is_some() && !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+        return Err(LinkError::Setup(
+            "cache.redis_ca_file is set but cache.redis_url is not rediss:// (TLS)".into(),
+        ));
+    }
+    Ok(info.set_redis_settings(redis))
+}
+
+fn client_for(target: &RedisTarget, info: ConnectionInfo) -> Result<Client, LinkError> {
+    let result = match (&target.ca_pem, info.addr()) {
+        (Some(ca), ConnectionAddr::TcpTls { .. }) => Client::build_with_tls(
+            info,
+            TlsCertificates {
+                client_tls: None,
+                root_cert: Some(with_platform_roots(ca)),
+            },
+        ),
+        _ => Client::open(info),
+    };
+    result.map_err(|e| LinkError::Setup(e.to_string()))
+}
+
+/// `ca` followed by the platform's roots, as one PEM bundle: the Redis client
+/// trusts either the platform or a given bundle, and a private CA should add to
+/// the platform's roots, not replace them.
+fn with_platform_roots(ca: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    let mut bundle = ca.to_vec();
+    bundle.push(b'\n');
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        bundle.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            bundle.extend_from_slice(line);
+            bundle.push(b'\n');
+        }
+        bundle.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    bundle
+}
+
+/// Checks a PEM bundle of CA certificates: at least one certificate, each one
+/// parsable. Returns how many.
+pub fn check_ca_pem(pem: &[u8]) -> Result<usize, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+    if certs.is_empty() {
+        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+    }
+    let mut store = rustls::RootCertStore::empty();
+    let (_, bad) = store.add_parsable_certificates(certs.iter().cloned());
+    if bad > 0 {
+        return Err(format!(
+            "{bad} of {} certificates cannot be parsed",
+            certs.len()
+        ));
+    }
+    Ok(certs.len())
+}
+
+/// The distinct masters of a `CLUSTER SLOTS` answer; a master announced with an
+/// empty host (a node that does not know its own name) is reached at `seed_host`.
+fn masters_of(slots: &redis::Value, seed_host: &str) -> Vec<(String, u16)> {
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    let redis::Value::Array(ranges) = slots else {
+        return masters;
+    };
+    for range in ranges {
+        let redis::Value::Array(parts) = range else {
+            continue;
+        };
+        let Some(redis::Value::Array(node)) = parts.get(2) else {
+            continue;
+        };
+        let host = match node.first() {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(redis::Value::SimpleString(s)) => s.clone(),
+            _ => continue,
+        };
+        let Some(redis::Value::Int(port)) = node.get(1) else {
+            continue;
+        };
+        let host = if host.is_empty() || host == "?" {
+            seed_host.to_owned()
+        } else {
+            host
+        };
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        if !masters.iter().any(|(h, p)| *h == host && *p == port) {
+            masters.push((host, port));
+        }
+    }
+    masters
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(url: &str) -> RedisTarget {
+        RedisTarget {
+            url: url.into(),
+            mode: RedisMode::Auto,
+            ca_pem: None,
+            username: None,
+            password: None,
+            timeout: Duration::from_millis(100),
+        }
+    }
+
+    #[test]
+    fn debug_and_redaction_never_show_a_password() {
+        let mut t = target("rediss://app:hunter2@cache.example:6379");
+        t.password = Some(SecretString::from("s3cr3t-pw".to_owned()));
+        let shown = format!("{t:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cr3t-pw"),
+            "{shown}"
+        );
+        assert!(shown.contains("app"), "the user is not secret: {shown}");
+        assert_eq!(redact_url("redis://127.0.0.1:1"), "redis://127.0.0.1:1");
+    }
+
+    #[test]
+    fn insecure_tls_and_a_ca_without_tls_are_refused() {
+        let err = Link::new(target("rediss://cache.example:6379/#insecure")).unwrap_err();
+        assert!(err.to_string().contains("#insecure"), "{err}");
+        let mut t = target("redis://cache.example:6379");
+        t.ca_pem = Some(b"-----BEGIN CERTIFICATE-----\n".to_vec());
+        let err = Link::new(t).unwrap_err();
+        assert!(err.to_string().contains("not rediss://"), "{err}");
+    }
+
+    #[test]
+    fn configured_credentials_override_the_url() {
+        let mut t = target("redis://old:old-pw@127.0.0.1:6379");
+        t.username = Some("gateway".into());
+        t.password = Some(SecretString::from("new-pw".to_owned()));
+        let info = connection_info(&t).unwrap();
+        assert_eq!(info.redis_settings().username(), Some("gateway"));
+        assert_eq!(info.redis_settings().password(), Some("new-pw"));
+        assert!(
+            Link::new(target("rediss://cache.example:6379"))
+                .unwrap()
+                .is_tls()
+        );
+        assert!(
+            !Link::new(target("redis://cache.example:6379"))
+                .unwrap()
+                .is_tls()
+        );
+    }
+
+    #[test]
+    fn ca_bundles_are_checked() {
+        assert!(
+            check_ca_pem(b"")
+                .unwrap_err()
+                .contains("no PEM certificate")
+        );
+        assert!(
+            check_ca_pem(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+                .is_err()
+        );
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        assert_eq!(check_ca_pem(ca.cert.pem().as_bytes()), Ok(1));
+    }
+
+    #[test]
+    fn masters_are_read_from_cluster_slots() {
+        use redis::Value::{Array, BulkString, Int};
+        let node = |host: &str, port: i64| Array(vec![BulkString(host.into()), Int(port)]);
+        let slots = Array(vec![
+            Array(vec![
+                Int(0),
+                Int(5460),
+                node("10.0.0.1", 7000),
+                node("10.0.0.4", 7003),
+            ]),
+            Array(vec![Int(5461), Int(10922), node("", 7001)]),
+            Array(vec![Int(10923), Int(16383), node("10.0.0.1", 7000)]),
+        ]);
+        assert_eq!(
+            masters_of(&slots, "seed.example"),
+            vec![("10.0.0.1".into(), 7000), ("seed.example".into(), 7001)]
+        );
+    }
+
+    #[test]
+    fn wrong_password_is_an_authentication_failure() {
+        let e = RedisError::from((ErrorKind::AuthenticationFailed, "WRONGPASS"));
+        assert!(matches!(LinkError::from_redis(&e), LinkError::Auth(_)));
+        let e = RedisError::from((ErrorKind::Io, "invalid peer certificate: UnknownIssuer"));
+        assert!(matches!(LinkError::from_redis(&e), LinkError::Tls(_)));
+    }
+}
