@@ -96,6 +96,8 @@ pub struct DevOptions {
     pub admin_listen: Option<SocketAddr>,
     /// The shared cache on this Redis (a fresh encryption key per run).
     pub redis_url: Option<String>,
+    /// A private CA for a `rediss://` Redis (`cache.redis_ca_file`).
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// User pools to emulate (1..=[`MAX_DEV_POOLS`]); each gets its own
     /// emulator (own keys, own issuer) on the next port.
     pub pools: usize,
@@ -107,6 +109,7 @@ impl std::fmt::Debug for DevOptions {
             .field("emulator_listen", &self.emulator_listen)
             .field("admin_listen", &self.admin_listen)
             .field("pools", &self.pools)
+            .field("redis_ca_file", &self.redis_ca_file)
             // A Redis URL may carry a password.
             .field(
                 "redis_url",
@@ -125,6 +128,7 @@ impl Default for DevOptions {
             emulator_listen: DEV_EMULATOR_LISTEN,
             admin_listen: None,
             redis_url: None,
+            redis_ca_file: None,
             pools: 1,
         }
     }
@@ -199,6 +203,7 @@ pub async fn run(
         aws_lc_rs::rand::fill(&mut key).map_err(|_| anyhow::anyhow!("no randomness"))?;
         config.cache.backend = crate::config::CacheBackend::Redis;
         config.cache.redis_url = Some(url.clone());
+        config.cache.redis_ca_file = options.redis_ca_file.clone();
         config.cache.encryption_key = Some(secrecy::SecretString::from(
             base64::engine::general_purpose::STANDARD.encode(key),
         ));

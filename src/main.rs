@@ -44,6 +44,13 @@ enum Command {
         /// TOML configuration file.
         file: PathBuf,
     },
+    /// Connect to the configured Redis (TLS, credentials, cluster) and run the
+    /// fleet's commands, scripts and announcements once: the first-day test.
+    CheckRedis {
+        /// TOML configuration file (with `cache.backend = "redis"`).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run a local Cognito emulator and the gateway wired to it (no AWS needed).
     Dev {
         /// gRPC listen address (loopback only; `localhost:PORT` is 127.0.0.1).
@@ -65,6 +72,9 @@ enum Command {
         /// a fresh encryption key per run.
         #[arg(long, value_name = "URL")]
         redis: Option<String>,
+        /// A private CA (PEM) for a `rediss://` --redis URL.
+        #[arg(long, value_name = "FILE", requires = "redis")]
+        redis_ca: Option<PathBuf>,
         /// Emulate this many user pools (1-4), each with its own keys, issuer and
         /// demo client (`dev-client-2` / `dev-secret-2` in the second, …), its
         /// emulator on the next port after --emulator-listen.
@@ -179,18 +189,21 @@ async fn main() -> ExitCode {
             Err(e) => Err(anyhow::anyhow!(e)),
         },
         Command::Serve { config } => serve(config).await,
+        Command::CheckRedis { config } => check_redis(&config).await,
         Command::Dev {
             listen,
             write_config,
             emulator_listen,
             admin_listen,
             redis,
+            redis_ca,
             pools,
         } => {
             let options = m2m_gateway::dev::DevOptions {
                 emulator_listen,
                 admin_listen,
                 redis_url: redis,
+                redis_ca_file: redis_ca,
                 pools: usize::from(pools),
             };
             m2m_gateway::dev::run(listen, write_config.as_deref(), options, shutdown_signal()).await
@@ -222,6 +235,20 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn check_redis(path: &std::path::Path) -> anyhow::Result<()> {
+    let settings = Settings::load(path)?;
+    let (Some(fleet), Some(key)) = (&settings.fleet, &settings.cache_key) else {
+        anyhow::bail!(
+            "{}: cache.backend is not \"redis\": nothing to check",
+            path.display()
+        );
+    };
+    let cache = m2m_gateway::broker::FleetCache::new(fleet, key)?;
+    let report = cache.self_check().await?;
+    println!("{report}");
+    Ok(())
 }
 
 async fn serve(path: PathBuf) -> anyhow::Result<()> {

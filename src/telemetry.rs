@@ -548,8 +548,14 @@ impl Telemetry {
             gauge(
                 &mut out,
                 "redis_up",
-                "1 when the last Redis call succeeded.",
+                "1 when the last Redis call succeeded (0 until the first one did).",
                 if fleet.is_up() { 1.0 } else { 0.0 },
+            );
+            gauge(
+                &mut out,
+                "fleet_shared",
+                "1 when this replica shares tokens, proofs and the upstream budget with the fleet (Redis answers and its announcements arrive); 0 when it serves from its own cache.",
+                if fleet.is_shared() { 1.0 } else { 0.0 },
             );
         }
 

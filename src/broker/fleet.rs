@@ -36,6 +36,8 @@ pub(crate) const PROOF_CHANNEL: &str = "m2m:proofs";
 /// script or a multi-key command on one subject stays in one cluster slot, while
 /// different subjects spread over the cluster.
 const BUDGET_KEY: &str = "m2m:{budget}";
+/// Deletes a lock only if it still holds the caller's token.
+pub(crate) const UNLOCK_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 /// How long Redis is left alone after a failure before it is tried again.
 const BREAK_FOR: Duration = Duration::from_secs(1);
 /// Pause between two looks at Redis while another replica holds the lock.
@@ -287,6 +289,14 @@ impl FleetCache {
         }
     }
 
+    pub(super) fn link(&self) -> &Link {
+        &self.link
+    }
+
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Longest wait for another replica's fetch.
     pub fn lock_wait(&self) -> Duration {
         self.lock_wait
@@ -429,9 +439,7 @@ impl FleetCache {
 
     /// Releases the lock if it is still ours.
     pub(crate) async fn unlock(&self, lock_key: &str, token: &str) {
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
-        );
+        let script = redis::Script::new(UNLOCK_SCRIPT);
         let Ok(mut conn) = self.link.conn().await else {
             return;
         };

@@ -221,6 +221,11 @@ impl Link {
         matches!(self.info.addr(), ConnectionAddr::TcpTls { .. })
     }
 
+    /// The URL without its password.
+    pub(crate) fn describe_url(&self) -> String {
+        redact_url(&self.target.url)
+    }
+
     /// The endpoint for log lines: URL without password, and what it is.
     pub(crate) fn describe(&self) -> String {
         let url = redact_url(&self.target.url);

@@ -7,6 +7,7 @@
 //! to gRPC statuses by `service`.
 
 mod budget;
+mod check;
 mod fleet;
 mod link;
 mod pools;
@@ -37,6 +38,7 @@ use tokio::time::Instant;
 
 pub use crate::oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
 pub use budget::BudgetStats;
+pub use check::{RedisCheckError, RedisReport};
 pub use fleet::{FleetCache, FleetSettings, FleetSetupError, FleetStats};
 pub use link::{LinkError, RedisMode, RedisTarget, Topology, check_ca_pem, redact_url};
 pub use pools::PoolRoutes;
