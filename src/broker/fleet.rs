@@ -388,6 +388,12 @@ impl FleetCache {
         }
     }
 
+    /// One PING through the fleet's connection (keeps the up/down state current).
+    pub(crate) async fn heartbeat(&self) -> Result<(), FleetError> {
+        let _: String = self.call(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+
     /// The entry under `key`, decrypted; `None` when absent or unreadable.
     pub(crate) async fn get(&self, key: &str) -> Result<Option<SharedEntry>, FleetError> {
         let blob: Option<Vec<u8>> = self.call(redis::cmd("GET").arg(key)).await?;

@@ -19,6 +19,8 @@ use super::{
 
 /// Pause before subscribing again after Redis went away.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
+/// How often a subscribed replica checks that Redis answers commands too.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 pub(super) async fn follow_proofs(
     broker: Weak<Inner>,
@@ -60,7 +62,18 @@ pub(super) async fn follow_proofs(
                 }
             }
             fleet.set_subscribed(true, None);
-            while let Some(event) = events.next().await {
+            // A heartbeat keeps redis_up and fleet_shared true to what Redis does
+            // while no call needs it (a cache hit never touches Redis).
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            loop {
+                let event = tokio::select! {
+                    event = events.next() => event,
+                    _ = beat.tick() => {
+                        let _ = fleet.heartbeat().await;
+                        continue;
+                    }
+                };
+                let Some(event) = event else { return };
                 let Some(inner) = broker.upgrade() else {
                     return;
                 };

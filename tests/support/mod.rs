@@ -3,6 +3,8 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+pub mod redis_servers;
+
 use m2m_gateway::{
     config::Config,
     dev,
