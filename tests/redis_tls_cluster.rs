@@ -277,7 +277,10 @@ async fn wrong_ca_wrong_hostname_and_wrong_password_say_so() {
     .await
     .unwrap_err();
     assert!(matches!(e, LinkError::Tls(_)), "{e}");
-    assert!(e.to_string().contains("not valid for name \"localhost\""), "{e}");
+    assert!(
+        e.to_string().contains("not valid for name \"localhost\""),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
