@@ -23,10 +23,16 @@ use base64::{Engine as _, engine::general_purpose::STANDARD_NO_PAD};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use futures_util::{future::BoxFuture, stream::BoxStream};
+
 use super::{
-    budget::{Grant, Priority, RESERVE_SCRIPT},
+    CacheKey, Entry,
+    budget::{Grant, Priority, RESERVE_SCRIPT, Schedule},
     link::{Link, LinkError, RedisTarget, Topology},
+    proven::Verifier,
+    shared::{Budget, ClientRef, Lock, LockToken, PeerWait, ProofEvent, ProofStore, SharedTokens},
 };
+use crate::oauth::AccessToken;
 
 /// Version 2: entries carry no secret verifier (proofs are kept per client).
 const FORMAT_VERSION: u8 = 2;
@@ -97,35 +103,6 @@ pub(crate) fn ms_to_instant(ms: u64) -> Instant {
 pub(crate) struct SharedProof {
     pub(crate) verifier: String,
     pub(crate) until_ms: u64,
-}
-
-/// A proof or a revocation announced by a replica.
-#[derive(Debug)]
-pub(crate) enum ProofEvent {
-    /// Cognito accepted the secret of `verifier` for the client of `client_key`.
-    Proven {
-        client_key: String,
-        verifier: [u8; 32],
-        until_ms: u64,
-    },
-    /// Cognito refused it.
-    Revoked {
-        client_key: String,
-        verifier: [u8; 32],
-    },
-}
-
-/// How a wait for another replica's fetch ended.
-#[derive(Debug)]
-pub(crate) enum PeerWait {
-    /// The peer stored an entry.
-    Entry(SharedEntry),
-    /// The peer released the lock without storing one (its fetch failed).
-    Released,
-    /// The lock wait ran out.
-    TimedOut,
-    /// Redis failed meanwhile.
-    Failed,
 }
 
 /// Counters of the fleet cache.
@@ -279,12 +256,14 @@ impl FleetCache {
             .unwrap_or(Topology::Standalone))
     }
 
-    pub(super) fn set_subscribed(&self, subscribed: bool, cause: Option<&FleetError>) {
+    fn mark_subscribed(&self, subscribed: bool) {
         if self.subscribed.swap(subscribed, Relaxed) != subscribed {
             if subscribed {
                 tracing::info!("subscribed to the fleet's announcements");
-            } else if let Some(cause) = cause {
-                tracing::warn!(error = %cause, "lost the fleet's announcements: proofs and refusals of other replicas do not reach this one until it resubscribes");
+            } else {
+                tracing::warn!(
+                    "lost the fleet's announcements: proofs and refusals of other replicas do not reach this one until it resubscribes"
+                );
             }
         }
     }
@@ -395,7 +374,7 @@ impl FleetCache {
     }
 
     /// The entry under `key`, decrypted; `None` when absent or unreadable.
-    pub(crate) async fn get(&self, key: &str) -> Result<Option<SharedEntry>, FleetError> {
+    pub(crate) async fn get_entry(&self, key: &str) -> Result<Option<SharedEntry>, FleetError> {
         let blob: Option<Vec<u8>> = self.call(redis::cmd("GET").arg(key)).await?;
         let entry = blob.and_then(|b| self.open(key, b));
         let counter = if entry.is_some() {
@@ -408,7 +387,7 @@ impl FleetCache {
     }
 
     /// Stores `entry` under `key` until it expires.
-    pub(crate) async fn put(&self, key: &str, entry: &SharedEntry) -> Result<(), FleetError> {
+    pub(crate) async fn put_entry(&self, key: &str, entry: &SharedEntry) -> Result<(), FleetError> {
         let ttl = entry.expires_at_ms.saturating_sub(now_ms());
         if ttl == 0 {
             return Ok(());
@@ -421,7 +400,7 @@ impl FleetCache {
     }
 
     /// Tries to take the fetch lock; returns its token when taken.
-    pub(crate) async fn try_lock(&self, lock_key: &str) -> Result<Option<String>, FleetError> {
+    async fn lock(&self, lock_key: &str) -> Result<Option<String>, FleetError> {
         let mut nonce = [0u8; 16];
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| FleetError::Redis("rng".into()))?;
         let token = STANDARD_NO_PAD.encode(nonce);
@@ -444,7 +423,7 @@ impl FleetCache {
     }
 
     /// Releases the lock if it is still ours.
-    pub(crate) async fn unlock(&self, lock_key: &str, token: &str) {
+    async fn release(&self, lock_key: &str, token: &str) {
         let script = redis::Script::new(UNLOCK_SCRIPT);
         let Ok(mut conn) = self.link.conn().await else {
             return;
@@ -461,18 +440,13 @@ impl FleetCache {
 
     /// Waits for another replica's fetch: its entry, or the news that it gave up
     /// the lock without one, or the end of the lock wait.
-    pub(crate) async fn wait_for_peer(
-        &self,
-        key: &str,
-        lock_key: &str,
-        deadline: Instant,
-    ) -> PeerWait {
+    async fn await_peer(&self, key: &str, lock_key: &str, deadline: Instant) -> PeerWait {
         while Instant::now() < deadline {
             tokio::time::sleep(POLL_EVERY).await;
-            match self.get(key).await {
+            match self.get_entry(key).await {
                 Ok(Some(entry)) => {
                     self.stats.waited_for_peer.fetch_add(1, Relaxed);
-                    return PeerWait::Entry(entry);
+                    return PeerWait::Entry(entry_from_shared(entry));
                 }
                 Ok(None) => {}
                 Err(_) => return PeerWait::Failed,
@@ -579,7 +553,7 @@ impl FleetCache {
     }
 
     /// Subscribes to the fleet's proof announcements (a dedicated connection).
-    pub(crate) async fn proof_events(
+    async fn proof_events(
         self: &std::sync::Arc<Self>,
     ) -> Result<impl futures_util::Stream<Item = ProofEvent> + Send + use<>, FleetError> {
         let mut pubsub = self.link.pubsub().await.map_err(FleetError::Link)?;
@@ -609,23 +583,20 @@ impl FleetCache {
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
         let blob = STANDARD_NO_PAD.decode(blob).ok()?;
         let (verifier, until_ms) = self.open_proof(client_key, field, blob)?;
-        let client_key = client_key.to_owned();
+        let client = client_key.to_owned();
         match kind {
             "P" => Some(ProofEvent::Proven {
-                client_key,
+                client,
                 verifier,
-                until_ms,
+                until: ms_to_instant(until_ms),
             }),
-            "R" => Some(ProofEvent::Revoked {
-                client_key,
-                verifier,
-            }),
+            "R" => Some(ProofEvent::Refused { client, verifier }),
             _ => None,
         }
     }
 
     /// Reserves a slot of the fleet's upstream schedule (see `budget`).
-    pub(crate) async fn reserve_budget(
+    async fn reserve_budget(
         &self,
         priority: Priority,
         interval: Duration,
@@ -683,6 +654,170 @@ impl FleetCache {
             .open_in_place(nonce, Aad::from(key.as_bytes()), &mut blob[1 + NONCE_LEN..])
             .ok()?;
         serde_json::from_slice(plain).ok()
+    }
+}
+
+/// An entry as the fleet stores it (wall-clock times every replica reads alike).
+fn shared_from_entry(entry: &Entry) -> SharedEntry {
+    SharedEntry {
+        token: entry.token.expose().to_owned(),
+        scopes: entry.scopes.to_vec(),
+        expires_at_ms: instant_to_ms(entry.expires_at),
+        refresh_at_ms: instant_to_ms(entry.refresh_at),
+    }
+}
+
+fn entry_from_shared(shared: SharedEntry) -> std::sync::Arc<Entry> {
+    let expires_at = ms_to_instant(shared.expires_at_ms);
+    std::sync::Arc::new(Entry {
+        token: AccessToken::new(shared.token),
+        scopes: shared.scopes.into(),
+        lifetime: expires_at.saturating_duration_since(Instant::now()),
+        refresh_at: ms_to_instant(shared.refresh_at_ms),
+        expires_at,
+    })
+}
+
+impl SharedTokens for FleetCache {
+    fn get<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Option<std::sync::Arc<Entry>>> {
+        Box::pin(async move {
+            let (entry_key, _) = self.keys(&key.0, &key.1);
+            self.get_entry(&entry_key)
+                .await
+                .ok()
+                .flatten()
+                .map(entry_from_shared)
+        })
+    }
+
+    fn put<'a>(&'a self, key: &'a CacheKey, entry: &'a Entry) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let (entry_key, _) = self.keys(&key.0, &key.1);
+            let _ = self.put_entry(&entry_key, &shared_from_entry(entry)).await;
+        })
+    }
+
+    fn try_lock<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Lock> {
+        Box::pin(async move {
+            let (_, lock_key) = self.keys(&key.0, &key.1);
+            match self.lock(&lock_key).await {
+                Ok(Some(token)) => Lock::Taken(LockToken(token)),
+                Ok(None) => Lock::Busy,
+                Err(_) => Lock::Unavailable,
+            }
+        })
+    }
+
+    fn unlock<'a>(&'a self, key: &'a CacheKey, lock: LockToken) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let (_, lock_key) = self.keys(&key.0, &key.1);
+            self.release(&lock_key, &lock.0).await;
+        })
+    }
+
+    fn wait_for_peer<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        deadline: Instant,
+    ) -> BoxFuture<'a, PeerWait> {
+        Box::pin(async move {
+            let (entry_key, lock_key) = self.keys(&key.0, &key.1);
+            self.await_peer(&entry_key, &lock_key, deadline).await
+        })
+    }
+
+    fn lock_wait(&self) -> Duration {
+        self.lock_wait
+    }
+}
+
+/// The proof store on Redis (an `Arc`: the subscription outlives the call that
+/// makes it).
+impl ProofStore for std::sync::Arc<FleetCache> {
+    fn client_ref(&self, client_id: &str) -> ClientRef {
+        self.proof_key(client_id)
+    }
+
+    fn load<'a>(
+        &'a self,
+        client: &'a ClientRef,
+    ) -> BoxFuture<'a, Option<Vec<(Verifier, Instant)>>> {
+        Box::pin(async move {
+            let proofs = self.load_proofs(client).await.ok()?;
+            Some(
+                proofs
+                    .into_iter()
+                    .map(|(v, until_ms)| (v, ms_to_instant(until_ms)))
+                    .collect(),
+            )
+        })
+    }
+
+    fn prove<'a>(
+        &'a self,
+        client: &'a ClientRef,
+        verifier: &'a Verifier,
+        until: Instant,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = self.put_proof(client, verifier, instant_to_ms(until)).await;
+        })
+    }
+
+    fn refuse<'a>(&'a self, client: &'a ClientRef, verifier: &'a Verifier) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = self.drop_proof(client, verifier).await;
+        })
+    }
+
+    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, ProofEvent>>> {
+        Box::pin(async move {
+            match self.proof_events().await {
+                Ok(events) => Some(Box::pin(events) as BoxStream<'static, ProofEvent>),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot subscribe to the fleet's proven secrets yet");
+                    None
+                }
+            }
+        })
+    }
+
+    fn set_subscribed(&self, subscribed: bool) {
+        self.mark_subscribed(subscribed);
+    }
+
+    fn heartbeat(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = FleetCache::heartbeat(self).await;
+        })
+    }
+}
+
+/// The fleet's upstream schedule on Redis; this replica's own while Redis does
+/// not answer.
+pub(super) struct FleetBudget {
+    fleet: std::sync::Arc<FleetCache>,
+    local: Schedule,
+}
+
+impl FleetBudget {
+    pub(super) fn new(fleet: std::sync::Arc<FleetCache>, local: Schedule) -> Self {
+        Self { fleet, local }
+    }
+}
+
+impl Budget for FleetBudget {
+    fn reserve(&self, priority: Priority, max_wait: Duration) -> BoxFuture<'_, Grant> {
+        Box::pin(async move {
+            match self
+                .fleet
+                .reserve_budget(priority, self.local.interval(), max_wait)
+                .await
+            {
+                Ok(grant) => grant,
+                Err(_) => self.local.reserve(priority, max_wait),
+            }
+        })
     }
 }
 
@@ -756,9 +891,9 @@ mod tests {
     async fn an_unreachable_redis_opens_the_breaker() {
         let c = cache();
         let (key, _) = c.keys("client-a", "a/b");
-        assert!(c.get(&key).await.is_err());
+        assert!(c.get_entry(&key).await.is_err());
         assert!(!c.is_up());
-        assert!(matches!(c.get(&key).await, Err(FleetError::Down)));
+        assert!(matches!(c.get_entry(&key).await, Err(FleetError::Down)));
         assert_eq!(c.stats().bypassed.load(Relaxed), 1);
     }
 

@@ -10,8 +10,11 @@ mod budget;
 mod check;
 mod fleet;
 mod link;
+#[cfg(test)]
+mod memory_fleet;
 mod pools;
 mod proven;
+mod shared;
 mod stats;
 mod sync;
 
@@ -45,8 +48,8 @@ pub use pools::PoolRoutes;
 pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
 
 use budget::{Grant, Priority, Schedule};
-use fleet::{PeerWait, SharedEntry};
 use proven::{ProvenSecrets, Verifier};
+use shared::{Alone, Budget, Lock, PeerWait, ProofStore, SharedTokens};
 
 use crate::registry::{self, Client, Registry, ScopeRequestError, ScopeSet};
 
@@ -335,26 +338,6 @@ impl Entry {
             scopes: self.scopes.clone(),
         }
     }
-
-    fn to_shared(&self) -> SharedEntry {
-        SharedEntry {
-            token: self.token.expose().to_owned(),
-            scopes: self.scopes.to_vec(),
-            expires_at_ms: fleet::instant_to_ms(self.expires_at),
-            refresh_at_ms: fleet::instant_to_ms(self.refresh_at),
-        }
-    }
-
-    fn from_shared(shared: SharedEntry) -> Arc<Entry> {
-        let expires_at = fleet::ms_to_instant(shared.expires_at_ms);
-        Arc::new(Entry {
-            token: AccessToken::new(shared.token),
-            scopes: shared.scopes.into(),
-            lifetime: expires_at.saturating_duration_since(Instant::now()),
-            refresh_at: fleet::ms_to_instant(shared.refresh_at_ms),
-            expires_at,
-        })
-    }
 }
 
 struct EntryExpiry;
@@ -390,6 +373,46 @@ impl Drop for FlightGuard {
     }
 }
 
+/// What the broker shares with other replicas, behind three seams (see `shared`).
+pub(crate) struct Seams {
+    tokens: Arc<dyn SharedTokens>,
+    proofs: Arc<dyn ProofStore>,
+    /// `None`: no upstream cap.
+    budget: Option<Arc<dyn Budget>>,
+    /// Whether announcements are followed (false for a replica on its own).
+    shared: bool,
+}
+
+impl Seams {
+    /// One replica on its own, with its own schedule.
+    fn alone(settings: &BrokerSettings) -> Self {
+        Self {
+            tokens: Arc::new(Alone),
+            proofs: Arc::new(Alone),
+            budget: settings
+                .upstream_per_second
+                .map(|n| Arc::new(Schedule::new(n.get())) as Arc<dyn Budget>),
+            shared: false,
+        }
+    }
+
+    /// The fleet on Redis: its own timeouts, and this replica's schedule while
+    /// Redis does not answer.
+    fn redis(fleet: &Arc<FleetCache>, settings: &BrokerSettings) -> Self {
+        Self {
+            tokens: fleet.clone(),
+            proofs: Arc::new(fleet.clone()),
+            budget: settings.upstream_per_second.map(|n| {
+                Arc::new(fleet::FleetBudget::new(
+                    fleet.clone(),
+                    Schedule::new(n.get()),
+                )) as Arc<dyn Budget>
+            }),
+            shared: true,
+        }
+    }
+}
+
 /// The GetToken broker. Cheap to clone.
 #[derive(Clone)]
 pub struct Broker {
@@ -405,10 +428,11 @@ struct Inner {
     verifier_key: hmac::Key,
     proven: ProvenSecrets,
     limiter: DefaultKeyedRateLimiter<Arc<str>>,
-    schedule: Option<Schedule>,
+    seams: Seams,
     settings: BrokerSettings,
     stats: BrokerStats,
     clients: ClientStats,
+    /// The Redis behind the seams, for its counters and state.
     fleet: Option<Arc<FleetCache>>,
     /// Dropped with the broker: ends its background tasks.
     _alive: tokio::sync::watch::Sender<()>,
@@ -445,6 +469,21 @@ impl Broker {
         settings: BrokerSettings,
         fleet: Option<Arc<FleetCache>>,
     ) -> Self {
+        let seams = match &fleet {
+            Some(fleet) => Seams::redis(fleet, &settings),
+            None => Seams::alone(&settings),
+        };
+        Self::with_seams(registry, upstream, settings, seams, fleet)
+    }
+
+    /// A broker on the given seams (the tests' in-memory fleet).
+    pub(crate) fn with_seams(
+        registry: Registry,
+        upstream: Arc<dyn TokenEndpoint>,
+        settings: BrokerSettings,
+        seams: Seams,
+        fleet: Option<Arc<FleetCache>>,
+    ) -> Self {
         let key_bytes = settings.verifier_key.map(|k| {
             // Derive rather than reuse the configured key directly.
             let derive = hmac::Key::new(hmac::HMAC_SHA256, &k);
@@ -472,7 +511,7 @@ impl Broker {
                 verifier_key,
                 proven: ProvenSecrets::new(slots),
                 limiter,
-                schedule: settings.upstream_per_second.map(|n| Schedule::new(n.get())),
+                seams,
                 clients: ClientStats::new(&registry, slots),
                 registry,
                 settings,
@@ -489,10 +528,10 @@ impl Broker {
     /// secrets and follows their announcements. Stops when the broker is dropped.
     /// Does nothing without Redis.
     pub fn start(&self) {
-        if let Some(fleet) = self.inner.fleet.clone() {
+        if self.inner.seams.shared {
             tokio::spawn(sync::follow_proofs(
                 Arc::downgrade(&self.inner),
-                fleet,
+                self.inner.seams.proofs.clone(),
                 self.inner.alive.clone(),
             ));
         }
@@ -560,13 +599,11 @@ impl Broker {
         }
 
         let mut cached = inner.cache.get(&key).filter(|e| self.usable(e, now));
-        if let Some(fleet) = &inner.fleet {
-            // Another replica may hold the entry, or a fresher one.
-            if cached.as_ref().is_none_or(|e| now >= e.refresh_at) {
-                // Boxed, like every path that leaves the process: a cache hit's
-                // future stays small.
-                cached = Box::pin(self.fresher_in_fleet(fleet, &key, cached, now)).await;
-            }
+        // Another replica may hold the entry, or a fresher one.
+        if inner.seams.shared && cached.as_ref().is_none_or(|e| now >= e.refresh_at) {
+            // Boxed, like every path that leaves the process: a cache hit's
+            // future stays small.
+            cached = Box::pin(self.fresher_in_fleet(&key, cached, now)).await;
         }
         match cached {
             Some(entry) if now < entry.refresh_at => {
@@ -678,14 +715,11 @@ impl Broker {
     /// The fleet's entry for `key` when it is fresher than `cached` (and usable).
     async fn fresher_in_fleet(
         &self,
-        fleet: &FleetCache,
         key: &CacheKey,
         cached: Option<Arc<Entry>>,
         now: Instant,
     ) -> Option<Arc<Entry>> {
-        let (shared_key, _) = fleet.keys(&key.0, &key.1);
-        if let Ok(Some(shared)) = fleet.get(&shared_key).await {
-            let entry = Entry::from_shared(shared);
+        if let Some(entry) = self.inner.seams.tokens.get(key).await {
             let fresher = cached
                 .as_ref()
                 .is_none_or(|c| entry.expires_at > c.expires_at);
@@ -791,13 +825,13 @@ impl Broker {
         flight.await
     }
 
-    /// One token for the fleet: with a shared cache, the replica holding the lock
-    /// looks once more for an entry a peer stored meanwhile, else fetches and
-    /// stores; the others wait for its entry (or, refreshing, keep serving
-    /// `current`), and fetch themselves if the wait runs out. A peer's entry goes
-    /// to an unproven secret only once the fleet holds a proof of that secret (the
-    /// peer presented the same one). Without Redis (absent or failing), a plain
-    /// upstream call.
+    /// One token for the fleet: the replica holding the fleet's lock looks once
+    /// more for an entry a peer stored meanwhile, else fetches and stores; the
+    /// others wait for its entry (or, refreshing, keep serving `current`), and
+    /// fetch themselves if the wait runs out. A peer's entry goes to an unproven
+    /// secret only once the fleet holds a proof of that secret (the peer
+    /// presented the same one). On its own (or with the store down) a replica
+    /// takes every lock at once and finds nothing stored: a plain upstream call.
     #[allow(clippy::too_many_arguments)]
     async fn obtain(
         &self,
@@ -814,29 +848,19 @@ impl Broker {
         } else {
             Priority::Miss
         };
-        let Some(fleet) = self.inner.fleet.clone() else {
-            return self
-                .upstream(client, key, verifier, credentials, scopes, priority)
-                .await;
-        };
-        let (shared_key, lock_key) = fleet.keys(&key.0, &key.1);
-        let deadline = Instant::now() + fleet.lock_wait();
+        let tokens = &self.inner.seams.tokens;
+        let deadline = Instant::now() + tokens.lock_wait();
         loop {
-            match fleet.try_lock(&lock_key).await {
-                Ok(Some(lock)) => {
-                    let mut peer = self.stored_by_peer(&fleet, &shared_key, &current).await;
-                    if peer.is_some()
-                        && !proven
-                        && !self.proven_by_fleet(&fleet, client, &verifier).await
-                    {
+            match tokens.try_lock(key).await {
+                Lock::Taken(lock) => {
+                    let mut peer = self.stored_by_peer(key, &current).await;
+                    if peer.is_some() && !proven && !self.proven_by_fleet(client, &verifier).await {
                         peer = None;
                     }
                     let result = match peer {
                         Some(entry) => Ok(entry),
                         None => {
                             self.upstream_shared(
-                                &fleet,
-                                &shared_key,
                                 client,
                                 key,
                                 verifier,
@@ -847,21 +871,20 @@ impl Broker {
                             .await
                         }
                     };
-                    fleet.unlock(&lock_key, &lock).await;
+                    tokens.unlock(key, lock).await;
                     return result;
                 }
-                Ok(None) => {
+                Lock::Busy => {
                     if let Some(current) =
                         current.as_ref().filter(|c| self.usable(c, Instant::now()))
                     {
                         // Another replica is refreshing; the current token still lives.
                         return Ok(current.clone());
                     }
-                    match fleet.wait_for_peer(&shared_key, &lock_key, deadline).await {
-                        PeerWait::Entry(shared) => {
-                            let entry = Entry::from_shared(shared);
+                    match tokens.wait_for_peer(key, deadline).await {
+                        PeerWait::Entry(entry) => {
                             if self.usable(&entry, Instant::now())
-                                && (proven || self.proven_by_fleet(&fleet, client, &verifier).await)
+                                && (proven || self.proven_by_fleet(client, &verifier).await)
                             {
                                 return Ok(entry);
                             }
@@ -872,28 +895,16 @@ impl Broker {
                         PeerWait::Released | PeerWait::TimedOut | PeerWait::Failed => break,
                     }
                 }
-                Err(_) => break,
+                Lock::Unavailable => break,
             }
         }
-        self.upstream_shared(
-            &fleet,
-            &shared_key,
-            client,
-            key,
-            verifier,
-            credentials,
-            scopes,
-            priority,
-        )
-        .await
+        self.upstream_shared(client, key, verifier, credentials, scopes, priority)
+            .await
     }
 
     /// An upstream call whose entry is stored for the fleet.
-    #[allow(clippy::too_many_arguments)]
     async fn upstream_shared(
         &self,
-        fleet: &FleetCache,
-        shared_key: &str,
         client: &Client,
         key: &CacheKey,
         verifier: Verifier,
@@ -905,7 +916,7 @@ impl Broker {
             .upstream(client, key, verifier, credentials, scopes, priority)
             .await;
         if let Ok(entry) = &result {
-            let _ = fleet.put(shared_key, &entry.to_shared()).await;
+            self.inner.seams.tokens.put(key, entry).await;
         }
         result
     }
@@ -913,18 +924,11 @@ impl Broker {
     /// Whether the fleet holds a live proof of `verifier` for `client` (imported
     /// into this replica's proofs as a side effect). Asked only by a flight of an
     /// unproven secret, which the failed-attempt limit admitted.
-    async fn proven_by_fleet(
-        &self,
-        fleet: &FleetCache,
-        client: &Client,
-        verifier: &Verifier,
-    ) -> bool {
-        if let Ok(proofs) = fleet.load_proofs(&fleet.proof_key(&client.client_id)).await {
-            for (v, until_ms) in proofs {
-                self.inner
-                    .proven
-                    .prove(client.index, v, fleet::ms_to_instant(until_ms));
-            }
+    async fn proven_by_fleet(&self, client: &Client, verifier: &Verifier) -> bool {
+        let proofs = &self.inner.seams.proofs;
+        let client_ref = proofs.client_ref(&client.client_id);
+        for (v, until) in proofs.load(&client_ref).await.unwrap_or_default() {
+            self.inner.proven.prove(client.index, v, until);
         }
         self.inner
             .proven
@@ -935,11 +939,10 @@ impl Broker {
     /// not yet due for refresh, and newer than `current`.
     async fn stored_by_peer(
         &self,
-        fleet: &FleetCache,
-        shared_key: &str,
+        key: &CacheKey,
         current: &Option<Arc<Entry>>,
     ) -> Option<Arc<Entry>> {
-        let entry = Entry::from_shared(fleet.get(shared_key).await.ok()??);
+        let entry = self.inner.seams.tokens.get(key).await?;
         let now = Instant::now();
         let newer = current
             .as_ref()
@@ -951,19 +954,12 @@ impl Broker {
     /// is free now (a refresh).
     async fn admit_upstream(&self, priority: Priority) -> Result<(), BrokerError> {
         let inner = &self.inner;
-        let Some(schedule) = &inner.schedule else {
+        let Some(budget) = &inner.seams.budget else {
             return Ok(());
         };
-        let max_wait = inner.settings.upstream_max_wait;
-        let fleet_grant = match &inner.fleet {
-            Some(fleet) => fleet
-                .reserve_budget(priority, schedule.interval(), max_wait)
-                .await
-                .ok(),
-            None => None,
-        };
-        // While Redis is down each replica keeps its own schedule.
-        let grant = fleet_grant.unwrap_or_else(|| schedule.reserve(priority, max_wait));
+        let grant = budget
+            .reserve(priority, inner.settings.upstream_max_wait)
+            .await;
         inner.stats.budget.record(priority, grant);
         match grant {
             Grant::After(delay) => {
@@ -1035,22 +1031,20 @@ impl Broker {
 
     async fn prove(&self, client: &Client, verifier: Verifier, until: Instant) {
         self.inner.proven.prove(client.index, verifier, until);
-        if let Some(fleet) = &self.inner.fleet {
-            let client_key = fleet.proof_key(&client.client_id);
-            let _ = fleet
-                .put_proof(&client_key, &verifier, fleet::instant_to_ms(until))
-                .await;
-        }
+        let proofs = &self.inner.seams.proofs;
+        proofs
+            .prove(&proofs.client_ref(&client.client_id), &verifier, until)
+            .await;
     }
 
     async fn revoke(&self, client: &Client, verifier: Verifier) {
         if self.inner.proven.revoke(client.index, &verifier) {
             tracing::info!(client = %client.name, pool = %client.pool, "Cognito refused a proven secret; it is no longer accepted");
         }
-        if let Some(fleet) = &self.inner.fleet {
-            let client_key = fleet.proof_key(&client.client_id);
-            let _ = fleet.drop_proof(&client_key, &verifier).await;
-        }
+        let proofs = &self.inner.seams.proofs;
+        proofs
+            .refuse(&proofs.client_ref(&client.client_id), &verifier)
+            .await;
     }
 }
 

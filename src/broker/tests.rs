@@ -991,7 +991,7 @@ mod fleet_lock {
         .unwrap();
         // Redis answers before the test goes on (no sleeping on its start).
         for _ in 0..200 {
-            if fleet.get("m2m:probe").await.is_ok() {
+            if fleet.get_entry("m2m:probe").await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1023,5 +1023,168 @@ mod fleet_lock {
             b.get_token(&creds("wrong-secret"), &[]).await.unwrap_err(),
             BrokerError::InvalidClient
         );
+    }
+}
+
+/// The fleet protocol on the in-memory double of a shared store: several
+/// replicas, one process, paused time, no redis-server.
+mod fleet_protocol {
+    use std::num::NonZeroU32;
+
+    use super::*;
+    use crate::broker::memory_fleet::MemoryStore;
+
+    fn settings(per_second: u32) -> BrokerSettings {
+        BrokerSettings {
+            verifier_key: Some([9u8; 32]),
+            upstream_per_second: NonZeroU32::new(per_second),
+            upstream_max_wait: Duration::from_millis(100),
+            ..BrokerSettings::default()
+        }
+    }
+
+    /// A replica on `store`; `follow`: it hears the fleet's announcements.
+    fn replica(
+        store: &Arc<MemoryStore>,
+        up: &Arc<FakeEndpoint>,
+        per_second: u32,
+        follow: bool,
+    ) -> Broker {
+        let b = Broker::with_seams(
+            registry(),
+            up.clone(),
+            settings(per_second),
+            store.seams(),
+            None,
+        );
+        if follow {
+            b.start();
+        }
+        b
+    }
+
+    /// Lets the replicas' followers run until `check` holds (bounded).
+    async fn settle(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    async fn burst(fleet: &[Broker], calls: usize, secret: &str, scope: &[&str]) -> Vec<String> {
+        let tasks: Vec<_> = (0..calls)
+            .map(|i| {
+                let b = fleet[i % fleet.len()].clone();
+                let (secret, scope) = (secret.to_owned(), scopes(scope));
+                tokio::spawn(async move {
+                    let t = b.get_token(&creds(&secret), &scope).await.unwrap();
+                    t.access_token.expose().to_owned()
+                })
+            })
+            .collect();
+        let mut tokens = Vec::new();
+        for t in tasks {
+            tokens.push(t.await.unwrap());
+        }
+        tokens
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_upstream_call_per_key_for_the_whole_fleet() {
+        let store = MemoryStore::new(0);
+        let up = FakeEndpoint::new(3600);
+        let fleet: Vec<Broker> = (0..3).map(|_| replica(&store, &up, 0, true)).collect();
+        let tokens = burst(&fleet, 60, "s3cret", &[]).await;
+        assert_eq!(up.calls(), 1, "one Cognito call for three replicas");
+        assert!(tokens.iter().all(|t| *t == tokens[0]));
+        let narrow = burst(&fleet, 60, "s3cret", &["orders/read"]).await;
+        assert_eq!(up.calls(), 2, "one more for the other key");
+        assert!(narrow.iter().all(|t| *t == narrow[0]) && narrow[0] != tokens[0]);
+    }
+
+    /// Replica B takes the lock after replica A released it, without having
+    /// seen A's entry or A's proof: it must look again and find both.
+    #[tokio::test(start_paused = true)]
+    async fn the_lock_holder_looks_again_before_calling_cognito() {
+        let store = MemoryStore::new(0);
+        let up = FakeEndpoint::new(3600);
+        let a = replica(&store, &up, 0, false);
+        let b = replica(&store, &up, 0, false);
+        let first = a.get_token(&creds("s3cret"), &[]).await.unwrap();
+        let second = b.get_token(&creds("s3cret"), &[]).await.unwrap();
+        assert_eq!(second.access_token.expose(), first.access_token.expose());
+        assert_eq!(up.calls(), 1, "no second Cognito call");
+        assert_eq!(
+            store.locks_taken.load(Ordering::SeqCst),
+            2,
+            "B took the lock"
+        );
+        assert_eq!(
+            b.get_token(&creds("wrong-secret"), &[]).await.unwrap_err(),
+            BrokerError::InvalidClient,
+            "a wrong secret gets nothing from the fleet's entry"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn proofs_and_refusals_reach_every_replica() {
+        let store = MemoryStore::new(0);
+        let up = FakeEndpoint::new(3600);
+        let a = replica(&store, &up, 0, true);
+        let b = replica(&store, &up, 0, true);
+        settle("both subscribed", || true).await;
+        a.get_token(&creds("s3cret"), &[]).await.unwrap();
+        settle("B learns A's proof", || b.proven_secrets() == 1).await;
+        b.get_token(&creds("s3cret"), &[]).await.unwrap();
+        assert_eq!(
+            up.calls(),
+            1,
+            "B serves the fleet's entry to the proven secret"
+        );
+
+        // Cognito deletes the secret; A presents it upstream and is refused.
+        up.set_secrets(&["rotated"]);
+        let refused = a
+            .get_token(&creds("s3cret"), &scopes(&["orders/write"]))
+            .await;
+        assert_eq!(refused.unwrap_err(), BrokerError::InvalidClient);
+        settle("B learns the refusal", || b.proven_secrets() == 0).await;
+        assert_eq!(
+            b.get_token(&creds("s3cret"), &[]).await.unwrap_err(),
+            BrokerError::InvalidClient,
+            "no longer served from the cache"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fleet_keeps_one_upstream_schedule() {
+        let store = MemoryStore::new(1);
+        let up = FakeEndpoint::new(3600);
+        let a = replica(&store, &up, 1, true);
+        let b = replica(&store, &up, 1, true);
+        a.get_token(&creds("s3cret"), &scopes(&["orders/read"]))
+            .await
+            .unwrap();
+        // B's own schedule would be free; the fleet's next slot is a second away.
+        let err = b
+            .get_token(&creds("s3cret"), &scopes(&["orders/write"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BrokerError::UpstreamBudget { .. }), "{err:?}");
+        assert_eq!(up.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_is_down_leaves_each_replica_on_its_own() {
+        let store = MemoryStore::new(0);
+        store.set_up(false);
+        let up = FakeEndpoint::new(3600);
+        let fleet: Vec<Broker> = (0..3).map(|_| replica(&store, &up, 0, true)).collect();
+        let tokens = burst(&fleet, 30, "s3cret", &[]).await;
+        assert_eq!(up.calls(), 3, "one call per replica, none refused");
+        assert_eq!(tokens.len(), 30);
     }
 }

@@ -1,0 +1,184 @@
+//! What the fleet gives the broker, as three narrow seams: single flight across
+//! replicas ([`SharedTokens`]: the stored entry, the fetch lock, the wait for a
+//! peer), the fleet's proven secrets with their announcements ([`ProofStore`]),
+//! and the upstream schedule ([`Budget`]). Each has a local implementation (one
+//! replica on its own) and a Redis one (`fleet`) that owns its timeouts and its
+//! fallback; the tests run the fleet protocol on an in-memory double
+//! (`memory_fleet`). The broker speaks in its own terms here: cache keys, client
+//! ids, verifiers and instants; never Redis key names or wall-clock time.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::{
+    FutureExt as _,
+    future::{BoxFuture, ready},
+    stream::BoxStream,
+};
+use tokio::time::Instant;
+
+use super::{
+    CacheKey, Entry,
+    budget::{Grant, Priority, Schedule},
+    proven::Verifier,
+};
+
+/// How a try for the fleet's fetch lock of a key ended.
+#[derive(Debug)]
+pub(crate) enum Lock {
+    /// Taken: this replica fetches for the fleet and releases it with this token.
+    Taken(LockToken),
+    /// Another replica holds it.
+    Busy,
+    /// The store did not answer: fetch without the fleet.
+    Unavailable,
+}
+
+/// Proof that a replica holds a fetch lock.
+#[derive(Debug)]
+pub(crate) struct LockToken(pub(crate) String);
+
+/// How a wait for another replica's fetch ended.
+#[derive(Debug)]
+pub(crate) enum PeerWait {
+    /// The peer stored an entry.
+    Entry(Arc<Entry>),
+    /// The peer released the lock without storing one (its fetch failed).
+    Released,
+    /// The lock wait ran out.
+    TimedOut,
+    /// The store failed meanwhile.
+    Failed,
+}
+
+/// Single flight across replicas: the entries the fleet shares and the lock that
+/// lets one replica fetch a key while the others wait for its entry.
+pub(crate) trait SharedTokens: Send + Sync {
+    /// The fleet's entry for `key`, if it holds one.
+    fn get<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Option<Arc<Entry>>>;
+    /// Stores `entry` for the fleet until it expires.
+    fn put<'a>(&'a self, key: &'a CacheKey, entry: &'a Entry) -> BoxFuture<'a, ()>;
+    /// Tries to take the fetch lock of `key`.
+    fn try_lock<'a>(&'a self, key: &'a CacheKey) -> BoxFuture<'a, Lock>;
+    /// Releases the lock if it is still this holder's.
+    fn unlock<'a>(&'a self, key: &'a CacheKey, lock: LockToken) -> BoxFuture<'a, ()>;
+    /// Waits until the holder stores an entry or releases the lock, or `deadline`.
+    fn wait_for_peer<'a>(&'a self, key: &'a CacheKey, deadline: Instant)
+    -> BoxFuture<'a, PeerWait>;
+    /// Longest wait for a peer's fetch before fetching oneself.
+    fn lock_wait(&self) -> Duration;
+}
+
+/// An opaque name of a client in the proof store's announcements.
+pub(crate) type ClientRef = String;
+
+/// A proof or a refusal announced by a replica.
+#[derive(Debug, Clone)]
+pub(crate) enum ProofEvent {
+    /// Cognito accepted the secret of `verifier` for `client`, until `until`.
+    Proven {
+        client: ClientRef,
+        verifier: Verifier,
+        until: Instant,
+    },
+    /// Cognito refused it.
+    Refused {
+        client: ClientRef,
+        verifier: Verifier,
+    },
+}
+
+/// The fleet's proven secrets: stored, announced, and followed.
+pub(crate) trait ProofStore: Send + Sync {
+    /// The name announcements carry for `client_id`.
+    fn client_ref(&self, client_id: &str) -> ClientRef;
+    /// Live proofs of a client; `None` when the store did not answer.
+    fn load<'a>(&'a self, client: &'a ClientRef)
+    -> BoxFuture<'a, Option<Vec<(Verifier, Instant)>>>;
+    /// Records and announces a proof.
+    fn prove<'a>(
+        &'a self,
+        client: &'a ClientRef,
+        verifier: &'a Verifier,
+        until: Instant,
+    ) -> BoxFuture<'a, ()>;
+    /// Forgets and announces a refusal.
+    fn refuse<'a>(&'a self, client: &'a ClientRef, verifier: &'a Verifier) -> BoxFuture<'a, ()>;
+    /// A subscription to the announcements; `None` when it cannot be made now.
+    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, ProofEvent>>>;
+    /// Whether this replica hears the announcements (for `fleet_shared`).
+    fn set_subscribed(&self, subscribed: bool);
+    /// Checks, while subscribed, that the store answers commands too.
+    fn heartbeat(&self) -> BoxFuture<'_, ()>;
+}
+
+/// The upstream schedule (`limits.upstream_per_second`).
+pub(crate) trait Budget: Send + Sync {
+    /// Reserves a slot: a miss waits up to `max_wait`, a refresh only takes a
+    /// free one.
+    fn reserve(&self, priority: Priority, max_wait: Duration) -> BoxFuture<'_, Grant>;
+}
+
+/// One replica on its own: nothing is shared, every lock is taken at once.
+#[derive(Debug, Default)]
+pub(crate) struct Alone;
+
+impl SharedTokens for Alone {
+    fn get<'a>(&'a self, _: &'a CacheKey) -> BoxFuture<'a, Option<Arc<Entry>>> {
+        ready(None).boxed()
+    }
+
+    fn put<'a>(&'a self, _: &'a CacheKey, _: &'a Entry) -> BoxFuture<'a, ()> {
+        ready(()).boxed()
+    }
+
+    fn try_lock<'a>(&'a self, _: &'a CacheKey) -> BoxFuture<'a, Lock> {
+        ready(Lock::Taken(LockToken(String::new()))).boxed()
+    }
+
+    fn unlock<'a>(&'a self, _: &'a CacheKey, _: LockToken) -> BoxFuture<'a, ()> {
+        ready(()).boxed()
+    }
+
+    fn wait_for_peer<'a>(&'a self, _: &'a CacheKey, _: Instant) -> BoxFuture<'a, PeerWait> {
+        ready(PeerWait::Released).boxed()
+    }
+
+    fn lock_wait(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl ProofStore for Alone {
+    fn client_ref(&self, client_id: &str) -> ClientRef {
+        client_id.to_owned()
+    }
+
+    fn load<'a>(&'a self, _: &'a ClientRef) -> BoxFuture<'a, Option<Vec<(Verifier, Instant)>>> {
+        ready(Some(Vec::new())).boxed()
+    }
+
+    fn prove<'a>(&'a self, _: &'a ClientRef, _: &'a Verifier, _: Instant) -> BoxFuture<'a, ()> {
+        ready(()).boxed()
+    }
+
+    fn refuse<'a>(&'a self, _: &'a ClientRef, _: &'a Verifier) -> BoxFuture<'a, ()> {
+        ready(()).boxed()
+    }
+
+    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, ProofEvent>>> {
+        ready(None).boxed()
+    }
+
+    fn set_subscribed(&self, _: bool) {}
+
+    fn heartbeat(&self) -> BoxFuture<'_, ()> {
+        ready(()).boxed()
+    }
+}
+
+/// This replica's own schedule.
+impl Budget for Schedule {
+    fn reserve(&self, priority: Priority, max_wait: Duration) -> BoxFuture<'_, Grant> {
+        ready(Schedule::reserve(self, priority, max_wait)).boxed()
+    }
+}
