@@ -236,6 +236,17 @@ pub enum CacheBackend {
     Redis,
 }
 
+/// How the gateway authenticates to Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisAuth {
+    /// No credentials, or an ACL user and password.
+    #[default]
+    Password,
+    /// An IAM token (ElastiCache, MemoryDB), made from the AWS credential chain.
+    Iam,
+}
+
 /// `[cache]`.
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -262,6 +273,23 @@ pub struct CacheConfig {
     /// A file holding the ACL password (a mounted Kubernetes Secret).
     #[serde(default)]
     pub redis_password_file: Option<std::path::PathBuf>,
+    /// `password` (default: none or an ACL password) or `iam` (ElastiCache /
+    /// MemoryDB IAM authentication; cargo feature `aws`).
+    #[serde(default)]
+    pub redis_auth: RedisAuth,
+    /// With `redis_auth = "iam"`: the cache's name (replication group, serverless
+    /// cache or MemoryDB cluster).
+    #[serde(default)]
+    pub redis_cache_name: Option<String>,
+    /// With `redis_auth = "iam"`: an ElastiCache Serverless cache.
+    #[serde(default, alias = "serverless")]
+    pub redis_serverless: bool,
+    /// With `redis_auth = "iam"`: `elasticache` (default) or `memorydb`.
+    #[serde(default)]
+    pub redis_iam_service: crate::broker::IamService,
+    /// With `redis_auth = "iam"`: the cache's Region (default: the AWS chain's).
+    #[serde(default)]
+    pub redis_region: Option<String>,
     /// Base64 of 32 bytes; encrypts cached tokens and keys the secret verifiers.
     #[serde(default, serialize_with = "redact_opt")]
     pub encryption_key: Option<SecretString>,
@@ -300,6 +328,11 @@ impl fmt::Debug for CacheConfig {
                 &self.redis_password.as_ref().map(|_| "..."),
             )
             .field("redis_password_file", &self.redis_password_file)
+            .field("redis_auth", &self.redis_auth)
+            .field("redis_cache_name", &self.redis_cache_name)
+            .field("redis_serverless", &self.redis_serverless)
+            .field("redis_iam_service", &self.redis_iam_service)
+            .field("redis_region", &self.redis_region)
             .field(
                 "encryption_key",
                 &self.encryption_key.as_ref().map(|_| "..."),
@@ -324,6 +357,11 @@ impl Default for CacheConfig {
             redis_user: None,
             redis_password: None,
             redis_password_file: None,
+            redis_auth: RedisAuth::Password,
+            redis_cache_name: None,
+            redis_serverless: false,
+            redis_iam_service: crate::broker::IamService::Elasticache,
+            redis_region: None,
             encryption_key: None,
             max_entries: default_max_entries(),
             refresh_ratio: default_refresh_ratio(),
@@ -798,6 +836,34 @@ impl Config {
                     "cache.redis_ca_file",
                     "is set but cache.redis_url is not rediss:// (TLS)".into(),
                 ));
+            }
+        }
+        if cache.redis_auth == RedisAuth::Iam {
+            if cache.redis_password.is_some() || cache.redis_password_file.is_some() {
+                return Err(invalid(
+                    "cache.redis_auth",
+                    "\"iam\" makes its own passwords: remove cache.redis_password(_file)".into(),
+                ));
+            }
+            if cache.redis_user.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid(
+                    "cache.redis_user",
+                    "required with redis_auth = \"iam\" (the IAM-enabled user; its id and name must be equal)".into(),
+                ));
+            }
+            match cache.redis_cache_name.as_deref() {
+                Some(name)
+                    if !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') => {
+                }
+                _ => {
+                    return Err(invalid(
+                        "cache.redis_cache_name",
+                        "required with redis_auth = \"iam\": the cache's name (lowercase letters, digits, '-')".into(),
+                    ));
+                }
             }
         }
         if cache.redis_password.is_some() && cache.redis_password_file.is_some() {
@@ -1514,6 +1580,93 @@ allowed_scopes = ["orders/read"]
         let bad_scope = BASE.replace("\"orders/write\"", "\"orders write\"");
         let err = parse(&bad_scope, "gw.toml").unwrap_err().to_string();
         assert!(err.contains("clients[0].allowed_scopes"), "{err}");
+    }
+
+    #[test]
+    fn redis_tls_credentials_and_iam_are_checked() {
+        let key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+        let cache = |extra: &str| {
+            format!("{BASE}\n[cache]\nbackend = \"redis\"\nencryption_key = \"{key}\"\n{extra}\n")
+        };
+        let err = |extra: &str| parse(&cache(extra), "gw.toml").unwrap_err().to_string();
+
+        let e = err("redis_url = \"rediss://cache.example:6379/#insecure\"");
+        assert!(
+            e.contains("cache.redis_url") && e.contains("#insecure"),
+            "{e}"
+        );
+        let e = err("redis_url = \"redis://cache.example:6379\"\nredis_ca_file = \"/ca.pem\"");
+        assert!(
+            e.contains("cache.redis_ca_file") && e.contains("not rediss://"),
+            "{e}"
+        );
+        let e = err(
+            "redis_url = \"rediss://cache.example:6379\"\nredis_ca_file = \"/nonexistent/ca.pem\"",
+        );
+        assert!(
+            e.contains("cache.redis_ca_file") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let e = err(&format!(
+            "redis_url = \"rediss://cache.example:6379\"\nredis_ca_file = \"{}\"",
+            not_pem.display()
+        ));
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let empty = dir.path().join("password");
+        std::fs::write(&empty, "\n").unwrap();
+        let e = err(&format!(
+            "redis_url = \"rediss://cache.example:6379\"\nredis_password_file = \"{}\"",
+            empty.display()
+        ));
+        assert!(
+            e.contains("cache.redis_password_file") && e.contains("empty"),
+            "{e}"
+        );
+        let e = err(
+            "redis_url = \"rediss://cache.example:6379\"\nredis_password = \"a\"\nredis_password_file = \"/p\"",
+        );
+        assert!(e.contains("keep one"), "{e}");
+
+        // IAM: a user and a cache name, no password, TLS, and the `aws` feature.
+        let iam = "redis_url = \"rediss://cache.example:6379\"\nredis_auth = \"iam\"";
+        let e = err(iam);
+        assert!(e.contains("cache.redis_user"), "{e}");
+        let e = err(&format!("{iam}\nredis_user = \"gw\""));
+        assert!(e.contains("cache.redis_cache_name"), "{e}");
+        let e = err(&format!(
+            "{iam}\nredis_user = \"gw\"\nredis_cache_name = \"c\"\nredis_password = \"x\""
+        ));
+        assert!(e.contains("makes its own passwords"), "{e}");
+        let full = format!(
+            "{iam}\nredis_user = \"gw\"\nredis_cache_name = \"my-cache\"\nserverless = true"
+        );
+        let result = parse(&cache(&full), "gw.toml");
+        if cfg!(feature = "aws") {
+            let c = result.unwrap();
+            assert!(c.cache.redis_serverless);
+        } else {
+            let e = result.unwrap_err().to_string();
+            assert!(e.contains("`aws` cargo feature"), "{e}");
+        }
+        let plain = full.replace("rediss://", "redis://");
+        let e = err(&plain);
+        assert!(
+            e.contains("needs TLS") || e.contains("`aws` cargo feature"),
+            "{e}"
+        );
+
+        // The password never shows.
+        let ok = parse(
+            &cache("redis_url = \"rediss://gw@cache.example:6379\"\nredis_password = \"hunter2-secret\""),
+            "gw.toml",
+        )
+        .unwrap();
+        let shown = ok.redacted_json(&[ok.endpoints().unwrap()]);
+        assert!(!shown.contains("hunter2-secret"), "{shown}");
+        assert!(!format!("{ok:?}").contains("hunter2-secret"));
     }
 
     #[test]

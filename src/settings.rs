@@ -14,7 +14,7 @@ use std::{
 use secrecy::SecretString;
 
 use crate::{
-    broker::{BrokerSettings, FleetSettings, RedisTarget, check_ca_pem},
+    broker::{BrokerSettings, FleetSettings, IamTarget, RedisTarget, check_ca_pem},
     config::{CacheBackend, Config, ConfigError, Endpoints, TlsConfig},
     edge::{self, EdgeSettings},
     jwt::ValidatorSettings,
@@ -334,6 +334,13 @@ fn redis_target(
         ca_pem,
         username: cache.redis_user.clone(),
         password,
+        iam: (cache.redis_auth == crate::config::RedisAuth::Iam).then(|| IamTarget {
+            user: cache.redis_user.clone().unwrap_or_default(),
+            cache_name: cache.redis_cache_name.clone().unwrap_or_default(),
+            serverless: cache.redis_serverless,
+            service: cache.redis_iam_service,
+            region: cache.redis_region.clone(),
+        }),
         timeout: Duration::from_millis(cache.redis_timeout_ms),
     };
     // Builds the client once: a URL or TLS material it cannot use is an error now.

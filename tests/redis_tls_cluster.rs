@@ -125,6 +125,7 @@ fn target(url: String, ca: &Path, password: Option<&str>) -> FleetSettings {
             ca_pem: Some(std::fs::read(ca).unwrap()),
             username: None,
             password: password.map(|p| SecretString::from(p.to_owned())),
+            iam: None,
             timeout: Duration::from_secs(2),
         },
         lock_ttl: Duration::from_secs(10),

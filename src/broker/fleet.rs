@@ -834,6 +834,7 @@ mod tests {
                     ca_pem: None,
                     username: None,
                     password: None,
+                    iam: None,
                     timeout: Duration::from_millis(50),
                 },
                 lock_ttl: Duration::from_secs(10),

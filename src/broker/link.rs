@@ -35,6 +35,44 @@ pub enum RedisMode {
     Cluster,
 }
 
+/// Which AWS service an IAM token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IamService {
+    /// Amazon ElastiCache (Valkey or Redis OSS; serverless or not).
+    #[default]
+    Elasticache,
+    /// Amazon MemoryDB.
+    Memorydb,
+}
+
+impl IamService {
+    /// SigV4's service name.
+    pub fn signing_name(self) -> &'static str {
+        match self {
+            Self::Elasticache => "elasticache",
+            Self::Memorydb => "memorydb",
+        }
+    }
+}
+
+/// IAM authentication (cargo feature `aws`): for whom and to which cache tokens
+/// are made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IamTarget {
+    /// The IAM-enabled Redis user (its user id and name must be equal).
+    pub user: String,
+    /// The cache (ElastiCache replication group or serverless cache, MemoryDB
+    /// cluster) name, lowercase.
+    pub cache_name: String,
+    /// An ElastiCache Serverless cache.
+    pub serverless: bool,
+    /// ElastiCache or MemoryDB.
+    pub service: IamService,
+    /// The cache's Region; the AWS chain's (AWS_REGION, profile, IMDS) when unset.
+    pub region: Option<String>,
+}
+
 /// Where the fleet's Redis is and how to reach it.
 #[derive(Clone)]
 pub struct RedisTarget {
@@ -48,6 +86,8 @@ pub struct RedisTarget {
     pub username: Option<String>,
     /// ACL password (overrides the URL's).
     pub password: Option<SecretString>,
+    /// IAM authentication instead of a password (needs the `aws` feature).
+    pub iam: Option<IamTarget>,
     /// Connect and response timeout.
     pub timeout: Duration,
 }
@@ -60,6 +100,7 @@ impl fmt::Debug for RedisTarget {
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "..."))
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "..."))
+            .field("iam", &self.iam)
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -177,6 +218,8 @@ pub(crate) struct Link {
     target: RedisTarget,
     info: ConnectionInfo,
     seed: Client,
+    #[cfg(feature = "aws")]
+    iam: Option<super::iam::IamCredentials>,
     conn: tokio::sync::OnceCell<Conn>,
     topology: OnceLock<Topology>,
     /// The last masters seen, for subscribing elsewhere when a node fails.
@@ -206,7 +249,23 @@ impl Link {
         install_crypto_provider();
         let info = connection_info(&target)?;
         let seed = client_for(&target, info.clone())?;
+        if target.iam.is_some() {
+            if !cfg!(feature = "aws") {
+                return Err(LinkError::Setup(
+                    "cache.redis_auth = \"iam\" needs a build with the `aws` cargo feature \
+                     (cargo build --release --features aws)"
+                        .into(),
+                ));
+            }
+            if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+                return Err(LinkError::Setup(
+                    "IAM authentication needs TLS: cache.redis_url must be rediss://".into(),
+                ));
+            }
+        }
         Ok(Self {
+            #[cfg(feature = "aws")]
+            iam: target.iam.clone().map(super::iam::IamCredentials::new),
             target,
             info,
             seed,
@@ -270,23 +329,34 @@ impl Link {
                     .set_response_timeout(Some(self.target.timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500));
-                let manager = ConnectionManager::new_with_config(self.seed.clone(), config)
+                #[cfg(feature = "aws")]
+                let config = match &self.iam {
+                    Some(iam) => config.set_credentials_provider(iam.clone()),
+                    None => config,
+                };
+                let client = self.client(self.info.clone()).await?;
+                let manager = ConnectionManager::new_with_config(client, config)
                     .await
                     .map_err(|e| LinkError::from_redis(&e))?;
                 Conn::Standalone(manager)
             }
             Topology::Cluster { masters } => {
                 *self.masters.lock().unwrap_or_else(|p| p.into_inner()) = masters.clone();
-                let mut builder = ClusterClientBuilder::new(vec![self.info.clone()])
+                let info = self.authed(self.info.clone()).await?;
+                let mut builder = ClusterClientBuilder::new(vec![info.clone()])
                     .connection_timeout(self.target.timeout)
                     .response_timeout(self.target.timeout)
                     .retries(2)
                     .max_retry_wait(200);
-                if let Some(user) = self.info.redis_settings().username() {
+                if let Some(user) = info.redis_settings().username() {
                     builder = builder.username(user);
                 }
-                if let Some(password) = self.info.redis_settings().password() {
+                if let Some(password) = info.redis_settings().password() {
                     builder = builder.password(password);
+                }
+                #[cfg(feature = "aws")]
+                if let Some(iam) = &self.iam {
+                    builder = builder.set_credentials_provider(iam.clone());
                 }
                 if self.is_tls() {
                     builder = builder.certs(self.certificates());
@@ -312,7 +382,8 @@ impl Link {
             .set_connection_timeout(Some(self.target.timeout))
             .set_response_timeout(Some(self.target.timeout));
         let mut conn = self
-            .seed
+            .client(self.info.clone())
+            .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| LinkError::from_redis(&e))?;
@@ -354,6 +425,33 @@ impl Link {
         }
     }
 
+    /// `info` with a fresh IAM token as the password, when IAM auth is on.
+    async fn authed(&self, info: ConnectionInfo) -> Result<ConnectionInfo, LinkError> {
+        #[cfg(feature = "aws")]
+        if let Some(iam) = &self.iam {
+            let token = iam.token().await?;
+            let redis = info
+                .redis_settings()
+                .clone()
+                .set_username(iam.user())
+                .set_password(token.expose_secret());
+            return Ok(info.set_redis_settings(redis));
+        }
+        Ok(info)
+    }
+
+    /// A client for `info`, with a fresh IAM token when IAM auth is on.
+    async fn client(&self, info: ConnectionInfo) -> Result<Client, LinkError> {
+        #[cfg(feature = "aws")]
+        if self.iam.is_some() {
+            return client_for(&self.target, self.authed(info).await?);
+        }
+        if info.addr() == self.info.addr() {
+            return Ok(self.seed.clone());
+        }
+        client_for(&self.target, info)
+    }
+
     fn certificates(&self) -> TlsCertificates {
         TlsCertificates {
             client_tls: None,
@@ -369,7 +467,8 @@ impl Link {
     /// of the cluster's masters (classic pub/sub reaches every node of a cluster).
     pub(crate) async fn pubsub(&self) -> Result<redis::aio::PubSub, LinkError> {
         let timeout = self.target.timeout.max(Duration::from_secs(1));
-        let mut last = match tokio::time::timeout(timeout, self.seed.get_async_pubsub()).await {
+        let seed = self.client(self.info.clone()).await?;
+        let mut last = match tokio::time::timeout(timeout, seed.get_async_pubsub()).await {
             Ok(Ok(pubsub)) => return Ok(pubsub),
             Ok(Err(e)) => LinkError::from_redis(&e),
             Err(_) => LinkError::Timeout(timeout),
@@ -389,7 +488,7 @@ impl Link {
                 },
                 _ => ConnectionAddr::Tcp(host, port),
             };
-            let Ok(client) = client_for(&self.target, self.info.clone().set_addr(addr)) else {
+            let Ok(client) = self.client(self.info.clone().set_addr(addr)).await else {
                 continue;
             };
             match tokio::time::timeout(timeout, client.get_async_pubsub()).await {
@@ -535,6 +634,7 @@ mod tests {
             ca_pem: None,
             username: None,
             password: None,
+            iam: None,
             timeout: Duration::from_millis(100),
         }
     }

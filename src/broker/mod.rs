@@ -9,6 +9,8 @@
 mod budget;
 mod check;
 mod fleet;
+#[cfg(feature = "aws")]
+mod iam;
 mod link;
 #[cfg(test)]
 mod memory_fleet;
@@ -43,7 +45,9 @@ pub use crate::oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse,
 pub use budget::BudgetStats;
 pub use check::{RedisCheckError, RedisReport};
 pub use fleet::{FleetCache, FleetSettings, FleetSetupError, FleetStats};
-pub use link::{LinkError, RedisMode, RedisTarget, Topology, check_ca_pem, redact_url};
+pub use link::{
+    IamService, IamTarget, LinkError, RedisMode, RedisTarget, Topology, check_ca_pem, redact_url,
+};
 pub use pools::PoolRoutes;
 pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
 

@@ -981,6 +981,7 @@ mod fleet_lock {
                     ca_pem: None,
                     username: None,
                     password: None,
+                    iam: None,
                     timeout: Duration::from_millis(500),
                 },
                 lock_ttl: Duration::from_secs(10),
