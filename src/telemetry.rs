@@ -542,6 +542,11 @@ impl Telemetry {
                     "Redis calls skipped while it was down.",
                     f.bypassed.load(Relaxed),
                 ),
+                (
+                    "redis_corrupt_values_total",
+                    "Values read from Redis that were corrupt or oversized (skipped, or reset for the upstream schedule).",
+                    f.corrupt.load(Relaxed),
+                ),
             ] {
                 counter(&mut out, name, help, value);
             }

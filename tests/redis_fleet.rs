@@ -287,6 +287,13 @@ async fn a_redis_that_is_down_at_start_changes_nothing_but_sharing() {
         .into_inner();
     assert_eq!(t.access_token, again.access_token);
     assert_eq!(emu.token_requests(), 1);
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(metric(&metrics, "m2m_gateway_redis_up"), 0.0, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "m2m_gateway_fleet_shared"),
+        0.0,
+        "{metrics}"
+    );
 }
 
 async fn flush(port: u16) {

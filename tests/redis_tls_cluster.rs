@@ -28,6 +28,10 @@ fn client_c() -> EmulatorClient {
     EmulatorClient::new("client-c", "secret-c", &["orders/read"])
 }
 
+fn client_d() -> EmulatorClient {
+    EmulatorClient::new("client-d", "secret-d", &["orders/read"])
+}
+
 fn request(id: &str, secret: &str, scopes: &[&str]) -> GetTokenRequest {
     GetTokenRequest {
         client_id: id.into(),
@@ -37,7 +41,7 @@ fn request(id: &str, secret: &str, scopes: &[&str]) -> GetTokenRequest {
 }
 
 fn fleet_config(emu: &Emulator, url: String, ca: &Path) -> Config {
-    let mut cfg = config(emu, &[client_a(), client_b(), client_c()]);
+    let mut cfg = config(emu, &[client_a(), client_b(), client_c(), client_d()]);
     cfg.cache.backend = CacheBackend::Redis;
     cfg.cache.redis_url = Some(url);
     cfg.cache.redis_ca_file = Some(ca.to_owned());
@@ -156,7 +160,7 @@ async fn tls_redis_with_an_acl_user_is_one_fleet() {
         "+@all",
     ];
     let node = RedisNode::tls(&pki, &pki.cert, &pki.key, &acl);
-    let emu = emulator(vec![client_b(), client_c()]).await;
+    let emu = emulator(vec![client_b(), client_c(), client_d()]).await;
     let password_file = pki.dir.path().join("redis-password");
     std::fs::write(&password_file, format!("{REDIS_PASSWORD}\n")).unwrap();
     let mut cfg = fleet_config(
@@ -291,7 +295,7 @@ async fn a_tls_cluster_is_one_fleet_and_survives_a_master_failing() {
     }
     let pki = pki();
     let mut cluster = RedisCluster::start(&pki);
-    let emu = emulator(vec![client_b(), client_c()]).await;
+    let emu = emulator(vec![client_b(), client_c(), client_d()]).await;
     // One endpoint, as with a configuration or Serverless endpoint.
     let url = format!("rediss://127.0.0.1:{}", cluster.nodes[0].port);
     let cfg = fleet_config(&emu, url, &pki.ca);
@@ -331,6 +335,64 @@ async fn a_tls_cluster_is_one_fleet_and_survives_a_master_failing() {
         },
     )
     .await;
+    // A refusal reaches every replica through the cluster too.
+    emu.add_secret("client-b", "secret-b-2");
+    clients[0]
+        .clone()
+        .get_token(request("client-b", "secret-b-2", &[]))
+        .await
+        .unwrap();
+    eventually("the rotated secret's proof on every replica", 5, || {
+        replicas
+            .iter()
+            .all(|r| r.gateway.broker.proven_secrets() == 3)
+    })
+    .await;
+    // Cognito deletes client-a's secret; replica 1 presents it for a scope set
+    // not cached yet and is refused: every replica forgets it.
+    emu.delete_secret(CLIENT, SECRET);
+    let s = clients[1]
+        .clone()
+        .get_token(request(CLIENT, SECRET, &["orders/write"]))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    eventually("the refusal reached every replica", 5, || {
+        replicas
+            .iter()
+            .all(|r| r.gateway.broker.proven_secrets() == 2)
+    })
+    .await;
+    let s = clients[2]
+        .clone()
+        .get_token(request(CLIENT, SECRET, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        s.code(),
+        Code::Unauthenticated,
+        "no longer served from the cache"
+    );
+    emu.add_secret(CLIENT, SECRET);
+
+    // One upstream schedule for the fleet on the cluster as well.
+    let mut slow = cfg.clone();
+    slow.limits.upstream_per_second = 1;
+    slow.limits.upstream_max_wait_ms = 100;
+    let (_budgeted, bc) = start_replicas(&slow, 2).await;
+    bc[0]
+        .clone()
+        .get_token(request("client-d", "secret-d", &[]))
+        .await
+        .expect("the first miss gets the slot");
+    emu.add_secret(CLIENT, "rotated-secret-a");
+    let s = bc[1]
+        .clone()
+        .get_token(request(CLIENT, "rotated-secret-a", &["orders/read"]))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+
     let keys = cluster.keys_per_node(&pki);
     assert!(
         keys.iter().filter(|k| !k.is_empty()).count() >= 2,
@@ -358,4 +420,26 @@ async fn a_tls_cluster_is_one_fleet_and_survives_a_master_failing() {
     })
     .await;
     one_call_for_the_fleet(&emu, &clients, request("client-c", "secret-c", &[])).await;
+}
+
+/// `m2m-gateway dev --redis rediss://... --redis-ca FILE`: the dev gateway on a
+/// TLS Redis with a private CA (it used to stop at start).
+#[tokio::test]
+async fn dev_mode_runs_on_a_tls_redis() {
+    if !redis_present() {
+        return;
+    }
+    let pki = pki();
+    let node = RedisNode::tls(&pki, &pki.cert, &pki.key, &[]);
+    let url = format!("rediss://localhost:{}", node.port);
+    let dev = DevProcess::start(&["--redis", &url, "--redis-ca", pki.ca.to_str().unwrap()]).await;
+    let mut client = GatewayClient::connect(format!("http://{}", dev.addr))
+        .await
+        .unwrap();
+    client
+        .get_token(request("dev-client", "dev-secret", &[]))
+        .await
+        .expect("a token");
+    let keys = cli(&pki, node.port, &["--no-raw", "KEYS", "m2m:*"]);
+    assert!(keys.contains("m2m:tok:{"), "nothing in Redis: {keys}");
 }

@@ -65,20 +65,39 @@ pub(crate) fn decide(
 
 /// The Redis side of the schedule: `KEYS[1]` holds the next free slot in
 /// microseconds of Redis's clock. ARGV: interval µs, refresh (0/1), max wait µs.
-/// Returns `{admitted, delay_us}`.
+/// Returns `{admitted, delay_us, corrupt}`. The key is input from a shared store:
+/// a value that is not a number, of another type, or further ahead than any
+/// honest schedule can be (the longest wait plus one interval) is corrupt and
+/// the schedule starts again from now (`corrupt` = 1); the key always has a TTL.
 pub(crate) const RESERVE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local max_wait = tonumber(ARGV[3])
+local corrupt = 0
+local raw = redis.pcall('GET', KEYS[1])
+local tat = 0
+if type(raw) == 'table' and raw.err then
+  redis.call('DEL', KEYS[1])
+  corrupt = 1
+elseif raw then
+  tat = tonumber(raw)
+  if tat == nil or tat > now + max_wait + interval then
+    tat = now
+    corrupt = 1
+  end
+end
 if tat < now then tat = now end
 local delay = tat - now
-if (ARGV[2] == '1' and delay > 0) or delay > tonumber(ARGV[3]) then
-  return {0, delay}
+if (ARGV[2] == '1' and delay > 0) or delay > max_wait then
+  if corrupt == 1 then
+    redis.call('SET', KEYS[1], string.format('%.0f', now), 'PX', 1000)
+  end
+  return {0, delay, corrupt}
 end
 local next = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.floor((next - now) / 1000) + 1000)
-return {1, delay}
+return {1, delay, corrupt}
 ";
 
 /// The local schedule (also the fallback while Redis is down).

@@ -138,9 +138,9 @@ impl FleetCache {
         );
         let _: i64 = run!("HDEL", i64, redis::cmd("HDEL").arg(&hash).arg("f"));
         let budget = key("budget");
-        let (admitted, _): (i64, i64) = run!(
+        let (admitted, _, _): (i64, i64, i64) = run!(
             "upstream budget script",
-            (i64, i64),
+            (i64, i64, i64),
             redis::cmd("EVAL")
                 .arg(RESERVE_SCRIPT)
                 .arg(1)

@@ -122,6 +122,8 @@ pub struct FleetStats {
     pub errors: AtomicU64,
     /// Requests served without Redis because it was down.
     pub bypassed: AtomicU64,
+    /// Values read from Redis that were corrupt or oversized, skipped or reset.
+    pub corrupt: AtomicU64,
 }
 
 /// Whether Redis has answered yet, and how the last call went.
@@ -176,7 +178,28 @@ pub(crate) enum FleetError {
     Redis(String),
     #[error("redis: {0}")]
     Link(LinkError),
+    /// Redis answered, but about one key's data (a value of the wrong type, a
+    /// script error): not a reason to stop using Redis.
+    #[error("redis refused a command on one key: {0}")]
+    Data(String),
 }
+
+/// Whether Redis answered with an error about a key's data, rather than being
+/// unreachable, unready or refusing the connection.
+fn is_data_error(e: &redis::RedisError) -> bool {
+    match e.code() {
+        Some(
+            "NOAUTH" | "WRONGPASS" | "NOPERM" | "LOADING" | "CLUSTERDOWN" | "TRYAGAIN"
+            | "MASTERDOWN" | "READONLY" | "BUSY" | "OOM",
+        ) => false,
+        Some(_) => !e.is_io_error() && !e.is_timeout(),
+        None => false,
+    }
+}
+
+/// Most fields a client's proof hash may have (a handful of live secrets and the
+/// refusals that outlive them); a bigger one is skipped as corrupt.
+const MAX_PROOF_FIELDS: usize = 64;
 
 fn derive(master: &[u8; 32], label: &[u8]) -> [u8; 32] {
     let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, master), label);
@@ -335,6 +358,10 @@ impl FleetCache {
             Ok(mut conn) => {
                 match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
                     Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) if is_data_error(&e) => {
+                        self.stats.corrupt.fetch_add(1, Relaxed);
+                        Err(FleetError::Data(e.to_string()))
+                    }
                     Ok(Err(e)) => Err(FleetError::Link(LinkError::from_redis(&e))),
                     Err(_) => Err(FleetError::Timeout),
                 }
@@ -348,7 +375,8 @@ impl FleetCache {
     /// Keeps the breaker and the up/down state, with one log line per transition.
     fn record<T>(&self, result: &Result<T, FleetError>) {
         match result {
-            Ok(_) => match self.state.swap(UP, Relaxed) {
+            // Redis answered: about one key's data, it is still up.
+            Ok(_) | Err(FleetError::Data(_)) => match self.state.swap(UP, Relaxed) {
                 UP => {}
                 NEVER => tracing::info!(
                     redis = %self.link.describe(),
@@ -480,9 +508,17 @@ impl FleetCache {
                 until_ms,
             },
         )?;
-        let _: i64 = self
-            .call(redis::cmd("HSET").arg(client_key).arg(&field).arg(&blob))
-            .await?;
+        let hset = redis::cmd("HSET")
+            .arg(client_key)
+            .arg(&field)
+            .arg(&blob)
+            .clone();
+        if let Err(FleetError::Data(e)) = self.call::<i64>(&hset).await {
+            // Our own key, overwritten with another type: it is ours to replace.
+            tracing::warn!(key = client_key, error = %e, "a client's proof hash in Redis was not a hash; replaced");
+            let _: i64 = self.call(redis::cmd("DEL").arg(client_key)).await?;
+            let _: i64 = self.call(&hset).await?;
+        }
         // NX gives a new hash its lifetime; GT lets a later proof extend it.
         for flag in ["NX", "GT"] {
             let _: i64 = self
@@ -534,8 +570,34 @@ impl FleetCache {
         &self,
         client_key: &str,
     ) -> Result<Vec<([u8; 32], u64)>, FleetError> {
-        let fields: Vec<(String, Vec<u8>)> =
-            self.call(redis::cmd("HGETALL").arg(client_key)).await?;
+        // Bounded: a hash overwritten with another type or stuffed with junk is
+        // skipped (and said so), never read whole and never fatal.
+        let fields: Vec<(String, Vec<u8>)> = match self
+            .call::<usize>(redis::cmd("HLEN").arg(client_key))
+            .await
+        {
+            Ok(n) if n > MAX_PROOF_FIELDS => {
+                self.stats.corrupt.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    key = client_key,
+                    fields = n,
+                    "a client's proof hash in Redis is oversized; skipped"
+                );
+                return Ok(Vec::new());
+            }
+            Ok(_) => match self.call(redis::cmd("HGETALL").arg(client_key)).await {
+                Err(FleetError::Data(e)) => {
+                    tracing::warn!(key = client_key, error = %e, "a client's proof hash in Redis is unreadable; skipped");
+                    return Ok(Vec::new());
+                }
+                other => other?,
+            },
+            Err(FleetError::Data(e)) => {
+                tracing::warn!(key = client_key, error = %e, "a client's proof hash in Redis is unreadable; skipped");
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e),
+        };
         let now = now_ms();
         Ok(fields
             .into_iter()
@@ -607,7 +669,7 @@ impl FleetCache {
         } else {
             "0"
         };
-        let (admitted, delay_us): (i64, i64) = self
+        let (admitted, delay_us, corrupt): (i64, i64, i64) = self
             .call(
                 redis::cmd("EVAL")
                     .arg(RESERVE_SCRIPT)
@@ -618,7 +680,16 @@ impl FleetCache {
                     .arg(max_wait.as_micros() as u64),
             )
             .await?;
-        let delay = Duration::from_micros(delay_us.max(0) as u64);
+        if corrupt == 1 {
+            self.stats.corrupt.fetch_add(1, Relaxed);
+            tracing::warn!(
+                key = BUDGET_KEY,
+                "the fleet's upstream schedule in Redis was corrupt (not a number, another type, or beyond any honest wait); it starts again from now"
+            );
+        }
+        let delay = Duration::from_micros(
+            delay_us.clamp(0, max_wait.as_micros() as i64 + interval.as_micros() as i64) as u64,
+        );
         Ok(if admitted == 1 {
             Grant::After(delay)
         } else {
@@ -891,6 +962,7 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_redis_opens_the_breaker() {
         let c = cache();
+        assert!(!c.is_up() && !c.is_shared(), "down until the first answer");
         let (key, _) = c.keys("client-a", "a/b");
         assert!(c.get_entry(&key).await.is_err());
         assert!(!c.is_up());

@@ -49,6 +49,8 @@ pub(crate) struct MemoryStore {
     next_token: AtomicU64,
     /// Locks taken, over the whole fleet.
     pub(crate) locks_taken: AtomicU64,
+    /// Every call any replica made to the store.
+    pub(crate) calls: AtomicU64,
 }
 
 impl MemoryStore {
@@ -64,6 +66,7 @@ impl MemoryStore {
             up: AtomicBool::new(true),
             next_token: AtomicU64::new(1),
             locks_taken: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
         })
     }
 
@@ -86,6 +89,7 @@ impl MemoryStore {
     }
 
     fn up(&self) -> bool {
+        self.calls.fetch_add(1, SeqCst);
         self.up.load(SeqCst)
     }
 

@@ -1161,6 +1161,27 @@ mod fleet_protocol {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_cache_hit_never_touches_the_store() {
+        let store = MemoryStore::new(1);
+        let up = FakeEndpoint::new(3600);
+        let a = replica(&store, &up, 1, false);
+        a.get_token(&creds("s3cret"), &[]).await.unwrap();
+        let before = store.calls.load(Ordering::SeqCst);
+        for _ in 0..100 {
+            a.get_token(&creds("s3cret"), &[]).await.unwrap();
+            a.get_token(&creds("s3cret"), &scopes(&["orders/write", "orders/read"]))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store.calls.load(Ordering::SeqCst),
+            before,
+            "hits stay in the process"
+        );
+        assert_eq!(up.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_fleet_keeps_one_upstream_schedule() {
         let store = MemoryStore::new(1);
         let up = FakeEndpoint::new(3600);
