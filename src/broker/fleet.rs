@@ -30,12 +30,16 @@ use super::{
     budget::{Grant, Priority, RESERVE_SCRIPT, Schedule},
     link::{Link, LinkError, RedisTarget, Topology},
     proven::Verifier,
-    shared::{Budget, ClientRef, Lock, LockToken, PeerWait, ProofEvent, ProofStore, SharedTokens},
+    shared::{
+        Budget, ClientRef, Lock, LockToken, PeerWait, ProofEvent, ProofRecord, ProofStore,
+        SharedTokens,
+    },
 };
 use crate::oauth::AccessToken;
 
-/// Version 2: entries carry no secret verifier (proofs are kept per client).
-const FORMAT_VERSION: u8 = 2;
+/// Version 3: proofs and refusals carry when Cognito was asked, announcements
+/// are sealed whole. (2: entries carry no secret verifier.)
+const FORMAT_VERSION: u8 = 3;
 /// Where proofs and revocations are announced.
 pub(crate) const PROOF_CHANNEL: &str = "m2m:proofs";
 /// The fleet's upstream schedule. Every key is hash-tagged (`{...}`) so that a
@@ -98,11 +102,43 @@ pub(crate) fn ms_to_instant(ms: u64) -> Instant {
     }
 }
 
-/// A proven secret as stored in Redis (encrypted): the verifier, never the secret.
+/// A proof or a refusal as stored and announced (encrypted): the verifier, never
+/// the secret; when Cognito was asked; until when a proof lasts.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct SharedProof {
-    pub(crate) verifier: String,
-    pub(crate) until_ms: u64,
+    verifier: String,
+    refused: bool,
+    at_ms: u64,
+    until_ms: u64,
+}
+
+/// An announcement: a record and the client it is for, sealed together.
+#[derive(Serialize, Deserialize)]
+struct Announcement {
+    client: String,
+    proof: SharedProof,
+}
+
+/// The associated data of sealed announcements.
+const ANNOUNCEMENT_AAD: &str = "m2m:proofs announcement";
+/// The longest announcement read (a real one is about 300 bytes).
+const MAX_ANNOUNCEMENT: usize = 4096;
+/// How long a refusal is kept in Redis (Cognito's longest token lifetime).
+const REMEMBER_REFUSALS_MS: u64 = 86_400_000;
+
+/// A stored or announced record, in the broker's terms; a proof whose end has
+/// passed (by `now_ms`, 0 = keep) is none.
+fn to_record(proof: &SharedProof, verifier: Verifier, now_ms: u64) -> Option<ProofRecord> {
+    let at = ms_to_instant(proof.at_ms);
+    if proof.refused {
+        Some(ProofRecord::Refused { verifier, at })
+    } else {
+        (proof.until_ms > now_ms).then(|| ProofRecord::Proven {
+            verifier,
+            until: ms_to_instant(proof.until_ms),
+            at,
+        })
+    }
 }
 
 /// Counters of the fleet cache.
@@ -489,25 +525,49 @@ impl FleetCache {
         PeerWait::TimedOut
     }
 
-    /// Records a proven secret for the fleet (until `until_ms`) and announces it.
-    pub(crate) async fn put_proof(
+    /// Records a proof or a refusal for the fleet and announces it. Proofs and
+    /// refusals of one verifier live in two fields (`p:`, `r:`), so neither
+    /// overwrites the other: whoever reads both applies the newer.
+    pub(crate) async fn put_record(
         &self,
         client_key: &str,
-        verifier: &[u8; 32],
-        until_ms: u64,
+        record: &ProofRecord,
     ) -> Result<(), FleetError> {
-        let ttl = until_ms.saturating_sub(now_ms());
+        let (proof, ttl) = match *record {
+            ProofRecord::Proven {
+                verifier,
+                until,
+                at,
+            } => {
+                let until_ms = instant_to_ms(until);
+                let shared = SharedProof {
+                    verifier: STANDARD_NO_PAD.encode(verifier),
+                    refused: false,
+                    at_ms: instant_to_ms(at),
+                    until_ms,
+                };
+                (shared, until_ms.saturating_sub(now_ms()))
+            }
+            ProofRecord::Refused { verifier, at } => {
+                let shared = SharedProof {
+                    verifier: STANDARD_NO_PAD.encode(verifier),
+                    refused: true,
+                    at_ms: instant_to_ms(at),
+                    until_ms: 0,
+                };
+                (shared, REMEMBER_REFUSALS_MS)
+            }
+        };
         if ttl == 0 {
             return Ok(());
         }
-        let field = self.proof_field(verifier);
-        let blob = self.seal(
-            &format!("{client_key}/{field}"),
-            &SharedProof {
-                verifier: STANDARD_NO_PAD.encode(verifier),
-                until_ms,
-            },
-        )?;
+        let verifier = match record {
+            ProofRecord::Proven { verifier, .. } | ProofRecord::Refused { verifier, .. } => {
+                verifier
+            }
+        };
+        let field = self.record_field(verifier, proof.refused);
+        let blob = self.seal(&format!("{client_key}/{field}"), &proof)?;
         let hset = redis::cmd("HSET")
             .arg(client_key)
             .arg(&field)
@@ -519,57 +579,37 @@ impl FleetCache {
             let _: i64 = self.call(redis::cmd("DEL").arg(client_key)).await?;
             let _: i64 = self.call(&hset).await?;
         }
-        // NX gives a new hash its lifetime; GT lets a later proof extend it.
+        // NX gives a new hash its lifetime; GT lets a later record extend it.
         for flag in ["NX", "GT"] {
             let _: i64 = self
                 .call(redis::cmd("PEXPIRE").arg(client_key).arg(ttl).arg(flag))
                 .await?;
         }
-        self.announce('P', client_key, &field, &blob).await
+        self.announce(client_key, proof).await
     }
 
-    /// Forgets a proven secret fleet-wide (Cognito refused it) and announces it.
-    pub(crate) async fn drop_proof(
-        &self,
-        client_key: &str,
-        verifier: &[u8; 32],
-    ) -> Result<(), FleetError> {
-        let field = self.proof_field(verifier);
-        let blob = self.seal(
-            &format!("{client_key}/{field}"),
-            &SharedProof {
-                verifier: STANDARD_NO_PAD.encode(verifier),
-                until_ms: 0,
+    /// Publishes a record, sealed whole: kind, client, verifier and times are
+    /// authenticated together, so none can be changed or moved to another client.
+    async fn announce(&self, client_key: &str, proof: SharedProof) -> Result<(), FleetError> {
+        let sealed = self.seal(
+            ANNOUNCEMENT_AAD,
+            &Announcement {
+                client: client_key.to_owned(),
+                proof,
             },
         )?;
-        let _: i64 = self
-            .call(redis::cmd("HDEL").arg(client_key).arg(&field))
-            .await?;
-        self.announce('R', client_key, &field, &blob).await
-    }
-
-    async fn announce(
-        &self,
-        kind: char,
-        client_key: &str,
-        field: &str,
-        blob: &[u8],
-    ) -> Result<(), FleetError> {
-        let message = format!(
-            "{kind} {client_key} {field} {}",
-            STANDARD_NO_PAD.encode(blob)
-        );
+        let message = STANDARD_NO_PAD.encode(sealed);
         let _: i64 = self
             .call(redis::cmd("PUBLISH").arg(PROOF_CHANNEL).arg(message))
             .await?;
         Ok(())
     }
 
-    /// The live proven secrets of a client: (verifier, until_ms).
+    /// A client's live proofs and remembered refusals.
     pub(crate) async fn load_proofs(
         &self,
         client_key: &str,
-    ) -> Result<Vec<([u8; 32], u64)>, FleetError> {
+    ) -> Result<Vec<ProofRecord>, FleetError> {
         // Bounded: a hash overwritten with another type or stuffed with junk is
         // skipped (and said so), never read whole and never fatal.
         let fields: Vec<(String, Vec<u8>)> = match self
@@ -601,17 +641,20 @@ impl FleetCache {
         let now = now_ms();
         Ok(fields
             .into_iter()
-            .filter_map(|(field, blob)| self.open_proof(client_key, &field, blob))
-            .filter(|(_, until)| *until > now)
+            .filter_map(|(field, blob)| {
+                let proof: SharedProof = self.open(&format!("{client_key}/{field}"), blob)?;
+                let (verifier, refused) = self.check_proof(&proof)?;
+                // The field is the record's own name: a sealed record cannot be
+                // replayed under another verifier or kind.
+                (self.record_field(&verifier, refused) == field).then_some(())?;
+                to_record(&proof, verifier, now)
+            })
             .collect())
     }
 
-    fn open_proof(&self, client_key: &str, field: &str, blob: Vec<u8>) -> Option<([u8; 32], u64)> {
-        let proof: SharedProof = self.open(&format!("{client_key}/{field}"), blob)?;
+    fn check_proof(&self, proof: &SharedProof) -> Option<(Verifier, bool)> {
         let verifier = <[u8; 32]>::try_from(STANDARD_NO_PAD.decode(&proof.verifier).ok()?).ok()?;
-        // The field is the verifier's own name: a sealed proof cannot be replayed
-        // under another.
-        (self.proof_field(&verifier) == field).then_some((verifier, proof.until_ms))
+        Some((verifier, proof.refused))
     }
 
     /// Subscribes to the fleet's proof announcements (a dedicated connection).
@@ -639,21 +682,35 @@ impl FleetCache {
         ))
     }
 
+    /// An announcement, if it is one this fleet sealed; anything else (junk,
+    /// a changed byte, a message of another fleet) is dropped and counted.
     fn parse_event(&self, text: &str) -> Option<ProofEvent> {
-        let mut parts = text.split(' ');
-        let (kind, client_key, field, blob) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        let blob = STANDARD_NO_PAD.decode(blob).ok()?;
-        let (verifier, until_ms) = self.open_proof(client_key, field, blob)?;
-        let client = client_key.to_owned();
-        match kind {
-            "P" => Some(ProofEvent::Proven {
-                client,
-                verifier,
-                until: ms_to_instant(until_ms),
-            }),
-            "R" => Some(ProofEvent::Refused { client, verifier }),
-            _ => None,
+        if text.len() > MAX_ANNOUNCEMENT {
+            self.stats.corrupt.fetch_add(1, Relaxed);
+            return None;
+        }
+        let opened = STANDARD_NO_PAD
+            .decode(text)
+            .ok()
+            .and_then(|blob| self.open::<Announcement>(ANNOUNCEMENT_AAD, blob));
+        let Some(announcement) = opened else {
+            self.stats.corrupt.fetch_add(1, Relaxed);
+            return None;
+        };
+        let (verifier, _) = self.check_proof(&announcement.proof)?;
+        let record = to_record(&announcement.proof, verifier, 0)?;
+        Some(ProofEvent {
+            client: announcement.client,
+            record,
+        })
+    }
+
+    fn record_field(&self, verifier: &Verifier, refused: bool) -> String {
+        let name = self.proof_field(verifier);
+        if refused {
+            format!("r:{name}")
+        } else {
+            format!("p:{name}")
         }
     }
 
@@ -809,35 +866,13 @@ impl ProofStore for std::sync::Arc<FleetCache> {
         self.proof_key(client_id)
     }
 
-    fn load<'a>(
-        &'a self,
-        client: &'a ClientRef,
-    ) -> BoxFuture<'a, Option<Vec<(Verifier, Instant)>>> {
-        Box::pin(async move {
-            let proofs = self.load_proofs(client).await.ok()?;
-            Some(
-                proofs
-                    .into_iter()
-                    .map(|(v, until_ms)| (v, ms_to_instant(until_ms)))
-                    .collect(),
-            )
-        })
+    fn load<'a>(&'a self, client: &'a ClientRef) -> BoxFuture<'a, Option<Vec<ProofRecord>>> {
+        Box::pin(async move { self.load_proofs(client).await.ok() })
     }
 
-    fn prove<'a>(
-        &'a self,
-        client: &'a ClientRef,
-        verifier: &'a Verifier,
-        until: Instant,
-    ) -> BoxFuture<'a, ()> {
+    fn record<'a>(&'a self, client: &'a ClientRef, record: ProofRecord) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let _ = self.put_proof(client, verifier, instant_to_ms(until)).await;
-        })
-    }
-
-    fn refuse<'a>(&'a self, client: &'a ClientRef, verifier: &'a Verifier) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            let _ = self.drop_proof(client, verifier).await;
+            let _ = self.put_record(client, &record).await;
         })
     }
 

@@ -26,7 +26,10 @@ use super::{
     CacheKey, Entry, Seams,
     budget::{Grant, Priority, Schedule},
     proven::Verifier,
-    shared::{Budget, ClientRef, Lock, LockToken, PeerWait, ProofEvent, ProofStore, SharedTokens},
+    shared::{
+        Budget, ClientRef, Lock, LockToken, PeerWait, ProofEvent, ProofRecord, ProofStore,
+        SharedTokens,
+    },
 };
 
 #[derive(Default)]
@@ -34,7 +37,8 @@ struct State {
     entries: HashMap<CacheKey, Arc<Entry>>,
     /// Holder's token and when the lock lapses.
     locks: HashMap<CacheKey, (String, Instant)>,
-    proofs: HashMap<ClientRef, HashMap<Verifier, Instant>>,
+    /// Every record of each client, as Redis keeps a proof and a refusal apart.
+    proofs: HashMap<ClientRef, HashMap<(Verifier, bool), ProofRecord>>,
 }
 
 /// The store every replica of a test fleet shares.
@@ -198,55 +202,39 @@ impl ProofStore for MemoryStore {
         format!("client:{client_id}")
     }
 
-    fn load<'a>(
-        &'a self,
-        client: &'a ClientRef,
-    ) -> BoxFuture<'a, Option<Vec<(Verifier, Instant)>>> {
+    fn load<'a>(&'a self, client: &'a ClientRef) -> BoxFuture<'a, Option<Vec<ProofRecord>>> {
         let now = Instant::now();
-        let proofs = self.up().then(|| {
+        let records = self.up().then(|| {
             self.state()
                 .proofs
                 .get(client)
                 .map(|p| {
-                    p.iter()
-                        .filter(|(_, until)| **until > now)
-                        .map(|(v, until)| (*v, *until))
+                    p.values()
+                        .filter(
+                            |r| !matches!(r, ProofRecord::Proven { until, .. } if *until <= now),
+                        )
+                        .copied()
                         .collect()
                 })
                 .unwrap_or_default()
         });
-        Box::pin(async move { proofs })
+        Box::pin(async move { records })
     }
 
-    fn prove<'a>(
-        &'a self,
-        client: &'a ClientRef,
-        verifier: &'a Verifier,
-        until: Instant,
-    ) -> BoxFuture<'a, ()> {
+    fn record<'a>(&'a self, client: &'a ClientRef, record: ProofRecord) -> BoxFuture<'a, ()> {
         if self.up() {
+            let key = match record {
+                ProofRecord::Proven { verifier, .. } => (verifier, false),
+                ProofRecord::Refused { verifier, .. } => (verifier, true),
+            };
             self.state()
                 .proofs
                 .entry(client.clone())
                 .or_default()
-                .insert(*verifier, until);
-            let _ = self.events.send(ProofEvent::Proven {
+                .insert(key, record);
+            let _ = self.events.send(ProofEvent {
                 client: client.clone(),
-                verifier: *verifier,
-                until,
-            });
-        }
-        Box::pin(async {})
-    }
-
-    fn refuse<'a>(&'a self, client: &'a ClientRef, verifier: &'a Verifier) -> BoxFuture<'a, ()> {
-        if self.up() {
-            if let Some(p) = self.state().proofs.get_mut(client) {
-                p.remove(verifier);
-            }
-            let _ = self.events.send(ProofEvent::Refused {
-                client: client.clone(),
-                verifier: *verifier,
+                record,
             });
         }
         Box::pin(async {})

@@ -53,7 +53,7 @@ pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, Stats
 
 use budget::{Grant, Priority, Schedule};
 use proven::{ProvenSecrets, Verifier};
-use shared::{Alone, Budget, Lock, PeerWait, ProofStore, SharedTokens};
+use shared::{Alone, Budget, Lock, PeerWait, ProofRecord, ProofStore, SharedTokens};
 
 use crate::registry::{self, Client, Registry, ScopeRequestError, ScopeSet};
 
@@ -931,8 +931,8 @@ impl Broker {
     async fn proven_by_fleet(&self, client: &Client, verifier: &Verifier) -> bool {
         let proofs = &self.inner.seams.proofs;
         let client_ref = proofs.client_ref(&client.client_id);
-        for (v, until) in proofs.load(&client_ref).await.unwrap_or_default() {
-            self.inner.proven.prove(client.index, v, until);
+        for record in proofs.load(&client_ref).await.unwrap_or_default() {
+            self.inner.proven.apply(client.index, record);
         }
         self.inner
             .proven
@@ -1003,7 +1003,7 @@ impl Broker {
                 inner.stats.upstream(e.label(), elapsed);
                 if e == UpstreamError::InvalidClient {
                     inner.clients.refused(client.index);
-                    self.revoke(client, verifier).await;
+                    self.revoke(client, verifier, started).await;
                 }
                 tracing::info!(client = %client.name, pool = %client.pool, outcome = e.label(), "token request refused or failed");
                 return Err(e.into());
@@ -1015,7 +1015,8 @@ impl Broker {
         };
         let lifetime = Duration::from_secs(response.expires_in);
         // Cognito accepted the secret: proven (again) for one token lifetime.
-        self.prove(client, verifier, started + lifetime).await;
+        self.prove(client, verifier, started + lifetime, started)
+            .await;
         if let Some(extra) = granted.iter().find(|s| !scopes.contains(s)) {
             tracing::error!(client = %client.name, pool = %client.pool, scope = %extra, "Cognito returned a token broader than the request; refusing it");
             return Err(BrokerError::UpstreamUnavailable(
@@ -1033,21 +1034,33 @@ impl Broker {
         }))
     }
 
-    async fn prove(&self, client: &Client, verifier: Verifier, until: Instant) {
-        self.inner.proven.prove(client.index, verifier, until);
+    /// Cognito, asked at `at`, accepted the secret: proven here and in the fleet.
+    async fn prove(&self, client: &Client, verifier: Verifier, until: Instant, at: Instant) {
+        self.inner
+            .proven
+            .prove_at(client.index, verifier, until, at);
         let proofs = &self.inner.seams.proofs;
+        let record = ProofRecord::Proven {
+            verifier,
+            until,
+            at,
+        };
         proofs
-            .prove(&proofs.client_ref(&client.client_id), &verifier, until)
+            .record(&proofs.client_ref(&client.client_id), record)
             .await;
     }
 
-    async fn revoke(&self, client: &Client, verifier: Verifier) {
-        if self.inner.proven.revoke(client.index, &verifier) {
+    /// Cognito refused the secret: forgotten here and in the fleet.
+    async fn revoke(&self, client: &Client, verifier: Verifier, at: Instant) {
+        if self.inner.proven.revoke_at(client.index, &verifier, at) {
             tracing::info!(client = %client.name, pool = %client.pool, "Cognito refused a proven secret; it is no longer accepted");
         }
         let proofs = &self.inner.seams.proofs;
         proofs
-            .refuse(&proofs.client_ref(&client.client_id), &verifier)
+            .record(
+                &proofs.client_ref(&client.client_id),
+                ProofRecord::Refused { verifier, at },
+            )
             .await;
     }
 }

@@ -3,6 +3,12 @@
 //! its client; Cognito allows two live secrets per app client while one is
 //! rotated, so a client holds several. A proof lasts until Cognito refuses that
 //! secret, or until one token lifetime passes without Cognito accepting it again.
+//!
+//! Proofs and refusals carry the time Cognito was asked, and the newer one wins:
+//! a refusal is remembered (for the longest token lifetime) so that a proof made
+//! before it — replayed by whoever can write to the fleet's store, or merely late —
+//! cannot bring the secret back, while a secret Cognito accepts again afterwards is
+//! proven again.
 
 use std::sync::RwLock;
 
@@ -16,16 +22,36 @@ pub(crate) type Verifier = [u8; 32];
 /// secret deleted in Cognito that nobody has presented since.
 pub(crate) const MAX_PER_CLIENT: usize = 4;
 
+/// How long a refusal is remembered: no proof made before it can still be live
+/// after that (Cognito's longest access-token lifetime is a day).
+const REMEMBER_REFUSALS: std::time::Duration = std::time::Duration::from_secs(86_400);
+/// Most refusals remembered per client.
+const MAX_REFUSALS: usize = 16;
+
 #[derive(Clone, Copy)]
 struct Proof {
     verifier: Verifier,
     until: Instant,
+    /// When Cognito was asked.
+    at: Instant,
+}
+
+#[derive(Clone, Copy)]
+struct Refusal {
+    verifier: Verifier,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct ClientProofs {
+    proofs: Vec<Proof>,
+    refusals: Vec<Refusal>,
 }
 
 /// The proven verifiers of every registered client, by the client's index in
 /// the registry (which is immutable, so the table never grows).
 pub(crate) struct ProvenSecrets {
-    clients: Box<[RwLock<Vec<Proof>>]>,
+    clients: Box<[RwLock<ClientProofs>]>,
 }
 
 impl std::fmt::Debug for ProvenSecrets {
@@ -39,7 +65,9 @@ impl std::fmt::Debug for ProvenSecrets {
 impl ProvenSecrets {
     pub(crate) fn new(clients: usize) -> Self {
         Self {
-            clients: (0..clients).map(|_| RwLock::new(Vec::new())).collect(),
+            clients: (0..clients)
+                .map(|_| RwLock::new(ClientProofs::default()))
+                .collect(),
         }
     }
 
@@ -49,30 +77,56 @@ impl ProvenSecrets {
         let Some(slot) = self.clients.get(index) else {
             return false;
         };
-        let proofs = slot.read().unwrap_or_else(|p| p.into_inner());
+        let client = slot.read().unwrap_or_else(|p| p.into_inner());
         let wanted = words(verifier);
         let mut found = Choice::from(0);
-        for p in proofs.iter() {
+        for p in client.proofs.iter() {
             let live = Choice::from(u8::from(p.until > now));
             found |= words(&p.verifier).ct_eq(&wanted) & live;
         }
         found.into()
     }
 
-    /// Records that Cognito accepted `verifier`'s secret; it stays proven until
-    /// `until` unless accepted again. Returns whether it was not proven before.
+    /// Records that Cognito accepted `verifier`'s secret, asked now.
+    #[cfg(test)]
     pub(crate) fn prove(&self, index: usize, verifier: Verifier, until: Instant) -> bool {
+        self.prove_at(index, verifier, until, Instant::now())
+    }
+
+    /// Records that Cognito, asked at `at`, accepted `verifier`'s secret; it stays
+    /// proven until `until` unless accepted again. Ignored when a refusal as new
+    /// or newer is known. Returns whether it was not proven before.
+    pub(crate) fn prove_at(
+        &self,
+        index: usize,
+        verifier: Verifier,
+        until: Instant,
+        at: Instant,
+    ) -> bool {
         let Some(slot) = self.clients.get(index) else {
             return false;
         };
         let now = Instant::now();
-        let mut proofs = slot.write().unwrap_or_else(|p| p.into_inner());
+        let mut client = slot.write().unwrap_or_else(|p| p.into_inner());
+        if client
+            .refusals
+            .iter()
+            .any(|r| r.verifier == verifier && r.at >= at)
+        {
+            return false;
+        }
+        let proofs = &mut client.proofs;
         proofs.retain(|p| p.until > now);
         if let Some(p) = proofs.iter_mut().find(|p| p.verifier == verifier) {
             p.until = p.until.max(until);
+            p.at = p.at.max(at);
             return false;
         }
-        proofs.push(Proof { verifier, until });
+        proofs.push(Proof {
+            verifier,
+            until,
+            at,
+        });
         if proofs.len() > MAX_PER_CLIENT {
             // The proof closest to its end goes: the secret least recently accepted.
             if let Some(oldest) = (0..proofs.len()).min_by_key(|&i| proofs[i].until) {
@@ -82,15 +136,43 @@ impl ProvenSecrets {
         true
     }
 
-    /// Forgets `verifier` (Cognito refused its secret). Returns whether it was known.
+    /// Forgets `verifier` (Cognito refused its secret), asked now.
+    #[cfg(test)]
     pub(crate) fn revoke(&self, index: usize, verifier: &Verifier) -> bool {
+        self.revoke_at(index, verifier, Instant::now())
+    }
+
+    /// Records that Cognito, asked at `at`, refused `verifier`'s secret: a proof
+    /// made before is forgotten, one made after stays. Returns whether a proof
+    /// was forgotten.
+    pub(crate) fn revoke_at(&self, index: usize, verifier: &Verifier, at: Instant) -> bool {
         let Some(slot) = self.clients.get(index) else {
             return false;
         };
-        let mut proofs = slot.write().unwrap_or_else(|p| p.into_inner());
-        let before = proofs.len();
-        proofs.retain(|p| &p.verifier != verifier);
-        proofs.len() != before
+        let now = Instant::now();
+        let mut client = slot.write().unwrap_or_else(|p| p.into_inner());
+        let before = client.proofs.len();
+        client
+            .proofs
+            .retain(|p| &p.verifier != verifier || p.at > at);
+        let forgot = client.proofs.len() != before;
+        let refusals = &mut client.refusals;
+        refusals.retain(|r| now.saturating_duration_since(r.at) < REMEMBER_REFUSALS);
+        match refusals.iter_mut().find(|r| &r.verifier == verifier) {
+            Some(r) => r.at = r.at.max(at),
+            None => {
+                refusals.push(Refusal {
+                    verifier: *verifier,
+                    at,
+                });
+                if refusals.len() > MAX_REFUSALS {
+                    if let Some(oldest) = (0..refusals.len()).min_by_key(|&i| refusals[i].at) {
+                        refusals.swap_remove(oldest);
+                    }
+                }
+            }
+        }
+        forgot
     }
 
     /// Live proofs of every client, for metrics.
@@ -99,8 +181,8 @@ impl ProvenSecrets {
         self.clients
             .iter()
             .map(|slot| {
-                let proofs = slot.read().unwrap_or_else(|p| p.into_inner());
-                proofs.iter().filter(|p| p.until > now).count()
+                let client = slot.read().unwrap_or_else(|p| p.into_inner());
+                client.proofs.iter().filter(|p| p.until > now).count()
             })
             .sum()
     }
@@ -162,5 +244,30 @@ mod tests {
         assert!(!p.is_proven(0, &[2; 32], now));
         assert!(!p.revoke(0, &[2; 32]));
         assert!(p.is_proven(0, &[3; 32], now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_newer_of_a_proof_and_a_refusal_wins() {
+        let p = ProvenSecrets::new(1);
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(3600);
+        let s = Duration::from_secs;
+        assert!(p.prove_at(0, [1; 32], until, t0));
+        // Refused at t0+10: the proof of t0 goes.
+        assert!(p.revoke_at(0, &[1; 32], t0 + s(10)));
+        assert!(!p.is_proven(0, &[1; 32], t0 + s(11)));
+        // A proof made before the refusal (replayed, or late) is ignored.
+        assert!(!p.prove_at(0, [1; 32], until, t0 + s(5)));
+        assert!(!p.prove_at(0, [1; 32], until, t0 + s(10)));
+        assert!(!p.is_proven(0, &[1; 32], t0 + s(11)));
+        // Cognito accepts it again later: proven again.
+        assert!(p.prove_at(0, [1; 32], until, t0 + s(20)));
+        assert!(p.is_proven(0, &[1; 32], t0 + s(21)));
+        // An older refusal arriving late does not undo the newer proof.
+        assert!(!p.revoke_at(0, &[1; 32], t0 + s(15)));
+        assert!(p.is_proven(0, &[1; 32], t0 + s(21)));
+        // Other secrets of the client are untouched throughout.
+        assert!(p.prove_at(0, [2; 32], until, t0));
+        assert!(p.is_proven(0, &[2; 32], t0 + s(21)));
     }
 }

@@ -19,8 +19,27 @@ use tokio::time::Instant;
 use super::{
     CacheKey, Entry,
     budget::{Grant, Priority, Schedule},
-    proven::Verifier,
+    proven::{ProvenSecrets, Verifier},
 };
+
+impl ProvenSecrets {
+    /// Applies what the fleet recorded for client `index` (the newer of a proof
+    /// and a refusal wins).
+    pub(crate) fn apply(&self, index: usize, record: ProofRecord) {
+        match record {
+            ProofRecord::Proven {
+                verifier,
+                until,
+                at,
+            } => {
+                self.prove_at(index, verifier, until, at);
+            }
+            ProofRecord::Refused { verifier, at } => {
+                self.revoke_at(index, &verifier, at);
+            }
+        }
+    }
+}
 
 /// How a try for the fleet's fetch lock of a key ended.
 #[derive(Debug)]
@@ -71,38 +90,34 @@ pub(crate) trait SharedTokens: Send + Sync {
 /// An opaque name of a client in the proof store's announcements.
 pub(crate) type ClientRef = String;
 
-/// A proof or a refusal announced by a replica.
-#[derive(Debug, Clone)]
-pub(crate) enum ProofEvent {
-    /// Cognito accepted the secret of `verifier` for `client`, until `until`.
+/// What Cognito said of one secret, and when it was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProofRecord {
+    /// Cognito accepted the secret of `verifier`; proven until `until`.
     Proven {
-        client: ClientRef,
         verifier: Verifier,
         until: Instant,
+        at: Instant,
     },
     /// Cognito refused it.
-    Refused {
-        client: ClientRef,
-        verifier: Verifier,
-    },
+    Refused { verifier: Verifier, at: Instant },
+}
+
+/// A proof or a refusal announced by a replica.
+#[derive(Debug, Clone)]
+pub(crate) struct ProofEvent {
+    pub(crate) client: ClientRef,
+    pub(crate) record: ProofRecord,
 }
 
 /// The fleet's proven secrets: stored, announced, and followed.
 pub(crate) trait ProofStore: Send + Sync {
     /// The name announcements carry for `client_id`.
     fn client_ref(&self, client_id: &str) -> ClientRef;
-    /// Live proofs of a client; `None` when the store did not answer.
-    fn load<'a>(&'a self, client: &'a ClientRef)
-    -> BoxFuture<'a, Option<Vec<(Verifier, Instant)>>>;
-    /// Records and announces a proof.
-    fn prove<'a>(
-        &'a self,
-        client: &'a ClientRef,
-        verifier: &'a Verifier,
-        until: Instant,
-    ) -> BoxFuture<'a, ()>;
-    /// Forgets and announces a refusal.
-    fn refuse<'a>(&'a self, client: &'a ClientRef, verifier: &'a Verifier) -> BoxFuture<'a, ()>;
+    /// A client's proofs and refusals; `None` when the store did not answer.
+    fn load<'a>(&'a self, client: &'a ClientRef) -> BoxFuture<'a, Option<Vec<ProofRecord>>>;
+    /// Records and announces a proof or a refusal.
+    fn record<'a>(&'a self, client: &'a ClientRef, record: ProofRecord) -> BoxFuture<'a, ()>;
     /// A subscription to the announcements; `None` when it cannot be made now.
     fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, ProofEvent>>>;
     /// Whether this replica hears the announcements (for `fleet_shared`).
@@ -153,15 +168,11 @@ impl ProofStore for Alone {
         client_id.to_owned()
     }
 
-    fn load<'a>(&'a self, _: &'a ClientRef) -> BoxFuture<'a, Option<Vec<(Verifier, Instant)>>> {
+    fn load<'a>(&'a self, _: &'a ClientRef) -> BoxFuture<'a, Option<Vec<ProofRecord>>> {
         ready(Some(Vec::new())).boxed()
     }
 
-    fn prove<'a>(&'a self, _: &'a ClientRef, _: &'a Verifier, _: Instant) -> BoxFuture<'a, ()> {
-        ready(()).boxed()
-    }
-
-    fn refuse<'a>(&'a self, _: &'a ClientRef, _: &'a Verifier) -> BoxFuture<'a, ()> {
+    fn record<'a>(&'a self, _: &'a ClientRef, _: ProofRecord) -> BoxFuture<'a, ()> {
         ready(()).boxed()
     }
 

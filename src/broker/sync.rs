@@ -50,8 +50,8 @@ pub(super) async fn follow_proofs(
                 let Some(inner) = broker.upgrade() else {
                     return;
                 };
-                for (verifier, until) in proofs {
-                    inner.proven.prove(i, verifier, until);
+                for record in proofs {
+                    inner.proven.apply(i, record);
                 }
             }
             store.set_subscribed(true);
@@ -69,21 +69,9 @@ pub(super) async fn follow_proofs(
                 let (Some(event), Some(inner)) = (event, broker.upgrade()) else {
                     return;
                 };
-                match event {
-                    ProofEvent::Proven {
-                        client,
-                        verifier,
-                        until,
-                    } => {
-                        if let Some(&i) = index.get(&client) {
-                            inner.proven.prove(i, verifier, until);
-                        }
-                    }
-                    ProofEvent::Refused { client, verifier } => {
-                        if let Some(&i) = index.get(&client) {
-                            inner.proven.revoke(i, &verifier);
-                        }
-                    }
+                let ProofEvent { client, record } = event;
+                if let Some(&i) = index.get(&client) {
+                    inner.proven.apply(i, record);
                 }
             }
         };

@@ -103,6 +103,7 @@ pub struct RedisNode {
     child: Option<Child>,
     pub port: u16,
     args: Vec<String>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl RedisNode {
@@ -165,7 +166,43 @@ impl RedisNode {
             child: Some(child),
             port,
             args,
+            _dir: None,
         }
+    }
+
+    /// A plain-TCP node on loopback.
+    pub fn plain() -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        Self {
+            child: Some(Self::spawn(&args)),
+            port,
+            args,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A connection to a plain node, for tests that play the attacker.
+    pub async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
     }
 
     /// Stops the process (SIGKILL: a node that fails).
