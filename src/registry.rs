@@ -205,13 +205,9 @@ impl Registry {
         self.clients.contains_key(client_id)
     }
 
-    /// Validates and normalises a request's scopes for `client`: deduplicated and
-    /// sorted; empty means every allowed scope.
-    pub fn normalise(
-        &self,
-        client: &Client,
-        requested: &[String],
-    ) -> Result<ScopeSet, ScopeRequestError> {
+    /// Checks what a scope request says without a client: how many scopes, and
+    /// that each is a scope (the same answer for every client id).
+    pub fn check_scope_syntax(&self, requested: &[String]) -> Result<(), ScopeRequestError> {
         if requested.len() > self.max_scopes {
             return Err(ScopeRequestError::TooMany {
                 max: self.max_scopes,
@@ -220,6 +216,26 @@ impl Registry {
         for scope in requested {
             validate_scope(scope)?;
         }
+        Ok(())
+    }
+
+    /// Validates and normalises a request's scopes for `client`: deduplicated and
+    /// sorted; empty means every allowed scope.
+    pub fn normalise(
+        &self,
+        client: &Client,
+        requested: &[String],
+    ) -> Result<ScopeSet, ScopeRequestError> {
+        self.check_scope_syntax(requested)?;
+        self.normalise_checked(client, requested)
+    }
+
+    /// [`Registry::normalise`] of a request [`Registry::check_scope_syntax`] passed.
+    pub(crate) fn normalise_checked(
+        &self,
+        client: &Client,
+        requested: &[String],
+    ) -> Result<ScopeSet, ScopeRequestError> {
         if requested.is_empty() {
             return Ok(client.allowed_scopes.clone());
         }

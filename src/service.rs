@@ -45,6 +45,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
         let note = CallNote::of(request.extensions());
+        let source = request.remote_addr().map(|a| a.ip());
         let (metadata, _, mut req) = request.into_parts();
         let credentials = credentials(&metadata, &mut req)?;
         if let Some(note) = &note {
@@ -52,7 +53,7 @@ impl pb::gateway_server::Gateway for GatewayService {
         }
         let token = self
             .broker
-            .get_token(&credentials, &req.scopes)
+            .get_token_from(&credentials, &req.scopes, source)
             .await
             .map_err(|e| broker_status(&e))?;
         Ok(Response::new(pb::GetTokenResponse {

@@ -137,6 +137,17 @@ async fn each_error_surfaces_with_its_status() {
         );
     }
     let before = emu.token_requests();
+    // Before its secret is proven, a scope the client may not ask is refused
+    // like an unknown client: nothing is learnt about the client.
+    let hidden = c
+        .get_token(get(CLIENT, SECRET, &["orders/delete"]))
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::Unauthenticated);
+    assert_eq!(hidden.message(), unknown.message());
+    c.get_token(get(CLIENT, SECRET, &[])).await.unwrap();
+    let before = before + 1;
+    assert_eq!(emu.token_requests(), before);
     let denied = c
         .get_token(get(CLIENT, SECRET, &["orders/delete"]))
         .await

@@ -23,6 +23,7 @@ mod sync;
 use std::{
     collections::HashMap,
     fmt,
+    net::IpAddr,
     num::NonZeroU32,
     sync::{Arc, Mutex},
     time::Duration,
@@ -243,6 +244,14 @@ impl From<UpstreamError> for BrokerError {
     }
 }
 
+/// The per-client limit of unproven attempts is this many times the per-source
+/// one: an owner at another address is served while one address floods.
+const SOURCES_PER_CLIENT: u32 = 10;
+/// Past this many (client, source) pairs the limiter forgets idle ones.
+const MAX_LIMITED_SOURCES: usize = 65_536;
+/// Buckets of the unknown-client-id limiter.
+const UNKNOWN_BUCKETS: u64 = 4096;
+
 /// Longest client secret accepted. Cognito's own are 24–64 characters; the room
 /// above covers emulators and other OAuth servers, and anything longer is refused
 /// before it costs an upstream or Redis call.
@@ -431,7 +440,14 @@ struct Inner {
     inflight: Mutex<HashMap<FlightKey, Flight>>,
     verifier_key: hmac::Key,
     proven: ProvenSecrets,
-    limiter: DefaultKeyedRateLimiter<Arc<str>>,
+    /// Unproven attempts per (client, source address).
+    limiter: DefaultKeyedRateLimiter<(usize, Option<IpAddr>)>,
+    /// Unproven attempts per client, over every source.
+    client_limiter: DefaultKeyedRateLimiter<usize>,
+    /// Attempts with unknown client ids, in a fixed number of buckets: an
+    /// unknown id is refused (and limited) like a known one with a wrong secret.
+    unknown_limiter: DefaultKeyedRateLimiter<u16>,
+    unknown_buckets: foldhash::fast::RandomState,
     seams: Seams,
     settings: BrokerSettings,
     stats: BrokerStats,
@@ -503,8 +519,13 @@ impl Broker {
             .max_capacity(settings.max_entries)
             .expire_after(EntryExpiry)
             .build_with_hasher(foldhash::fast::RandomState::default());
-        let limiter =
-            DefaultKeyedRateLimiter::keyed(Quota::per_minute(settings.failed_auth_per_minute));
+        let per_source = Quota::per_minute(settings.failed_auth_per_minute);
+        let limiter = DefaultKeyedRateLimiter::keyed(per_source);
+        let per_client = settings
+            .failed_auth_per_minute
+            .saturating_mul(NonZeroU32::new(SOURCES_PER_CLIENT).expect("non-zero"));
+        let client_limiter = DefaultKeyedRateLimiter::keyed(Quota::per_minute(per_client));
+        let unknown_limiter = DefaultKeyedRateLimiter::keyed(per_source);
         let slots = registry.clients().map(|c| c.index + 1).max().unwrap_or(0);
         let (alive_tx, alive) = tokio::sync::watch::channel(());
         Self {
@@ -515,6 +536,9 @@ impl Broker {
                 verifier_key,
                 proven: ProvenSecrets::new(slots),
                 limiter,
+                client_limiter,
+                unknown_limiter,
+                unknown_buckets: foldhash::fast::RandomState::default(),
                 seams,
                 clients: ClientStats::new(&registry, slots),
                 registry,
@@ -579,27 +603,56 @@ impl Broker {
         credentials: &Credentials,
         scopes: &[String],
     ) -> Result<IssuedToken, BrokerError> {
+        self.get_token_from(credentials, scopes, None).await
+    }
+
+    /// [`Broker::get_token`] for a caller at `source`: unproven attempts are
+    /// limited per (client, source) and, more loosely, per client, so that a
+    /// stranger who knows a client id cannot lock its owner out. Until a secret
+    /// is proven, the answer says nothing about the client: an unknown id, a
+    /// scope the client may not ask and a wrong secret are refused alike.
+    pub async fn get_token_from(
+        &self,
+        credentials: &Credentials,
+        scopes: &[String],
+        source: Option<IpAddr>,
+    ) -> Result<IssuedToken, BrokerError> {
         let inner = &self.inner;
         check_shape(credentials)?;
+        inner
+            .registry
+            .check_scope_syntax(scopes)
+            .map_err(|e| BrokerError::MalformedScopes(e.to_string()))?;
         let Some(client) = inner.registry.get(&credentials.client_id) else {
-            return Err(BrokerError::InvalidClient);
+            return Err(self.unknown_client(&credentials.client_id));
         };
-        let scopes = match inner.registry.normalise(client, scopes) {
+        let verifier = self.verifier(&credentials.client_id, &credentials.secret);
+        let now = Instant::now();
+        let proven = inner.proven.is_proven(client.index, &verifier, now);
+        let scopes = match inner.registry.normalise_checked(client, scopes) {
             Ok(scopes) => scopes,
             Err(e) => {
                 inner.clients.refused(client.index);
                 return Err(match e {
-                    ScopeRequestError::NotAllowed(_) => BrokerError::ScopeNotAllowed(e.to_string()),
+                    ScopeRequestError::NotAllowed(_) if proven => {
+                        BrokerError::ScopeNotAllowed(e.to_string())
+                    }
+                    // Nothing about the client for an unproven secret: refused
+                    // like an unknown id, and counted like a wrong secret.
+                    ScopeRequestError::NotAllowed(_) => match self.admit_unverified(client, source)
+                    {
+                        Ok(()) => BrokerError::InvalidClient,
+                        Err(limited) => limited,
+                    },
                     _ => BrokerError::MalformedScopes(e.to_string()),
                 });
             }
         };
         let key: CacheKey = (client.client_id.clone(), scopes.param().clone());
-        let verifier = self.verifier(&credentials.client_id, &credentials.secret);
-        let now = Instant::now();
-        if !inner.proven.is_proven(client.index, &verifier, now) {
+        if !proven {
             // Limited before anything else (Redis included) is asked.
-            return Box::pin(self.unproven(client, key, verifier, credentials, scopes)).await;
+            return Box::pin(self.unproven(client, key, verifier, credentials, scopes, source))
+                .await;
         }
 
         let mut cached = inner.cache.get(&key).filter(|e| self.usable(e, now));
@@ -660,6 +713,7 @@ impl Broker {
         verifier: Verifier,
         credentials: &Credentials,
         scopes: ScopeSet,
+        source: Option<IpAddr>,
     ) -> Result<IssuedToken, BrokerError> {
         self.inner.stats.unproven();
         let (_, result) = self
@@ -670,6 +724,7 @@ impl Broker {
                 credentials,
                 scopes,
                 None,
+                source,
             )
             .await;
         result.map(|entry| entry.issued(Instant::now()))
@@ -697,6 +752,7 @@ impl Broker {
                     credentials,
                     scopes.clone(),
                     current.clone(),
+                    None,
                 )
                 .await;
             match result {
@@ -707,9 +763,17 @@ impl Broker {
                             .proven
                             .is_proven(client.index, &verifier, Instant::now()) =>
                 {
-                    self.fetch(client, flight_key, verifier, credentials, scopes, current)
-                        .await
-                        .1
+                    self.fetch(
+                        client,
+                        flight_key,
+                        verifier,
+                        credentials,
+                        scopes,
+                        current,
+                        None,
+                    )
+                    .await
+                    .1
                 }
                 other => other,
             }
@@ -739,17 +803,40 @@ impl Broker {
         entry.expires_at.saturating_duration_since(now) > self.inner.settings.min_remaining
     }
 
-    fn admit_unverified(&self, client: &Client) -> Result<(), BrokerError> {
-        self.inner
+    /// One unproven attempt for `client` from `source`: within the limit of that
+    /// (client, source), then within the looser one of the client.
+    fn admit_unverified(&self, client: &Client, source: Option<IpAddr>) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        if inner.limiter.len() > MAX_LIMITED_SOURCES {
+            inner.limiter.retain_recent();
+        }
+        let admitted = inner
             .limiter
-            .check_key(&client.client_id)
-            .map_err(|not_until| {
+            .check_key(&(client.index, source))
+            .and_then(|()| inner.client_limiter.check_key(&client.index));
+        admitted.map_err(|not_until| {
+            inner.stats.rate_limited();
+            inner.clients.refused(client.index);
+            BrokerError::TooManyFailedAttempts {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            }
+        })
+    }
+
+    /// An unknown client id: refused like a known one with a wrong secret,
+    /// limited like one too (in buckets, so that the table stays small).
+    fn unknown_client(&self, client_id: &str) -> BrokerError {
+        use std::hash::BuildHasher as _;
+        let bucket = (self.inner.unknown_buckets.hash_one(client_id) % UNKNOWN_BUCKETS) as u16;
+        match self.inner.unknown_limiter.check_key(&bucket) {
+            Ok(()) => BrokerError::InvalidClient,
+            Err(not_until) => {
                 self.inner.stats.rate_limited();
-                self.inner.clients.refused(client.index);
                 BrokerError::TooManyFailedAttempts {
                     retry_after: not_until.wait_time_from(DefaultClock::default().now()),
                 }
-            })
+            }
+        }
     }
 
     fn verifier(&self, client_id: &str, secret: &SecretString) -> Verifier {
@@ -772,6 +859,7 @@ impl Broker {
         credentials: &Credentials,
         scopes: ScopeSet,
         current: Option<Arc<Entry>>,
+        source: Option<IpAddr>,
     ) -> FlightResult {
         let flight = {
             let mut inflight = self
@@ -784,7 +872,7 @@ impl Broker {
                 flight.clone()
             } else {
                 if flight_key.1.is_some() {
-                    if let Err(e) = self.admit_unverified(client) {
+                    if let Err(e) = self.admit_unverified(client, source) {
                         return (verifier, Err(e));
                     }
                 }

@@ -155,11 +155,22 @@ async fn unregistered_client_refused_without_upstream_call() {
 async fn scope_outside_registry_refused_without_upstream_call() {
     let up = FakeEndpoint::new(3600);
     let b = broker(up.clone());
+    // Unproven: refused like an unknown client (nothing learnt about this one).
+    let err = b
+        .get_token(&creds("s3cret"), &scopes(&["orders/admin"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err, BrokerError::InvalidClient);
+    assert_eq!(up.calls(), 0);
+    // Proven: the precise answer.
+    b.get_token(&creds("s3cret"), &[]).await.unwrap();
+    let calls = up.calls();
     let err = b
         .get_token(&creds("s3cret"), &scopes(&["orders/admin"]))
         .await
         .unwrap_err();
     assert!(matches!(err, BrokerError::ScopeNotAllowed(_)), "{err:?}");
+    assert_eq!(up.calls(), calls);
     let err = b
         .get_token(&creds("s3cret"), &scopes(&["orders read"]))
         .await
@@ -168,7 +179,107 @@ async fn scope_outside_registry_refused_without_upstream_call() {
     let many = vec!["orders/read".to_string(); 11];
     let err = b.get_token(&creds("s3cret"), &many).await.unwrap_err();
     assert!(matches!(err, BrokerError::MalformedScopes(_)), "{err:?}");
+    assert_eq!(up.calls(), calls);
+}
+
+#[tokio::test]
+async fn an_unproven_secret_learns_nothing_about_the_client() {
+    let up = FakeEndpoint::new(3600);
+    let b = broker(up.clone());
+    let stranger = |id: &str, secret: &str| Credentials {
+        client_id: id.into(),
+        secret: SecretString::from(secret.to_owned()),
+    };
+    let answers = [
+        b.get_token(&stranger("client-z", "guess"), &[]).await,
+        b.get_token(&stranger("client-a", "guess"), &scopes(&["orders/admin"]))
+            .await,
+        b.get_token(&stranger("client-a", "guess"), &[]).await,
+        b.get_token(&stranger("client-z", "guess"), &scopes(&["orders/admin"]))
+            .await,
+    ];
+    for a in &answers {
+        let e = a.as_ref().unwrap_err();
+        assert_eq!(*e, BrokerError::InvalidClient);
+        assert_eq!(e.to_string(), "invalid client credentials");
+    }
+    // Malformed scopes are malformed whoever asks.
+    for id in ["client-z", "client-a"] {
+        let e = b
+            .get_token(&stranger(id, "guess"), &scopes(&["orders read"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BrokerError::MalformedScopes(_)), "{id}: {e:?}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_client_ids_are_limited_like_known_ones() {
+    let up = FakeEndpoint::new(3600);
+    let b = broker(up.clone());
+    let mut limited = 0;
+    for i in 0..30 {
+        let c = Credentials {
+            client_id: "client-z".into(),
+            secret: SecretString::from(format!("guess-{i}")),
+        };
+        match b.get_token(&c, &[]).await {
+            Err(BrokerError::TooManyFailedAttempts { .. }) => limited += 1,
+            Err(BrokerError::InvalidClient) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(limited, 20, "ten a minute, as for a registered id");
     assert_eq!(up.calls(), 0);
+}
+
+/// Right after a start (nothing proven yet), a stranger floods a known client id
+/// from one address; the owner, at another, presents its secret for the first
+/// time and is served.
+#[tokio::test]
+async fn a_flood_from_one_address_never_locks_out_an_owner_at_another() {
+    let up = FakeEndpoint::new(3600);
+    let b = broker(up.clone());
+    let attacker = Some(std::net::IpAddr::from([127, 0, 0, 66]));
+    let owner = Some(std::net::IpAddr::from([127, 0, 0, 7]));
+    let mut limited = 0;
+    for i in 0..40 {
+        match b
+            .get_token_from(&creds(&format!("wrong-secret-{i}")), &[], attacker)
+            .await
+        {
+            Err(BrokerError::TooManyFailedAttempts { .. }) => limited += 1,
+            Err(BrokerError::InvalidClient) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(limited, 30, "the attacker's address is limited");
+    let t = b
+        .get_token_from(&creds("s3cret"), &[], owner)
+        .await
+        .expect("the owner is served");
+    assert!(!t.access_token.expose().is_empty());
+    // Many addresses together reach the client's own, looser limit.
+    let mut limited = 0;
+    for i in 0..120u8 {
+        let from = Some(std::net::IpAddr::from([127, 0, 1, i]));
+        if let Err(BrokerError::TooManyFailedAttempts { .. }) = b
+            .get_token_from(
+                &creds(&format!("wrong-{i}")),
+                &scopes(&["orders/read"]),
+                from,
+            )
+            .await
+        {
+            limited += 1;
+        }
+    }
+    assert!(
+        limited > 0,
+        "the per-client limit still bounds the upstream calls"
+    );
+    // 10 per source and 100 a minute per client (plus what refills meanwhile).
+    assert!(up.calls() <= 115, "{} upstream calls", up.calls());
 }
 
 #[tokio::test]
