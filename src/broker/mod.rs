@@ -323,6 +323,26 @@ type FlightKey = (CacheKey, Option<Verifier>);
 type FlightResult = (Verifier, Result<Arc<Entry>, BrokerError>);
 type Flight = Shared<BoxFuture<'static, FlightResult>>;
 
+/// Who asks: the presented credentials, their verifier, and where the call came
+/// from (for the failed-attempt limit).
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    credentials: &'a Credentials,
+    verifier: Verifier,
+    source: Option<IpAddr>,
+}
+
+impl<'a> Caller<'a> {
+    /// A caller whose secret is proven (no attempt is counted).
+    fn proven(credentials: &'a Credentials, verifier: Verifier) -> Self {
+        Self {
+            credentials,
+            verifier,
+            source: None,
+        }
+    }
+}
+
 /// A cached token. Whom it is handed to is decided by the client's proven
 /// secrets, not by the entry.
 struct Entry {
@@ -720,11 +740,13 @@ impl Broker {
             .fetch(
                 client,
                 (key, Some(verifier)),
-                verifier,
-                credentials,
+                Caller {
+                    credentials,
+                    verifier,
+                    source,
+                },
                 scopes,
                 None,
-                source,
             )
             .await;
         result.map(|entry| entry.issued(Instant::now()))
@@ -748,11 +770,9 @@ impl Broker {
                 .fetch(
                     client,
                     flight_key.clone(),
-                    verifier,
-                    credentials,
+                    Caller::proven(credentials, verifier),
                     scopes.clone(),
                     current.clone(),
-                    None,
                 )
                 .await;
             match result {
@@ -766,11 +786,9 @@ impl Broker {
                     self.fetch(
                         client,
                         flight_key,
-                        verifier,
-                        credentials,
+                        Caller::proven(credentials, verifier),
                         scopes,
                         current,
-                        None,
                     )
                     .await
                     .1
@@ -855,12 +873,15 @@ impl Broker {
         &self,
         client: &Client,
         flight_key: FlightKey,
-        verifier: Verifier,
-        credentials: &Credentials,
+        caller: Caller<'_>,
         scopes: ScopeSet,
         current: Option<Arc<Entry>>,
-        source: Option<IpAddr>,
     ) -> FlightResult {
+        let Caller {
+            credentials,
+            verifier,
+            source,
+        } = caller;
         let flight = {
             let mut inflight = self
                 .inner
