@@ -454,6 +454,11 @@ impl Telemetry {
                 "Misses refused because no slot was free within limits.upstream_max_wait_ms.",
                 budget.refused.load(Relaxed),
             ),
+            (
+                "upstream_budget_strangers_refused_total",
+                "Attempts with secrets not yet proven refused because their tenth of the budget was spent.",
+                budget.strangers_refused.load(Relaxed),
+            ),
         ] {
             counter(&mut out, name, help, value);
         }

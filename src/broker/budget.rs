@@ -147,6 +147,9 @@ pub struct BudgetStats {
     pub refreshes_deferred: AtomicU64,
     /// Misses refused because the next slot was beyond the longest wait.
     pub refused: AtomicU64,
+    /// Attempts with secrets not yet proven refused because the strangers' share
+    /// (a tenth of the budget) was spent.
+    pub strangers_refused: AtomicU64,
 }
 
 impl BudgetStats {

@@ -45,7 +45,9 @@ pub(crate) const PROOF_CHANNEL: &str = "m2m:proofs";
 /// The fleet's upstream schedule. Every key is hash-tagged (`{...}`) so that a
 /// script or a multi-key command on one subject stays in one cluster slot, while
 /// different subjects spread over the cluster.
-const BUDGET_KEY: &str = "m2m:{budget}";
+pub(super) const BUDGET_KEY: &str = "m2m:{budget}";
+/// The share of the schedule open to secrets not yet proven.
+pub(super) const STRANGERS_KEY: &str = "m2m:{budget:unproven}";
 /// Deletes a lock only if it still holds the caller's token.
 pub(crate) const UNLOCK_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 /// How long Redis is left alone after a failure before it is tried again.
@@ -717,6 +719,7 @@ impl FleetCache {
     /// Reserves a slot of the fleet's upstream schedule (see `budget`).
     async fn reserve_budget(
         &self,
+        key: &str,
         priority: Priority,
         interval: Duration,
         max_wait: Duration,
@@ -731,7 +734,7 @@ impl FleetCache {
                 redis::cmd("EVAL")
                     .arg(RESERVE_SCRIPT)
                     .arg(1)
-                    .arg(BUDGET_KEY)
+                    .arg(key)
                     .arg(interval.as_micros() as u64)
                     .arg(refresh)
                     .arg(max_wait.as_micros() as u64),
@@ -904,11 +907,16 @@ impl ProofStore for std::sync::Arc<FleetCache> {
 pub(super) struct FleetBudget {
     fleet: std::sync::Arc<FleetCache>,
     local: Schedule,
+    key: &'static str,
 }
 
 impl FleetBudget {
-    pub(super) fn new(fleet: std::sync::Arc<FleetCache>, local: Schedule) -> Self {
-        Self { fleet, local }
+    pub(super) fn new(
+        fleet: std::sync::Arc<FleetCache>,
+        local: Schedule,
+        key: &'static str,
+    ) -> Self {
+        Self { fleet, local, key }
     }
 }
 
@@ -917,7 +925,7 @@ impl Budget for FleetBudget {
         Box::pin(async move {
             match self
                 .fleet
-                .reserve_budget(priority, self.local.interval(), max_wait)
+                .reserve_budget(self.key, priority, self.local.interval(), max_wait)
                 .await
             {
                 Ok(grant) => grant,

@@ -47,6 +47,7 @@ pub(crate) struct MemoryStore {
     changed: Notify,
     events: broadcast::Sender<ProofEvent>,
     schedule: Option<Schedule>,
+    strangers: Option<Arc<Schedule>>,
     lock_ttl: Duration,
     lock_wait: Duration,
     up: AtomicBool,
@@ -65,6 +66,7 @@ impl MemoryStore {
             changed: Notify::new(),
             events: broadcast::channel(1024).0,
             schedule: (per_second > 0).then(|| Schedule::new(per_second)),
+            strangers: (per_second > 0).then(|| Arc::new(Schedule::new((per_second / 10).max(1)))),
             lock_ttl: Duration::from_secs(10),
             lock_wait: Duration::from_secs(3),
             up: AtomicBool::new(true),
@@ -83,6 +85,10 @@ impl MemoryStore {
                 .schedule
                 .as_ref()
                 .map(|_| self.clone() as Arc<dyn Budget>),
+            strangers: self
+                .strangers
+                .as_ref()
+                .map(|s| s.clone() as Arc<dyn Budget>),
             shared: true,
         }
     }

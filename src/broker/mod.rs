@@ -244,6 +244,12 @@ impl From<UpstreamError> for BrokerError {
     }
 }
 
+/// Upstream calls a second open to secrets not yet proven: a tenth of the budget
+/// (at least one), so strangers cycling wrong secrets cannot spend the rest.
+fn strangers_share(per_second: NonZeroU32) -> u32 {
+    (per_second.get() / 10).max(1)
+}
+
 /// The per-client limit of unproven attempts is this many times the per-source
 /// one: an owner at another address is served while one address floods.
 const SOURCES_PER_CLIENT: u32 = 10;
@@ -330,15 +336,18 @@ struct Caller<'a> {
     credentials: &'a Credentials,
     verifier: Verifier,
     source: Option<IpAddr>,
+    /// Whether the secret is proven (a proven caller's attempts are not counted).
+    proven: bool,
 }
 
 impl<'a> Caller<'a> {
-    /// A caller whose secret is proven (no attempt is counted).
+    /// A caller whose secret is proven.
     fn proven(credentials: &'a Credentials, verifier: Verifier) -> Self {
         Self {
             credentials,
             verifier,
             source: None,
+            proven: true,
         }
     }
 }
@@ -412,6 +421,8 @@ pub(crate) struct Seams {
     proofs: Arc<dyn ProofStore>,
     /// `None`: no upstream cap.
     budget: Option<Arc<dyn Budget>>,
+    /// The share of the budget open to secrets not yet proven.
+    strangers: Option<Arc<dyn Budget>>,
     /// Whether announcements are followed (false for a replica on its own).
     shared: bool,
 }
@@ -425,6 +436,9 @@ impl Seams {
             budget: settings
                 .upstream_per_second
                 .map(|n| Arc::new(Schedule::new(n.get())) as Arc<dyn Budget>),
+            strangers: settings
+                .upstream_per_second
+                .map(|n| Arc::new(Schedule::new(strangers_share(n))) as Arc<dyn Budget>),
             shared: false,
         }
     }
@@ -439,6 +453,14 @@ impl Seams {
                 Arc::new(fleet::FleetBudget::new(
                     fleet.clone(),
                     Schedule::new(n.get()),
+                    fleet::BUDGET_KEY,
+                )) as Arc<dyn Budget>
+            }),
+            strangers: settings.upstream_per_second.map(|n| {
+                Arc::new(fleet::FleetBudget::new(
+                    fleet.clone(),
+                    Schedule::new(strangers_share(n)),
+                    fleet::STRANGERS_KEY,
                 )) as Arc<dyn Budget>
             }),
             shared: true,
@@ -744,6 +766,7 @@ impl Broker {
                     credentials,
                     verifier,
                     source,
+                    proven: false,
                 },
                 scopes,
                 None,
@@ -881,6 +904,7 @@ impl Broker {
             credentials,
             verifier,
             source,
+            ..
         } = caller;
         let flight = {
             let mut inflight = self
@@ -906,17 +930,14 @@ impl Broker {
                         broker: this.clone(),
                         key: Some(task_key.clone()),
                     };
-                    let proven = task_key.1.is_none();
+                    let caller = Caller {
+                        credentials: &credentials,
+                        verifier,
+                        source,
+                        proven: task_key.1.is_none(),
+                    };
                     let result = this
-                        .obtain(
-                            &client,
-                            &task_key.0,
-                            proven,
-                            verifier,
-                            &credentials,
-                            &scopes,
-                            current,
-                        )
+                        .obtain(&client, &task_key.0, caller, &scopes, current)
                         .await;
                     if let Ok(entry) = &result {
                         this.inner.cache.insert(task_key.0.clone(), entry.clone());
@@ -945,17 +966,15 @@ impl Broker {
     /// secret only once the fleet holds a proof of that secret (the peer
     /// presented the same one). On its own (or with the store down) a replica
     /// takes every lock at once and finds nothing stored: a plain upstream call.
-    #[allow(clippy::too_many_arguments)]
     async fn obtain(
         &self,
         client: &Client,
         key: &CacheKey,
-        proven: bool,
-        verifier: Verifier,
-        credentials: &Credentials,
+        caller: Caller<'_>,
         scopes: &ScopeSet,
         current: Option<Arc<Entry>>,
     ) -> Result<Arc<Entry>, BrokerError> {
+        let (proven, verifier) = (caller.proven, caller.verifier);
         let priority = if current.is_some() {
             Priority::Refresh
         } else {
@@ -973,15 +992,8 @@ impl Broker {
                     let result = match peer {
                         Some(entry) => Ok(entry),
                         None => {
-                            self.upstream_shared(
-                                client,
-                                key,
-                                verifier,
-                                credentials,
-                                scopes,
-                                priority,
-                            )
-                            .await
+                            self.upstream_shared(client, key, caller, scopes, priority)
+                                .await
                         }
                     };
                     tokens.unlock(key, lock).await;
@@ -1011,7 +1023,7 @@ impl Broker {
                 Lock::Unavailable => break,
             }
         }
-        self.upstream_shared(client, key, verifier, credentials, scopes, priority)
+        self.upstream_shared(client, key, caller, scopes, priority)
             .await
     }
 
@@ -1020,14 +1032,11 @@ impl Broker {
         &self,
         client: &Client,
         key: &CacheKey,
-        verifier: Verifier,
-        credentials: &Credentials,
+        caller: Caller<'_>,
         scopes: &ScopeSet,
         priority: Priority,
     ) -> Result<Arc<Entry>, BrokerError> {
-        let result = self
-            .upstream(client, key, verifier, credentials, scopes, priority)
-            .await;
+        let result = self.upstream(client, key, caller, scopes, priority).await;
         if let Ok(entry) = &result {
             self.inner.seams.tokens.put(key, entry).await;
         }
@@ -1064,15 +1073,29 @@ impl Broker {
     }
 
     /// Waits for a slot of the upstream budget (a miss), or takes one only if it
-    /// is free now (a refresh).
-    async fn admit_upstream(&self, priority: Priority) -> Result<(), BrokerError> {
+    /// is free now (a refresh). A secret not yet proven first needs a slot of the
+    /// strangers' share (a tenth of the budget, fleet-wide with Redis).
+    async fn admit_upstream(&self, priority: Priority, proven: bool) -> Result<(), BrokerError> {
         let inner = &self.inner;
         let Some(budget) = &inner.seams.budget else {
             return Ok(());
         };
-        let grant = budget
-            .reserve(priority, inner.settings.upstream_max_wait)
-            .await;
+        let max_wait = inner.settings.upstream_max_wait;
+        if !proven {
+            if let Some(strangers) = &inner.seams.strangers {
+                match strangers.reserve(Priority::Miss, max_wait).await {
+                    Grant::After(delay) => tokio::time::sleep(delay).await,
+                    Grant::Refused { retry_after } => {
+                        let stats = &inner.stats.budget;
+                        stats
+                            .strangers_refused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Err(BrokerError::UpstreamBudget { retry_after });
+                    }
+                }
+            }
+        }
+        let grant = budget.reserve(priority, max_wait).await;
         inner.stats.budget.record(priority, grant);
         match grant {
             Grant::After(delay) => {
@@ -1089,13 +1112,13 @@ impl Broker {
         &self,
         client: &Client,
         key: &CacheKey,
-        verifier: Verifier,
-        credentials: &Credentials,
+        caller: Caller<'_>,
         scopes: &ScopeSet,
         priority: Priority,
     ) -> Result<Arc<Entry>, BrokerError> {
         let inner = &self.inner;
-        self.admit_upstream(priority).await?;
+        let (credentials, verifier) = (caller.credentials, caller.verifier);
+        self.admit_upstream(priority, caller.proven).await?;
         let started = Instant::now();
         inner.clients.upstream(client.index);
         let result = inner

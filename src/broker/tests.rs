@@ -236,7 +236,7 @@ async fn unknown_client_ids_are_limited_like_known_ones() {
 /// Right after a start (nothing proven yet), a stranger floods a known client id
 /// from one address; the owner, at another, presents its secret for the first
 /// time and is served.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_flood_from_one_address_never_locks_out_an_owner_at_another() {
     let up = FakeEndpoint::new(3600);
     let b = broker(up.clone());
@@ -1308,6 +1308,42 @@ mod fleet_protocol {
             .unwrap_err();
         assert!(matches!(err, BrokerError::UpstreamBudget { .. }), "{err:?}");
         assert_eq!(up.calls(), 1);
+    }
+
+    /// Strangers cycling wrong secrets over client ids draw on a tenth of the
+    /// budget, counted for the whole fleet; proven clients keep the rest.
+    #[tokio::test(start_paused = true)]
+    async fn strangers_cannot_spend_the_fleets_budget() {
+        let store = MemoryStore::new(10);
+        let up = FakeEndpoint::new(3600);
+        let a = replica(&store, &up, 10, true);
+        let b = replica(&store, &up, 10, true);
+        a.get_token(&creds("s3cret"), &scopes(&["orders/read"]))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let stranger = |i: u8| Some(std::net::IpAddr::from([127, 0, 9, i]));
+        // One unproven attempt a second for the fleet: A's takes it, B's waits
+        // beyond the longest wait (100 ms) and is refused.
+        let first = a
+            .get_token_from(&creds("guess-1"), &[], stranger(1))
+            .await
+            .unwrap_err();
+        assert_eq!(first, BrokerError::InvalidClient, "asked of Cognito");
+        let second = b
+            .get_token_from(&creds("guess-2"), &[], stranger(2))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(second, BrokerError::UpstreamBudget { .. }),
+            "{second:?}"
+        );
+        // The proven owner's new scope set is admitted at once.
+        let calls = up.calls();
+        b.get_token(&creds("s3cret"), &scopes(&["orders/write"]))
+            .await
+            .expect("the budget was not spent");
+        assert_eq!(up.calls(), calls + 1);
     }
 
     #[tokio::test(start_paused = true)]
