@@ -11,6 +11,7 @@ mod check;
 mod fleet;
 #[cfg(feature = "aws")]
 mod iam;
+mod iam_token;
 mod link;
 #[cfg(test)]
 mod memory_fleet;
