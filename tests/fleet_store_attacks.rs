@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use futures_util::StreamExt as _;
 use m2m_gateway::{
     config::{CacheBackend, Config},
@@ -49,14 +47,6 @@ async fn replica(cfg: &Config) -> (TestGateway, GatewayClient<Channel>) {
     (r, c)
 }
 
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Every message published on the proof channel from now on.
 async fn capture(node: &RedisNode) -> tokio::sync::mpsc::UnboundedReceiver<String> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{}", node.port)).unwrap();
@@ -94,7 +84,7 @@ async fn announcements_cannot_be_forged_changed_or_replayed() {
     let cfg = fleet_config(&emu, node.port);
     let (a, mut ca) = replica(&cfg).await;
     let (b, mut cb) = replica(&cfg).await;
-    eventually("both replicas share the fleet", || {
+    eventually("both replicas share the fleet", 10, || {
         [&a, &b]
             .iter()
             .all(|r| r.gateway.broker.fleet().unwrap().is_shared())
@@ -103,7 +93,7 @@ async fn announcements_cannot_be_forged_changed_or_replayed() {
     let mut heard = capture(&node).await;
     ca.get_token(request(CLIENT, SECRET, &[])).await.unwrap();
     let proof = heard.recv().await.expect("the proof announcement");
-    eventually("B learns A's proof", || {
+    eventually("B learns A's proof", 10, || {
         b.gateway.broker.proven_secrets() == 1
     })
     .await;
@@ -125,7 +115,7 @@ async fn announcements_cannot_be_forged_changed_or_replayed() {
         .publish("m2m:proofs", "x".repeat(100_000))
         .await
         .unwrap();
-    eventually("B counted five bad announcements", || {
+    eventually("B counted five bad announcements", 10, || {
         b.gateway
             .broker
             .fleet()
@@ -148,7 +138,7 @@ async fn announcements_cannot_be_forged_changed_or_replayed() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated);
-    eventually("B learns the refusal", || {
+    eventually("B learns the refusal", 10, || {
         b.gateway.broker.proven_secrets() == 0
     })
     .await;
@@ -161,7 +151,7 @@ async fn announcements_cannot_be_forged_changed_or_replayed() {
     ca.get_token(request("client-b", "secret-b", &[]))
         .await
         .unwrap();
-    eventually("B processed the replays", || {
+    eventually("B processed the replays", 10, || {
         b.gateway.broker.proven_secrets() == 1
     })
     .await;
@@ -276,7 +266,7 @@ async fn a_corrupt_proof_hash_never_turns_the_fleet_off() {
         // A replica that starts now loads the fleet's proofs: it must still
         // share the fleet and serve.
         let (r, mut c) = replica(&cfg).await;
-        eventually(case, || r.gateway.broker.fleet().unwrap().is_shared()).await;
+        eventually(case, 10, || r.gateway.broker.fleet().unwrap().is_shared()).await;
         c.get_token(request(CLIENT, SECRET, &[]))
             .await
             .unwrap_or_else(|s| panic!("{case}: {s:?}"));

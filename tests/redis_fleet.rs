@@ -5,11 +5,7 @@
 
 mod support;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::atomic::Ordering,
-};
+use std::sync::atomic::Ordering;
 
 use m2m_gateway::{
     config::{CacheBackend, Config},
@@ -17,63 +13,10 @@ use m2m_gateway::{
     proto::gateway::v1::{GetTokenRequest, gateway_client::GatewayClient},
 };
 use secrecy::SecretString;
-use support::*;
-use tonic::{Code, transport::Channel};
+use support::{redis_servers::*, *};
+use tonic::Code;
 
 const KEY: &str = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
-
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_redis() -> Option<RedisServer> {
-    let present = Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !require_tool(present, "redis-server", "apt-get install redis-server") {
-        return None;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        let line = lines.next().expect("redis-server exited").unwrap();
-        if line.contains("Ready to accept connections") {
-            break;
-        }
-    }
-    // Keep draining its output so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Some(RedisServer { child, port })
-}
 
 fn client_b() -> EmulatorClient {
     EmulatorClient::new("client-b", "secret-b", &["orders/read"])
@@ -143,7 +86,10 @@ async fn redis_dump(port: u16) -> Vec<(String, Vec<u8>, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_cognito_call_and_survive_redis_dying() {
-    let Some(redis) = start_redis() else { return };
+    if !redis_present() {
+        return;
+    }
+    let redis = RedisNode::plain();
     let emu = emulator(vec![client_b()]).await;
     let mut replicas = Vec::new();
     for _ in 0..3 {
@@ -302,63 +248,19 @@ async fn flush(port: u16) {
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
 }
 
-async fn replicas(cfg: &Config, n: usize) -> (Vec<TestGateway>, Vec<GatewayClient<Channel>>) {
-    let mut replicas = Vec::new();
-    let mut clients = Vec::new();
-    for _ in 0..n {
-        let r = TestGateway::start(cfg.clone()).await.ready().await;
-        clients.push(r.client().await);
-        replicas.push(r);
-    }
-    (replicas, clients)
-}
-
-/// `calls` concurrent GetToken calls spread over `clients`; the tokens.
-async fn burst(clients: &[GatewayClient<Channel>], calls: usize, secret: &str) -> Vec<String> {
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(calls));
-    let tasks: Vec<_> = (0..calls)
-        .map(|i| {
-            let mut c = clients[i % clients.len()].clone();
-            let barrier = barrier.clone();
-            let secret = secret.to_owned();
-            tokio::spawn(async move {
-                barrier.wait().await;
-                c.get_token(request(CLIENT, &secret))
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .access_token
-            })
-        })
-        .collect();
-    let mut tokens = Vec::new();
-    for t in tasks {
-        tokens.push(t.await.unwrap());
-    }
-    tokens
-}
-
-/// Polls `check` until it holds (bounded): for state another replica changes
-/// through Redis, which arrives asynchronously.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "never: {what}");
-        tokio::task::yield_now().await;
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_upstream_call_per_fleet_ten_cold_starts_in_a_row() {
-    let Some(redis) = start_redis() else { return };
+    if !redis_present() {
+        return;
+    }
+    let redis = RedisNode::plain();
     let emu = emulator(vec![client_b()]).await;
     let cfg = fleet_config(&emu, redis.port);
     for round in 0..10 {
         flush(redis.port).await;
-        let (replicas, clients) = replicas(&cfg, 3).await;
+        let (replicas, clients) = start_replicas(&cfg, 3).await;
         let before = emu.token_requests();
-        let tokens = burst(&clients, 300, SECRET).await;
+        let tokens = burst(&clients, 300, request(CLIENT, SECRET)).await;
         assert_eq!(
             emu.token_requests() - before,
             1,
@@ -376,19 +278,22 @@ async fn one_upstream_call_per_fleet_ten_cold_starts_in_a_row() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_refresh_per_fleet_while_the_others_keep_serving() {
-    let Some(redis) = start_redis() else { return };
+    if !redis_present() {
+        return;
+    }
+    let redis = RedisNode::plain();
     let emu = emulator(vec![]).await;
     emu.set_expires_in(4);
     let mut cfg = fleet_config(&emu, redis.port);
     cfg.cache.refresh_ratio = 0.5;
     cfg.cache.refresh_jitter = 0.0;
     cfg.cache.min_remaining_secs = 1;
-    let (_replicas, clients) = replicas(&cfg, 3).await;
-    let first = burst(&clients, 30, SECRET).await;
+    let (_replicas, clients) = start_replicas(&cfg, 3).await;
+    let first = burst(&clients, 30, request(CLIENT, SECRET)).await;
     assert_eq!(emu.token_requests(), 1);
     // Wait out half of the 4 s lifetime: the entry is due for refresh.
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
-    let tokens = burst(&clients, 300, SECRET).await;
+    let tokens = burst(&clients, 300, request(CLIENT, SECRET)).await;
     assert_eq!(emu.token_requests(), 2, "one refresh for the fleet");
     for t in &tokens {
         assert!(*t == first[0] || !t.is_empty());
@@ -399,11 +304,14 @@ async fn one_refresh_per_fleet_while_the_others_keep_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proofs_and_revocations_reach_every_replica() {
-    let Some(redis) = start_redis() else { return };
+    if !redis_present() {
+        return;
+    }
+    let redis = RedisNode::plain();
     let emu = emulator(vec![]).await;
     emu.add_secret(CLIENT, "second-secret-for-rotation");
     let cfg = fleet_config(&emu, redis.port);
-    let (replicas, mut clients) = replicas(&cfg, 2).await;
+    let (replicas, mut clients) = start_replicas(&cfg, 2).await;
     let proven = |i: usize| replicas[i].gateway.broker.proven_secrets();
 
     // Each secret proven on a different replica; both replicas learn both.
@@ -417,7 +325,7 @@ async fn proofs_and_revocations_reach_every_replica() {
         .await
         .unwrap()
         .into_inner();
-    eventually("both replicas hold both proofs", || {
+    eventually("both replicas hold both proofs", 5, || {
         proven(0) == 2 && proven(1) == 2
     })
     .await;
@@ -442,7 +350,7 @@ async fn proofs_and_revocations_reach_every_replica() {
     narrow.scopes = vec!["orders/write".into()];
     let s = clients[0].get_token(narrow).await.unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated);
-    eventually("the revocation reached replica 1", || proven(1) == 1).await;
+    eventually("the revocation reached replica 1", 5, || proven(1) == 1).await;
     let s = clients[1]
         .get_token(request(CLIENT, SECRET))
         .await
@@ -466,9 +374,10 @@ async fn proofs_and_revocations_reach_every_replica() {
 /// `m2m-gateway dev --redis URL`: the dev gateway keeps its tokens in that Redis.
 #[tokio::test]
 async fn dev_mode_uses_the_redis_it_is_given() {
-    let Some(redis) = start_redis() else {
+    if !redis_present() {
         return;
-    };
+    }
+    let redis = RedisNode::plain();
     let url = format!("redis://127.0.0.1:{}", redis.port);
     let dev = DevProcess::start(&["--redis", &url]).await;
     let addr = &dev.addr;

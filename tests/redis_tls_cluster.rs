@@ -32,6 +32,10 @@ fn client_d() -> EmulatorClient {
     EmulatorClient::new("client-d", "secret-d", &["orders/read"])
 }
 
+fn client_e() -> EmulatorClient {
+    EmulatorClient::new("client-e", "secret-e", &["orders/read", "orders/write"])
+}
+
 fn request(id: &str, secret: &str, scopes: &[&str]) -> GetTokenRequest {
     GetTokenRequest {
         client_id: id.into(),
@@ -41,7 +45,10 @@ fn request(id: &str, secret: &str, scopes: &[&str]) -> GetTokenRequest {
 }
 
 fn fleet_config(emu: &Emulator, url: String, ca: &Path) -> Config {
-    let mut cfg = config(emu, &[client_a(), client_b(), client_c(), client_d()]);
+    let mut cfg = config(
+        emu,
+        &[client_a(), client_b(), client_c(), client_d(), client_e()],
+    );
     cfg.cache.backend = CacheBackend::Redis;
     cfg.cache.redis_url = Some(url);
     cfg.cache.redis_ca_file = Some(ca.to_owned());
@@ -51,50 +58,50 @@ fn fleet_config(emu: &Emulator, url: String, ca: &Path) -> Config {
     cfg
 }
 
-async fn start_replicas(cfg: &Config, n: usize) -> (Vec<TestGateway>, Vec<GatewayClient<Channel>>) {
-    let mut replicas = Vec::new();
-    let mut clients = Vec::new();
-    for _ in 0..n {
-        let r = TestGateway::start(cfg.clone()).await.ready().await;
-        clients.push(r.client().await);
-        replicas.push(r);
-    }
-    (replicas, clients)
+/// A TLS node with the ACL user `gateway` / [`REDIS_PASSWORD`].
+fn acl_node(pki: &Pki) -> RedisNode {
+    let password = format!(">{REDIS_PASSWORD}");
+    let acl = ["--user", "gateway", "on", &password, "~*", "&*", "+@all"];
+    RedisNode::tls(pki, &pki.cert, &pki.key, &acl)
 }
 
-/// `calls` concurrent GetToken calls spread over `clients`; the tokens.
-async fn burst(
-    clients: &[GatewayClient<Channel>],
-    calls: usize,
-    req: GetTokenRequest,
-) -> Vec<String> {
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(calls));
-    let tasks: Vec<_> = (0..calls)
-        .map(|i| {
-            let mut c = clients[i % clients.len()].clone();
-            let barrier = barrier.clone();
-            let req = req.clone();
-            tokio::spawn(async move {
-                barrier.wait().await;
-                c.get_token(req).await.unwrap().into_inner().access_token
-            })
-        })
-        .collect();
-    let mut tokens = Vec::new();
-    for t in tasks {
-        tokens.push(t.await.unwrap());
-    }
-    tokens
-}
-
-/// Polls `check` until it holds (bounded): for state another replica or Redis
-/// changes asynchronously.
-async fn eventually(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while !check() {
-        assert!(std::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// One upstream schedule for the fleet: at 1 call/s with 100 ms of patience,
+/// two misses of a proven client on two replicas right after each other: the
+/// second must wait for the fleet's next slot (a second away) and is refused.
+async fn assert_one_schedule(cfg: &Config, prover: &GatewayClient<Channel>) {
+    prover
+        .clone()
+        .get_token(request("client-e", "secret-e", &["orders/read"]))
+        .await
+        .unwrap();
+    let mut slow = cfg.clone();
+    slow.limits.upstream_per_second = 1;
+    slow.limits.upstream_max_wait_ms = 100;
+    let (budgeted, bc) = start_replicas(&slow, 2).await;
+    // Both have loaded the fleet's proofs before the timed part.
+    eventually("the budgeted replicas share the fleet", 10, || {
+        all_shared(&budgeted)
+    })
+    .await;
+    bc[0]
+        .clone()
+        .get_token(request("client-e", "secret-e", &["orders/write"]))
+        .await
+        .expect("the first miss gets the slot");
+    let s = bc[1]
+        .clone()
+        .get_token(request("client-e", "secret-e", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    let budget = budgeted[1].gateway.broker.budget_stats();
+    assert_eq!(budget.refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        budget
+            .strangers_refused
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
 }
 
 fn fleet(r: &TestGateway) -> &FleetCache {
@@ -150,17 +157,8 @@ async fn tls_redis_with_an_acl_user_is_one_fleet() {
         return;
     }
     let pki = pki();
-    let acl = [
-        "--user",
-        "gateway",
-        "on",
-        &format!(">{REDIS_PASSWORD}"),
-        "~*",
-        "&*",
-        "+@all",
-    ];
-    let node = RedisNode::tls(&pki, &pki.cert, &pki.key, &acl);
-    let emu = emulator(vec![client_b(), client_c(), client_d()]).await;
+    let node = acl_node(&pki);
+    let emu = emulator(vec![client_b(), client_c(), client_d(), client_e()]).await;
     let password_file = pki.dir.path().join("redis-password");
     std::fs::write(&password_file, format!("{REDIS_PASSWORD}\n")).unwrap();
     let mut cfg = fleet_config(
@@ -220,23 +218,7 @@ async fn tls_redis_with_an_acl_user_is_one_fleet() {
         .unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated);
 
-    // One upstream schedule for the fleet: 1 call/s and 100 ms of patience, two
-    // misses on two replicas right after each other: the second must wait for
-    // the fleet's next slot (a second away) and is refused.
-    let mut slow = cfg.clone();
-    slow.limits.upstream_per_second = 1;
-    slow.limits.upstream_max_wait_ms = 100;
-    let (_budgeted, mut bc) = start_replicas(&slow, 2).await;
-    bc[0]
-        .get_token(request("client-c", "secret-c", &[]))
-        .await
-        .expect("the first miss gets the slot");
-    emu.add_secret(CLIENT, "rotated-secret-a");
-    let s = bc[1]
-        .get_token(request(CLIENT, "rotated-secret-a", &["orders/read"]))
-        .await
-        .unwrap_err();
-    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert_one_schedule(&cfg, &clients[0]).await;
 }
 
 #[tokio::test]
@@ -245,16 +227,7 @@ async fn wrong_ca_wrong_hostname_and_wrong_password_say_so() {
         return;
     }
     let pki = pki();
-    let acl = [
-        "--user",
-        "gateway",
-        "on",
-        &format!(">{REDIS_PASSWORD}"),
-        "~*",
-        "&*",
-        "+@all",
-    ];
-    let node = RedisNode::tls(&pki, &pki.cert, &pki.key, &acl);
+    let node = acl_node(&pki);
     let url = |user: &str| format!("rediss://{user}localhost:{}", node.port);
 
     let ok = connect(target(url("gateway@"), &pki.ca, Some(REDIS_PASSWORD))).await;
@@ -295,7 +268,7 @@ async fn a_tls_cluster_is_one_fleet_and_survives_a_master_failing() {
     }
     let pki = pki();
     let mut cluster = RedisCluster::start(&pki);
-    let emu = emulator(vec![client_b(), client_c(), client_d()]).await;
+    let emu = emulator(vec![client_b(), client_c(), client_d(), client_e()]).await;
     // One endpoint, as with a configuration or Serverless endpoint.
     let url = format!("rediss://127.0.0.1:{}", cluster.nodes[0].port);
     let cfg = fleet_config(&emu, url, &pki.ca);
@@ -376,22 +349,7 @@ async fn a_tls_cluster_is_one_fleet_and_survives_a_master_failing() {
     emu.add_secret(CLIENT, SECRET);
 
     // One upstream schedule for the fleet on the cluster as well.
-    let mut slow = cfg.clone();
-    slow.limits.upstream_per_second = 1;
-    slow.limits.upstream_max_wait_ms = 100;
-    let (_budgeted, bc) = start_replicas(&slow, 2).await;
-    bc[0]
-        .clone()
-        .get_token(request("client-d", "secret-d", &[]))
-        .await
-        .expect("the first miss gets the slot");
-    emu.add_secret(CLIENT, "rotated-secret-a");
-    let s = bc[1]
-        .clone()
-        .get_token(request(CLIENT, "rotated-secret-a", &["orders/read"]))
-        .await
-        .unwrap_err();
-    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert_one_schedule(&cfg, &clients[0]).await;
 
     let keys = cluster.keys_per_node(&pki);
     assert!(

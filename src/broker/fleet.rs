@@ -121,12 +121,12 @@ struct Announcement {
     proof: SharedProof,
 }
 
+/// The longest access-token lifetime Cognito allows, in ms.
+const ONE_DAY_MS: u64 = 86_400_000;
 /// The associated data of sealed announcements.
 const ANNOUNCEMENT_AAD: &str = "m2m:proofs announcement";
 /// The longest announcement read (a real one is about 300 bytes).
 const MAX_ANNOUNCEMENT: usize = 4096;
-/// How long a refusal is kept in Redis (Cognito's longest token lifetime).
-const REMEMBER_REFUSALS_MS: u64 = 86_400_000;
 
 /// A stored or announced record, in the broker's terms; a proof whose end has
 /// passed (by `now_ms`, 0 = keep) is none.
@@ -557,10 +557,10 @@ impl FleetCache {
                     at_ms: instant_to_ms(at),
                     until_ms: 0,
                 };
-                (shared, REMEMBER_REFUSALS_MS)
+                (shared, 0)
             }
         };
-        if ttl == 0 {
+        if ttl == 0 && !proof.refused {
             return Ok(());
         }
         let verifier = match record {
@@ -569,6 +569,21 @@ impl FleetCache {
             }
         };
         let field = self.record_field(verifier, proof.refused);
+        if proof.refused {
+            // Stored only where it beats a stored proof (it lives as long as that
+            // proof's hash): a stranger's wrong secrets add nothing to Redis.
+            let proven: bool = self
+                .call(
+                    redis::cmd("HEXISTS")
+                        .arg(client_key)
+                        .arg(self.record_field(verifier, false)),
+                )
+                .await
+                .unwrap_or(false);
+            if !proven {
+                return self.announce(client_key, proof).await;
+            }
+        }
         let blob = self.seal(&format!("{client_key}/{field}"), &proof)?;
         let hset = redis::cmd("HSET")
             .arg(client_key)
@@ -581,10 +596,23 @@ impl FleetCache {
             let _: i64 = self.call(redis::cmd("DEL").arg(client_key)).await?;
             let _: i64 = self.call(&hset).await?;
         }
-        // NX gives a new hash its lifetime; GT lets a later record extend it.
-        for flag in ["NX", "GT"] {
+        // NX gives a new hash its lifetime; GT lets a later proof extend it (a
+        // refusal lives as long as the proofs it beats).
+        if ttl > 0 {
+            for flag in ["NX", "GT"] {
+                let _: i64 = self
+                    .call(redis::cmd("PEXPIRE").arg(client_key).arg(ttl).arg(flag))
+                    .await?;
+            }
+        } else {
+            // The proof's hash may have expired since: never a key without a TTL.
             let _: i64 = self
-                .call(redis::cmd("PEXPIRE").arg(client_key).arg(ttl).arg(flag))
+                .call(
+                    redis::cmd("PEXPIRE")
+                        .arg(client_key)
+                        .arg(ONE_DAY_MS)
+                        .arg("NX"),
+                )
                 .await?;
         }
         self.announce(client_key, proof).await

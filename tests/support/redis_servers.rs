@@ -11,7 +11,64 @@ use std::{
 
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 
-use super::require_tool;
+use m2m_gateway::{
+    config::Config,
+    proto::gateway::v1::{GetTokenRequest, gateway_client::GatewayClient},
+};
+use tonic::transport::Channel;
+
+use super::{TestGateway, require_tool};
+
+/// `n` gateway replicas on `cfg`, ready, with a client each.
+pub async fn start_replicas(
+    cfg: &Config,
+    n: usize,
+) -> (Vec<TestGateway>, Vec<GatewayClient<Channel>>) {
+    let mut replicas = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let r = TestGateway::start(cfg.clone()).await.ready().await;
+        clients.push(r.client().await);
+        replicas.push(r);
+    }
+    (replicas, clients)
+}
+
+/// `calls` concurrent GetToken calls of `req` spread over `clients`, released
+/// together; the tokens.
+pub async fn burst(
+    clients: &[GatewayClient<Channel>],
+    calls: usize,
+    req: GetTokenRequest,
+) -> Vec<String> {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(calls));
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let mut c = clients[i % clients.len()].clone();
+            let barrier = barrier.clone();
+            let req = req.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                c.get_token(req).await.unwrap().into_inner().access_token
+            })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for t in tasks {
+        tokens.push(t.await.unwrap());
+    }
+    tokens
+}
+
+/// Polls `check` until it holds, for at most `secs`: for state another replica
+/// or Redis changes asynchronously.
+pub async fn eventually(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 /// Whether redis-server and redis-cli are here (fails under CI=true when not).
 pub fn redis_present() -> bool {
