@@ -101,6 +101,11 @@ pub struct ServerConfig {
     /// and admin sockets).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most open gRPC connections from one peer address, so that one stranger
+    /// cannot fill the table; 0 = no per-address cap (callers behind a NAT or a
+    /// load balancer that hides their addresses share one).
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
     /// Time a new connection has to send the HTTP/2 preface, in milliseconds.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
@@ -131,6 +136,7 @@ impl Default for ServerConfig {
             http2_keepalive_interval_secs: default_keepalive_interval_secs(),
             http2_keepalive_timeout_secs: default_keepalive_timeout_secs(),
             max_connections: default_max_connections(),
+            max_connections_per_peer: default_max_connections_per_peer(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
             idle_timeout_secs: default_idle_timeout_secs(),
             request_body_timeout_ms: default_request_body_timeout_ms(),
@@ -455,6 +461,9 @@ fn default_max_concurrent_streams() -> u32 {
 fn default_max_connections() -> usize {
     crate::edge::DEFAULT_MAX_CONNECTIONS
 }
+fn default_max_connections_per_peer() -> usize {
+    crate::edge::DEFAULT_MAX_CONNECTIONS_PER_PEER
+}
 fn default_handshake_timeout_ms() -> u64 {
     crate::edge::DEFAULT_HANDSHAKE_TIMEOUT_MS
 }
@@ -719,6 +728,11 @@ impl Config {
                 "server.max_connections",
                 server.max_connections as u64,
                 1..=1_000_000,
+            ),
+            (
+                "server.max_connections_per_peer",
+                server.max_connections_per_peer as u64,
+                0..=1_000_000,
             ),
             (
                 "server.handshake_timeout_ms",

@@ -98,6 +98,9 @@ fn open_file_limit() -> Option<usize> {
 
 /// Default of [`EdgeSettings::max_connections`] (before [`connection_cap`]).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of [`EdgeSettings::max_connections_per_peer`]: a tenth of the default
+/// table, so that one address cannot fill it.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 1_000;
 /// Default of [`EdgeSettings::handshake_timeout`], in milliseconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// Default of [`EdgeSettings::idle_timeout`], in seconds.
@@ -116,6 +119,8 @@ pub const DEFAULT_MAX_REQUESTS_PER_PEER: usize = 256;
 pub struct EdgeSettings {
     /// Most open connections.
     pub max_connections: usize,
+    /// Most open connections from one peer address.
+    pub max_connections_per_peer: usize,
     /// Time for a new connection to send the HTTP/2 preface.
     pub handshake_timeout: Duration,
     /// Time a connection may stay open with no call in flight.
@@ -129,12 +134,14 @@ pub struct EdgeSettings {
 }
 
 impl Default for EdgeSettings {
-    /// 10,000 connections (lowered below the open-file limit), 5 s for the
+    /// 10,000 connections (lowered below the open-file limit), 1,000 of them
+    /// from one address, 5 s for the
     /// preface, 5 min idle, 3 s for a request's message, 64 KiB messages, 256
     /// calls in flight per peer address.
     fn default() -> Self {
         Self {
             max_connections: connection_cap(DEFAULT_MAX_CONNECTIONS),
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
             handshake_timeout: Duration::from_millis(DEFAULT_HANDSHAKE_TIMEOUT_MS),
             idle_timeout: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
             body_timeout: Duration::from_millis(DEFAULT_BODY_TIMEOUT_MS),
@@ -161,6 +168,9 @@ pub struct EdgeStats {
     pub body_timeouts: AtomicU64,
     /// Calls refused because their peer had `max_requests_per_peer` in flight.
     pub peer_limited: AtomicU64,
+    /// Connections closed at once because their address had
+    /// `max_connections_per_peer` open.
+    pub peer_refused: AtomicU64,
 }
 
 /// State shared by the listener, its connections and the request layer.
@@ -173,6 +183,8 @@ pub struct Edge {
     last_accept_error_ms: AtomicU64,
     shutting_down: std::sync::OnceLock<Instant>,
     peers: Mutex<HashMap<IpAddr, usize>>,
+    /// Open connections by peer address.
+    connections: Mutex<HashMap<IpAddr, usize>>,
     stats: EdgeStats,
 }
 
@@ -186,6 +198,7 @@ impl Edge {
             last_accept_error_ms: AtomicU64::new(0),
             shutting_down: std::sync::OnceLock::new(),
             peers: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
             stats: EdgeStats::default(),
         })
     }
@@ -203,6 +216,38 @@ impl Edge {
     /// Open connections.
     pub fn open_connections(&self) -> usize {
         self.open.load(Relaxed)
+    }
+
+    /// Whether accepting connections fails (out of descriptors, say): readiness.
+    /// A full connection table is not a reason to be taken out of rotation: a
+    /// stranger could cause it, and other addresses are still served while one
+    /// address holds its maximum.
+    pub fn is_accept_failing(&self) -> bool {
+        let last_error = self.last_accept_error_ms.load(Relaxed);
+        last_error != 0
+            && self.created.elapsed().as_millis() as u64
+                <= last_error + MAX_ACCEPT_BACKOFF.as_millis() as u64
+    }
+
+    /// Takes a connection slot of `ip`, unless it holds its maximum.
+    fn take_peer_slot(&self, ip: IpAddr) -> bool {
+        let mut open = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.settings.max_connections_per_peer {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release_peer_slot(&self, ip: IpAddr) {
+        let mut open = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ip);
+            }
+        }
     }
 
     /// Whether new connections are being refused (cap reached, accept failing).
@@ -260,10 +305,16 @@ fn accepting(
                             drop(stream);
                             continue;
                         }
+                        if !edge.take_peer_slot(remote.ip()) {
+                            edge.stats.peer_refused.fetch_add(1, Relaxed);
+                            drop(stream);
+                            continue;
+                        }
                         // Small answers (tokens, claims) must not wait for Nagle.
                         let _ = stream.set_nodelay(true);
                         edge.stats.accepted.fetch_add(1, Relaxed);
-                        let guarded = Guarded::new(stream, Some(remote), edge.clone());
+                        let mut guarded = Guarded::new(stream, Some(remote), edge.clone());
+                        guarded.counted_peer = true;
                         return Some((Ok(guarded), (listener, edge, backoff)));
                     }
                     Err(e) => {
@@ -351,6 +402,8 @@ pub struct PeerInfo {
 pub struct Guarded<IO> {
     io: IO,
     remote: Option<SocketAddr>,
+    /// Whether it holds a slot of its address's connection cap.
+    counted_peer: bool,
     conn: Arc<ConnState>,
     timer: Pin<Box<Sleep>>,
 }
@@ -365,6 +418,7 @@ impl<IO> Guarded<IO> {
         Self {
             io,
             remote,
+            counted_peer: false,
             conn: Arc::new(ConnState {
                 edge,
                 accepted,
@@ -380,6 +434,11 @@ impl<IO> Guarded<IO> {
 impl<IO> Drop for Guarded<IO> {
     fn drop(&mut self) {
         self.conn.edge.open.fetch_sub(1, Relaxed);
+        if self.counted_peer {
+            if let Some(remote) = self.remote {
+                self.conn.edge.release_peer_slot(remote.ip());
+            }
+        }
     }
 }
 

@@ -172,6 +172,10 @@ impl Settings {
             keepalive_timeout: secs(s.http2_keepalive_timeout_secs),
             edge: EdgeSettings {
                 max_connections: s.max_connections,
+                max_connections_per_peer: match s.max_connections_per_peer {
+                    0 => usize::MAX,
+                    n => n,
+                },
                 handshake_timeout: ms(s.handshake_timeout_ms),
                 idle_timeout: secs(s.idle_timeout_secs),
                 body_timeout: ms(s.request_body_timeout_ms),

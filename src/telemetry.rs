@@ -273,11 +273,13 @@ impl Telemetry {
     }
 
     /// Ready: every pool's first key set is loaded, the gRPC listener is up and
-    /// it is not refusing connections (at its cap, or out of descriptors).
+    /// accepting works (not out of descriptors). A full connection table does not
+    /// count: a stranger could cause it, and the per-address cap keeps room for
+    /// other callers.
     pub fn ready(&self) -> bool {
         self.listening.load(Relaxed)
             && self.validator.is_loaded()
-            && !self.edge.get().is_some_and(|e| e.is_refusing())
+            && !self.edge.get().is_some_and(|e| e.is_accept_failing())
     }
 
     /// The Prometheus text exposition.
@@ -582,6 +584,11 @@ impl Telemetry {
                     "connections_refused_total",
                     "Connections closed at once because server.max_connections were open.",
                     &e.refused,
+                ),
+                (
+                    "connections_peer_refused_total",
+                    "Connections closed at once because their address had server.max_connections_per_peer open.",
+                    &e.peer_refused,
                 ),
                 (
                     "connections_handshake_timeouts_total",

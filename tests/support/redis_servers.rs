@@ -165,6 +165,11 @@ pub struct RedisNode {
 
 impl RedisNode {
     fn spawn(args: &[String]) -> Child {
+        Self::try_spawn(args).unwrap_or_else(|log| panic!("redis-server {args:?} exited:\n{log}"))
+    }
+
+    /// Starts redis-server; its log when it exits before it is ready.
+    fn try_spawn(args: &[String]) -> Result<Child, String> {
         let mut child = Command::new("redis-server")
             .args(args)
             .stdout(Stdio::piped())
@@ -176,7 +181,8 @@ impl RedisNode {
         let mut seen = Vec::new();
         loop {
             let Some(Ok(line)) = lines.next() else {
-                panic!("redis-server {args:?} exited:\n{}", seen.join("\n"));
+                let _ = child.wait();
+                return Err(seen.join("\n"));
             };
             if line.contains("Ready to accept connections") {
                 break;
@@ -185,40 +191,57 @@ impl RedisNode {
         }
         // Keep draining its output so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        child
+        Ok(child)
+    }
+
+    /// Starts a node on a free port: `args_for(port)`, tried again on another
+    /// port when a parallel test took that one between the probe and the bind.
+    fn on_free_port(args_for: impl Fn(u16) -> Vec<String>) -> (Child, u16, Vec<String>) {
+        let mut last = String::new();
+        for _ in 0..10 {
+            let port = free_port();
+            let args = args_for(port);
+            match Self::try_spawn(&args) {
+                Ok(child) => return (child, port, args),
+                Err(log) if log.contains("Address already in use") => last = log,
+                Err(log) => panic!("redis-server {args:?} exited:\n{log}"),
+            }
+        }
+        panic!("no free port for redis-server:\n{last}");
     }
 
     /// A TLS-only node (`port 0`, `tls-port`), with `extra` arguments.
     pub fn tls(pki: &Pki, cert: &Path, key: &Path, extra: &[&str]) -> Self {
-        let port = free_port();
-        let dir = pki.dir.path().join(format!("node-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut args: Vec<String> = [
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--tls-cert-file",
-            cert.to_str().unwrap(),
-            "--tls-key-file",
-            key.to_str().unwrap(),
-            "--tls-ca-cert-file",
-            pki.ca.to_str().unwrap(),
-            "--tls-auth-clients",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Self::spawn(&args);
+        let (child, port, args) = Self::on_free_port(|port| {
+            let dir = pki.dir.path().join(format!("node-{port}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut args: Vec<String> = [
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                pki.ca.to_str().unwrap(),
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                dir.to_str().unwrap(),
+            ]
+            .map(String::from)
+            .to_vec();
+            args.extend(extra.iter().map(|s| s.to_string()));
+            args
+        });
         Self {
             child: Some(child),
             port,
@@ -229,24 +252,25 @@ impl RedisNode {
 
     /// A plain-TCP node on loopback.
     pub fn plain() -> Self {
-        let port = free_port();
         let dir = tempfile::tempdir().unwrap();
-        let args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.path().to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec();
+        let (child, port, args) = Self::on_free_port(|port| {
+            [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                dir.path().to_str().unwrap(),
+            ]
+            .map(String::from)
+            .to_vec()
+        });
         Self {
-            child: Some(Self::spawn(&args)),
+            child: Some(child),
             port,
             args,
             _dir: Some(dir),
