@@ -251,6 +251,17 @@ fn strangers_share(per_second: NonZeroU32) -> u32 {
     (per_second.get() / 10).max(1)
 }
 
+/// Slots of the schedule one client may hold ahead at once: a quarter of a
+/// second's budget, at least two.
+fn client_share(per_second: Option<NonZeroU32>) -> usize {
+    per_second.map_or(usize::MAX >> 4, |n| (n.get() as usize / 4).max(2))
+}
+
+/// The time between two slots of the budget.
+fn budget_interval(settings: &BrokerSettings) -> Duration {
+    Duration::from_secs(1) / settings.upstream_per_second.map_or(1, NonZeroU32::get)
+}
+
 /// The per-client limit of unproven attempts is this many times the per-source
 /// one: an owner at another address is served while one address floods.
 const SOURCES_PER_CLIENT: u32 = 10;
@@ -492,6 +503,8 @@ struct Inner {
     unknown_limiter: DefaultKeyedRateLimiter<u16>,
     unknown_buckets: foldhash::fast::RandomState,
     seams: Seams,
+    /// Each client's share of the schedule's slots ahead (by registry index).
+    client_queues: Box<[tokio::sync::Semaphore]>,
     settings: BrokerSettings,
     stats: BrokerStats,
     clients: ClientStats,
@@ -583,6 +596,11 @@ impl Broker {
                 unknown_limiter,
                 unknown_buckets: foldhash::fast::RandomState::default(),
                 seams,
+                client_queues: (0..slots)
+                    .map(|_| {
+                        tokio::sync::Semaphore::new(client_share(settings.upstream_per_second))
+                    })
+                    .collect(),
                 clients: ClientStats::new(&registry, slots),
                 registry,
                 settings,
@@ -1076,12 +1094,42 @@ impl Broker {
     /// Waits for a slot of the upstream budget (a miss), or takes one only if it
     /// is free now (a refresh). A secret not yet proven first needs a slot of the
     /// strangers' share (a tenth of the budget, fleet-wide with Redis).
-    async fn admit_upstream(&self, priority: Priority, proven: bool) -> Result<(), BrokerError> {
+    async fn admit_upstream(
+        &self,
+        client: &Client,
+        priority: Priority,
+        proven: bool,
+    ) -> Result<(), BrokerError> {
         let inner = &self.inner;
         let Some(budget) = &inner.seams.budget else {
             return Ok(());
         };
         let max_wait = inner.settings.upstream_max_wait;
+        let started = Instant::now();
+        // A client's misses reserve at most its share of slots ahead; the rest
+        // queue here, behind its own, so another client's first miss is never
+        // more than that share behind (one client's new scope sets cannot empty
+        // the schedule for everyone else).
+        let _share = if priority == Priority::Miss {
+            let queue = &inner.client_queues[client.index];
+            match tokio::time::timeout(max_wait, queue.acquire()).await {
+                Ok(Ok(permit)) => Some(permit),
+                Ok(Err(_)) => None,
+                Err(_) => {
+                    inner
+                        .stats
+                        .budget
+                        .refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Err(BrokerError::UpstreamBudget {
+                        retry_after: max_wait + budget_interval(&inner.settings),
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        let max_wait = max_wait.saturating_sub(started.elapsed());
         if !proven {
             if let Some(strangers) = &inner.seams.strangers {
                 match strangers.reserve(Priority::Miss, max_wait).await {
@@ -1119,7 +1167,7 @@ impl Broker {
     ) -> Result<Arc<Entry>, BrokerError> {
         let inner = &self.inner;
         let (credentials, verifier) = (caller.credentials, caller.verifier);
-        self.admit_upstream(priority, caller.proven).await?;
+        self.admit_upstream(client, priority, caller.proven).await?;
         let started = Instant::now();
         inner.clients.upstream(client.index);
         let result = inner
