@@ -120,6 +120,14 @@ pub struct ServerConfig {
     /// behind a proxy that makes every caller one address).
     #[serde(default = "default_max_requests_per_peer")]
     pub max_requests_per_peer: usize,
+    /// Longest life of a stream (Health/Watch, reflection), in seconds; it then
+    /// ends with DEADLINE_EXCEEDED and the client opens a new one.
+    #[serde(default = "default_max_stream_secs")]
+    pub max_stream_secs: u64,
+    /// Most streams open from one peer address, apart from its unary calls; 0 =
+    /// no per-peer limit.
+    #[serde(default = "default_max_streams_per_peer")]
+    pub max_streams_per_peer: usize,
 }
 
 impl Default for ServerConfig {
@@ -141,6 +149,8 @@ impl Default for ServerConfig {
             idle_timeout_secs: default_idle_timeout_secs(),
             request_body_timeout_ms: default_request_body_timeout_ms(),
             max_requests_per_peer: default_max_requests_per_peer(),
+            max_stream_secs: default_max_stream_secs(),
+            max_streams_per_peer: default_max_streams_per_peer(),
         }
     }
 }
@@ -464,6 +474,12 @@ fn default_max_connections() -> usize {
 fn default_max_connections_per_peer() -> usize {
     crate::edge::DEFAULT_MAX_CONNECTIONS_PER_PEER
 }
+fn default_max_stream_secs() -> u64 {
+    crate::edge::DEFAULT_MAX_STREAM_SECS
+}
+fn default_max_streams_per_peer() -> usize {
+    crate::edge::DEFAULT_MAX_STREAMS_PER_PEER
+}
 fn default_handshake_timeout_ms() -> u64 {
     crate::edge::DEFAULT_HANDSHAKE_TIMEOUT_MS
 }
@@ -732,6 +748,12 @@ impl Config {
             (
                 "server.max_connections_per_peer",
                 server.max_connections_per_peer as u64,
+                0..=1_000_000,
+            ),
+            ("server.max_stream_secs", server.max_stream_secs, 1..=86_400),
+            (
+                "server.max_streams_per_peer",
+                server.max_streams_per_peer as u64,
                 0..=1_000_000,
             ),
             (

@@ -67,6 +67,15 @@ pub const REFLECTION_PATHS: [&str; 2] = [
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
+/// Server-streaming methods whose answers last (a stream, not one message):
+/// they get the stream lifetime and the stream slots instead of the unary ones.
+pub const LONG_LIVED_PATHS: [&str; 1] = ["/grpc.health.v1.Health/Watch"];
+
+/// Time a call's answer may take to leave after its deadline before its
+/// connection is closed as stalled (a peer that does not read, a flow-control
+/// window left at 0).
+const STALL_GRACE: Duration = Duration::from_secs(2);
+
 /// Descriptors kept for the process itself (upstream, Redis, admin, logs).
 const RESERVED_DESCRIPTORS: usize = 256;
 
@@ -101,6 +110,13 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default of [`EdgeSettings::max_connections_per_peer`]: a tenth of the default
 /// table, so that one address cannot fill it.
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 1_000;
+/// Default of [`EdgeSettings::response_timeout`], in milliseconds (the gateway's
+/// `server.request_timeout_ms`).
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 10_000;
+/// Default of [`EdgeSettings::max_stream_lifetime`], in seconds.
+pub const DEFAULT_MAX_STREAM_SECS: u64 = 300;
+/// Default of [`EdgeSettings::max_streams_per_peer`].
+pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 16;
 /// Default of [`EdgeSettings::handshake_timeout`], in milliseconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// Default of [`EdgeSettings::idle_timeout`], in seconds.
@@ -131,6 +147,14 @@ pub struct EdgeSettings {
     pub max_message_bytes: usize,
     /// Most calls in flight from one peer address.
     pub max_requests_per_peer: usize,
+    /// Time a unary call has to be answered, its answer sent included; past it
+    /// (and a short grace) a connection whose answer cannot leave is closed.
+    pub response_timeout: Duration,
+    /// Longest life of a stream (Health/Watch, reflection): it then ends with
+    /// `DEADLINE_EXCEEDED`, and the client opens a new one.
+    pub max_stream_lifetime: Duration,
+    /// Most streams open from one peer address (apart from its unary calls).
+    pub max_streams_per_peer: usize,
 }
 
 impl Default for EdgeSettings {
@@ -147,6 +171,9 @@ impl Default for EdgeSettings {
             body_timeout: Duration::from_millis(DEFAULT_BODY_TIMEOUT_MS),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_requests_per_peer: DEFAULT_MAX_REQUESTS_PER_PEER,
+            response_timeout: Duration::from_millis(DEFAULT_RESPONSE_TIMEOUT_MS),
+            max_stream_lifetime: Duration::from_secs(DEFAULT_MAX_STREAM_SECS),
+            max_streams_per_peer: DEFAULT_MAX_STREAMS_PER_PEER,
         }
     }
 }
@@ -171,6 +198,12 @@ pub struct EdgeStats {
     /// Connections closed at once because their address had
     /// `max_connections_per_peer` open.
     pub peer_refused: AtomicU64,
+    /// Connections closed because an answer could not leave by its deadline.
+    pub stalled_closed: AtomicU64,
+    /// Streams ended at `max_stream_lifetime`.
+    pub streams_expired: AtomicU64,
+    /// Streams refused because their peer had `max_streams_per_peer` open.
+    pub streams_peer_limited: AtomicU64,
 }
 
 /// State shared by the listener, its connections and the request layer.
@@ -183,6 +216,8 @@ pub struct Edge {
     last_accept_error_ms: AtomicU64,
     shutting_down: std::sync::OnceLock<Instant>,
     peers: Mutex<HashMap<IpAddr, usize>>,
+    /// Open streams by peer address.
+    stream_peers: Mutex<HashMap<IpAddr, usize>>,
     /// Open connections by peer address.
     connections: Mutex<HashMap<IpAddr, usize>>,
     stats: EdgeStats,
@@ -198,6 +233,7 @@ impl Edge {
             last_accept_error_ms: AtomicU64::new(0),
             shutting_down: std::sync::OnceLock::new(),
             peers: Mutex::new(HashMap::new()),
+            stream_peers: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
             stats: EdgeStats::default(),
         })
@@ -344,14 +380,22 @@ pub struct ConnState {
     calls: AtomicUsize,
     /// Milliseconds since `accepted` when the last call ended.
     last_call_ms: AtomicU64,
+    /// When each call in flight must have left, by call number.
+    call_deadlines: Mutex<Vec<(u64, Instant)>>,
+    next_call: AtomicU64,
 }
 
 impl ConnState {
-    /// When the connection should be closed, if nothing changes.
+    /// When the connection should be closed, if nothing changes: with calls in
+    /// flight, when the first of them is overdue (its answer cannot leave).
     fn deadline(&self) -> Option<Instant> {
         let settings = &self.edge.settings;
         if self.calls.load(Relaxed) > 0 {
-            return None;
+            let due = self
+                .call_deadlines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            return due.iter().map(|(_, at)| *at).min();
         }
         let last_call = self.accepted + Duration::from_millis(self.last_call_ms.load(Relaxed));
         if let Some(&since) = self.edge.shutting_down.get() {
@@ -364,20 +408,30 @@ impl ConnState {
         Some(last_call + settings.idle_timeout)
     }
 
-    fn call_started(self: &Arc<Self>) -> CallGuard {
+    fn call_started(self: &Arc<Self>, lifetime: Duration) -> CallGuard {
+        let id = self.next_call.fetch_add(1, Relaxed);
+        self.call_deadlines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, Instant::now() + lifetime + STALL_GRACE));
         self.calls.fetch_add(1, Relaxed);
-        CallGuard(self.clone())
+        CallGuard(self.clone(), id)
     }
 }
 
 /// Marks a call in flight on its connection until dropped.
 #[derive(Debug)]
-struct CallGuard(Arc<ConnState>);
+struct CallGuard(Arc<ConnState>, u64);
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
         let ms = self.0.accepted.elapsed().as_millis() as u64;
         self.0.last_call_ms.store(ms, Relaxed);
+        self.0
+            .call_deadlines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(id, _)| *id != self.1);
         self.0.calls.fetch_sub(1, Relaxed);
     }
 }
@@ -425,6 +479,8 @@ impl<IO> Guarded<IO> {
                 read: AtomicU64::new(0),
                 calls: AtomicUsize::new(0),
                 last_call_ms: AtomicU64::new(0),
+                call_deadlines: Mutex::new(Vec::new()),
+                next_call: AtomicU64::new(0),
             }),
             timer,
         }
@@ -462,7 +518,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
             };
             if Instant::now() >= deadline {
                 let edge = &this.conn.edge;
-                let (counter, why) = if this.conn.read.load(Relaxed) < PREFACE_LEN {
+                let (counter, why) = if this.conn.calls.load(Relaxed) > 0 {
+                    (
+                        &edge.stats.stalled_closed,
+                        "an answer could not leave by its deadline (the peer does not read)",
+                    )
+                } else if this.conn.read.load(Relaxed) < PREFACE_LEN {
                     (&edge.stats.handshake_timeouts, "no HTTP/2 preface in time")
                 } else {
                     (&edge.stats.idle_closed, "idle connection closed")
@@ -575,11 +636,18 @@ pub struct EdgeService<S> {
 struct PeerSlot {
     edge: Arc<Edge>,
     ip: IpAddr,
+    /// A stream's slot (its own table), or a unary call's.
+    stream: bool,
 }
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let mut peers = self.edge.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let table = if self.stream {
+            &self.edge.stream_peers
+        } else {
+            &self.edge.peers
+        };
+        let mut peers = table.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = peers.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -590,16 +658,22 @@ impl Drop for PeerSlot {
 }
 
 impl Edge {
-    fn peer_slot(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+    fn peer_slot(self: &Arc<Self>, ip: IpAddr, stream: bool) -> Option<PeerSlot> {
+        let (table, max) = if stream {
+            (&self.stream_peers, self.settings.max_streams_per_peer)
+        } else {
+            (&self.peers, self.settings.max_requests_per_peer)
+        };
+        let mut peers = table.lock().unwrap_or_else(|p| p.into_inner());
         let n = peers.entry(ip).or_insert(0);
-        if *n >= self.settings.max_requests_per_peer {
+        if *n >= max {
             return None;
         }
         *n += 1;
         Some(PeerSlot {
             edge: self.clone(),
             ip,
+            stream,
         })
     }
 }
@@ -669,6 +743,10 @@ struct Tracked {
     inner: Body,
     _call: Option<CallGuard>,
     _peer: Option<PeerSlot>,
+    /// A stream's end of life: it then ends with `DEADLINE_EXCEEDED`.
+    expires: Option<Pin<Box<Sleep>>>,
+    edge: Arc<Edge>,
+    ended: bool,
 }
 
 impl http_body::Body for Tracked {
@@ -679,7 +757,28 @@ impl http_body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                let this = &mut *self;
+                let Some(expires) = this.expires.as_mut() else {
+                    return Poll::Pending;
+                };
+                ready!(expires.as_mut().poll(cx));
+                this.ended = true;
+                this.edge.stats.streams_expired.fetch_add(1, Relaxed);
+                let status = Status::deadline_exceeded(format!(
+                    "streams last at most {} s: open a new one",
+                    this.edge.settings.max_stream_lifetime.as_secs()
+                ));
+                let mut trailers = http::HeaderMap::new();
+                let _ = status.add_header(&mut trailers);
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+        };
         Poll::Ready(frame.map(|f| {
             f.map(|frame| match frame.into_trailers() {
                 Ok(mut trailers) => {
@@ -692,7 +791,7 @@ impl http_body::Body for Tracked {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -720,7 +819,9 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let edge = self.layer.edge.clone();
-        let streaming = self.layer.streaming.iter().any(|p| *p == req.uri().path());
+        let path = req.uri().path();
+        let streaming = self.layer.streaming.contains(&path);
+        let long_lived = streaming || LONG_LIVED_PATHS.contains(&path);
         let mut inner = self.inner.clone();
         Box::pin(async move {
             let grpc = req
@@ -731,7 +832,12 @@ where
             if !grpc {
                 return Ok(unsupported_media_type());
             }
-            let call = peer_info(&req).map(|p| p.conn.call_started());
+            let lifetime = if long_lived {
+                edge.settings.max_stream_lifetime
+            } else {
+                edge.settings.response_timeout
+            };
+            let call = peer_info(&req).map(|p| p.conn.call_started(lifetime));
             let ip = peer_addr(&req).map(|a| a.ip());
             let req = if streaming {
                 req
@@ -770,8 +876,15 @@ where
             // The message is in: from here on the gateway works, and the call counts
             // against its peer's share.
             let peer = match ip {
-                Some(ip) => match edge.peer_slot(ip) {
+                Some(ip) => match edge.peer_slot(ip, long_lived) {
                     Some(slot) => Some(slot),
+                    None if long_lived => {
+                        edge.stats.streams_peer_limited.fetch_add(1, Relaxed);
+                        return Ok(Status::resource_exhausted(
+                            "too many streams open from this address",
+                        )
+                        .into_http());
+                    }
                     None => {
                         edge.stats.peer_limited.fetch_add(1, Relaxed);
                         return Ok(Status::resource_exhausted(
@@ -788,11 +901,16 @@ where
                 .await?;
             let mut response = response;
             bound_status_message(response.headers_mut());
+            let expires =
+                long_lived.then(|| Box::pin(tokio::time::sleep(edge.settings.max_stream_lifetime)));
             Ok(response.map(|inner| {
                 Body::new(Tracked {
                     inner,
                     _call: call,
                     _peer: peer,
+                    expires,
+                    edge,
+                    ended: false,
                 })
             }))
         })

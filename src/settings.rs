@@ -184,6 +184,12 @@ impl Settings {
                     0 => usize::MAX,
                     n => n,
                 },
+                response_timeout: ms(s.request_timeout_ms),
+                max_stream_lifetime: secs(s.max_stream_secs),
+                max_streams_per_peer: match s.max_streams_per_peer {
+                    0 => usize::MAX,
+                    n => n,
+                },
             },
         };
         let validator = ValidatorSettings {

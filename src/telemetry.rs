@@ -591,6 +591,21 @@ impl Telemetry {
                     &e.peer_refused,
                 ),
                 (
+                    "connections_stalled_closed_total",
+                    "Connections closed because an answer could not leave by its deadline (the peer does not read).",
+                    &e.stalled_closed,
+                ),
+                (
+                    "streams_expired_total",
+                    "Streams ended at server.max_stream_secs.",
+                    &e.streams_expired,
+                ),
+                (
+                    "streams_peer_limited_total",
+                    "Streams refused because their address had server.max_streams_per_peer open.",
+                    &e.streams_peer_limited,
+                ),
+                (
                     "connections_handshake_timeouts_total",
                     "Connections closed for not sending the HTTP/2 preface in time.",
                     &e.handshake_timeouts,

@@ -382,3 +382,101 @@ async fn one_address_cannot_fill_the_connection_table() {
         );
     }
 }
+
+/// A Health/Watch stream lives at most `max_stream_secs`, then ends with
+/// DEADLINE_EXCEEDED (the client opens a new one): it cannot hold its
+/// connection open past every idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_at_its_lifetime() {
+    let (gw, _emu) = gateway(|c| c.server.max_stream_secs = 1).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(gw.channel().await);
+    let started = std::time::Instant::now();
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some(), "the first status");
+    let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the stream ended");
+    let status = end.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(metric(&metrics, "m2m_gateway_streams_expired_total"), 1.0);
+}
+
+/// A caller that never opens its flow-control window (the answer can never be
+/// sent) loses its connection shortly after the call's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_cannot_leave_closes_its_connection() {
+    let (gw, _emu) = gateway(|c| c.server.request_timeout_ms = 1000).await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = conn.await;
+        let _ = closed_tx.send(());
+    });
+    let request = grpc_request(gw.addr, "/grpc.health.v1.Health/Check", "application/grpc");
+    let (_response, mut body) = client.send_request(request, false).unwrap();
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(8), closed_rx)
+        .await
+        .expect("the stalled connection was closed")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "not before the deadline"
+    );
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(
+        metric(&metrics, "m2m_gateway_connections_stalled_closed_total"),
+        1.0,
+        "{metrics}"
+    );
+}
+
+/// Streams have their own per-address slots: one address's Watch streams never
+/// take the unary share of other callers behind the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_do_not_take_the_unary_share_of_an_address() {
+    let (gw, _emu) = gateway(|c| {
+        c.server.max_requests_per_peer = 2;
+        c.server.max_streams_per_peer = 3;
+    })
+    .await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(gw.channel().await);
+    let request = || tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = health.watch(request()).await.unwrap().into_inner();
+        assert!(s.message().await.unwrap().is_some());
+        streams.push(s);
+    }
+    // A fourth stream from the address is refused, its unary calls are not.
+    let refused = match health.watch(request()).await {
+        Err(status) => status,
+        Ok(r) => r.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    for _ in 0..5 {
+        health
+            .check(request())
+            .await
+            .expect("a unary call is served");
+    }
+    let mut c = gw.client().await;
+    c.validate(junk_validate()).await.unwrap();
+}
