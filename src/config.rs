@@ -128,6 +128,9 @@ pub struct ServerConfig {
     /// no per-peer limit.
     #[serde(default = "default_max_streams_per_peer")]
     pub max_streams_per_peer: usize,
+    /// Most streams open on one connection.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: usize,
 }
 
 impl Default for ServerConfig {
@@ -151,6 +154,7 @@ impl Default for ServerConfig {
             max_requests_per_peer: default_max_requests_per_peer(),
             max_stream_secs: default_max_stream_secs(),
             max_streams_per_peer: default_max_streams_per_peer(),
+            max_streams_per_connection: default_max_streams_per_connection(),
         }
     }
 }
@@ -480,6 +484,9 @@ fn default_max_stream_secs() -> u64 {
 fn default_max_streams_per_peer() -> usize {
     crate::edge::DEFAULT_MAX_STREAMS_PER_PEER
 }
+fn default_max_streams_per_connection() -> usize {
+    crate::edge::DEFAULT_MAX_STREAMS_PER_CONNECTION
+}
 fn default_handshake_timeout_ms() -> u64 {
     crate::edge::DEFAULT_HANDSHAKE_TIMEOUT_MS
 }
@@ -755,6 +762,11 @@ impl Config {
                 "server.max_streams_per_peer",
                 server.max_streams_per_peer as u64,
                 0..=1_000_000,
+            ),
+            (
+                "server.max_streams_per_connection",
+                server.max_streams_per_connection as u64,
+                1..=1_000,
             ),
             (
                 "server.handshake_timeout_ms",

@@ -117,6 +117,8 @@ pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_STREAM_SECS: u64 = 300;
 /// Default of [`EdgeSettings::max_streams_per_peer`].
 pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 16;
+/// Default of [`EdgeSettings::max_streams_per_connection`].
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 4;
 /// Default of [`EdgeSettings::handshake_timeout`], in milliseconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// Default of [`EdgeSettings::idle_timeout`], in seconds.
@@ -155,6 +157,8 @@ pub struct EdgeSettings {
     pub max_stream_lifetime: Duration,
     /// Most streams open from one peer address (apart from its unary calls).
     pub max_streams_per_peer: usize,
+    /// Most streams open on one connection.
+    pub max_streams_per_connection: usize,
 }
 
 impl Default for EdgeSettings {
@@ -174,6 +178,7 @@ impl Default for EdgeSettings {
             response_timeout: Duration::from_millis(DEFAULT_RESPONSE_TIMEOUT_MS),
             max_stream_lifetime: Duration::from_secs(DEFAULT_MAX_STREAM_SECS),
             max_streams_per_peer: DEFAULT_MAX_STREAMS_PER_PEER,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
         }
     }
 }
@@ -202,7 +207,8 @@ pub struct EdgeStats {
     pub stalled_closed: AtomicU64,
     /// Streams ended at `max_stream_lifetime`.
     pub streams_expired: AtomicU64,
-    /// Streams refused because their peer had `max_streams_per_peer` open.
+    /// Streams refused because their peer had `max_streams_per_peer` open, or
+    /// their connection `max_streams_per_connection`.
     pub streams_peer_limited: AtomicU64,
 }
 
@@ -383,6 +389,8 @@ pub struct ConnState {
     /// When each call in flight must have left, by call number.
     call_deadlines: Mutex<Vec<(u64, Instant)>>,
     next_call: AtomicU64,
+    /// Streams open on this connection.
+    streams: AtomicUsize,
 }
 
 impl ConnState {
@@ -406,6 +414,15 @@ impl ConnState {
             return Some(self.accepted + settings.handshake_timeout);
         }
         Some(last_call + settings.idle_timeout)
+    }
+
+    /// Takes one of the connection's stream slots, unless all are taken.
+    fn stream_started(self: &Arc<Self>) -> Option<StreamGuard> {
+        let max = self.edge.settings.max_streams_per_connection;
+        self.streams
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| StreamGuard(self.clone()))
     }
 
     fn call_started(self: &Arc<Self>, lifetime: Duration) -> CallGuard {
@@ -433,6 +450,16 @@ impl Drop for CallGuard {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(id, _)| *id != self.1);
         self.0.calls.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Holds one of a connection's stream slots until dropped.
+#[derive(Debug)]
+struct StreamGuard(Arc<ConnState>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Relaxed);
     }
 }
 
@@ -481,6 +508,7 @@ impl<IO> Guarded<IO> {
                 last_call_ms: AtomicU64::new(0),
                 call_deadlines: Mutex::new(Vec::new()),
                 next_call: AtomicU64::new(0),
+                streams: AtomicUsize::new(0),
             }),
             timer,
         }
@@ -745,6 +773,7 @@ struct Tracked {
     _peer: Option<PeerSlot>,
     /// A stream's end of life: it then ends with `DEADLINE_EXCEEDED`.
     expires: Option<Pin<Box<Sleep>>>,
+    _stream: Option<StreamGuard>,
     edge: Arc<Edge>,
     ended: bool,
 }
@@ -837,6 +866,19 @@ where
             } else {
                 edge.settings.response_timeout
             };
+            let stream = match peer_info(&req) {
+                Some(p) if long_lived => match p.conn.stream_started() {
+                    Some(guard) => Some(guard),
+                    None => {
+                        edge.stats.streams_peer_limited.fetch_add(1, Relaxed);
+                        return Ok(Status::resource_exhausted(
+                            "too many streams open on this connection",
+                        )
+                        .into_http());
+                    }
+                },
+                _ => None,
+            };
             let call = peer_info(&req).map(|p| p.conn.call_started(lifetime));
             let ip = peer_addr(&req).map(|a| a.ip());
             let req = if streaming {
@@ -909,6 +951,7 @@ where
                     _call: call,
                     _peer: peer,
                     expires,
+                    _stream: stream,
                     edge,
                     ended: false,
                 })

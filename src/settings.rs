@@ -190,6 +190,7 @@ impl Settings {
                     0 => usize::MAX,
                     n => n,
                 },
+                max_streams_per_connection: s.max_streams_per_connection,
             },
         };
         let validator = ValidatorSettings {

@@ -453,6 +453,7 @@ async fn streams_do_not_take_the_unary_share_of_an_address() {
     let (gw, _emu) = gateway(|c| {
         c.server.max_requests_per_peer = 2;
         c.server.max_streams_per_peer = 3;
+        c.server.max_streams_per_connection = 3;
     })
     .await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(gw.channel().await);
@@ -479,4 +480,37 @@ async fn streams_do_not_take_the_unary_share_of_an_address() {
     }
     let mut c = gw.client().await;
     c.validate(junk_validate()).await.unwrap();
+}
+
+/// One connection holds at most `max_streams_per_connection` streams; another
+/// connection from the same address still opens its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_a_bounded_number_of_streams() {
+    let (gw, _emu) = gateway(|c| c.server.max_streams_per_connection = 2).await;
+    let request = || tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut one = tonic_health::pb::health_client::HealthClient::new(gw.channel().await);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = one.watch(request()).await.unwrap().into_inner();
+        assert!(s.message().await.unwrap().is_some());
+        held.push(s);
+    }
+    let refused = match one.watch(request()).await {
+        Err(status) => status,
+        Ok(r) => r.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("connection"), "{refused:?}");
+    let mut other = tonic_health::pb::health_client::HealthClient::new(gw.channel().await);
+    let mut s = other.watch(request()).await.unwrap().into_inner();
+    assert!(
+        s.message().await.unwrap().is_some(),
+        "another connection opens one"
+    );
 }
