@@ -218,6 +218,9 @@ pub(crate) struct Link {
     target: RedisTarget,
     info: ConnectionInfo,
     seed: Client,
+    /// The private CA with the platform's roots, read once (every client of the
+    /// link, node and pub/sub ones included, trusts this bundle).
+    roots: Option<Vec<u8>>,
     #[cfg(feature = "aws")]
     iam: Option<super::iam::IamCredentials>,
     conn: tokio::sync::OnceCell<Conn>,
@@ -248,7 +251,8 @@ impl Link {
     pub(crate) fn new(target: RedisTarget) -> Result<Self, LinkError> {
         install_crypto_provider();
         let info = connection_info(&target)?;
-        let seed = client_for(&target, info.clone())?;
+        let roots = target.ca_pem.as_deref().map(with_platform_roots);
+        let seed = client_for(roots.as_deref(), info.clone())?;
         if target.iam.is_some() {
             if !cfg!(feature = "aws") {
                 return Err(LinkError::Setup(
@@ -269,6 +273,7 @@ impl Link {
             target,
             info,
             seed,
+            roots,
             conn: tokio::sync::OnceCell::new(),
             topology: OnceLock::new(),
             masters: Mutex::new(Vec::new()),
@@ -444,22 +449,18 @@ impl Link {
     async fn client(&self, info: ConnectionInfo) -> Result<Client, LinkError> {
         #[cfg(feature = "aws")]
         if self.iam.is_some() {
-            return client_for(&self.target, self.authed(info).await?);
+            return client_for(self.roots.as_deref(), self.authed(info).await?);
         }
         if info.addr() == self.info.addr() {
             return Ok(self.seed.clone());
         }
-        client_for(&self.target, info)
+        client_for(self.roots.as_deref(), info)
     }
 
     fn certificates(&self) -> TlsCertificates {
         TlsCertificates {
             client_tls: None,
-            root_cert: self
-                .target
-                .ca_pem
-                .as_ref()
-                .map(|ca| with_platform_roots(ca)),
+            root_cert: self.roots.clone(),
         }
     }
 
@@ -532,13 +533,15 @@ fn connection_info(target: &RedisTarget) -> Result<ConnectionInfo, LinkError> {
     Ok(info.set_redis_settings(redis))
 }
 
-fn client_for(target: &RedisTarget, info: ConnectionInfo) -> Result<Client, LinkError> {
-    let result = match (&target.ca_pem, info.addr()) {
-        (Some(ca), ConnectionAddr::TcpTls { .. }) => Client::build_with_tls(
+/// A client for `info`, trusting `roots` (the private CA with the platform's
+/// roots) when given and the URL is TLS.
+fn client_for(roots: Option<&[u8]>, info: ConnectionInfo) -> Result<Client, LinkError> {
+    let result = match (roots, info.addr()) {
+        (Some(roots), ConnectionAddr::TcpTls { .. }) => Client::build_with_tls(
             info,
             TlsCertificates {
                 client_tls: None,
-                root_cert: Some(with_platform_roots(ca)),
+                root_cert: Some(roots.to_vec()),
             },
         ),
         _ => Client::open(info),
