@@ -18,7 +18,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 use url::Url;
 
-use crate::registry::{self, ScopeError};
+use crate::rules::{
+    cognito::{DEFAULT_POOL, IssuerType, PoolError, PoolSpec, is_pool_name},
+    scope::{ScopeError, is_valid_client_id, validate_scope},
+};
 
 /// Prefix of the environment variables that override configuration keys:
 /// `M2M_GATEWAY__SERVER__LISTEN=127.0.0.1:6000` sets `[server] listen`.
@@ -194,7 +197,7 @@ pub struct CognitoConfig {
     /// `updated` (`https://issuer-cognito-idp.<region>…`); derives the issuer and
     /// the JWKS URI.
     #[serde(default)]
-    pub issuer_type: crate::jwt::IssuerType,
+    pub issuer_type: IssuerType,
     /// Also accept tokens of the pool's other issuer form (`true`), or of the
     /// issuers listed, during an issuer migration; each with its own key set.
     #[serde(default)]
@@ -637,14 +640,6 @@ pub struct AcceptedIssuer {
     pub jwks_uri: Url,
 }
 
-/// Pool names: what `[[clients]] pool` and metric labels can carry.
-fn is_pool_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
-
 impl Config {
     /// Reads `path` (must exist) with environment overrides, unchecked: use
     /// [`Settings::load`](crate::settings::Settings::load).
@@ -970,7 +965,7 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, client) in self.clients.iter().enumerate() {
             let key = |k: &str| format!("clients[{i}].{k}");
-            if !registry::is_valid_client_id(&client.client_id) {
+            if !is_valid_client_id(&client.client_id) {
                 return Err(invalid(
                     &key("client_id"),
                     "must be 1-128 characters of [A-Za-z0-9_+-]".into(),
@@ -1014,7 +1009,7 @@ impl Config {
                 ));
             }
             for scope in &client.allowed_scopes {
-                registry::validate_scope(scope)
+                validate_scope(scope)
                     .map_err(|e: ScopeError| invalid(&key("allowed_scopes"), e.to_string()))?;
             }
         }
@@ -1039,12 +1034,12 @@ impl Config {
     pub(crate) fn pool_of<'a>(&'a self, client: &'a ClientConfig) -> &'a str {
         match (&client.pool, &self.cognito) {
             (Some(pool), _) => pool,
-            (None, Some(c)) => c.name.as_deref().unwrap_or(crate::jwt::DEFAULT_POOL),
+            (None, Some(c)) => c.name.as_deref().unwrap_or(DEFAULT_POOL),
             (None, None) => self
                 .pools
                 .first()
                 .and_then(|p| p.name.as_deref())
-                .unwrap_or(crate::jwt::DEFAULT_POOL),
+                .unwrap_or(DEFAULT_POOL),
         }
     }
 
@@ -1100,7 +1095,7 @@ fn check_pool(
     let key = |k: &str| format!("{prefix}.{k}");
     let name = match (&c.name, shorthand) {
         (Some(name), _) => name.clone(),
-        (None, true) => crate::jwt::DEFAULT_POOL.to_owned(),
+        (None, true) => DEFAULT_POOL.to_owned(),
         (None, false) => {
             return Err((
                 key("name"),
@@ -1115,32 +1110,28 @@ fn check_pool(
             format!("{name:?} must be 1-64 characters of [A-Za-z0-9_.-]"),
         ));
     }
-    if !is_region(&c.region) {
-        return Err((
-            key("region"),
-            format!("{:?} is not an AWS Region such as us-east-1", c.region),
-        ));
+    let (accept_other_form, accept_issuers) = match &c.accept_previous_issuer {
+        AcceptPrevious::Flag(flag) => (*flag, &[][..]),
+        AcceptPrevious::Issuers(list) => (false, &list[..]),
+    };
+    let derived = PoolSpec {
+        region: Some(&c.region),
+        user_pool_id: Some(&c.user_pool_id),
+        issuer_type: c.issuer_type,
+        issuer: c.issuer.as_deref(),
+        jwks_uri: c.jwks_uri.as_deref(),
+        accept_other_form,
+        accept_issuers,
     }
-    if !is_pool_id(&c.user_pool_id) {
-        return Err((
-            key("user_pool_id"),
-            format!(
-                "{:?} is not a user pool id such as us-east-1_AbCdEf123",
-                c.user_pool_id
-            ),
-        ));
-    }
-    let pool_region = c.user_pool_id.split('_').next().unwrap_or_default();
-    if c.issuer.is_none() && pool_region != c.region {
-        return Err((
-            key("region"),
-            format!(
-                "{:?} is not the Region of user pool {:?} (its id starts with {pool_region:?}); \
-                 the derived issuer would refuse every token",
-                c.region, c.user_pool_id
-            ),
-        ));
-    }
+    .issuers()
+    .map_err(|e| {
+        let k = key(e.key());
+        let message = match e {
+            PoolError::PreviousIssuerUnknown => "true derives the other issuer form from region and user_pool_id, but issuer is set by hand: list the previous issuer instead (accept_previous_issuer = [\"https://...\"])".to_owned(),
+            e => e.to_string(),
+        };
+        (k, message)
+    })?;
     if let (Some(domain), None) = (&c.domain, &c.token_endpoint) {
         if let Ok(url) = Url::parse(domain) {
             if !matches!(url.path(), "" | "/") {
@@ -1154,18 +1145,11 @@ fn check_pool(
             }
         }
     }
-    let issuer = match &c.issuer {
-        Some(i) => {
-            checked_url(&key("issuer"), i)?;
-            i.clone()
-        }
-        None => c.issuer_type.issuer(&c.region, &c.user_pool_id),
-    };
-    let jwks_uri = match &c.jwks_uri {
-        Some(u) => u.clone(),
-        None => crate::jwt::jwks_uri_of(&issuer),
-    };
-    let jwks_uri = checked_url(&key("jwks_uri"), &jwks_uri)?;
+    if c.issuer.is_some() {
+        checked_url(&key("issuer"), &derived.issuer)?;
+    }
+    let issuer = derived.issuer;
+    let jwks_uri = checked_url(&key("jwks_uri"), &derived.jwks_uri)?;
     // Blame the key the user wrote: the token endpoint is derived from the domain.
     let (token_key, token_endpoint) = match (&c.token_endpoint, &c.domain) {
         (Some(t), _) => (
@@ -1189,36 +1173,10 @@ fn check_pool(
     };
     check_transport(&token_endpoint).map_err(|m| (token_key, m.to_string()))?;
     check_transport(&jwks_uri).map_err(|m| (key("jwks_uri"), m.to_string()))?;
-    let previous = match &c.accept_previous_issuer {
-        AcceptPrevious::Flag(false) => Vec::new(),
-        AcceptPrevious::Flag(true) => {
-            if c.issuer.is_some() {
-                return Err((
-                    key("accept_previous_issuer"),
-                    "true derives the other issuer form from region and user_pool_id, but issuer is set by hand: list the previous issuer instead (accept_previous_issuer = [\"https://...\"])".into(),
-                ));
-            }
-            vec![c.issuer_type.other().issuer(&c.region, &c.user_pool_id)]
-        }
-        AcceptPrevious::Issuers(list) => list.clone(),
-    };
     let mut accepted_issuers = Vec::new();
-    for other in previous {
+    for (other, jwks) in derived.previous {
         checked_url(&key("accept_previous_issuer"), &other)?;
-        if other == issuer
-            || accepted_issuers
-                .iter()
-                .any(|a: &AcceptedIssuer| a.issuer == other)
-        {
-            return Err((
-                key("accept_previous_issuer"),
-                format!("{other:?} is listed twice (or is the pool's own issuer)"),
-            ));
-        }
-        let jwks = checked_url(
-            &key("accept_previous_issuer"),
-            &crate::jwt::jwks_uri_of(&other),
-        )?;
+        let jwks = checked_url(&key("accept_previous_issuer"), &jwks)?;
         check_transport(&jwks).map_err(|m| (key("accept_previous_issuer"), m.to_string()))?;
         accepted_issuers.push(AcceptedIssuer {
             issuer: other,
@@ -1349,8 +1307,6 @@ pub(crate) fn redact_url_password(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
-
-use crate::jwt::{is_pool_id, is_region};
 
 pub use crate::http::check_transport;
 

@@ -45,6 +45,7 @@ pub mod oauth;
 pub mod proto;
 #[cfg(feature = "gateway")]
 pub mod registry;
+pub mod rules;
 #[cfg(feature = "gateway")]
 pub mod server;
 #[cfg(feature = "gateway")]

@@ -337,13 +337,6 @@ async fn emulator(
     clients: Vec<EmulatorClient>,
     expires_in: u64,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !pool_id.is_empty()
-            && pool_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
-        "--pool-id must be letters, digits, '_' or '-'"
-    );
     let emu = Emulator::start(
         listen,
         EmulatorConfig {
@@ -353,7 +346,10 @@ async fn emulator(
         },
     )
     .await
-    .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    .map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => anyhow::anyhow!("--pool-id: {e}"),
+        _ => anyhow::anyhow!("cannot listen on {listen}: {e}"),
+    })?;
     println!(
         "Cognito emulator on {}\n  token endpoint: {}\n  issuer:         {}\n  jwks_uri:       {}",
         emu.addr(),

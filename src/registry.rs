@@ -8,47 +8,7 @@ use std::{
 
 use crate::config::ClientConfig;
 
-/// Longest scope string accepted.
-pub const MAX_SCOPE_LEN: usize = 256;
-
-/// Why a scope string is not acceptable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ScopeError {
-    /// Empty string.
-    #[error("empty scope")]
-    Empty,
-    /// Too long.
-    #[error("scope longer than {MAX_SCOPE_LEN} bytes")]
-    TooLong,
-    /// Whitespace, control, quote, backslash or non-ASCII byte.
-    #[error("scope contains a character outside printable ASCII (or a space, quote or backslash)")]
-    BadCharacter,
-}
-
-/// RFC 6749 `scope-token`: `%x21 / %x23-5B / %x5D-7E`, bounded length.
-pub fn validate_scope(scope: &str) -> Result<(), ScopeError> {
-    if scope.is_empty() {
-        return Err(ScopeError::Empty);
-    }
-    if scope.len() > MAX_SCOPE_LEN {
-        return Err(ScopeError::TooLong);
-    }
-    if !scope
-        .bytes()
-        .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
-    {
-        return Err(ScopeError::BadCharacter);
-    }
-    Ok(())
-}
-
-/// Cognito app client ids are alphanumeric; accept a slightly wider, still safe set.
-pub fn is_valid_client_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+'))
-}
+pub use crate::rules::scope::{MAX_SCOPE_LEN, ScopeError, is_valid_client_id, validate_scope};
 
 /// A registered client.
 #[derive(Debug, Clone)]

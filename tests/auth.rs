@@ -417,6 +417,7 @@ async fn a_method_declaring_no_scopes_is_refused_to_every_caller() {
 
 mod built_in_code {
     use m2m_gateway::jwt::{BuildError, CognitoValidator, Rejection};
+    use m2m_gateway::rules::cognito::PoolError;
 
     use super::*;
 
@@ -470,17 +471,17 @@ mod built_in_code {
         assert!(err(base()).to_string().contains(".any_client()"));
         assert!(matches!(
             err(base().region("eu-west-1").clients(["c"])),
-            BuildError::RegionMismatch { .. }
+            BuildError::Pool(PoolError::RegionMismatch { .. })
         ));
         assert!(matches!(
             err(CognitoValidator::builder()
                 .user_pool_id("us-east-1_A")
                 .clients(["c"])),
-            BuildError::MissingRegion
+            BuildError::Pool(PoolError::MissingRegion)
         ));
         assert!(matches!(
             err(base().user_pool_id("pool").clients(["c"])),
-            BuildError::BadUserPoolId(_)
+            BuildError::Pool(PoolError::BadUserPoolId(_))
         ));
         assert!(matches!(
             err(base().issuer("http://example.com/pool").clients(["c"])),
@@ -603,7 +604,17 @@ mod built_in_code {
                 .accept_previous_issuer()
                 .issuers()
                 .unwrap_err(),
-            BuildError::PreviousIssuerUnknown
+            BuildError::Pool(PoolError::PreviousIssuerUnknown)
+        ));
+        // One rule with the configuration: an issuer listed twice is refused,
+        // not dropped.
+        assert!(matches!(
+            pool()
+                .accept_issuer("https://idp.example.com/old")
+                .accept_issuer("https://idp.example.com/old")
+                .issuers()
+                .unwrap_err(),
+            BuildError::Pool(PoolError::IssuerListedTwice(_))
         ));
         assert!(matches!(
             pool()

@@ -1,6 +1,7 @@
 //! The emulator's HTTP server: `/oauth2/token`, the JWKS and the OpenID
 //! configuration, shaped like a Cognito user pool's.
 
+use crate::rules::cognito::{is_pool_id, jwks_uri_of};
 use std::{
     collections::{BTreeSet, HashMap},
     net::SocketAddr,
@@ -191,7 +192,18 @@ impl Emulator {
     }
 
     /// Serves on an already bound listener.
+    /// Refuses a `pool_id` that is not a user pool id (`us-east-1_Emulated1`):
+    /// validators derive the issuer from it as from Cognito's.
     pub async fn serve(listener: TcpListener, config: EmulatorConfig) -> std::io::Result<Self> {
+        if !is_pool_id(&config.pool_id) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{:?} is not a user pool id such as us-east-1_Emulated1",
+                    config.pool_id
+                ),
+            ));
+        }
         let addr = listener.local_addr()?;
         let base = format!("http://{addr}");
         let state = Arc::new(EmuState {
@@ -253,7 +265,7 @@ impl Emulator {
     }
     /// The JWKS URL.
     pub fn jwks_uri(&self) -> String {
-        format!("{}/.well-known/jwks.json", self.state.issuer)
+        jwks_uri_of(&self.state.issuer)
     }
     /// Token requests received (any outcome).
     pub fn token_requests(&self) -> u64 {
@@ -471,7 +483,7 @@ async fn openid_configuration(
     }
     Json(json!({
         "issuer": state.issuer,
-        "jwks_uri": format!("{}/.well-known/jwks.json", state.issuer),
+        "jwks_uri": jwks_uri_of(&state.issuer),
         "token_endpoint": format!("{}/oauth2/token", state.base),
         "grant_types_supported": ["client_credentials"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],

@@ -9,46 +9,8 @@ use url::Url;
 use super::{HttpFetcher, JwksError, JwtValidator, KeySet, TrustedIssuer, ValidatorSettings};
 use crate::http::{EndpointError, check_transport};
 
-/// Which form of issuer a user pool has (its `IssuerConfigurationType`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum IssuerType {
-    /// `https://cognito-idp.<region>.amazonaws.com/<poolId>` (pools created
-    /// before 2026, unless switched).
-    #[default]
-    Original,
-    /// `https://issuer-cognito-idp.<region>.amazonaws.com/<poolId>`: recommended
-    /// for every pool and required for multi-Region replication; `<region>` is
-    /// the pool's primary Region.
-    Updated,
-}
-
-impl IssuerType {
-    /// The issuer of `user_pool_id` in `region` in this form.
-    pub fn issuer(self, region: &str, user_pool_id: &str) -> String {
-        match self {
-            IssuerType::Original => {
-                format!("https://cognito-idp.{region}.amazonaws.com/{user_pool_id}")
-            }
-            IssuerType::Updated => {
-                format!("https://issuer-cognito-idp.{region}.amazonaws.com/{user_pool_id}")
-            }
-        }
-    }
-
-    /// The other form (what a pool switching issuers issued before, or will).
-    pub fn other(self) -> Self {
-        match self {
-            IssuerType::Original => IssuerType::Updated,
-            IssuerType::Updated => IssuerType::Original,
-        }
-    }
-}
-
-/// The JWKS URI Cognito serves for `issuer`: `<issuer>/.well-known/jwks.json`.
-pub fn jwks_uri_of(issuer: &str) -> String {
-    format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/'))
-}
+use crate::rules::cognito::{DEFAULT_POOL, PoolError, PoolSpec};
+pub use crate::rules::cognito::{IssuerType, jwks_uri_of};
 
 /// Builds a [`JwtValidator`] for one Cognito user pool or several.
 ///
@@ -196,60 +158,27 @@ impl CognitoPool {
         self.name
             .clone()
             .or_else(|| self.user_pool_id.clone())
-            .unwrap_or_else(|| super::DEFAULT_POOL.to_owned())
-    }
-
-    fn region_and_pool(&self) -> Result<(&str, &str), BuildError> {
-        let region = self.region.as_deref().ok_or(BuildError::MissingRegion)?;
-        let pool = self
-            .user_pool_id
-            .as_deref()
-            .ok_or(BuildError::MissingUserPoolId)?;
-        if !is_region(region) {
-            return Err(BuildError::BadRegion(region.to_owned()));
-        }
-        if !is_pool_id(pool) {
-            return Err(BuildError::BadUserPoolId(pool.to_owned()));
-        }
-        if !pool.starts_with(&format!("{region}_")) {
-            return Err(BuildError::RegionMismatch {
-                region: region.to_owned(),
-                pool: pool.to_owned(),
-            });
-        }
-        Ok((region, pool))
+            .unwrap_or_else(|| DEFAULT_POOL.to_owned())
     }
 
     /// Every issuer this pool's tokens may carry, with its JWKS URI: the pool's
     /// issuer first, then the accepted previous ones.
     pub fn issuers(&self) -> Result<Vec<(String, Url)>, BuildError> {
-        let issuer = match &self.issuer {
-            Some(issuer) => issuer.clone(),
-            None => {
-                let (region, pool) = self.region_and_pool()?;
-                self.issuer_type.issuer(region, pool)
-            }
-        };
-        checked("issuer", issuer.clone())?;
-        let jwks = self
-            .jwks_uri
-            .clone()
-            .unwrap_or_else(|| jwks_uri_of(&issuer));
-        let mut out = vec![(issuer, checked("jwks_uri", jwks)?)];
-        let mut previous = self.also_accept.clone();
-        if self.accept_previous_issuer {
-            if self.issuer.is_some() {
-                return Err(BuildError::PreviousIssuerUnknown);
-            }
-            let (region, pool) = self.region_and_pool()?;
-            previous.push(self.issuer_type.other().issuer(region, pool));
+        let derived = PoolSpec {
+            region: self.region.as_deref(),
+            user_pool_id: self.user_pool_id.as_deref(),
+            issuer_type: self.issuer_type,
+            issuer: self.issuer.as_deref(),
+            jwks_uri: self.jwks_uri.as_deref(),
+            accept_other_form: self.accept_previous_issuer,
+            accept_issuers: &self.also_accept,
         }
-        for p in previous {
-            checked("accept_issuer", p.clone())?;
-            if out.iter().all(|(i, _)| *i != p) {
-                let jwks = checked("accept_issuer", jwks_uri_of(&p))?;
-                out.push((p, jwks));
-            }
+        .issuers()?;
+        checked("issuer", derived.issuer.clone())?;
+        let mut out = vec![(derived.issuer, checked("jwks_uri", derived.jwks_uri)?)];
+        for (issuer, jwks) in derived.previous {
+            checked("accept_issuer", issuer.clone())?;
+            out.push((issuer, checked("accept_issuer", jwks)?));
         }
         Ok(out)
     }
@@ -306,37 +235,15 @@ impl Default for CognitoValidatorBuilder {
 /// Why a [`CognitoValidatorBuilder`] cannot build.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// No `region` (and no explicit `issuer`).
-    #[error("region is not set (e.g. .region(\"us-east-1\"))")]
-    MissingRegion,
-    /// No `user_pool_id` (and no explicit `issuer`).
-    #[error("user_pool_id is not set (e.g. .user_pool_id(\"us-east-1_AbCdEf123\"))")]
-    MissingUserPoolId,
-    /// Not an AWS Region name.
-    #[error("{0:?} is not an AWS Region such as us-east-1")]
-    BadRegion(String),
-    /// Not a user pool id.
-    #[error("{0:?} is not a user pool id such as us-east-1_AbCdEf123")]
-    BadUserPoolId(String),
-    /// The pool id names another Region: every token would be refused.
-    #[error("user pool {pool:?} is not in {region:?}: the derived issuer would refuse every token")]
-    RegionMismatch {
-        /// The Region given.
-        region: String,
-        /// The pool id given.
-        pool: String,
-    },
+    /// The Region, the pool id or the issuers do not fit (one rule with the
+    /// configuration's, [`crate::rules::cognito`]).
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     /// Neither `clients(...)` nor `any_client()`.
     #[error(
         "no app clients: list the accepted ones with .clients([...]) or accept every client of the pool with .any_client()"
     )]
     NoClients,
-    /// `accept_previous_issuer` with an explicit issuer: the other form cannot be
-    /// derived.
-    #[error(
-        "accept_previous_issuer derives the other issuer form from region and user_pool_id; with an explicit issuer, name the other one with .accept_issuer(..)"
-    )]
-    PreviousIssuerUnknown,
     /// An issuer or JWKS URI that is not a URL.
     #[error("{what}: {message}")]
     BadUrl {
@@ -460,7 +367,7 @@ impl CognitoValidatorBuilder {
         // The loaders need one (`spawn_loaders` would panic without it).
         tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
         if self.pools().next().is_none() {
-            return Err(BuildError::MissingRegion);
+            return Err(PoolError::MissingRegion.into());
         }
         let mut trusted = Vec::new();
         for pool in self.pools() {
@@ -481,26 +388,5 @@ impl CognitoValidatorBuilder {
         // Detached: each loader holds its key set weakly and ends with the validator.
         let _ = validator.spawn_loaders(self.refresh_period);
         Ok(validator)
-    }
-}
-
-/// An AWS Region name (`us-east-1`).
-pub(crate) fn is_region(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
-/// A user pool id (`us-east-1_AbCdEf123`).
-pub(crate) fn is_pool_id(s: &str) -> bool {
-    match s.split_once('_') {
-        Some((region, id)) => {
-            is_region(region)
-                && !id.is_empty()
-                && id.len() <= 64
-                && id.bytes().all(|b| b.is_ascii_alphanumeric())
-        }
-        None => false,
     }
 }

@@ -333,7 +333,7 @@ impl KeySet {
     ) -> Self {
         Self {
             issuer: Arc::from(issuer.into()),
-            pool: Arc::from(super::validator::DEFAULT_POOL),
+            pool: Arc::from(crate::rules::cognito::DEFAULT_POOL),
             fetcher,
             keys: RwLock::new(Arc::new(HashMap::new())),
             fetching: tokio::sync::Mutex::new(()),

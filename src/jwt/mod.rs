@@ -16,17 +16,16 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+pub use crate::rules::cognito::DEFAULT_POOL;
 pub use claims::Claims;
 pub use cognito::{
     BuildError, CognitoPool, CognitoValidator, CognitoValidatorBuilder, IssuerType, jwks_uri_of,
 };
-#[cfg(feature = "gateway")]
-pub(crate) use cognito::{is_pool_id, is_region};
 pub use jwks::{
     HttpFetcher, JwksError, JwksFetcher, JwksStats, KeyError, KeySet, MAX_JWKS_BYTES, MAX_KID_LEN,
     StaticJwks, VerifyingKey, parse_jwks,
 };
-pub use validator::{DEFAULT_POOL, JwtValidator, TrustError, TrustedIssuer, ValidatorSettings};
+pub use validator::{JwtValidator, TrustError, TrustedIssuer, ValidatorSettings};
 
 /// Why a token was refused. Maps 1:1 onto the proto `Rejection` enum; the
 /// [`Rejection::as_str`] names are stable labels for metrics and alerts.

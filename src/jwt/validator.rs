@@ -25,9 +25,6 @@ use super::{
 /// trusted issuer (index) whose key set holds that key.
 type Verified = (Arc<Claims>, Arc<str>, usize);
 
-/// Name of the single issuer of [`JwtValidator::new`], in metrics and logs.
-pub const DEFAULT_POOL: &str = "default";
-
 /// One issuer a [`JwtValidator`] trusts: the key set bound to it (a token
 /// claiming this issuer is checked against these keys only) and the app clients
 /// whose tokens are accepted from it. Its name in metrics and logs is the key
