@@ -1298,17 +1298,8 @@ fn redact_userinfo_text(text: &str) -> String {
     }
 }
 
-pub(crate) fn redact_url_password(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("redacted"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
-    }
-}
-
 pub use crate::http::check_transport;
+pub(crate) use crate::http::redact_url_password;
 
 #[cfg(test)]
 mod tests {

@@ -129,3 +129,16 @@ pub(crate) fn client(
         .build()
         .map_err(|e| EndpointError::Client(describe(&e)))
 }
+
+/// `url` with any password replaced by `redacted` (for logs and printed
+/// configuration).
+#[cfg(feature = "gateway")]
+pub(crate) fn redact_url_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

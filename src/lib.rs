@@ -52,6 +52,7 @@ pub mod server;
 pub mod service;
 #[cfg(feature = "gateway")]
 pub mod settings;
+pub mod status;
 #[cfg(feature = "gateway")]
 pub mod telemetry;
 

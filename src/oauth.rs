@@ -85,24 +85,6 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// What a gateway's GetToken status means to its caller: the inverse of
-    /// `broker::BrokerError::code`, so that a token source in front of a gateway
-    /// sees the error the gateway's broker saw (tested both ways).
-    pub fn from_gateway(status: &tonic::Status) -> Self {
-        use tonic::Code;
-        let message = || status.message().to_owned();
-        match status.code() {
-            Code::Unauthenticated => UpstreamError::InvalidClient,
-            Code::InvalidArgument => UpstreamError::InvalidRequest(message()),
-            Code::PermissionDenied => UpstreamError::InvalidScope,
-            Code::FailedPrecondition => UpstreamError::NotPermitted(message()),
-            Code::ResourceExhausted => UpstreamError::Throttled,
-            Code::DeadlineExceeded => UpstreamError::Timeout,
-            Code::Internal => UpstreamError::Rejected(message()),
-            code => UpstreamError::Unavailable(format!("{code:?}: {}", status.message())),
-        }
-    }
-
     /// Stable label for metrics.
     pub const fn label(&self) -> &'static str {
         match self {

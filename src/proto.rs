@@ -2,8 +2,6 @@
 
 use std::sync::{Arc, OnceLock};
 
-use crate::jwt::Rejection;
-
 /// `m2m.gateway.v1`: the gateway's contract.
 pub mod gateway {
     /// Version 1.
@@ -130,31 +128,6 @@ impl<M: prost::Message + Clone + Default> prost::Message for Shared<M> {
     fn clear(&mut self) {
         *self = Self::default();
     }
-}
-
-/// The proto value of a [`Rejection`].
-pub fn rejection_to_proto(r: Rejection) -> gateway::v1::Rejection {
-    use gateway::v1 as pb;
-    match r {
-        Rejection::Malformed => pb::Rejection::Malformed,
-        Rejection::UnsupportedAlgorithm => pb::Rejection::UnsupportedAlgorithm,
-        Rejection::UnknownKey => pb::Rejection::UnknownKey,
-        Rejection::BadSignature => pb::Rejection::BadSignature,
-        Rejection::Expired => pb::Rejection::Expired,
-        Rejection::NotYetValid => pb::Rejection::NotYetValid,
-        Rejection::WrongIssuer => pb::Rejection::WrongIssuer,
-        Rejection::WrongTokenUse => pb::Rejection::WrongTokenUse,
-        Rejection::ClientNotAllowed => pb::Rejection::ClientNotAllowed,
-        Rejection::InsufficientScope => pb::Rejection::InsufficientScope,
-        Rejection::KeysUnavailable => pb::Rejection::KeysUnavailable,
-    }
-}
-
-/// The [`Rejection`] of a proto value (`None` for UNSPECIFIED or unknown values).
-pub fn rejection_from_proto(value: i32) -> Option<Rejection> {
-    Rejection::ALL
-        .into_iter()
-        .find(|r| rejection_to_proto(*r) as i32 == value)
 }
 
 /// Encoded `FileDescriptorSet` of `m2m.gateway.v1` (with its imports).

@@ -5,15 +5,13 @@
 
 use secrecy::SecretString;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
-use tonic_types::{ErrorDetails, StatusExt as _};
 
-pub use crate::proto::{rejection_from_proto, rejection_to_proto};
 use crate::{
     broker::{Broker, BrokerError, Credentials},
     calls::CallNote,
     jwt::JwtValidator,
     proto::gateway::v1 as pb,
-    registry,
+    registry, status,
 };
 
 /// Most `required_scopes` in one Validate request.
@@ -55,7 +53,7 @@ impl pb::gateway_server::Gateway for GatewayService {
             .broker
             .get_token_from(&credentials, &req.scopes, source)
             .await
-            .map_err(|e| broker_status(&e))?;
+            .map_err(|e| status::broker_status(&e))?;
         Ok(Response::new(pb::GetTokenResponse {
             access_token: token.access_token.expose().to_owned(),
             token_type: "Bearer".to_owned(),
@@ -101,27 +99,13 @@ impl pb::gateway_server::Gateway for GatewayService {
                 }
                 pb::ValidateResponse {
                     valid: false,
-                    rejection: rejection_to_proto(invalid.rejection) as i32,
+                    rejection: status::rejection_to_proto(invalid.rejection) as i32,
                     detail: invalid.detail,
                     claims: None,
                 }
             }
         };
         Ok(Response::new(answer))
-    }
-}
-
-/// The gateway's status for a broker error: [`BrokerError::code`] with the error's
-/// sentence (one sentence for every credential failure: no client enumeration),
-/// and `google.rpc.RetryInfo` when the wait is known.
-pub fn broker_status(e: &BrokerError) -> Status {
-    match e.retry_after() {
-        Some(wait) => Status::with_error_details(
-            e.code(),
-            e.to_string(),
-            ErrorDetails::with_retry_info(Some(wait)),
-        ),
-        None => Status::new(e.code(), e.to_string()),
     }
 }
 
@@ -171,7 +155,7 @@ fn credentials(
                 secret: SecretString::from(std::mem::take(&mut req.client_secret)),
             })
         }
-        _ => Err(broker_status(&BrokerError::InvalidClient)),
+        _ => Err(status::broker_status(&BrokerError::InvalidClient)),
     }
 }
 
@@ -202,10 +186,7 @@ pub fn strip_bearer(token: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use tonic::Code;
-
     use super::*;
-    use crate::jwt::Rejection;
     use base64::{Engine as _, engine::general_purpose::STANDARD};
 
     fn req(id: &str, secret: &str) -> pb::GetTokenRequest {
@@ -284,69 +265,6 @@ mod tests {
     }
 
     const BAD_CREDENTIALS: &str = "invalid client credentials";
-
-    #[test]
-    fn limit_refusals_carry_retry_info() {
-        use tonic_types::StatusExt as _;
-        for e in [
-            BrokerError::TooManyFailedAttempts {
-                retry_after: std::time::Duration::from_secs(6),
-            },
-            BrokerError::UpstreamBudget {
-                retry_after: std::time::Duration::from_millis(250),
-            },
-        ] {
-            let status = broker_status(&e);
-            assert_eq!(status.code(), Code::ResourceExhausted);
-            let info = status.get_details_retry_info().expect("RetryInfo");
-            assert_eq!(info.retry_delay, e.retry_after());
-            assert!(
-                status.message().contains("retry in"),
-                "{}",
-                status.message()
-            );
-        }
-        let plain = broker_status(&BrokerError::Throttled);
-        assert!(plain.get_details_retry_info().is_none());
-    }
-
-    #[test]
-    fn every_broker_error_round_trips_through_a_gateway_status() {
-        use crate::broker::UpstreamError;
-        for e in BrokerError::examples() {
-            let status = broker_status(&e);
-            assert_eq!(status.code(), e.code(), "{e:?}");
-            // A token source reading this status, in front of another broker,
-            // ends with the same code (and the same transience).
-            let seen = UpstreamError::from_gateway(&status);
-            let again = BrokerError::from(seen.clone());
-            assert_eq!(again.code(), e.code(), "{e:?} -> {seen:?} -> {again:?}");
-            assert_eq!(
-                again.retry_after().is_some() || again.code() == Code::ResourceExhausted,
-                e.code() == Code::ResourceExhausted,
-            );
-        }
-        // Every credential failure reads the same.
-        assert_eq!(
-            broker_status(&BrokerError::InvalidClient).message(),
-            BAD_CREDENTIALS
-        );
-    }
-
-    #[test]
-    fn every_rejection_maps_to_a_distinct_proto_value() {
-        let mut seen = std::collections::HashSet::new();
-        for r in Rejection::ALL {
-            let p = rejection_to_proto(r);
-            assert_ne!(p, pb::Rejection::Unspecified);
-            assert!(seen.insert(p as i32));
-            // Same order as the proto enum: the snake-case names agree.
-            assert_eq!(
-                p.as_str_name().to_ascii_lowercase(),
-                format!("rejection_{}", r.as_str())
-            );
-        }
-    }
 
     mod answers {
         use std::{

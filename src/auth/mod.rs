@@ -40,9 +40,10 @@ pub use policy::{AuthPolicy, DEFAULT_PUBLIC, PolicyError, Requirement};
 pub use remote::RemoteValidator;
 pub use token_source::{BearerInterceptor, GatewayTokenEndpoint, TokenSource};
 
-use tonic::{Code, Status, metadata::MetadataValue};
+use tonic::Status;
 
-use crate::jwt::{Claims, Invalid, Rejection};
+pub(crate) use crate::status::refusal;
+use crate::{jwt::Claims, status};
 
 /// The verified claims the layer or interceptor stored in the request extensions.
 #[derive(Debug, Clone)]
@@ -60,11 +61,7 @@ pub fn claims<T>(request: &tonic::Request<T>) -> Option<&Claims> {
 /// Extracts the token from `authorization: Bearer <jwt>` (scheme case-insensitive).
 pub(crate) fn bearer_token(value: Option<&str>) -> Result<&str, Status> {
     let Some(value) = value else {
-        return Err(challenge(
-            Code::Unauthenticated,
-            "missing bearer token",
-            "Bearer",
-        ));
+        return Err(status::missing_bearer());
     };
     match value.trim().split_once(' ') {
         Some((scheme, token))
@@ -72,42 +69,6 @@ pub(crate) fn bearer_token(value: Option<&str>) -> Result<&str, Status> {
         {
             Ok(token.trim())
         }
-        _ => Err(challenge(
-            Code::Unauthenticated,
-            "authorization is not a bearer token",
-            "Bearer error=\"invalid_request\"",
-        )),
-    }
-}
-
-/// A status with an RFC 6750 style `www-authenticate` challenge.
-pub(crate) fn challenge(code: Code, message: &str, www_authenticate: &str) -> Status {
-    let mut status = Status::new(code, message.to_owned());
-    if let Ok(v) = MetadataValue::try_from(www_authenticate) {
-        status.metadata_mut().insert("www-authenticate", v);
-    }
-    status
-}
-
-/// The status for a refused token: UNAUTHENTICATED, PERMISSION_DENIED for a missing
-/// scope, UNAVAILABLE when keys cannot be loaded.
-pub(crate) fn refusal(invalid: &Invalid, required_scopes: &[String]) -> Status {
-    match invalid.rejection {
-        Rejection::InsufficientScope => challenge(
-            Code::PermissionDenied,
-            &invalid.detail,
-            &format!(
-                "Bearer error=\"insufficient_scope\", scope=\"{}\"",
-                required_scopes.join(" ")
-            ),
-        ),
-        Rejection::KeysUnavailable => {
-            Status::unavailable("token verification keys are not available")
-        }
-        r => challenge(
-            Code::Unauthenticated,
-            &format!("invalid token ({r})"),
-            "Bearer error=\"invalid_token\"",
-        ),
+        _ => Err(status::not_bearer()),
     }
 }

@@ -8,7 +8,7 @@ use tonic::transport::Channel;
 use crate::{
     jwt::{Claims, Clock, Invalid, Rejection, SystemClock, ValidatorSettings},
     proto::gateway::v1::{ValidateRequest, gateway_client::GatewayClient},
-    proto::rejection_from_proto,
+    status::rejection_from_proto,
 };
 
 /// Asks a running gateway whether tokens are valid. Answers for valid tokens are

@@ -53,7 +53,7 @@ impl TokenEndpoint for GatewayTokenEndpoint {
                         .collect(),
                 })
                 .await
-                .map_err(|s| UpstreamError::from_gateway(&s))?
+                .map_err(|s| crate::status::upstream_error(&s))?
                 .into_inner();
             let expires_in = u64::try_from(response.expires_in)
                 .ok()

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::{
     budget::RESERVE_SCRIPT,
     fleet::{FleetCache, UNLOCK_SCRIPT},
-    link::{LinkError, Topology},
+    target::{LinkError, Topology},
 };
 
 /// What `check-redis` found.

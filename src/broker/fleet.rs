@@ -28,12 +28,13 @@ use futures_util::{future::BoxFuture, stream::BoxStream};
 use super::{
     CacheKey, Entry,
     budget::{Grant, Priority, RESERVE_SCRIPT, Schedule},
-    link::{Link, LinkError, RedisTarget, Topology},
+    link::Link,
     proven::Verifier,
     shared::{
         Budget, ClientRef, Lock, LockToken, PeerWait, ProofEvent, ProofRecord, ProofStore,
         SharedTokens,
     },
+    target::{LinkError, RedisTarget, Topology},
 };
 use crate::oauth::AccessToken;
 
@@ -972,7 +973,7 @@ mod tests {
             &FleetSettings {
                 redis: RedisTarget {
                     url: "redis://127.0.0.1:1".into(),
-                    mode: super::super::link::RedisMode::Auto,
+                    mode: super::super::target::RedisMode::Auto,
                     ca_pem: None,
                     username: None,
                     password: None,

@@ -21,7 +21,7 @@ use tokio::sync::{OnceCell, watch};
 
 use super::{
     iam_token::TokenRequest,
-    link::{IamTarget, LinkError},
+    target::{IamTarget, LinkError},
 };
 /// A new token this often, well before the last one expires.
 const RENEW_EVERY: Duration = Duration::from_secs(600);

@@ -15,7 +15,7 @@ use aws_sigv4::{
 };
 use secrecy::SecretString;
 
-use super::link::{IamTarget, LinkError};
+use super::target::{IamTarget, LinkError};
 
 /// How long a token is valid (AWS: 15 minutes).
 const TOKEN_LIFETIME: Duration = Duration::from_secs(900);
@@ -88,7 +88,7 @@ mod tests {
     use secrecy::ExposeSecret as _;
 
     use super::*;
-    use crate::broker::link::IamService;
+    use crate::broker::target::IamService;
 
     fn target(serverless: bool, service: IamService) -> IamTarget {
         IamTarget {

@@ -3,11 +3,11 @@
 //! failed-attempt limit for unproven ones, single flight per key (per fleet with
 //! Redis), refresh at a jittered share of the lifetime, stale-on-error, and the
 //! upstream budget that keeps the account under Cognito's quota. Knows nothing of
-//! tonic; [`BrokerError`] is mapped
-//! to gRPC statuses by `service`.
+//! tonic; [`BrokerError`] is mapped to gRPC statuses by [`crate::status`].
 
 mod budget;
 mod check;
+mod error;
 mod fleet;
 #[cfg(feature = "aws")]
 mod iam;
@@ -20,6 +20,7 @@ mod proven;
 mod shared;
 mod stats;
 mod sync;
+mod target;
 
 use std::{
     collections::HashMap,
@@ -46,12 +47,12 @@ use tokio::time::Instant;
 pub use crate::oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
 pub use budget::BudgetStats;
 pub use check::{RedisCheckError, RedisReport};
+pub use error::{BrokerError, CredentialsError, ScopeRefusal};
 pub use fleet::{FleetCache, FleetSettings, FleetSetupError, FleetStats};
-pub use link::{
-    IamService, IamTarget, LinkError, RedisMode, RedisTarget, Topology, check_ca_pem, redact_url,
-};
+pub use link::check_ca_pem;
 pub use pools::PoolRoutes;
 pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
+pub use target::{IamService, IamTarget, LinkError, RedisMode, RedisTarget, Topology};
 
 use budget::{Grant, Priority, Schedule};
 use proven::{ProvenSecrets, Verifier};
@@ -86,163 +87,6 @@ pub struct IssuedToken {
     pub expires_in: u64,
     /// Scopes the token carries (shared with the cache entry).
     pub scopes: Arc<[String]>,
-}
-
-/// Why GetToken failed, named for what happened. [`BrokerError::code`] is the one
-/// table from these to gRPC codes; `service::broker_status` builds the status.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BrokerError {
-    /// No credentials, an unknown client, a wrong secret, or Cognito's
-    /// `invalid_client`: one message for all of them (no client enumeration).
-    #[error("invalid client credentials")]
-    InvalidClient,
-    /// A client id or secret that no Cognito app client can have.
-    #[error("{0}")]
-    MalformedCredentials(String),
-    /// Requested scopes that are not scopes, or too many of them.
-    #[error("{0}")]
-    MalformedScopes(String),
-    /// A scope outside the client's registered scopes, or refused by Cognito
-    /// (`invalid_scope`).
-    #[error("{0}")]
-    ScopeNotAllowed(String),
-    /// The app client may not use the client_credentials grant
-    /// (`unauthorized_client` and the like).
-    #[error("the app client may not use the client_credentials grant ({0})")]
-    GrantNotAllowed(String),
-    /// Too many attempts with secrets Cognito has not accepted for this client.
-    #[error(
-        "too many attempts with unproven secrets for this client; retry in {} s",
-        retry_after.as_secs().max(1)
-    )]
-    TooManyFailedAttempts {
-        /// When the next attempt is admitted.
-        retry_after: Duration,
-    },
-    /// The upstream budget (`limits.upstream_per_second`) has no slot within the
-    /// longest wait.
-    #[error(
-        "the token endpoint budget is used up; retry in {} ms",
-        retry_after.as_millis().max(1)
-    )]
-    UpstreamBudget {
-        /// When a slot could be free.
-        retry_after: Duration,
-    },
-    /// Cognito throttled the request.
-    #[error("Cognito is throttling token requests")]
-    Throttled,
-    /// Cognito did not answer within `cognito.timeout_ms`.
-    #[error("Cognito did not answer in time")]
-    UpstreamTimeout,
-    /// Cognito unreachable, failing (5xx) or answering garbage.
-    #[error("Cognito unavailable: {0}")]
-    UpstreamUnavailable(String),
-    /// Cognito refused a request the gateway built (`invalid_request` or an
-    /// unexpected 4xx): a proxy in the way or a gateway bug, never the caller's.
-    #[error("the token endpoint refused the request: {0}")]
-    UpstreamRejected(String),
-    /// A gateway-side fault.
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl BrokerError {
-    /// The gRPC code of each error (DESIGN's status table).
-    pub const fn code(&self) -> tonic::Code {
-        use tonic::Code;
-        match self {
-            BrokerError::InvalidClient => Code::Unauthenticated,
-            BrokerError::MalformedCredentials(_) | BrokerError::MalformedScopes(_) => {
-                Code::InvalidArgument
-            }
-            BrokerError::ScopeNotAllowed(_) => Code::PermissionDenied,
-            BrokerError::GrantNotAllowed(_) => Code::FailedPrecondition,
-            BrokerError::TooManyFailedAttempts { .. }
-            | BrokerError::UpstreamBudget { .. }
-            | BrokerError::Throttled => Code::ResourceExhausted,
-            BrokerError::UpstreamTimeout | BrokerError::UpstreamUnavailable(_) => Code::Unavailable,
-            BrokerError::UpstreamRejected(_) | BrokerError::Internal(_) => Code::Internal,
-        }
-    }
-
-    /// Stable label for metrics and logs.
-    pub const fn label(&self) -> &'static str {
-        match self {
-            BrokerError::InvalidClient => "invalid_client",
-            BrokerError::MalformedCredentials(_) => "malformed_credentials",
-            BrokerError::MalformedScopes(_) => "malformed_scopes",
-            BrokerError::ScopeNotAllowed(_) => "scope_not_allowed",
-            BrokerError::GrantNotAllowed(_) => "grant_not_allowed",
-            BrokerError::TooManyFailedAttempts { .. } => "failed_auth_limited",
-            BrokerError::UpstreamBudget { .. } => "upstream_budget",
-            BrokerError::Throttled => "throttled",
-            BrokerError::UpstreamTimeout => "upstream_timeout",
-            BrokerError::UpstreamUnavailable(_) => "upstream_unavailable",
-            BrokerError::UpstreamRejected(_) => "upstream_rejected",
-            BrokerError::Internal(_) => "internal",
-        }
-    }
-
-    /// How long the caller should wait before trying again, when known.
-    pub const fn retry_after(&self) -> Option<Duration> {
-        match self {
-            BrokerError::TooManyFailedAttempts { retry_after }
-            | BrokerError::UpstreamBudget { retry_after } => Some(*retry_after),
-            _ => None,
-        }
-    }
-
-    fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            BrokerError::UpstreamTimeout
-                | BrokerError::UpstreamUnavailable(_)
-                | BrokerError::Throttled
-                | BrokerError::UpstreamBudget { .. }
-                | BrokerError::Internal(_)
-        )
-    }
-
-    /// One of each variant (tests of the tables).
-    #[cfg(test)]
-    pub(crate) fn examples() -> Vec<BrokerError> {
-        vec![
-            BrokerError::InvalidClient,
-            BrokerError::MalformedCredentials("m".into()),
-            BrokerError::MalformedScopes("m".into()),
-            BrokerError::ScopeNotAllowed("m".into()),
-            BrokerError::GrantNotAllowed("unauthorized_client".into()),
-            BrokerError::TooManyFailedAttempts {
-                retry_after: Duration::from_secs(6),
-            },
-            BrokerError::UpstreamBudget {
-                retry_after: Duration::from_millis(250),
-            },
-            BrokerError::Throttled,
-            BrokerError::UpstreamTimeout,
-            BrokerError::UpstreamUnavailable("HTTP 503".into()),
-            BrokerError::UpstreamRejected("invalid_request".into()),
-            BrokerError::Internal("m".into()),
-        ]
-    }
-}
-
-impl From<UpstreamError> for BrokerError {
-    fn from(e: UpstreamError) -> Self {
-        match e {
-            UpstreamError::InvalidClient => BrokerError::InvalidClient,
-            UpstreamError::InvalidScope => BrokerError::ScopeNotAllowed(
-                "the app client is not allowed a requested scope (invalid_scope)".into(),
-            ),
-            UpstreamError::InvalidRequest(m) => BrokerError::MalformedCredentials(m),
-            UpstreamError::NotPermitted(code) => BrokerError::GrantNotAllowed(code),
-            UpstreamError::Throttled => BrokerError::Throttled,
-            UpstreamError::Rejected(m) => BrokerError::UpstreamRejected(m),
-            UpstreamError::Timeout => BrokerError::UpstreamTimeout,
-            UpstreamError::Unavailable(m) => BrokerError::UpstreamUnavailable(m),
-        }
-    }
 }
 
 /// Upstream calls a second open to secrets not yet proven: a tenth of the budget
@@ -282,14 +126,12 @@ fn check_shape(credentials: &Credentials) -> Result<(), BrokerError> {
     }
     if !registry::is_valid_client_id(&credentials.client_id) {
         return Err(BrokerError::MalformedCredentials(
-            "client_id is not an app client id (1 to 128 letters, digits, '_', '-' or '+')".into(),
+            CredentialsError::ClientId,
         ));
     }
     let secret = credentials.secret.expose_secret();
     if secret.len() > MAX_SECRET_LEN || !secret.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(BrokerError::MalformedCredentials(format!(
-            "client_secret is not an app client secret (1 to {MAX_SECRET_LEN} printable ASCII characters)"
-        )));
+        return Err(BrokerError::MalformedCredentials(CredentialsError::Secret));
     }
     Ok(())
 }
@@ -683,7 +525,7 @@ impl Broker {
         inner
             .registry
             .check_scope_syntax(scopes)
-            .map_err(|e| BrokerError::MalformedScopes(e.to_string()))?;
+            .map_err(BrokerError::MalformedScopes)?;
         let Some(client) = inner.registry.get(&credentials.client_id) else {
             return Err(self.unknown_client(&credentials.client_id));
         };
@@ -695,8 +537,8 @@ impl Broker {
             Err(e) => {
                 inner.clients.refused(client.index);
                 return Err(match e {
-                    ScopeRequestError::NotAllowed(_) if proven => {
-                        BrokerError::ScopeNotAllowed(e.to_string())
+                    ScopeRequestError::NotAllowed(scope) if proven => {
+                        BrokerError::ScopeNotAllowed(ScopeRefusal::NotRegistered(scope))
                     }
                     // Nothing about the client for an unproven secret: refused
                     // like an unknown id, and counted like a wrong secret.
@@ -705,7 +547,7 @@ impl Broker {
                         Ok(()) => BrokerError::InvalidClient,
                         Err(limited) => limited,
                     },
-                    _ => BrokerError::MalformedScopes(e.to_string()),
+                    e => BrokerError::MalformedScopes(e),
                 });
             }
         };
