@@ -116,7 +116,7 @@ impl std::fmt::Debug for DevOptions {
                 &self
                     .redis_url
                     .as_deref()
-                    .map(crate::config::redact_url_password),
+                    .map(crate::http::redact_url_password),
             )
             .finish()
     }
@@ -239,7 +239,7 @@ pub async fn run(
     if let Some(url) = &options.redis_url {
         text.push_str(&format!(
             "shared cache on {}\n",
-            crate::config::redact_url_password(url)
+            crate::http::redact_url_password(url)
         ));
     }
     text.push_str("\nCtrl-C stops.\n");

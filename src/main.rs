@@ -173,17 +173,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig { file } => match Settings::load(&file) {
             Ok(settings) => {
-                println!(
-                    "{}: OK\n{}",
-                    file.display(),
-                    settings.config.redacted_json(
-                        &settings
-                            .pools
-                            .iter()
-                            .map(|p| p.endpoints.clone())
-                            .collect::<Vec<_>>()
-                    )
-                );
+                println!("{}: OK\n{}", file.display(), settings.redacted_json());
                 Ok(())
             }
             Err(e) => Err(anyhow::anyhow!(e)),
@@ -239,7 +229,7 @@ async fn main() -> ExitCode {
 
 async fn check_redis(path: &std::path::Path) -> anyhow::Result<()> {
     let settings = Settings::load(path)?;
-    let (Some(fleet), Some(key)) = (&settings.fleet, &settings.cache_key) else {
+    let (Some(fleet), Some(key)) = (&settings.fleet, settings.cache_key()) else {
         anyhow::bail!(
             "{}: cache.backend is not \"redis\": nothing to check",
             path.display()

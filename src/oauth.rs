@@ -14,6 +14,11 @@ use url::Url;
 pub use crate::http::check_transport;
 use crate::http::{self, BodyError};
 
+/// TCP/TLS connect timeout of a token request.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Total time of one token request, retry included.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Largest token-endpoint answer read.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Longest access token accepted from upstream.

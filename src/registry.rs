@@ -6,9 +6,27 @@ use std::{
     sync::Arc,
 };
 
-use crate::config::ClientConfig;
-
+use crate::rules::cognito::DEFAULT_POOL;
 pub use crate::rules::scope::{MAX_SCOPE_LEN, ScopeError, is_valid_client_id, validate_scope};
+
+/// Most scopes in one GetToken request (`limits.max_scopes`).
+pub const DEFAULT_MAX_SCOPES: usize = 50;
+
+/// One `[[clients]]` entry.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The Cognito app client id.
+    pub client_id: String,
+    /// The `[[pools]]` entry (by name) the client belongs to; required when
+    /// there are several pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Name for logs and metrics.
+    pub name: String,
+    /// Scopes this client may ask for.
+    pub allowed_scopes: Vec<String>,
+}
 
 /// A registered client.
 #[derive(Debug, Clone)]
@@ -98,26 +116,9 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Builds the registry from validated config entries, each in the pool it
-    /// names (`default` when it names none).
+    /// Builds the registry from checked entries, each in the pool it names
+    /// (`default` when it names none: the settings name every client's pool).
     pub fn new(clients: &[ClientConfig], max_scopes: usize) -> Self {
-        Self::with_pools(clients, max_scopes, |c| {
-            c.pool.as_deref().unwrap_or(crate::jwt::DEFAULT_POOL)
-        })
-    }
-
-    /// The registry of a validated configuration, each client in its pool.
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        Self::with_pools(&config.clients, config.limits.max_scopes, |c| {
-            config.pool_of(c)
-        })
-    }
-
-    fn with_pools<'c>(
-        clients: &'c [ClientConfig],
-        max_scopes: usize,
-        pool_of: impl Fn(&'c ClientConfig) -> &'c str,
-    ) -> Self {
         let clients = clients
             .iter()
             .enumerate()
@@ -127,7 +128,7 @@ impl Registry {
                     Client {
                         client_id: Arc::from(c.client_id.as_str()),
                         name: Arc::from(c.name.as_str()),
-                        pool: Arc::from(pool_of(c)),
+                        pool: Arc::from(c.pool.as_deref().unwrap_or(DEFAULT_POOL)),
                         allowed_scopes: ScopeSet::new(c.allowed_scopes.iter().cloned().collect()),
                         index,
                     },

@@ -15,7 +15,7 @@ use crate::{
     calls::CallLayer,
     config::{self, Config},
     edge::{self, Edge, EdgeLayer, EdgeSettings},
-    jwt::{HttpFetcher, JwtValidator, KeySet, TrustedIssuer},
+    jwt::{JwksFetch, JwtValidator, trusted_issuer},
     proto::{self, gateway::v1::gateway_server::GatewayServer},
     registry::Registry,
     service::GatewayService,
@@ -27,7 +27,7 @@ use crate::{
 /// (for liveness probes); `""` and `m2m.gateway.v1.Gateway` wait for the keys.
 pub const LIVENESS_SERVICE: &str = "liveness";
 /// How often the key set is refreshed when nothing else triggers it.
-pub const JWKS_REFRESH_PERIOD: Duration = Duration::from_secs(3600);
+pub const JWKS_REFRESH_PERIOD: Duration = crate::jwt::DEFAULT_JWKS_REFRESH_PERIOD;
 
 /// The gateway's parts, built from validated [`Settings`].
 #[derive(Debug, Clone)]
@@ -52,10 +52,9 @@ impl Gateway {
 
     /// Builds every part from checked settings.
     pub fn from_settings(settings: Settings) -> anyhow::Result<Self> {
-        let config = &settings.config;
-        let registry = Registry::from_config(config);
+        let registry = settings.registry.clone();
         let upstream = token_endpoints(&settings)?;
-        let fleet = match (&settings.fleet, &settings.cache_key) {
+        let fleet = match (&settings.fleet, settings.cache_key()) {
             (Some(fleet), Some(key)) => Some(Arc::new(FleetCache::new(fleet, key)?)),
             _ => None,
         };
@@ -205,7 +204,7 @@ impl Gateway {
             .map(|(t, _)| format!("{}={}", t.pool(), t.issuer()))
             .collect::<Vec<_>>()
             .join(" ");
-        tracing::info!(%addr, %issuers, clients = self.settings.config.clients.len(), "gateway listening");
+        tracing::info!(%addr, %issuers, clients = self.registry.len(), "gateway listening");
         // A call's message is collected (bounded in time and size) before the call
         // takes a slot of the budget; beyond max_concurrent_requests calls in flight,
         // new calls are shed at once with RESOURCE_EXHAUSTED instead of queueing.
@@ -271,13 +270,12 @@ fn token_endpoints(settings: &Settings) -> anyhow::Result<Arc<dyn TokenEndpoint>
     if let [(_, only)] = pools.as_slice() {
         return Ok(only.clone());
     }
-    let config = &settings.config;
     Ok(Arc::new(PoolRoutes::new(
         pools,
-        config
-            .clients
-            .iter()
-            .map(|c| (c.client_id.as_str(), config.pool_of(c))),
+        settings
+            .registry
+            .clients()
+            .map(|c| (&*c.client_id, &*c.pool)),
     )))
 }
 
@@ -286,32 +284,34 @@ fn token_endpoints(settings: &Settings) -> anyhow::Result<Arc<dyn TokenEndpoint>
 /// JWKS URI, and the clients registered for that pool. The key sets are empty
 /// until loaded ([`JwtValidator::spawn_loaders`] or [`KeySet::refresh`]).
 pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
-    let config = &settings.config;
     let mut trusted = Vec::new();
     for pool in &settings.pools {
         let e = &pool.endpoints;
-        let upstream = &pool.upstream;
-        let clients: Vec<String> = config
-            .clients
-            .iter()
-            .filter(|c| config.pool_of(c) == e.pool)
-            .map(|c| c.client_id.clone())
+        let clients: Vec<String> = settings
+            .registry
+            .clients()
+            .filter(|c| *c.pool == e.pool)
+            .map(|c| c.client_id.to_string())
             .collect();
+        let fetch = JwksFetch {
+            connect_timeout: pool.upstream.connect_timeout,
+            fetch_timeout: pool.upstream.jwks_timeout,
+            cooldown: pool.upstream.jwks_cooldown,
+        };
         for (issuer, jwks_uri) in e.issuers() {
-            let fetcher = HttpFetcher::new(
-                jwks_uri.clone(),
-                upstream.connect_timeout,
-                upstream.jwks_timeout,
-            )
-            .with_context(|| format!("JWKS client of pool {:?}", e.pool))?;
-            let keys = Arc::new(
-                KeySet::new(issuer, Arc::new(fetcher), upstream.jwks_cooldown)
-                    .with_pool(e.pool.clone()),
+            trusted.push(
+                trusted_issuer(
+                    &e.pool,
+                    issuer.to_owned(),
+                    jwks_uri.clone(),
+                    Some(&clients),
+                    fetch,
+                )
+                .with_context(|| format!("JWKS client of pool {:?}", e.pool))?,
             );
-            trusted.push(TrustedIssuer::new(keys, clients.clone()));
         }
     }
-    // `check` refused empty and shared issuers.
+    // The settings refused empty and shared issuers.
     Ok(JwtValidator::for_issuers(
         trusted,
         settings.validator.clone(),

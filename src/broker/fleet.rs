@@ -245,6 +245,11 @@ fn derive(master: &[u8; 32], label: &[u8]) -> [u8; 32] {
     <[u8; 32]>::try_from(tag.as_ref()).expect("HMAC-SHA-256 is 32 bytes")
 }
 
+/// Timeout of every Redis call (`cache.redis_timeout_ms`).
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest wait for another replica's Cognito call (`cache.lock_wait_ms`).
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(3);
+
 /// Settings of the fleet cache.
 #[derive(Debug, Clone)]
 pub struct FleetSettings {

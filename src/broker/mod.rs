@@ -48,7 +48,10 @@ pub use crate::oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse,
 pub use budget::BudgetStats;
 pub use check::{RedisCheckError, RedisReport};
 pub use error::{BrokerError, CredentialsError, ScopeRefusal};
-pub use fleet::{FleetCache, FleetSettings, FleetSetupError, FleetStats};
+pub use fleet::{
+    DEFAULT_LOCK_WAIT, DEFAULT_REDIS_TIMEOUT, FleetCache, FleetSettings, FleetSetupError,
+    FleetStats,
+};
 pub use link::check_ca_pem;
 pub use pools::PoolRoutes;
 pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
@@ -136,8 +139,8 @@ fn check_shape(credentials: &Credentials) -> Result<(), BrokerError> {
     Ok(())
 }
 
-/// Tunables of the broker.
-#[derive(Debug, Clone)]
+/// Tunables of the broker. `Debug` never shows the key.
+#[derive(Clone)]
 pub struct BrokerSettings {
     /// Most cached (client, scope set) entries.
     pub max_entries: u64,
@@ -158,6 +161,21 @@ pub struct BrokerSettings {
     pub upstream_max_wait: Duration,
     /// Keys the secret verifiers; random per process when `None`.
     pub verifier_key: Option<[u8; 32]>,
+}
+
+impl fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("max_entries", &self.max_entries)
+            .field("refresh_ratio", &self.refresh_ratio)
+            .field("refresh_jitter", &self.refresh_jitter)
+            .field("min_remaining", &self.min_remaining)
+            .field("failed_auth_per_minute", &self.failed_auth_per_minute)
+            .field("upstream_per_second", &self.upstream_per_second)
+            .field("upstream_max_wait", &self.upstream_max_wait)
+            .field("verifier_key", &self.verifier_key.as_ref().map(|_| "..."))
+            .finish()
+    }
 }
 
 impl Default for BrokerSettings {

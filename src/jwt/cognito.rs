@@ -12,6 +12,17 @@ use crate::http::{EndpointError, check_transport};
 use crate::rules::cognito::{DEFAULT_POOL, PoolError, PoolSpec};
 pub use crate::rules::cognito::{IssuerType, jwks_uri_of};
 
+/// How long a call waits for the first key set.
+pub const DEFAULT_FIRST_LOAD_WAIT: Duration = Duration::from_secs(5);
+/// How often a key set is refetched when nothing else triggers it.
+pub const DEFAULT_JWKS_REFRESH_PERIOD: Duration = Duration::from_secs(3600);
+/// Least time between two JWKS fetches caused by unknown `kid`s.
+pub const DEFAULT_JWKS_COOLDOWN: Duration = Duration::from_secs(10);
+/// TCP/TLS connect timeout of a JWKS fetch.
+pub const DEFAULT_JWKS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Total time of one JWKS fetch.
+pub const DEFAULT_JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Builds a [`JwtValidator`] for one Cognito user pool or several.
 ///
 /// ```no_run
@@ -223,11 +234,11 @@ impl Default for CognitoValidatorBuilder {
             first: CognitoPool::default(),
             more: Vec::new(),
             settings: ValidatorSettings::default(),
-            first_load_wait: Duration::from_secs(5),
-            refresh_period: Duration::from_secs(3600),
-            cooldown: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(2),
-            fetch_timeout: Duration::from_secs(5),
+            first_load_wait: DEFAULT_FIRST_LOAD_WAIT,
+            refresh_period: DEFAULT_JWKS_REFRESH_PERIOD,
+            cooldown: DEFAULT_JWKS_COOLDOWN,
+            connect_timeout: DEFAULT_JWKS_CONNECT_TIMEOUT,
+            fetch_timeout: DEFAULT_JWKS_FETCH_TIMEOUT,
         }
     }
 }
@@ -369,19 +380,23 @@ impl CognitoValidatorBuilder {
         if self.pools().next().is_none() {
             return Err(PoolError::MissingRegion.into());
         }
+        let fetch = JwksFetch {
+            connect_timeout: self.connect_timeout,
+            fetch_timeout: self.fetch_timeout,
+            cooldown: self.cooldown,
+        };
         let mut trusted = Vec::new();
         for pool in self.pools() {
             let clients = pool.clients_accepted()?;
             let name = pool.display_name();
             for (issuer, jwks_uri) in pool.issuers()? {
-                let fetcher = HttpFetcher::new(jwks_uri, self.connect_timeout, self.fetch_timeout)?;
-                let keys = Arc::new(
-                    KeySet::new(issuer, Arc::new(fetcher), self.cooldown).with_pool(name.clone()),
-                );
-                trusted.push(match &clients {
-                    Some(c) => TrustedIssuer::new(keys, c.iter().cloned()),
-                    None => TrustedIssuer::any_client(keys),
-                });
+                trusted.push(trusted_issuer(
+                    &name,
+                    issuer,
+                    jwks_uri,
+                    clients.as_deref(),
+                    fetch,
+                )?);
             }
         }
         let validator = JwtValidator::checked(trusted, self.settings, self.first_load_wait)?;
@@ -389,4 +404,33 @@ impl CognitoValidatorBuilder {
         let _ = validator.spawn_loaders(self.refresh_period);
         Ok(validator)
     }
+}
+
+/// How a key set is fetched.
+#[derive(Debug, Clone, Copy)]
+pub struct JwksFetch {
+    /// TCP/TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Total time of one fetch.
+    pub fetch_timeout: Duration,
+    /// Least time between two fetches caused by unknown `kid`s.
+    pub cooldown: Duration,
+}
+
+/// One trusted issuer of pool `pool`, with its own key set fetched from
+/// `jwks_uri` (empty until loaded), accepting `clients` (every client of the
+/// pool when `None`). The builder and the gateway make their issuers here.
+pub fn trusted_issuer(
+    pool: &str,
+    issuer: String,
+    jwks_uri: Url,
+    clients: Option<&[String]>,
+    fetch: JwksFetch,
+) -> Result<TrustedIssuer, JwksError> {
+    let fetcher = HttpFetcher::new(jwks_uri, fetch.connect_timeout, fetch.fetch_timeout)?;
+    let keys = Arc::new(KeySet::new(issuer, Arc::new(fetcher), fetch.cooldown).with_pool(pool));
+    Ok(match clients {
+        Some(c) => TrustedIssuer::new(keys, c.iter().cloned()),
+        None => TrustedIssuer::any_client(keys),
+    })
 }

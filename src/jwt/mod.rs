@@ -19,7 +19,9 @@ use std::{
 pub use crate::rules::cognito::DEFAULT_POOL;
 pub use claims::Claims;
 pub use cognito::{
-    BuildError, CognitoPool, CognitoValidator, CognitoValidatorBuilder, IssuerType, jwks_uri_of,
+    BuildError, CognitoPool, CognitoValidator, CognitoValidatorBuilder, DEFAULT_FIRST_LOAD_WAIT,
+    DEFAULT_JWKS_CONNECT_TIMEOUT, DEFAULT_JWKS_COOLDOWN, DEFAULT_JWKS_FETCH_TIMEOUT,
+    DEFAULT_JWKS_REFRESH_PERIOD, IssuerType, JwksFetch, jwks_uri_of, trusted_issuer,
 };
 pub use jwks::{
     HttpFetcher, JwksError, JwksFetcher, JwksStats, KeyError, KeySet, MAX_JWKS_BYTES, MAX_KID_LEN,

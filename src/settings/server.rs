@@ -1,0 +1,200 @@
+//! `[server]`: the listener's limits checked and typed, the TLS files read as
+//! the listener will read them.
+
+use std::{num::NonZeroUsize, path::Path, time::Duration};
+
+use super::At;
+use crate::{
+    config::{ConfigError, ServerConfig, TlsConfig},
+    edge::EdgeSettings,
+};
+
+/// `[server]`, typed.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// gRPC address.
+    pub listen: std::net::SocketAddr,
+    /// Admin HTTP address.
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// TLS files.
+    pub tls: Option<TlsConfig>,
+    /// Longest RPC.
+    pub request_timeout: Duration,
+    /// Drain time after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Calls in flight across all connections.
+    pub max_concurrent_requests: NonZeroUsize,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// HTTP/2 keepalive ping timeout.
+    pub keepalive_timeout: Duration,
+    /// Connection and request limits (the connection cap as configured; the
+    /// listener lowers it below the open-file limit when it starts).
+    pub edge: EdgeSettings,
+}
+
+/// Checks `[server]` (every range, then the TLS files) and types it.
+pub(super) fn check(server: &ServerConfig, at: &At<'_>) -> Result<ServerSettings, ConfigError> {
+    let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 14] = [
+        (
+            "server.request_timeout_ms",
+            server.request_timeout_ms,
+            1..=600_000,
+        ),
+        (
+            "server.max_concurrent_requests",
+            server.max_concurrent_requests as u64,
+            1..=1_000_000,
+        ),
+        (
+            "server.max_connections",
+            server.max_connections as u64,
+            1..=1_000_000,
+        ),
+        (
+            "server.max_connections_per_peer",
+            server.max_connections_per_peer as u64,
+            0..=1_000_000,
+        ),
+        ("server.max_stream_secs", server.max_stream_secs, 1..=86_400),
+        (
+            "server.max_streams_per_peer",
+            server.max_streams_per_peer as u64,
+            0..=1_000_000,
+        ),
+        (
+            "server.max_streams_per_connection",
+            server.max_streams_per_connection as u64,
+            1..=1_000,
+        ),
+        (
+            "server.handshake_timeout_ms",
+            server.handshake_timeout_ms,
+            100..=120_000,
+        ),
+        (
+            "server.idle_timeout_secs",
+            server.idle_timeout_secs,
+            1..=86_400,
+        ),
+        (
+            "server.request_body_timeout_ms",
+            server.request_body_timeout_ms,
+            100..=120_000,
+        ),
+        (
+            "server.max_concurrent_streams",
+            u64::from(server.max_concurrent_streams),
+            1..=10_000,
+        ),
+        (
+            "server.max_message_bytes",
+            server.max_message_bytes as u64,
+            1024..=16 * 1024 * 1024,
+        ),
+        (
+            "server.http2_keepalive_interval_secs",
+            server.http2_keepalive_interval_secs,
+            1..=3600,
+        ),
+        (
+            "server.http2_keepalive_timeout_secs",
+            server.http2_keepalive_timeout_secs,
+            1..=3600,
+        ),
+    ];
+    for (key, v, range) in ranges {
+        at.in_range(key, v, range)?;
+    }
+    if let Some(tls) = &server.tls {
+        check_tls(tls).map_err(|(key, message)| at.invalid(key, message))?;
+    }
+    let ms = Duration::from_millis;
+    let secs = Duration::from_secs;
+    let unlimited_if_zero = |n: usize| if n == 0 { usize::MAX } else { n };
+    Ok(ServerSettings {
+        listen: server.listen,
+        admin_listen: server.admin_listen,
+        tls: server.tls.clone(),
+        request_timeout: ms(server.request_timeout_ms),
+        shutdown_grace: ms(server.shutdown_grace_ms),
+        max_concurrent_requests: NonZeroUsize::new(server.max_concurrent_requests)
+            .unwrap_or(NonZeroUsize::MIN),
+        max_concurrent_streams: server.max_concurrent_streams,
+        keepalive_interval: secs(server.http2_keepalive_interval_secs),
+        keepalive_timeout: secs(server.http2_keepalive_timeout_secs),
+        edge: EdgeSettings {
+            max_connections: server.max_connections,
+            max_connections_per_peer: unlimited_if_zero(server.max_connections_per_peer),
+            handshake_timeout: ms(server.handshake_timeout_ms),
+            idle_timeout: secs(server.idle_timeout_secs),
+            body_timeout: ms(server.request_body_timeout_ms),
+            max_message_bytes: server.max_message_bytes,
+            max_requests_per_peer: unlimited_if_zero(server.max_requests_per_peer),
+            response_timeout: ms(server.request_timeout_ms),
+            max_stream_lifetime: secs(server.max_stream_secs),
+            max_streams_per_peer: unlimited_if_zero(server.max_streams_per_peer),
+            max_streams_per_connection: server.max_streams_per_connection,
+        },
+    })
+}
+
+/// Reads and parses the TLS files, as the listener will: each error names the key
+/// and the file (`check-config` and `serve` both stop on it).
+fn check_tls(tls: &TlsConfig) -> Result<(), (&'static str, String)> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let read = |key: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|e| (key, format!("{}: cannot read: {e}", path.display())))
+    };
+    let certs = |key: &'static str, path: &Path| {
+        let pem = read(key, path)?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                (
+                    key,
+                    format!("{}: not a PEM certificate ({e})", path.display()),
+                )
+            })?;
+        if certs.is_empty() {
+            return Err((key, format!("{}: not a PEM certificate", path.display())));
+        }
+        Ok(certs)
+    };
+    let chain = certs("server.tls.cert", &tls.cert)?;
+    let pem = read("server.tls.key", &tls.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+        (
+            "server.tls.key",
+            format!(
+                "{}: no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                tls.key.display()
+            ),
+        )
+    })?;
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).map_err(|e| {
+        (
+            "server.tls.key",
+            format!("{}: unusable private key: {e}", tls.key.display()),
+        )
+    })?;
+    let certified = rustls::sign::CertifiedKey::new(chain, signer);
+    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        certified.keys_match()
+    {
+        return Err((
+            "server.tls.key",
+            format!(
+                "{} is not the key of the certificate in {}",
+                tls.key.display(),
+                tls.cert.display()
+            ),
+        ));
+    }
+    if let Some(ca) = &tls.client_ca {
+        certs("server.tls.client_ca", ca)?;
+    }
+    Ok(())
+}
