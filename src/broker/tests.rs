@@ -10,10 +10,11 @@ use std::{
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use futures_util::future::BoxFuture;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::json;
 
 use super::*;
+use tokio::time::Instant;
 use crate::config::ClientConfig;
 
 #[derive(Clone)]
