@@ -14,8 +14,8 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::json;
 
 use super::*;
-use tokio::time::Instant;
 use crate::config::ClientConfig;
+use tokio::time::Instant;
 
 #[derive(Clone)]
 enum Mode {
