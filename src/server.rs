@@ -8,13 +8,12 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
-use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
     broker::{Broker, CognitoClient, FleetCache, PoolRoutes, TokenEndpoint},
     calls::CallLayer,
     config::{self, Config},
-    edge::{self, Edge, EdgeLayer, EdgeSettings},
+    edge::{self, Edge, EdgeSettings},
     jwt::{JwksFetch, JwtValidator, trusted_issuer},
     proto::{self, gateway::v1::gateway_server::GatewayServer},
     registry::Registry,
@@ -211,9 +210,8 @@ impl Gateway {
         // Every call is counted and logged, the edge's refusals included.
         let limits = tower::ServiceBuilder::new()
             .layer(CallLayer::new(self.rpc.clone()))
-            .layer(EdgeLayer::new(edge.clone(), &edge::REFLECTION_PATHS))
-            .load_shed()
-            .layer(GlobalConcurrencyLimitLayer::new(
+            .layer(edge.layers(
+                &edge::REFLECTION_PATHS,
                 server_cfg.max_concurrent_requests.get(),
             ));
         let serve = builder
