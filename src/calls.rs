@@ -9,16 +9,27 @@
 //! ([`crate::telemetry::RefusalLog`]). Never a token or a secret.
 
 use std::{
+    fmt::Write as _,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     task::{Context, Poll, ready},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tonic::{Code, body::Body};
 
-use crate::{edge, jwt::Rejection, registry, telemetry::RpcStats};
+use crate::{
+    edge,
+    histogram::{Histogram, HistogramSnapshot},
+    jwt::Rejection,
+    prometheus::Encoder,
+    registry,
+    telemetry::RefusalLog,
+};
 
 /// What a handler tells the call's log line beyond its status. The layer puts
 /// one in every request's extensions; [`CallNote::of`] finds it.
@@ -222,5 +233,217 @@ impl http_body::Body for Observed {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A method counted per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Method {
+    /// `/package.Service/Method`.
+    pub path: &'static str,
+    /// go-grpc-prometheus's `grpc_type`: `unary`, `server_stream`, `bidi_stream`.
+    pub kind: &'static str,
+}
+
+impl Method {
+    const fn unary(path: &'static str) -> Self {
+        Self {
+            path,
+            kind: "unary",
+        }
+    }
+
+    /// The service's full name and the method's name.
+    pub fn names(&self) -> (&'static str, &'static str) {
+        let p = self.path.trim_start_matches('/');
+        p.split_once('/').unwrap_or((p, ""))
+    }
+}
+
+/// GetToken.
+pub const GET_TOKEN: Method = Method::unary("/m2m.gateway.v1.Gateway/GetToken");
+/// Validate.
+pub const VALIDATE: Method = Method::unary("/m2m.gateway.v1.Gateway/Validate");
+
+/// Every method the gateway serves.
+pub const GATEWAY_METHODS: [Method; 6] = [
+    GET_TOKEN,
+    VALIDATE,
+    Method::unary("/grpc.health.v1.Health/Check"),
+    Method {
+        path: "/grpc.health.v1.Health/Watch",
+        kind: "server_stream",
+    },
+    Method {
+        path: "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        kind: "bidi_stream",
+    },
+    Method {
+        path: "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        kind: "bidi_stream",
+    },
+];
+
+const CODES: usize = 17;
+/// Seconds; past the upstream timeout (5 s) and the request timeout (10 s).
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug)]
+struct MethodStats {
+    method: Method,
+    codes: [AtomicU64; CODES],
+    latency: Histogram,
+}
+
+/// Per-method outcome counters and latency histograms, recorded by
+/// [`crate::calls::CallLayer`].
+#[derive(Debug)]
+pub struct RpcStats {
+    methods: Vec<MethodStats>,
+    /// Bounds the log lines of refused calls.
+    pub refusals: RefusalLog,
+}
+
+impl Default for RpcStats {
+    /// The gateway's methods.
+    fn default() -> Self {
+        Self::new(&GATEWAY_METHODS)
+    }
+}
+
+impl RpcStats {
+    /// Counters for `methods` (calls of other paths are logged, not counted).
+    pub fn new(methods: &[Method]) -> Self {
+        Self {
+            methods: methods
+                .iter()
+                .map(|&method| MethodStats {
+                    method,
+                    codes: Default::default(),
+                    latency: Histogram::new(&LATENCY_BUCKETS),
+                })
+                .collect(),
+            refusals: RefusalLog::default(),
+        }
+    }
+
+    /// The index of the method at `path`.
+    pub fn method(&self, path: &str) -> Option<usize> {
+        self.methods.iter().position(|m| m.method.path == path)
+    }
+
+    /// The method at `index`.
+    pub fn at(&self, index: usize) -> Method {
+        self.methods[index].method
+    }
+
+    /// Records one finished call of the method at `index`.
+    pub fn record(&self, index: usize, code: Code, latency: Duration) {
+        let Some(m) = self.methods.get(index) else {
+            return;
+        };
+        m.codes[(code as usize).min(CODES - 1)].fetch_add(1, Relaxed);
+        m.latency.record(latency);
+    }
+}
+
+/// A status code as grpc-go names it (go-grpc-prometheus's `grpc_code`).
+fn go_code_name(code: usize) -> &'static str {
+    const NAMES: [&str; CODES] = [
+        "OK",
+        "Canceled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    NAMES[code.min(CODES - 1)]
+}
+
+impl RpcStats {
+    /// The RPC series: the gateway's own, then go-grpc-prometheus's for every
+    /// service.
+    pub(crate) fn encode(&self, out: &mut Encoder) {
+        // RPCs: the gateway's own series, then go-grpc-prometheus's for every service.
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_rpc_requests_total Gateway RPCs by method and gRPC status.\n# TYPE m2m_gateway_rpc_requests_total counter"
+        );
+        let gateway_methods = || {
+            self.methods
+                .iter()
+                .filter(|m| matches!(m.method, GET_TOKEN | VALIDATE))
+        };
+        for m in gateway_methods() {
+            let (_, method) = m.method.names();
+            for (code, n) in m.codes.iter().enumerate() {
+                let n = n.load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "m2m_gateway_rpc_requests_total{{method=\"{method}\",code=\"{:?}\"}} {n}",
+                        Code::from(code as i32)
+                    );
+                }
+            }
+        }
+        let rpc_latency: Vec<(String, HistogramSnapshot)> = gateway_methods()
+            .map(|m| {
+                let (_, method) = m.method.names();
+                (format!("method=\"{method}\""), m.latency.snapshot())
+            })
+            .collect();
+        out.histogram(
+            "m2m_gateway_rpc_duration_seconds",
+            "Gateway RPC latency.",
+            &rpc_latency,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE grpc_server_handled_total counter"
+        );
+        let grpc_labels = |m: &Method| {
+            let (service, method) = m.names();
+            format!(
+                "grpc_type=\"{}\",grpc_service=\"{service}\",grpc_method=\"{method}\"",
+                m.kind
+            )
+        };
+        for m in &self.methods {
+            let labels = grpc_labels(&m.method);
+            for (code, n) in m.codes.iter().enumerate() {
+                let n = n.load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "grpc_server_handled_total{{{labels},grpc_code=\"{}\"}} {n}",
+                        go_code_name(code)
+                    );
+                }
+            }
+        }
+        let handling: Vec<(String, HistogramSnapshot)> = self
+            .methods
+            .iter()
+            .map(|m| (grpc_labels(&m.method), m.latency.snapshot()))
+            .collect();
+        out.histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            &handling,
+        );
     }
 }

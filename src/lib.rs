@@ -42,6 +42,8 @@ pub mod histogram;
 mod http;
 pub mod jwt;
 pub mod oauth;
+#[cfg(feature = "gateway")]
+pub mod prometheus;
 pub mod proto;
 #[cfg(feature = "gateway")]
 pub mod registry;

@@ -5,9 +5,12 @@ use std::{
     time::Duration,
 };
 
+use std::fmt::Write as _;
+
 use super::budget::BudgetStats;
 use crate::{
     histogram::{Histogram, HistogramSnapshot},
+    prometheus::{Encoder, label_value},
     registry::Registry,
 };
 
@@ -225,5 +228,160 @@ impl ClientStats {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+}
+
+impl super::Broker {
+    /// The broker's series: the token cache, the upstream budget, each client,
+    /// and the token endpoint calls.
+    pub(crate) fn encode(&self, out: &mut Encoder) {
+        let b = self.stats().snapshot();
+        // Token cache.
+        for (name, help, value) in [
+            (
+                "token_cache_hits_total",
+                "GetToken answered from the cache.",
+                b.hits,
+            ),
+            (
+                "token_cache_misses_total",
+                "GetToken with no usable cached entry.",
+                b.misses,
+            ),
+            (
+                "token_cache_refreshes_total",
+                "GetToken past the refresh point of its entry.",
+                b.refreshes,
+            ),
+            (
+                "token_cache_coalesced_total",
+                "GetToken that waited for an upstream call already in flight.",
+                b.coalesced,
+            ),
+            (
+                "token_cache_stale_served_total",
+                "Cached tokens served because a refresh failed.",
+                b.stale_served,
+            ),
+            (
+                "unproven_secrets_total",
+                "GetToken with a secret not (or no longer) proven for its client.",
+                b.unproven,
+            ),
+            (
+                "failed_auth_limited_total",
+                "GetToken refused by the failed-attempt limit.",
+                b.rate_limited,
+            ),
+        ] {
+            out.counter(name, help, value);
+        }
+        out.gauge(
+            "proven_secrets",
+            "Client secrets Cognito accepted, live (kept as keyed hashes).",
+            self.proven_secrets() as f64,
+        );
+
+        // Upstream budget (limits.upstream_per_second).
+        let budget = self.budget_stats();
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_upstream_budget_granted_total Slots of the upstream budget taken, by kind.\n# TYPE m2m_gateway_upstream_budget_granted_total counter"
+        );
+        for (kind, n) in [
+            ("miss", &budget.granted_miss),
+            ("refresh", &budget.granted_refresh),
+        ] {
+            let _ = writeln!(
+                out,
+                "m2m_gateway_upstream_budget_granted_total{{kind=\"{kind}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        for (name, help, value) in [
+            (
+                "upstream_budget_waits_total",
+                "Misses that waited for a slot of the upstream budget.",
+                budget.waits.load(Relaxed),
+            ),
+            (
+                "upstream_budget_refreshes_deferred_total",
+                "Refreshes put off while misses were queued (the current token was served).",
+                budget.refreshes_deferred.load(Relaxed),
+            ),
+            (
+                "upstream_budget_refused_total",
+                "Misses refused because no slot was free within limits.upstream_max_wait_ms.",
+                budget.refused.load(Relaxed),
+            ),
+            (
+                "upstream_budget_strangers_refused_total",
+                "Attempts with secrets not yet proven refused because their tenth of the budget was spent.",
+                budget.strangers_refused.load(Relaxed),
+            ),
+        ] {
+            out.counter(name, help, value);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_upstream_budget_wait_seconds_total Time misses waited for upstream slots.\n# TYPE m2m_gateway_upstream_budget_wait_seconds_total counter\nm2m_gateway_upstream_budget_wait_seconds_total {}",
+            budget.waited_us.load(Relaxed) as f64 / 1e6
+        );
+
+        // Per client, by registered name.
+        let clients = self.client_stats().snapshot();
+        for (family, help, pick) in [
+            (
+                "client_token_cache_hits_total",
+                "GetToken answered from the cache, by client.",
+                (|c: &ClientSnapshot| c.hits) as fn(&ClientSnapshot) -> u64,
+            ),
+            (
+                "client_upstream_requests_total",
+                "Token endpoint calls, by client.",
+                |c: &ClientSnapshot| c.upstream,
+            ),
+            (
+                "client_refusals_total",
+                "GetToken refused (credentials, scopes, limits), by client.",
+                |c: &ClientSnapshot| c.refused,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP m2m_gateway_{family} {help}\n# TYPE m2m_gateway_{family} counter"
+            );
+            for c in &clients {
+                let _ = writeln!(
+                    out,
+                    "m2m_gateway_{family}{{client=\"{}\",pool=\"{}\"}} {}",
+                    label_value(&c.name),
+                    label_value(&c.pool),
+                    pick(c)
+                );
+            }
+        }
+        out.gauge(
+            "token_cache_entries",
+            "Cached (client, scope set) entries.",
+            self.cached_entries() as f64,
+        );
+
+        // Upstream.
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_upstream_requests_total Token endpoint calls by outcome.\n# TYPE m2m_gateway_upstream_requests_total counter"
+        );
+        for (label, n) in &b.upstream {
+            let _ = writeln!(
+                out,
+                "m2m_gateway_upstream_requests_total{{outcome=\"{label}\"}} {n}"
+            );
+        }
+        out.histogram(
+            "m2m_gateway_upstream_duration_seconds",
+            "Token endpoint call latency.",
+            &[(String::new(), b.latency.clone())],
+        );
     }
 }

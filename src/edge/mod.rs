@@ -348,3 +348,77 @@ impl Edge {
             ))
     }
 }
+
+#[cfg(feature = "gateway")]
+impl Edge {
+    /// The edge's series.
+    pub(crate) fn encode(&self, out: &mut crate::prometheus::Encoder) {
+        let edge = self;
+        // Connections and requests at the edge.
+        let e = edge.stats();
+        for (name, help, value) in [
+            (
+                "connections_accepted_total",
+                "gRPC connections accepted.",
+                &e.accepted,
+            ),
+            (
+                "connections_refused_total",
+                "Connections closed at once because server.max_connections were open.",
+                &e.refused,
+            ),
+            (
+                "connections_peer_refused_total",
+                "Connections closed at once because their address had server.max_connections_per_peer open.",
+                &e.peer_refused,
+            ),
+            (
+                "connections_stalled_closed_total",
+                "Connections closed because an answer could not leave by its deadline (the peer does not read).",
+                &e.stalled_closed,
+            ),
+            (
+                "streams_expired_total",
+                "Streams ended at server.max_stream_secs.",
+                &e.streams_expired,
+            ),
+            (
+                "streams_peer_limited_total",
+                "Streams refused because their address had server.max_streams_per_peer open.",
+                &e.streams_peer_limited,
+            ),
+            (
+                "connections_handshake_timeouts_total",
+                "Connections closed for not sending the HTTP/2 preface in time.",
+                &e.handshake_timeouts,
+            ),
+            (
+                "connections_idle_closed_total",
+                "Connections closed after server.idle_timeout_secs without a call.",
+                &e.idle_closed,
+            ),
+            (
+                "accept_errors_total",
+                "Errors accepting connections.",
+                &e.accept_errors,
+            ),
+            (
+                "request_body_timeouts_total",
+                "Calls whose message did not arrive within server.request_body_timeout_ms.",
+                &e.body_timeouts,
+            ),
+            (
+                "peer_limited_total",
+                "Calls refused because their address had server.max_requests_per_peer in flight.",
+                &e.peer_limited,
+            ),
+        ] {
+            out.counter(name, help, value.load(Relaxed));
+        }
+        out.gauge(
+            "connections_open",
+            "Open gRPC connections.",
+            edge.open_connections() as f64,
+        );
+    }
+}

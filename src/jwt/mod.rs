@@ -5,6 +5,8 @@
 mod claims;
 mod cognito;
 mod jwks;
+#[cfg(feature = "gateway")]
+mod metrics;
 mod validator;
 
 use std::{

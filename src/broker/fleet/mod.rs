@@ -429,3 +429,66 @@ impl FleetCache {
         serde_json::from_slice(plain).ok()
     }
 }
+
+impl FleetCache {
+    /// The fleet's series.
+    pub(crate) fn encode(&self, out: &mut crate::prometheus::Encoder) {
+        let fleet = self;
+        // Fleet-wide cache.
+        let f = fleet.stats();
+        for (name, help, value) in [
+            (
+                "fleet_cache_hits_total",
+                "Entries found in Redis.",
+                f.hits.load(Relaxed),
+            ),
+            (
+                "fleet_cache_misses_total",
+                "Redis lookups that found nothing.",
+                f.misses.load(Relaxed),
+            ),
+            (
+                "fleet_locks_acquired_total",
+                "Cognito calls made for the fleet by this replica.",
+                f.locks_acquired.load(Relaxed),
+            ),
+            (
+                "fleet_waited_for_peer_total",
+                "Fetches answered by another replica's result.",
+                f.waited_for_peer.load(Relaxed),
+            ),
+            (
+                "fleet_wait_timeouts_total",
+                "Waits for another replica that ran out.",
+                f.wait_timeouts.load(Relaxed),
+            ),
+            (
+                "redis_errors_total",
+                "Redis calls that failed or timed out.",
+                f.errors.load(Relaxed),
+            ),
+            (
+                "redis_bypassed_total",
+                "Redis calls skipped while it was down.",
+                f.bypassed.load(Relaxed),
+            ),
+            (
+                "redis_corrupt_values_total",
+                "Values read from Redis that were corrupt or oversized (skipped, or reset for the upstream schedule).",
+                f.corrupt.load(Relaxed),
+            ),
+        ] {
+            out.counter(name, help, value);
+        }
+        out.gauge(
+            "redis_up",
+            "1 when the last Redis call succeeded (0 until the first one did).",
+            if fleet.is_up() { 1.0 } else { 0.0 },
+        );
+        out.gauge(
+            "fleet_shared",
+            "1 when this replica shares tokens, proofs and the upstream budget with the fleet (Redis answers and its announcements arrive); 0 when it serves from its own cache.",
+            if fleet.is_shared() { 1.0 } else { 0.0 },
+        );
+    }
+}

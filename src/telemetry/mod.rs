@@ -1,0 +1,200 @@
+//! Metrics and the admin HTTP listener: `/metrics` (Prometheus text format),
+//! `/healthz` (alive) and `/readyz` (keys loaded and gRPC listener up). Metric
+//! labels are bounded sets (outcomes, rejection reasons, method names); no metric
+//! ever carries a token, a secret or a client-supplied string.
+
+use std::{
+    fmt::Write as _,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use tokio::net::TcpListener;
+
+use crate::{broker::Broker, edge::Edge, jwt::JwtValidator, prometheus::Encoder};
+
+pub use crate::calls::{GATEWAY_METHODS, GET_TOKEN, Method, RpcStats, VALIDATE};
+
+/// How many refusals of one kind (method, status, rejection) are logged per
+/// interval; the rest are counted and summed up in the next line of that kind.
+pub const REFUSALS_LOGGED_PER_INTERVAL: u32 = 5;
+/// The interval of [`REFUSALS_LOGGED_PER_INTERVAL`].
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Keeps refusal logging bounded: a stranger's flood of junk costs metrics
+/// counts, not a log line per call. Every kind of refusal is still logged (its
+/// first few per interval), with the number left out since the last line.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    kinds: std::sync::Mutex<std::collections::HashMap<RefusalKind, Window>>,
+}
+
+type RefusalKind = (&'static str, i32, Option<&'static str>);
+
+#[derive(Debug)]
+struct Window {
+    started: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    /// Whether to log this refusal now, and how many of its kind were left
+    /// out before it (to report on the line).
+    pub fn admit(&self, kind: RefusalKind, now: std::time::Instant) -> Option<u64> {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let w = kinds.entry(kind).or_insert(Window {
+            started: now,
+            logged: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(w.started) >= REFUSAL_LOG_INTERVAL {
+            w.started = now;
+            w.logged = 0;
+        }
+        if w.logged < REFUSALS_LOGGED_PER_INTERVAL {
+            w.logged += 1;
+            Some(std::mem::take(&mut w.suppressed))
+        } else {
+            w.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Everything `/metrics` and `/readyz` report on.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    broker: Broker,
+    validator: JwtValidator,
+    rpc: Arc<RpcStats>,
+    listening: Arc<AtomicBool>,
+    edge: Arc<std::sync::OnceLock<Arc<Edge>>>,
+}
+
+impl Telemetry {
+    /// Telemetry over the gateway's parts.
+    pub fn new(broker: Broker, validator: JwtValidator, rpc: Arc<RpcStats>) -> Self {
+        Self {
+            broker,
+            validator,
+            rpc,
+            listening: Arc::new(AtomicBool::new(false)),
+            edge: Arc::default(),
+        }
+    }
+
+    /// The gRPC listener's edge, reported on from now on.
+    pub fn set_edge(&self, edge: Arc<Edge>) {
+        let _ = self.edge.set(edge);
+    }
+
+    /// Marks the gRPC listener up or down.
+    pub fn set_listening(&self, up: bool) {
+        self.listening.store(up, Relaxed);
+    }
+
+    /// Ready: every pool's first key set is loaded, the gRPC listener is up and
+    /// accepting works (not out of descriptors). A full connection table does not
+    /// count: a stranger could cause it, and the per-address cap keeps room for
+    /// other callers.
+    pub fn ready(&self) -> bool {
+        self.listening.load(Relaxed)
+            && self.validator.is_loaded()
+            && !self.edge.get().is_some_and(|e| e.is_accept_failing())
+    }
+
+    /// The Prometheus text exposition: each component's series, then the
+    /// process's own.
+    pub fn render(&self) -> String {
+        let mut out = Encoder::new();
+        self.rpc.encode(&mut out);
+        let _ = writeln!(
+            out,
+            "# HELP m2m_gateway_build_info The running version.\n# TYPE m2m_gateway_build_info gauge\nm2m_gateway_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        self.broker.encode(&mut out);
+        if let Some(fleet) = self.broker.fleet() {
+            fleet.encode(&mut out);
+        }
+        if let Some(edge) = self.edge.get() {
+            edge.encode(&mut out);
+        }
+        self.validator.encode(&mut out);
+        out.gauge(
+            "ready",
+            "1 when keys are loaded and the gRPC listener is up.",
+            if self.ready() { 1.0 } else { 0.0 },
+        );
+        out.finish()
+    }
+}
+
+async fn metrics(State(t): State<Telemetry>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        t.render(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(t): State<Telemetry>) -> (StatusCode, &'static str) {
+    if t.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the first key set, or refusing connections\n",
+        )
+    }
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` resolves.
+pub async fn serve_admin(
+    listener: TcpListener,
+    telemetry: Telemetry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(telemetry);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod refusal_log_tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_few_lines_per_kind_and_interval_then_the_count_of_the_rest() {
+        let log = RefusalLog::default();
+        let t0 = Instant::now();
+        let kind = ("Validate", 0, Some("malformed"));
+        let logged = (0..100).filter(|_| log.admit(kind, t0).is_some()).count();
+        assert_eq!(logged, REFUSALS_LOGGED_PER_INTERVAL as usize);
+        // Another kind has its own allowance.
+        assert_eq!(log.admit(("GetToken", 16, None), t0), Some(0));
+        // The next interval's first line carries what was left out.
+        let later = t0 + REFUSAL_LOG_INTERVAL + Duration::from_millis(1);
+        assert_eq!(log.admit(kind, later), Some(95));
+        assert_eq!(log.admit(kind, later), Some(0));
+    }
+}
