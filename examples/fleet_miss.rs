@@ -107,10 +107,7 @@ async fn main() {
         histogram.record(t.elapsed().as_micros() as u64).unwrap();
     }
     let elapsed = started.elapsed();
-    let errors = fleet
-        .stats()
-        .errors
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let errors = fleet.stats().snapshot().errors;
     println!(
         "{topology}: {misses} misses in {:.2} s ({:.0}/s, one at a time); per miss µs: p50 {} p90 {} p99 {} max {}; redis errors {errors}",
         elapsed.as_secs_f64(),

@@ -31,6 +31,7 @@ pub mod broker;
 pub mod calls;
 #[cfg(feature = "gateway")]
 pub mod config;
+mod counters;
 pub mod demo;
 #[cfg(feature = "gateway")]
 pub mod dev;

@@ -275,8 +275,8 @@ async fn key_rotation_during_traffic() {
             .validator
             .keys()
             .stats()
-            .refetch_suppressed
-            .load(std::sync::atomic::Ordering::Relaxed),
+            .snapshot()
+            .refetch_suppressed,
         1
     );
 }

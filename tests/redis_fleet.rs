@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::sync::atomic::Ordering;
-
 use m2m_gateway::{
     config::{CacheBackend, Config},
     emulator::{Emulator, EmulatorClient},
@@ -141,8 +139,8 @@ async fn three_replicas_share_one_cognito_call_and_survive_redis_dying() {
                 .fleet()
                 .unwrap()
                 .stats()
+                .snapshot()
                 .locks_acquired
-                .load(Ordering::SeqCst)
                 == 0
         })
         .expect("two replicas waited for the third");

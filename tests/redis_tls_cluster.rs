@@ -95,13 +95,8 @@ async fn assert_one_schedule(cfg: &Config, prover: &GatewayClient<Channel>) {
         .unwrap_err();
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     let budget = budgeted[1].gateway.broker.budget_stats();
-    assert_eq!(budget.refused.load(std::sync::atomic::Ordering::SeqCst), 1);
-    assert_eq!(
-        budget
-            .strangers_refused
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
+    assert_eq!(budget.snapshot().refused, 1);
+    assert_eq!(budget.snapshot().strangers_refused, 0);
 }
 
 fn fleet(r: &TestGateway) -> &FleetCache {

@@ -12,10 +12,7 @@
 //! pressure the current token is served and the refresh waits for a quiet moment.
 
 use std::{
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
+    sync::{Mutex, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -132,24 +129,25 @@ impl Schedule {
     }
 }
 
-/// Counters of the budget.
-#[derive(Debug, Default)]
-pub struct BudgetStats {
-    /// Slots given to misses.
-    pub granted_miss: AtomicU64,
-    /// Slots given to refreshes.
-    pub granted_refresh: AtomicU64,
-    /// Misses that waited for their slot.
-    pub waits: AtomicU64,
-    /// Total time misses waited, in microseconds.
-    pub waited_us: AtomicU64,
-    /// Refreshes put off because misses were queued (the current token was served).
-    pub refreshes_deferred: AtomicU64,
-    /// Misses refused because the next slot was beyond the longest wait.
-    pub refused: AtomicU64,
-    /// Attempts with secrets not yet proven refused because the strangers' share
-    /// (a tenth of the budget) was spent.
-    pub strangers_refused: AtomicU64,
+crate::counters::counters! {
+    /// Counters of the budget.
+    BudgetStats => BudgetStatsSnapshot {
+        /// Slots given to misses.
+        granted_miss,
+        /// Slots given to refreshes.
+        granted_refresh,
+        /// Misses that waited for their slot.
+        waits,
+        /// Total time misses waited, in microseconds.
+        waited_us,
+        /// Refreshes put off because misses were queued (the current token was served).
+        refreshes_deferred,
+        /// Misses refused because the next slot was beyond the longest wait.
+        refused,
+        /// Attempts with secrets not yet proven refused because the strangers' share
+        /// (a tenth of the budget) was spent.
+        strangers_refused,
+    }
 }
 
 impl BudgetStats {

@@ -40,12 +40,12 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use secrecy::SecretString;
 
 pub use crate::oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
-pub use budget::BudgetStats;
+pub use budget::{BudgetStats, BudgetStatsSnapshot};
 pub use check::{RedisCheckError, RedisReport};
 pub use error::{BrokerError, CredentialsError, ScopeRefusal};
 pub use fleet::{
     DEFAULT_LOCK_WAIT, DEFAULT_REDIS_TIMEOUT, FleetCache, FleetSettings, FleetSetupError,
-    FleetStats,
+    FleetStats, FleetStatsSnapshot,
 };
 pub use link::check_ca_pem;
 pub use pools::PoolRoutes;

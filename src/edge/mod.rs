@@ -178,33 +178,34 @@ impl Default for EdgeSettings {
     }
 }
 
-/// Counters of the edge.
-#[derive(Debug, Default)]
-pub struct EdgeStats {
-    /// Connections accepted and kept.
-    pub accepted: AtomicU64,
-    /// Connections closed at once because `max_connections` were open.
-    pub refused: AtomicU64,
-    /// Connections closed for not sending the preface in time.
-    pub handshake_timeouts: AtomicU64,
-    /// Connections closed after `idle_timeout` without a call.
-    pub idle_closed: AtomicU64,
-    /// Accept errors (e.g. out of file descriptors).
-    pub accept_errors: AtomicU64,
-    /// Calls whose message did not arrive within `body_timeout`.
-    pub body_timeouts: AtomicU64,
-    /// Calls refused because their peer had `max_requests_per_peer` in flight.
-    pub peer_limited: AtomicU64,
-    /// Connections closed at once because their address had
-    /// `max_connections_per_peer` open.
-    pub peer_refused: AtomicU64,
-    /// Connections closed because an answer could not leave by its deadline.
-    pub stalled_closed: AtomicU64,
-    /// Streams ended at `max_stream_lifetime`.
-    pub streams_expired: AtomicU64,
-    /// Streams refused because their peer had `max_streams_per_peer` open, or
-    /// their connection `max_streams_per_connection`.
-    pub streams_peer_limited: AtomicU64,
+crate::counters::counters! {
+    /// Counters of the edge.
+    EdgeStats => EdgeStatsSnapshot {
+        /// Connections accepted and kept.
+        accepted,
+        /// Connections closed at once because `max_connections` were open.
+        refused,
+        /// Connections closed for not sending the preface in time.
+        handshake_timeouts,
+        /// Connections closed after `idle_timeout` without a call.
+        idle_closed,
+        /// Accept errors (e.g. out of file descriptors).
+        accept_errors,
+        /// Calls whose message did not arrive within `body_timeout`.
+        body_timeouts,
+        /// Calls refused because their peer had `max_requests_per_peer` in flight.
+        peer_limited,
+        /// Connections closed at once because their address had
+        /// `max_connections_per_peer` open.
+        peer_refused,
+        /// Connections closed because an answer could not leave by its deadline.
+        stalled_closed,
+        /// Streams ended at `max_stream_lifetime`.
+        streams_expired,
+        /// Streams refused because their peer had `max_streams_per_peer` open, or
+        /// their connection `max_streams_per_connection`.
+        streams_peer_limited,
+    }
 }
 
 /// State shared by the listener, its connections and the request layer.

@@ -4,10 +4,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, RwLock, atomic::Ordering},
     time::Duration,
 };
 
@@ -285,15 +282,16 @@ pub fn parse_jwks(body: &[u8]) -> Result<HashMap<String, Arc<VerifyingKey>>, Jwk
 
 type KeyMap = HashMap<String, Arc<VerifyingKey>>;
 
-/// Counters of JWKS activity.
-#[derive(Debug, Default)]
-pub struct JwksStats {
-    /// Fetches that produced a key set.
-    pub fetch_ok: AtomicU64,
-    /// Fetches that failed or answered garbage.
-    pub fetch_failed: AtomicU64,
-    /// Unknown-kid refetches skipped because of the cool-down.
-    pub refetch_suppressed: AtomicU64,
+crate::counters::counters! {
+    /// Counters of JWKS activity.
+    JwksStats => JwksStatsSnapshot {
+        /// Fetches that produced a key set.
+        fetch_ok,
+        /// Fetches that failed or answered garbage.
+        fetch_failed,
+        /// Unknown-kid refetches skipped because of the cool-down.
+        refetch_suppressed,
+    }
 }
 
 /// The key set of one issuer. Readers take a short read lock (never across an
@@ -508,7 +506,7 @@ pub(crate) async fn load_while_used(keys: std::sync::Weak<KeySet>, period: Durat
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Mutex, atomic::AtomicU64};
 
     /// A fetcher whose answers tests script and count.
     pub(crate) struct ScriptedFetcher {

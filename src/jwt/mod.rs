@@ -26,8 +26,8 @@ pub use cognito::{
     DEFAULT_JWKS_REFRESH_PERIOD, IssuerType, JwksFetch, jwks_uri_of, trusted_issuer,
 };
 pub use jwks::{
-    HttpFetcher, JwksError, JwksFetcher, JwksStats, KeyError, KeySet, MAX_JWKS_BYTES, MAX_KID_LEN,
-    StaticJwks, VerifyingKey, parse_jwks,
+    HttpFetcher, JwksError, JwksFetcher, JwksStats, JwksStatsSnapshot, KeyError, KeySet,
+    MAX_JWKS_BYTES, MAX_KID_LEN, StaticJwks, VerifyingKey, parse_jwks,
 };
 pub use validator::{JwtValidator, TrustError, TrustedIssuer, ValidatorSettings};
 

@@ -10,7 +10,7 @@ use std::{
     fmt,
     sync::{
         Mutex,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU8, Ordering::Relaxed},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -111,25 +111,26 @@ pub(crate) fn ms_to_instant(ms: u64) -> Instant {
     }
 }
 
-/// Counters of the fleet cache.
-#[derive(Debug, Default)]
-pub struct FleetStats {
-    /// Entries found in Redis.
-    pub hits: AtomicU64,
-    /// Lookups that found nothing.
-    pub misses: AtomicU64,
-    /// Locks taken (this replica fetched for the fleet).
-    pub locks_acquired: AtomicU64,
-    /// Fetches answered by another replica's result.
-    pub waited_for_peer: AtomicU64,
-    /// Waits that ran out, after which this replica fetched itself.
-    pub wait_timeouts: AtomicU64,
-    /// Redis calls that failed or timed out.
-    pub errors: AtomicU64,
-    /// Requests served without Redis because it was down.
-    pub bypassed: AtomicU64,
-    /// Values read from Redis that were corrupt or oversized, skipped or reset.
-    pub corrupt: AtomicU64,
+crate::counters::counters! {
+    /// Counters of the fleet cache.
+    FleetStats => FleetStatsSnapshot {
+        /// Entries found in Redis.
+        hits,
+        /// Lookups that found nothing.
+        misses,
+        /// Locks taken (this replica fetched for the fleet).
+        locks_acquired,
+        /// Fetches answered by another replica's result.
+        waited_for_peer,
+        /// Waits that ran out, after which this replica fetched itself.
+        wait_timeouts,
+        /// Redis calls that failed or timed out.
+        errors,
+        /// Requests served without Redis because it was down.
+        bypassed,
+        /// Values read from Redis that were corrupt or oversized, skipped or reset.
+        corrupt,
+    }
 }
 
 /// Whether Redis has answered yet, and how the last call went.

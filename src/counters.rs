@@ -1,0 +1,36 @@
+//! Counter sets: a component counts with atomics it alone can touch, and hands
+//! out snapshots (plain numbers) to whoever reads them.
+
+/// A struct of `AtomicU64` counters, visible to the crate only, and its
+/// snapshot type with the same fields as `u64`, made by `snapshot()`.
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        $name:ident => $snapshot:ident {
+            $( $(#[$fmeta:meta])* $field:ident, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub(crate) $field: std::sync::atomic::AtomicU64, )*
+        }
+
+        #[doc = concat!("The counters of [`", stringify!($name), "`] at one moment.")]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct $snapshot {
+            $( $(#[$fmeta])* pub $field: u64, )*
+        }
+
+        impl $name {
+            /// The counters now.
+            pub fn snapshot(&self) -> $snapshot {
+                $snapshot {
+                    $( $field: self.$field.load(std::sync::atomic::Ordering::Relaxed), )*
+                }
+            }
+        }
+    };
+}
+
+pub(crate) use counters;
