@@ -74,15 +74,7 @@ impl RemoteValidator {
                 claims
             }
         };
-        if !live(&claims) {
-            return Err(Invalid::new(Rejection::Expired, "token has expired"));
-        }
-        if let Some(missing) = required_scopes.iter().find(|s| !claims.has_scope(s)) {
-            return Err(Invalid::new(
-                Rejection::InsufficientScope,
-                format!("scope {missing:?} not granted"),
-            ));
-        }
+        claims.check_use(now, self.leeway, None, required_scopes)?;
         Ok(claims)
     }
 

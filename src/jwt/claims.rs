@@ -13,6 +13,7 @@ use serde::{
 };
 use serde_json::{Map, Value, value::RawValue};
 
+use super::{Invalid, Rejection, truncate};
 use crate::proto::{SharedClaims, gateway::v1 as pb};
 
 /// A JSON string, borrowed from the input unless it had escapes.
@@ -185,6 +186,37 @@ impl fmt::Debug for Claims {
 
 fn boxed(t: &Option<Text<'_>>) -> Option<Box<str>> {
     t.as_ref().map(|t| t.as_str().into())
+}
+
+impl Claims {
+    /// The checks that depend on the moment and the call, made on every use of
+    /// verified claims, fresh or remembered, local or from the gateway: `exp`
+    /// (and `nbf` when given) at `now` with `leeway` seconds, then the scopes
+    /// the call requires.
+    pub fn check_use(
+        &self,
+        now: i64,
+        leeway: i64,
+        nbf: Option<i64>,
+        required_scopes: &[String],
+    ) -> Result<(), Invalid> {
+        if self.expires_at().saturating_add(leeway) <= now {
+            return Err(Invalid::new(Rejection::Expired, "token has expired"));
+        }
+        if nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+            return Err(Invalid::new(
+                Rejection::NotYetValid,
+                "token is not valid yet (nbf)",
+            ));
+        }
+        if let Some(missing) = required_scopes.iter().find(|r| !self.has_scope(r)) {
+            return Err(Invalid::new(
+                Rejection::InsufficientScope,
+                format!("scope {:?} not granted", truncate(missing)),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Claims {

@@ -191,3 +191,11 @@ impl Clock for ManualClock {
 
 #[cfg(test)]
 mod tests;
+
+/// At most 64 characters of a client-supplied string, for details and logs.
+pub(crate) fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}

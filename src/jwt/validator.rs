@@ -19,6 +19,7 @@ use super::{
     Claims, Clock, Invalid, Rejection, SystemClock, ValidationStats,
     claims::{Payload, Text},
     jwks::{KeySet, MAX_KID_LEN, VerifyingKey},
+    truncate,
 };
 
 /// A verified token: its claims, the `kid` of the key that signed it, and the
@@ -483,7 +484,12 @@ impl JwtValidator {
             return None;
         }
         *issuer = Some(i);
-        let checked = self.check_time_and_scopes(&claims, None, required_scopes);
+        let checked = claims.check_use(
+            self.inner.clock.now(),
+            self.inner.leeway,
+            None,
+            required_scopes,
+        );
         if checked
             .as_ref()
             .is_err_and(|e| e.rejection == Rejection::Expired)
@@ -491,32 +497,6 @@ impl JwtValidator {
             cache.remove(digest);
         }
         Some(checked.map(|()| claims))
-    }
-
-    fn check_time_and_scopes(
-        &self,
-        claims: &Claims,
-        nbf: Option<i64>,
-        required_scopes: &[String],
-    ) -> Result<(), Invalid> {
-        let now = self.inner.clock.now();
-        let leeway = self.inner.leeway;
-        if claims.expires_at().saturating_add(leeway) <= now {
-            return Err(Invalid::new(Rejection::Expired, "token has expired"));
-        }
-        if nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
-            return Err(Invalid::new(
-                Rejection::NotYetValid,
-                "token is not valid yet (nbf)",
-            ));
-        }
-        if let Some(missing) = required_scopes.iter().find(|r| !claims.has_scope(r)) {
-            return Err(Invalid::new(
-                Rejection::InsufficientScope,
-                format!("scope {:?} not granted", truncate(missing)),
-            ));
-        }
-        Ok(())
     }
 
     fn lookup_after_refresh(&self, issuer: usize, kid: &str) -> Result<Arc<VerifyingKey>, Invalid> {
@@ -660,7 +640,7 @@ impl JwtValidator {
             .ok_or_else(|| Invalid::new(Rejection::ClientNotAllowed, "no client_id claim"))?;
         let claims = Claims::from_payload(&raw, client_id, exp, trusted.keys.issuer_shared());
         // Time first: an expired token is EXPIRED whoever it was issued to.
-        self.check_time_and_scopes(&claims, raw.nbf, &[])?;
+        claims.check_use(self.inner.clock.now(), self.inner.leeway, raw.nbf, &[])?;
         if !trusted.accepts_client(client_id) {
             return Err(Invalid::new(
                 Rejection::ClientNotAllowed,
@@ -675,7 +655,12 @@ impl JwtValidator {
                 cache.retain(|_, (c, _, _)| c.expires_at().saturating_add(inner.leeway) > now);
             }
         }
-        self.check_time_and_scopes(&claims, None, required_scopes)?;
+        claims.check_use(
+            self.inner.clock.now(),
+            self.inner.leeway,
+            None,
+            required_scopes,
+        )?;
         Ok(claims)
     }
 }
@@ -702,11 +687,4 @@ fn json_object<'a, T: Deserialize<'a>>(
 fn token_digest(token: &str) -> [u8; 32] {
     let d = digest::digest(&digest::SHA256, token.as_bytes());
     <[u8; 32]>::try_from(d.as_ref()).expect("SHA-256 is 32 bytes")
-}
-
-fn truncate(s: &str) -> &str {
-    match s.char_indices().nth(64) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
 }
