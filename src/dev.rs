@@ -2,13 +2,12 @@
 
 use std::{future::Future, net::SocketAddr, path::Path};
 
-use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::{
     config::Config,
     emulator::{Emulator, EmulatorClient, EmulatorConfig},
-    server::Gateway,
+    server::{Gateway, StartError},
     settings::Settings,
 };
 
@@ -141,28 +140,34 @@ pub async fn run(
     write_config: Option<&Path>,
     options: DevOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), StartError> {
+    let dev = |message: String| StartError::Dev(message);
     for (what, addr) in [
         ("--listen", Some(listen)),
         ("--emulator-listen", Some(options.emulator_listen)),
         ("--admin-listen", options.admin_listen),
     ] {
         if let Some(addr) = addr {
-            anyhow::ensure!(
-                addr.ip().is_loopback(),
-                "dev mode listens on loopback only; {what} {addr} is not a loopback address"
-            );
+            if !addr.ip().is_loopback() {
+                return Err(dev(format!(
+                    "dev mode listens on loopback only; {what} {addr} is not a loopback address"
+                )));
+            }
         }
     }
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let listen = listener.local_addr()?;
-    anyhow::ensure!(
-        (1..=MAX_DEV_POOLS).contains(&options.pools),
-        "--pools {} is outside 1..={MAX_DEV_POOLS}",
-        options.pools
-    );
+    let bind = |source| StartError::Bind {
+        what: "--listen",
+        addr: listen,
+        source,
+    };
+    let listener = TcpListener::bind(listen).await.map_err(bind)?;
+    let listen = listener.local_addr().map_err(bind)?;
+    if !(1..=MAX_DEV_POOLS).contains(&options.pools) {
+        return Err(dev(format!(
+            "--pools {} is outside 1..={MAX_DEV_POOLS}",
+            options.pools
+        )));
+    }
     let mut emulators = Vec::with_capacity(options.pools);
     for n in 1..=options.pools {
         // Pool n listens on the next port (any free port when the first is 0).
@@ -171,7 +176,7 @@ pub async fn run(
             let port = addr
                 .port()
                 .checked_add(n as u16 - 1)
-                .context("--emulator-listen port too high")?;
+                .ok_or_else(|| dev("--emulator-listen port too high".into()))?;
             addr.set_port(port);
         }
         let emulator = Emulator::start(
@@ -183,10 +188,10 @@ pub async fn run(
             },
         )
         .await
-        .with_context(|| {
-            format!(
-                "starting the Cognito emulator on {addr} (another dev or emulator running? choose another with --emulator-listen, port 0 for any)"
-            )
+        .map_err(|e| {
+            dev(format!(
+                "starting the Cognito emulator on {addr} (another dev or emulator running? choose another with --emulator-listen, port 0 for any): {e}"
+            ))
         })?;
         emulators.push((emulator, [dev_client(n)]));
     }
@@ -200,7 +205,7 @@ pub async fn run(
     if let Some(url) = &options.redis_url {
         use base64::Engine as _;
         let mut key = [0u8; 32];
-        aws_lc_rs::rand::fill(&mut key).map_err(|_| anyhow::anyhow!("no randomness"))?;
+        aws_lc_rs::rand::fill(&mut key).map_err(|_| dev("no randomness".into()))?;
         config.cache.backend = crate::config::CacheBackend::Redis;
         config.cache.redis_url = Some(url.clone());
         config.cache.redis_ca_file = options.redis_ca_file.clone();
@@ -213,7 +218,7 @@ pub async fn run(
         let partial = path.with_extension("partial");
         std::fs::write(&partial, written.to_toml())
             .and_then(|()| std::fs::rename(&partial, path))
-            .with_context(|| format!("writing {}", path.display()))?;
+            .map_err(|e| dev(format!("writing {}: {e}", path.display())))?;
     }
     let gateway = Gateway::from_config(config)?;
     let validator = gateway.validator.clone();
@@ -250,7 +255,9 @@ pub async fn run(
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
     }
-    let result = server.await.context("gateway task")?;
+    let result = server
+        .await
+        .map_err(|e| dev(format!("gateway task: {e}")))?;
     for (emulator, _) in emulators {
         emulator.shutdown().await;
     }

@@ -44,6 +44,8 @@ mod http;
 pub mod jwt;
 pub mod oauth;
 #[cfg(feature = "gateway")]
+pub mod ops;
+#[cfg(feature = "gateway")]
 pub mod prometheus;
 pub mod proto;
 #[cfg(feature = "gateway")]

@@ -1,12 +1,13 @@
 //! The `m2m-gateway` command line: parse arguments, load config, call the library.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use m2m_gateway::{
     emulator::{Emulator, EmulatorClient, EmulatorConfig},
-    server::Gateway,
+    ops::{self, shutdown_signal},
+    server::{Gateway, StartError},
     settings::Settings,
 };
 use tracing_subscriber::{EnvFilter, fmt};
@@ -144,27 +145,6 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -173,7 +153,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig { file } => match Settings::load(&file) {
             Ok(settings) => {
-                println!("{}: OK\n{}", file.display(), settings.redacted_json());
+                print_or_ignore(&ops::check_config_report(&file, &settings));
                 Ok(())
             }
             Err(e) => Err(anyhow::anyhow!(e)),
@@ -196,17 +176,16 @@ async fn main() -> ExitCode {
                 redis_ca_file: redis_ca,
                 pools: usize::from(pools),
             };
-            m2m_gateway::dev::run(listen, write_config.as_deref(), options, shutdown_signal()).await
+            m2m_gateway::dev::run(listen, write_config.as_deref(), options, shutdown_signal())
+                .await
+                .map_err(anyhow::Error::from)
         }
         Command::Probe {
             addr,
             config,
             service,
             timeout_ms,
-        } => match config {
-            Some(path) => probe_configured(&path, service, timeout_ms).await,
-            None => probe(addr, service, timeout_ms).await,
-        },
+        } => probe(addr, config, service, timeout_ms).await,
         Command::Emulator {
             listen,
             pool_id,
@@ -247,78 +226,39 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let gateway = Gateway::from_settings(settings)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    gateway.serve(listener, shutdown_signal()).await
+        .map_err(|source| StartError::Bind {
+            what: "server.listen",
+            addr: listen,
+            source,
+        })?;
+    Ok(gateway.serve(listener, shutdown_signal()).await?)
 }
 
-/// `probe --config`: the admin listener when there is one, else plaintext gRPC.
-async fn probe_configured(
-    path: &std::path::Path,
+/// `probe`: the configured endpoint (see [`ops::probe_target`]), or `--addr`.
+async fn probe(
+    addr: SocketAddr,
+    config: Option<PathBuf>,
     service: String,
     timeout_ms: u64,
 ) -> anyhow::Result<()> {
-    let settings = Settings::load(path)?;
-    let local = |a: SocketAddr| {
-        if a.ip().is_unspecified() {
-            SocketAddr::from(([127, 0, 0, 1], a.port()))
-        } else {
-            a
+    let target = match config {
+        Some(path) => {
+            let settings = Settings::load(&path)?;
+            ops::probe_target(&settings, &service)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
+        None => ops::ProbeTarget::Grpc(addr),
     };
-    match (settings.server.admin_listen, &settings.server.tls) {
-        (Some(admin), _) => {
-            let admin = local(admin);
-            let route = if service == m2m_gateway::server::LIVENESS_SERVICE {
-                "/healthz"
-            } else {
-                "/readyz"
-            };
-            let url = format!("http://{admin}{route}");
-            let client = reqwest::Client::builder()
-                .timeout(std::time::Duration::from_millis(timeout_ms))
-                .build()?;
-            let status = client
-                .get(&url)
-                .send()
-                .await
-                .map_err(|e| anyhow::anyhow!("{url}: {e}"))?
-                .status();
-            println!("{url}: {status}");
-            anyhow::ensure!(status.is_success(), "not serving");
-            Ok(())
-        }
-        (None, Some(_)) => anyhow::bail!(
-            "{}: the gRPC listener speaks TLS and there is no admin listener: set server.admin_listen to probe over HTTP",
-            path.display()
-        ),
-        (None, None) => probe(local(settings.server.listen), service, timeout_ms).await,
-    }
+    let line = ops::probe(&target, &service, Duration::from_millis(timeout_ms)).await?;
+    print_or_ignore(&line);
+    Ok(())
 }
 
-async fn probe(addr: SocketAddr, service: String, timeout_ms: u64) -> anyhow::Result<()> {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
-    let check = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await?;
-        let status = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: service.clone(),
-            })
-            .await?
-            .into_inner()
-            .status;
-        anyhow::Ok(status)
-    };
-    let status = tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), check)
-        .await
-        .map_err(|_| anyhow::anyhow!("{addr}: no answer within {timeout_ms} ms"))??;
-    let name = ServingStatus::try_from(status).map_or("UNKNOWN", |s| s.as_str_name());
-    println!("{addr} {service:?}: {name}");
-    anyhow::ensure!(status == ServingStatus::Serving as i32, "not serving");
-    Ok(())
+/// One line to stdout; a reader that went away (`| head -1`) is not an error.
+fn print_or_ignore(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
 }
 
 async fn emulator(

@@ -4,7 +4,6 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -28,6 +27,59 @@ pub const LIVENESS_SERVICE: &str = "liveness";
 /// How often the key set is refreshed when nothing else triggers it.
 pub const JWKS_REFRESH_PERIOD: Duration = crate::jwt::DEFAULT_JWKS_REFRESH_PERIOD;
 
+/// Why a gateway could not be built or served, by what failed: an embedder can
+/// tell a failed bind from a bad TLS file or an unreachable Redis set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration was refused (the key is named).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A listener could not be bound.
+    #[error("{what}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The setting or option (`server.admin_listen`, `--listen`).
+        what: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file could not be read or used.
+    #[error("server.tls.{key}: {message}")]
+    Tls {
+        /// `cert`, `key` or `client_ca`.
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// A pool's token endpoint or JWKS client could not be made.
+    #[error("{what} of pool {pool:?}: {message}")]
+    Upstream {
+        /// `token endpoint client` or `JWKS client`.
+        what: &'static str,
+        /// The pool.
+        pool: String,
+        /// Why.
+        message: String,
+    },
+    /// The trusted issuers do not make a validator.
+    #[error(transparent)]
+    Keys(#[from] crate::jwt::TrustError),
+    /// The fleet's Redis client could not be made.
+    #[error(transparent)]
+    Redis(#[from] crate::broker::FleetSetupError),
+    /// Server reflection could not be built from the descriptor sets.
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The gRPC server stopped with an error.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
+    /// `dev` could not set up its world (emulators, files, options).
+    #[error("{0}")]
+    Dev(String),
+}
+
 /// The gateway's parts, built from validated [`Settings`].
 #[derive(Debug, Clone)]
 pub struct Gateway {
@@ -45,12 +97,12 @@ pub struct Gateway {
 
 impl Gateway {
     /// Checks `config` and builds every part (see [`Gateway::from_settings`]).
-    pub fn from_config(config: Config) -> anyhow::Result<Self> {
+    pub fn from_config(config: Config) -> Result<Self, StartError> {
         Self::from_settings(Settings::new(config, "config")?)
     }
 
     /// Builds every part from checked settings.
-    pub fn from_settings(settings: Settings) -> anyhow::Result<Self> {
+    pub fn from_settings(settings: Settings) -> Result<Self, StartError> {
         let registry = settings.registry.clone();
         let upstream = token_endpoints(&settings)?;
         let fleet = match (&settings.fleet, settings.cache_key()) {
@@ -75,13 +127,19 @@ impl Gateway {
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), StartError> {
         let admin_listener = match self.settings.server.admin_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("server.admin_listen: cannot listen on {addr}"))?,
-            ),
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            what: "server.admin_listen",
+                            addr,
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         self.serve_on(listener, admin_listener, shutdown).await
@@ -93,7 +151,7 @@ impl Gateway {
         listener: TcpListener,
         admin_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), StartError> {
         let server_cfg = self.settings.server.clone();
         // Everything that can fail on configuration fails before serving.
         let tls = server_cfg
@@ -105,13 +163,13 @@ impl Gateway {
             .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .context("building reflection v1")?
+            .map_err(|e| StartError::Reflection(e.to_string()))?
             .max_decoding_message_size(server_cfg.edge.max_message_bytes);
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
-            .context("building reflection v1alpha")?
+            .map_err(|e| StartError::Reflection(e.to_string()))?
             .max_decoding_message_size(server_cfg.edge.max_message_bytes);
 
         let mut builder = Server::builder()
@@ -120,7 +178,10 @@ impl Gateway {
             .http2_keepalive_timeout(Some(server_cfg.keepalive_timeout))
             .max_concurrent_streams(Some(server_cfg.max_concurrent_streams));
         if let Some(tls) = tls {
-            builder = builder.tls_config(tls).context("configuring TLS")?;
+            builder = builder.tls_config(tls).map_err(|e| StartError::Tls {
+                key: "cert",
+                message: e.to_string(),
+            })?;
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
@@ -224,7 +285,7 @@ impl Gateway {
         telemetry.set_listening(true);
         let drained = stopped();
         let result = tokio::select! {
-            r = serve => r.context("gRPC server failed"),
+            r = serve => r.map_err(StartError::Serve),
             () = async {
                 drained.await;
                 tokio::time::sleep(grace).await;
@@ -254,7 +315,7 @@ impl Gateway {
 
 /// Where GetToken goes: the pool's token endpoint, or with several pools each
 /// client's own pool's.
-fn token_endpoints(settings: &Settings) -> anyhow::Result<Arc<dyn TokenEndpoint>> {
+fn token_endpoints(settings: &Settings) -> Result<Arc<dyn TokenEndpoint>, StartError> {
     let mut pools: Vec<(Arc<str>, Arc<dyn TokenEndpoint>)> = Vec::new();
     for pool in &settings.pools {
         let client = CognitoClient::new(
@@ -262,7 +323,11 @@ fn token_endpoints(settings: &Settings) -> anyhow::Result<Arc<dyn TokenEndpoint>
             pool.upstream.connect_timeout,
             pool.upstream.token_timeout,
         )
-        .with_context(|| format!("token endpoint client of pool {:?}", pool.endpoints.pool))?;
+        .map_err(|e| StartError::Upstream {
+            what: "token endpoint client",
+            pool: pool.endpoints.pool.clone(),
+            message: e.to_string(),
+        })?;
         pools.push((Arc::from(pool.endpoints.pool.as_str()), Arc::new(client)));
     }
     if let [(_, only)] = pools.as_slice() {
@@ -281,7 +346,7 @@ fn token_endpoints(settings: &Settings) -> anyhow::Result<Arc<dyn TokenEndpoint>
 /// (and any accepted previous issuer), each with its own key set from its own
 /// JWKS URI, and the clients registered for that pool. The key sets are empty
 /// until loaded ([`JwtValidator::spawn_loaders`] or [`KeySet::refresh`]).
-pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
+pub fn build_validator(settings: &Settings) -> Result<JwtValidator, StartError> {
     let mut trusted = Vec::new();
     for pool in &settings.pools {
         let e = &pool.endpoints;
@@ -305,7 +370,11 @@ pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
                     Some(&clients),
                     fetch,
                 )
-                .with_context(|| format!("JWKS client of pool {:?}", e.pool))?,
+                .map_err(|err| StartError::Upstream {
+                    what: "JWKS client",
+                    pool: e.pool.clone(),
+                    message: err.to_string(),
+                })?,
             );
         }
     }
@@ -319,10 +388,12 @@ pub fn build_validator(settings: &Settings) -> anyhow::Result<JwtValidator> {
 /// tonic's TLS settings. The handshake has `handshake` to finish (the edge's
 /// preface deadline counts bytes below TLS, which a ClientHello already satisfies,
 /// so a stalled handshake needs its own deadline).
-fn tls_config(tls: &config::TlsConfig, handshake: Duration) -> anyhow::Result<ServerTlsConfig> {
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path)
-            .with_context(|| format!("server.tls.{what}: cannot read {}", path.display()))
+fn tls_config(tls: &config::TlsConfig, handshake: Duration) -> Result<ServerTlsConfig, StartError> {
+    let read = |path: &std::path::Path, key: &'static str| {
+        std::fs::read(path).map_err(|e| StartError::Tls {
+            key,
+            message: format!("cannot read {}: {e}", path.display()),
+        })
     };
     let cert = read(&tls.cert, "cert")?;
     let key = read(&tls.key, "key")?;

@@ -24,7 +24,7 @@ pub struct TestGateway {
     pub admin: SocketAddr,
     pub gateway: Gateway,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+    task: Option<JoinHandle<Result<(), m2m_gateway::server::StartError>>>,
 }
 
 impl TestGateway {
