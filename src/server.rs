@@ -152,142 +152,47 @@ impl Gateway {
         admin_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let server_cfg = self.settings.server.clone();
+        let cfg = self.settings.server.clone();
         // Everything that can fail on configuration fails before serving.
-        let tls = server_cfg
-            .tls
-            .as_ref()
-            .map(|tls| tls_config(tls, server_cfg.edge.handshake_timeout))
-            .transpose()?;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Reflection(e.to_string()))?
-            .max_decoding_message_size(server_cfg.edge.max_message_bytes);
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| StartError::Reflection(e.to_string()))?
-            .max_decoding_message_size(server_cfg.edge.max_message_bytes);
-
-        let mut builder = Server::builder()
-            .timeout(server_cfg.request_timeout)
-            .http2_keepalive_interval(Some(server_cfg.keepalive_interval))
-            .http2_keepalive_timeout(Some(server_cfg.keepalive_timeout))
-            .max_concurrent_streams(Some(server_cfg.max_concurrent_streams));
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls).map_err(|e| StartError::Tls {
-                key: "cert",
-                message: e.to_string(),
-            })?;
-        }
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = move || {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            }
-        };
+        let transport = transport(&cfg)?;
+        let (reflection_v1, reflection_v1alpha) = reflection(cfg.edge.max_message_bytes)?;
+        let (stop, stopped) = Stopped::new();
         let telemetry = Telemetry::new(
             self.broker.clone(),
             self.validator.clone(),
             self.rpc.clone(),
         );
-        let admin = admin_listener.map(|l| {
-            let addr = l
-                .local_addr()
-                .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-            tracing::info!(%addr, "admin endpoints listening (/metrics, /healthz, /readyz)");
-            tokio::spawn(serve_admin(l, telemetry.clone(), stopped()))
-        });
-
+        let admin = admin_listener.map(|l| spawn_admin(l, telemetry.clone(), stopped.clone()));
         // One loader per key set: every pool's issuer, and any previous issuer.
         let loaders = self.validator.spawn_loaders(JWKS_REFRESH_PERIOD);
         // Redis is connected now, and the fleet's proven secrets followed.
         self.broker.start();
-        let (reporter, health) = tonic_health::server::health_reporter();
-        let health = health.max_decoding_message_size(server_cfg.edge.max_message_bytes);
-        reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        // Liveness probes ask for this name: alive even before the keys load.
-        reporter
-            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
-            .await;
-        reporter
-            .set_not_serving::<GatewayServer<GatewayService>>()
-            .await;
-        let readiness = {
-            // Ready once every pool's first key set is in.
-            let validator = self.validator.clone();
-            let reporter = reporter.clone();
-            tokio::spawn(async move {
-                validator.wait_loaded().await;
-                reporter
-                    .set_serving::<GatewayServer<GatewayService>>()
-                    .await;
-                reporter
-                    .set_service_status("", ServingStatus::Serving)
-                    .await;
-            })
-        };
-
+        let (health, readiness) = self.health(cfg.edge.max_message_bytes).await;
         let gateway = GatewayService::new(self.broker.clone(), self.validator.clone())
-            .into_server(server_cfg.edge.max_message_bytes);
-
-        let grace = server_cfg.shutdown_grace;
+            .into_server(cfg.edge.max_message_bytes);
         let edge = Edge::new(EdgeSettings {
             max_connections: self.settings.connection_cap(),
-            ..server_cfg.edge.clone()
+            ..cfg.edge.clone()
         });
         telemetry.set_edge(edge.clone());
-        let signal = {
-            let telemetry = telemetry.clone();
-            let edge = edge.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("shutting down: no new connections, draining in-flight calls");
-                // Connections without a call in flight close now; only calls use the grace.
-                edge.begin_shutdown();
-                telemetry.set_listening(false);
-                let _ = stop_tx.send(true);
-            }
-        };
-        let addr = listener
-            .local_addr()
-            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-        let issuers = self
-            .validator
-            .issuers()
-            .map(|(t, _)| format!("{}={}", t.pool(), t.issuer()))
-            .collect::<Vec<_>>()
-            .join(" ");
-        tracing::info!(%addr, %issuers, clients = self.registry.len(), "gateway listening");
-        // A call's message is collected (bounded in time and size) before the call
-        // takes a slot of the budget; beyond max_concurrent_requests calls in flight,
-        // new calls are shed at once with RESOURCE_EXHAUSTED instead of queueing.
-        // Every call is counted and logged, the edge's refusals included.
-        let limits = tower::ServiceBuilder::new()
+        let signal = drain_on(shutdown, edge.clone(), telemetry.clone(), stop);
+        self.log_listening(&listener);
+        let layers = tower::ServiceBuilder::new()
             .layer(CallLayer::new(self.rpc.clone()))
-            .layer(edge.layers(
-                &edge::REFLECTION_PATHS,
-                server_cfg.max_concurrent_requests.get(),
-            ));
-        let serve = builder
-            .layer(limits)
+            .layer(edge.layers(&edge::REFLECTION_PATHS, cfg.max_concurrent_requests.get()));
+        let serve = transport
+            .layer(layers)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(gateway)
             .serve_with_incoming_shutdown(edge::incoming(listener, edge.clone()), signal);
         telemetry.set_listening(true);
-        let drained = stopped();
+        let grace = cfg.shutdown_grace;
         let result = tokio::select! {
             r = serve => r.map_err(StartError::Serve),
             () = async {
-                drained.await;
+                stopped.wait().await;
                 tokio::time::sleep(grace).await;
             } => {
                 tracing::warn!(?grace, "shutdown grace period over; closing remaining calls");
@@ -311,6 +216,144 @@ impl Gateway {
         }
         result
     }
+
+    /// grpc.health.v1: alive at once under [`LIVENESS_SERVICE`]; `""` and the
+    /// Gateway serving once every pool's first key set is in (the task that
+    /// flips them is returned).
+    async fn health(
+        &self,
+        max_message_bytes: usize,
+    ) -> (
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let health = health.max_decoding_message_size(max_message_bytes);
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        reporter
+            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+            .await;
+        reporter
+            .set_not_serving::<GatewayServer<GatewayService>>()
+            .await;
+        let validator = self.validator.clone();
+        let readiness = tokio::spawn(async move {
+            validator.wait_loaded().await;
+            reporter
+                .set_serving::<GatewayServer<GatewayService>>()
+                .await;
+            reporter
+                .set_service_status("", ServingStatus::Serving)
+                .await;
+        });
+        (health, readiness)
+    }
+
+    fn log_listening(&self, listener: &TcpListener) {
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        let issuers = self
+            .validator
+            .issuers()
+            .map(|(t, _)| format!("{}={}", t.pool(), t.issuer()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        tracing::info!(%addr, %issuers, clients = self.registry.len(), "gateway listening");
+    }
+}
+
+/// tonic's transport with the listener's limits, and TLS when configured.
+fn transport(cfg: &crate::settings::ServerSettings) -> Result<Server, StartError> {
+    let mut builder = Server::builder()
+        .timeout(cfg.request_timeout)
+        .http2_keepalive_interval(Some(cfg.keepalive_interval))
+        .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
+        .max_concurrent_streams(Some(cfg.max_concurrent_streams));
+    if let Some(tls) = &cfg.tls {
+        let tls = tls_config(tls, cfg.edge.handshake_timeout)?;
+        builder = builder.tls_config(tls).map_err(|e| StartError::Tls {
+            key: "cert",
+            message: e.to_string(),
+        })?;
+    }
+    Ok(builder)
+}
+
+/// Server reflection, v1 and v1alpha (grpcurl 1.8 asks v1alpha).
+fn reflection(
+    max_message_bytes: usize,
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    StartError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::GATEWAY_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let failed = |e: tonic_reflection::server::Error| StartError::Reflection(e.to_string());
+    let v1 = builder()
+        .build_v1()
+        .map_err(failed)?
+        .max_decoding_message_size(max_message_bytes);
+    let v1alpha = builder()
+        .build_v1alpha()
+        .map_err(failed)?
+        .max_decoding_message_size(max_message_bytes);
+    Ok((v1, v1alpha))
+}
+
+/// The moment shutdown begins, as a value every part can wait on.
+#[derive(Clone)]
+struct Stopped(tokio::sync::watch::Receiver<bool>);
+
+impl Stopped {
+    fn new() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    async fn wait(mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// The admin endpoints, until shutdown begins.
+fn spawn_admin(
+    listener: TcpListener,
+    telemetry: Telemetry,
+    stopped: Stopped,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    tracing::info!(%addr, "admin endpoints listening (/metrics, /healthz, /readyz)");
+    tokio::spawn(serve_admin(listener, telemetry, stopped.wait()))
+}
+
+/// What happens when `shutdown` resolves: connections without a call in flight
+/// close now (only calls use the grace), readiness goes, shutdown begins.
+async fn drain_on(
+    shutdown: impl Future<Output = ()>,
+    edge: Arc<Edge>,
+    telemetry: Telemetry,
+    stop: tokio::sync::watch::Sender<bool>,
+) {
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, draining in-flight calls");
+    edge.begin_shutdown();
+    telemetry.set_listening(false);
+    let _ = stop.send(true);
 }
 
 /// Where GetToken goes: the pool's token endpoint, or with several pools each
