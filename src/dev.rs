@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use crate::{
     config::Config,
     emulator::{Emulator, EmulatorClient, EmulatorConfig},
-    server::{Gateway, StartError},
+    server::{App, StartError},
     settings::Settings,
 };
 
@@ -220,7 +220,7 @@ pub async fn run(
             .and_then(|()| std::fs::rename(&partial, path))
             .map_err(|e| dev(format!("writing {}: {e}", path.display())))?;
     }
-    let gateway = Gateway::from_config(config)?;
+    let gateway = App::from_config(config)?;
     let validator = gateway.validator.clone();
     let server = tokio::spawn(gateway.serve(listener, shutdown));
     validator.wait_loaded().await;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use m2m_gateway::{
     emulator::{Emulator, EmulatorClient, EmulatorConfig},
     ops::{self, shutdown_signal},
-    server::{Gateway, StartError},
+    server::{App, StartError},
     settings::Settings,
 };
 use tracing_subscriber::{EnvFilter, fmt};
@@ -223,7 +223,7 @@ async fn check_redis(path: &std::path::Path) -> anyhow::Result<()> {
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let settings = Settings::load(&path)?;
     let listen = settings.server.listen;
-    let gateway = Gateway::from_settings(settings)?;
+    let gateway = App::from_settings(settings)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| StartError::Bind {

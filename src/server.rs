@@ -80,9 +80,10 @@ pub enum StartError {
     Dev(String),
 }
 
-/// The gateway's parts, built from validated [`Settings`].
+/// The gateway assembled: its parts, built from validated [`Settings`] (the
+/// generated `Gateway` trait is the RPC contract, [`GatewayService`] implements it).
 #[derive(Debug, Clone)]
-pub struct Gateway {
+pub struct App {
     /// The settings it was built from.
     pub settings: Settings,
     /// Registered clients.
@@ -95,8 +96,8 @@ pub struct Gateway {
     pub rpc: Arc<RpcStats>,
 }
 
-impl Gateway {
-    /// Checks `config` and builds every part (see [`Gateway::from_settings`]).
+impl App {
+    /// Checks `config` and builds every part (see [`App::from_settings`]).
     pub fn from_config(config: Config) -> Result<Self, StartError> {
         Self::from_settings(Settings::new(config, "config")?)
     }
@@ -145,7 +146,7 @@ impl Gateway {
         self.serve_on(listener, admin_listener, shutdown).await
     }
 
-    /// [`Gateway::serve`] with the admin listener already bound (or none).
+    /// [`App::serve`] with the admin listener already bound (or none).
     pub async fn serve_on(
         self,
         listener: TcpListener,
@@ -388,7 +389,7 @@ fn token_endpoints(settings: &Settings) -> Result<Arc<dyn TokenEndpoint>, StartE
 /// The access-token validator of a configuration: for every pool, its issuer
 /// (and any accepted previous issuer), each with its own key set from its own
 /// JWKS URI, and the clients registered for that pool. The key sets are empty
-/// until loaded ([`JwtValidator::spawn_loaders`] or [`KeySet::refresh`]).
+/// until loaded ([`JwtValidator::spawn_loaders`] or [`KeySet::refresh`](crate::jwt::KeySet::refresh)).
 pub fn build_validator(settings: &Settings) -> Result<JwtValidator, StartError> {
     let mut trusted = Vec::new();
     for pool in &settings.pools {

@@ -1,5 +1,5 @@
 //! The one table between the crate's domain errors and gRPC statuses: GetToken's
-//! [`BrokerError`](crate::broker::BrokerError)s, Validate's rejections, the
+//! `BrokerError`s, Validate's rejections, the
 //! refusals of [`AuthLayer`](crate::auth::AuthLayer) and its interceptor, and the
 //! statuses a [`TokenSource`](crate::auth::TokenSource) reads back from a
 //! gateway. The domains know no tonic; this module is where their errors meet
@@ -126,7 +126,7 @@ pub fn broker_status(e: &BrokerError) -> Status {
 }
 
 /// What a gateway's GetToken status means to its caller: the inverse of
-/// [`broker_code`], so that a token source in front of a gateway sees the
+/// `broker_code`, so that a token source in front of a gateway sees the
 /// error the gateway's broker saw (tested both ways).
 pub fn upstream_error(status: &Status) -> UpstreamError {
     let message = || status.message().to_owned();

@@ -13,7 +13,7 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing};
 use m2m_gateway::{
     proto::gateway::v1::{GetTokenRequest, ValidateRequest, gateway_client::GatewayClient},
-    server::Gateway,
+    server::App,
 };
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use support::*;
@@ -514,7 +514,7 @@ async fn bad_tls_files_fail_at_start_with_a_clear_error() {
             key: file(key),
             client_ca: None,
         });
-        format!("{:#}", Gateway::from_config(cfg).unwrap_err())
+        format!("{:#}", App::from_config(cfg).unwrap_err())
     };
     let msg = refused("missing.crt", "missing.key");
     assert!(
@@ -559,7 +559,7 @@ async fn bad_tls_files_fail_at_start_with_a_clear_error() {
         key: file("tls.key"),
         client_ca: Some(file("garbage.crt")),
     });
-    let msg = format!("{:#}", Gateway::from_config(ok).unwrap_err());
+    let msg = format!("{:#}", App::from_config(ok).unwrap_err());
     assert!(msg.contains("server.tls.client_ca"), "{msg}");
 }
 

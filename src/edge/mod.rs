@@ -20,8 +20,8 @@
 //!   One peer address takes at most `max_requests_per_peer` slots. A content type
 //!   other than `application/grpc` is answered HTTP 415, as the gRPC protocol says.
 //!
-//! [`Edge`] holds the state both share; [`connection`] guards connections and
-//! [`request`] guards requests; [`Edge::layers`] is the ordered stack a server
+//! [`Edge`] holds the state both share; `connection` guards connections and
+//! `request` guards requests; [`Edge::layers`] is the ordered stack a server
 //! serves with (edge, then shedding, then the concurrency budget; put an
 //! `AuthLayer` after it).
 

@@ -10,7 +10,7 @@ use m2m_gateway::{
     dev,
     emulator::{Emulator, EmulatorClient, EmulatorConfig},
     proto::gateway::v1::gateway_client::GatewayClient,
-    server::Gateway,
+    server::App,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
@@ -22,7 +22,7 @@ pub const SECRET: &str = "secret-a";
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    pub gateway: Gateway,
+    pub gateway: App,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), m2m_gateway::server::StartError>>>,
 }
@@ -33,7 +33,7 @@ impl TestGateway {
         let addr = listener.local_addr().unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = admin_listener.local_addr().unwrap();
-        let gateway = Gateway::from_config(config).unwrap();
+        let gateway = App::from_config(config).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(
             gateway
