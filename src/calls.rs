@@ -297,6 +297,17 @@ struct MethodStats {
     latency: Histogram,
 }
 
+impl MethodStats {
+    /// (status code, calls) for every code seen at least once.
+    fn codes_seen(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.codes
+            .iter()
+            .enumerate()
+            .map(|(code, n)| (code, n.load(Relaxed)))
+            .filter(|&(_, n)| n > 0)
+    }
+}
+
 /// Per-method outcome counters and latency histograms, recorded by
 /// [`crate::calls::CallLayer`].
 #[derive(Debug)]
@@ -389,15 +400,12 @@ impl RpcStats {
         };
         for m in gateway_methods() {
             let (_, method) = m.method.names();
-            for (code, n) in m.codes.iter().enumerate() {
-                let n = n.load(Relaxed);
-                if n > 0 {
-                    let _ = writeln!(
-                        out,
-                        "m2m_gateway_rpc_requests_total{{method=\"{method}\",code=\"{:?}\"}} {n}",
-                        Code::from(code as i32)
-                    );
-                }
+            for (code, n) in m.codes_seen() {
+                let code = Code::from(code as i32);
+                let _ = writeln!(
+                    out,
+                    "m2m_gateway_rpc_requests_total{{method=\"{method}\",code=\"{code:?}\"}} {n}"
+                );
             }
         }
         let rpc_latency: Vec<(String, HistogramSnapshot)> = gateway_methods()
@@ -424,15 +432,12 @@ impl RpcStats {
         };
         for m in &self.methods {
             let labels = grpc_labels(&m.method);
-            for (code, n) in m.codes.iter().enumerate() {
-                let n = n.load(Relaxed);
-                if n > 0 {
-                    let _ = writeln!(
-                        out,
-                        "grpc_server_handled_total{{{labels},grpc_code=\"{}\"}} {n}",
-                        go_code_name(code)
-                    );
-                }
+            for (code, n) in m.codes_seen() {
+                let code = go_code_name(code);
+                let _ = writeln!(
+                    out,
+                    "grpc_server_handled_total{{{labels},grpc_code=\"{code}\"}} {n}"
+                );
             }
         }
         let handling: Vec<(String, HistogramSnapshot)> = self

@@ -160,17 +160,7 @@ pub async fn shutdown_signal() {
 mod tests {
     use super::*;
 
-    const BASE: &str = r#"
-[cognito]
-region = "us-east-1"
-user_pool_id = "us-east-1_AbCdEf123"
-domain = "https://example.auth.us-east-1.amazoncognito.com"
-
-[[clients]]
-client_id = "k6h0hnjenh7auvi2as"
-name = "acme"
-allowed_scopes = ["orders/read"]
-"#;
+    use crate::settings::tests::BASE;
 
     fn settings(server: &str) -> Settings {
         Settings::from_toml_str(&format!("[server]\n{server}\n{BASE}"), "t.toml").unwrap()

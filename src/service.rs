@@ -267,10 +267,7 @@ mod tests {
     const BAD_CREDENTIALS: &str = "invalid client credentials";
 
     mod answers {
-        use std::{
-            sync::atomic::{AtomicU64, Ordering},
-            time::Duration,
-        };
+        use std::sync::atomic::{AtomicU64, Ordering};
 
         use futures_util::future::BoxFuture;
         use serde_json::json;
@@ -280,10 +277,8 @@ mod tests {
         use super::super::*;
         use crate::{
             broker::{AccessToken, BrokerSettings, TokenEndpoint, TokenResponse, UpstreamError},
-            config::ClientConfig,
             emulator::SigningKey,
-            jwt::{KeySet, ManualClock, StaticJwks, ValidatorSettings},
-            registry::Registry,
+            jwt::{ManualClock, StaticJwks},
         };
 
         const ISS: &str = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Test123";
@@ -322,29 +317,10 @@ mod tests {
         async fn fixture() -> Fixture {
             let key = SigningKey::generate("key-1");
             let jwks = json!({ "keys": [key.jwk()] }).to_string();
-            let keys = Arc::new(KeySet::new(
-                ISS,
-                Arc::new(StaticJwks::new(jwks)),
-                Duration::from_secs(10),
-            ));
-            keys.refresh().await.unwrap();
             let clock = ManualClock::new(NOW);
-            let validator = JwtValidator::new(
-                ISS,
-                ["client-a".to_string()],
-                keys,
-                ValidatorSettings::default(),
-            )
-            .with_clock(Arc::new(clock.clone()));
-            let registry = Registry::new(
-                &[ClientConfig {
-                    client_id: "client-a".into(),
-                    pool: None,
-                    name: "acme".into(),
-                    allowed_scopes: vec!["orders/read".into(), "orders/write".into()],
-                }],
-                10,
-            );
+            let validator =
+                crate::jwt::tests::loaded_validator(Arc::new(StaticJwks::new(jwks)), &clock).await;
+            let registry = crate::broker::tests::registry();
             let broker = Broker::new(
                 registry,
                 Arc::new(Numbered::default()),

@@ -132,21 +132,21 @@ impl Schedule {
 crate::counters::counters! {
     /// Counters of the budget.
     BudgetStats => BudgetStatsSnapshot {
+        /// Misses that waited for their slot.
+        waits => ("upstream_budget_waits_total", "Misses that waited for a slot of the upstream budget."),
+        /// Refreshes put off because misses were queued (the current token was served).
+        refreshes_deferred => ("upstream_budget_refreshes_deferred_total", "Refreshes put off while misses were queued (the current token was served)."),
+        /// Misses refused because the next slot was beyond the longest wait.
+        refused => ("upstream_budget_refused_total", "Misses refused because no slot was free within limits.upstream_max_wait_ms."),
+        /// Attempts with secrets not yet proven refused because the strangers' share
+        /// (a tenth of the budget) was spent.
+        strangers_refused => ("upstream_budget_strangers_refused_total", "Attempts with secrets not yet proven refused because their tenth of the budget was spent."),
         /// Slots given to misses.
         granted_miss,
         /// Slots given to refreshes.
         granted_refresh,
-        /// Misses that waited for their slot.
-        waits,
         /// Total time misses waited, in microseconds.
         waited_us,
-        /// Refreshes put off because misses were queued (the current token was served).
-        refreshes_deferred,
-        /// Misses refused because the next slot was beyond the longest wait.
-        refused,
-        /// Attempts with secrets not yet proven refused because the strangers' share
-        /// (a tenth of the budget) was spent.
-        strangers_refused,
     }
 }
 

@@ -382,4 +382,4 @@ impl Broker {
 pub(crate) use crate::oauth::unit_random;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

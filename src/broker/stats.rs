@@ -298,30 +298,7 @@ impl super::Broker {
                 n.load(Relaxed)
             );
         }
-        for (name, help, value) in [
-            (
-                "upstream_budget_waits_total",
-                "Misses that waited for a slot of the upstream budget.",
-                budget.waits.load(Relaxed),
-            ),
-            (
-                "upstream_budget_refreshes_deferred_total",
-                "Refreshes put off while misses were queued (the current token was served).",
-                budget.refreshes_deferred.load(Relaxed),
-            ),
-            (
-                "upstream_budget_refused_total",
-                "Misses refused because no slot was free within limits.upstream_max_wait_ms.",
-                budget.refused.load(Relaxed),
-            ),
-            (
-                "upstream_budget_strangers_refused_total",
-                "Attempts with secrets not yet proven refused because their tenth of the budget was spent.",
-                budget.strangers_refused.load(Relaxed),
-            ),
-        ] {
-            out.counter(name, help, value);
-        }
+        budget.encode(out);
         let _ = writeln!(
             out,
             "# HELP m2m_gateway_upstream_budget_wait_seconds_total Time misses waited for upstream slots.\n# TYPE m2m_gateway_upstream_budget_wait_seconds_total counter\nm2m_gateway_upstream_budget_wait_seconds_total {}",

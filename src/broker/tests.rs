@@ -106,7 +106,8 @@ impl TokenEndpoint for FakeEndpoint {
     }
 }
 
-fn registry() -> Registry {
+/// One client, `client-a` (`acme`), allowed `orders/read` and `orders/write`.
+pub(crate) fn registry() -> Registry {
     Registry::new(
         &[ClientConfig {
             client_id: "client-a".into(),

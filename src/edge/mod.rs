@@ -182,29 +182,29 @@ crate::counters::counters! {
     /// Counters of the edge.
     EdgeStats => EdgeStatsSnapshot {
         /// Connections accepted and kept.
-        accepted,
+        accepted => ("connections_accepted_total", "gRPC connections accepted."),
         /// Connections closed at once because `max_connections` were open.
-        refused,
-        /// Connections closed for not sending the preface in time.
-        handshake_timeouts,
-        /// Connections closed after `idle_timeout` without a call.
-        idle_closed,
-        /// Accept errors (e.g. out of file descriptors).
-        accept_errors,
-        /// Calls whose message did not arrive within `body_timeout`.
-        body_timeouts,
-        /// Calls refused because their peer had `max_requests_per_peer` in flight.
-        peer_limited,
+        refused => ("connections_refused_total", "Connections closed at once because server.max_connections were open."),
         /// Connections closed at once because their address had
         /// `max_connections_per_peer` open.
-        peer_refused,
+        peer_refused => ("connections_peer_refused_total", "Connections closed at once because their address had server.max_connections_per_peer open."),
         /// Connections closed because an answer could not leave by its deadline.
-        stalled_closed,
+        stalled_closed => ("connections_stalled_closed_total", "Connections closed because an answer could not leave by its deadline (the peer does not read)."),
         /// Streams ended at `max_stream_lifetime`.
-        streams_expired,
+        streams_expired => ("streams_expired_total", "Streams ended at server.max_stream_secs."),
         /// Streams refused because their peer had `max_streams_per_peer` open, or
         /// their connection `max_streams_per_connection`.
-        streams_peer_limited,
+        streams_peer_limited => ("streams_peer_limited_total", "Streams refused because their address had server.max_streams_per_peer open."),
+        /// Connections closed for not sending the preface in time.
+        handshake_timeouts => ("connections_handshake_timeouts_total", "Connections closed for not sending the HTTP/2 preface in time."),
+        /// Connections closed after `idle_timeout` without a call.
+        idle_closed => ("connections_idle_closed_total", "Connections closed after server.idle_timeout_secs without a call."),
+        /// Accept errors (e.g. out of file descriptors).
+        accept_errors => ("accept_errors_total", "Errors accepting connections."),
+        /// Calls whose message did not arrive within `body_timeout`.
+        body_timeouts => ("request_body_timeouts_total", "Calls whose message did not arrive within server.request_body_timeout_ms."),
+        /// Calls refused because their peer had `max_requests_per_peer` in flight.
+        peer_limited => ("peer_limited_total", "Calls refused because their address had server.max_requests_per_peer in flight."),
     }
 }
 
@@ -357,65 +357,7 @@ impl Edge {
         let edge = self;
         // Connections and requests at the edge.
         let e = edge.stats();
-        for (name, help, value) in [
-            (
-                "connections_accepted_total",
-                "gRPC connections accepted.",
-                &e.accepted,
-            ),
-            (
-                "connections_refused_total",
-                "Connections closed at once because server.max_connections were open.",
-                &e.refused,
-            ),
-            (
-                "connections_peer_refused_total",
-                "Connections closed at once because their address had server.max_connections_per_peer open.",
-                &e.peer_refused,
-            ),
-            (
-                "connections_stalled_closed_total",
-                "Connections closed because an answer could not leave by its deadline (the peer does not read).",
-                &e.stalled_closed,
-            ),
-            (
-                "streams_expired_total",
-                "Streams ended at server.max_stream_secs.",
-                &e.streams_expired,
-            ),
-            (
-                "streams_peer_limited_total",
-                "Streams refused because their address had server.max_streams_per_peer open.",
-                &e.streams_peer_limited,
-            ),
-            (
-                "connections_handshake_timeouts_total",
-                "Connections closed for not sending the HTTP/2 preface in time.",
-                &e.handshake_timeouts,
-            ),
-            (
-                "connections_idle_closed_total",
-                "Connections closed after server.idle_timeout_secs without a call.",
-                &e.idle_closed,
-            ),
-            (
-                "accept_errors_total",
-                "Errors accepting connections.",
-                &e.accept_errors,
-            ),
-            (
-                "request_body_timeouts_total",
-                "Calls whose message did not arrive within server.request_body_timeout_ms.",
-                &e.body_timeouts,
-            ),
-            (
-                "peer_limited_total",
-                "Calls refused because their address had server.max_requests_per_peer in flight.",
-                &e.peer_limited,
-            ),
-        ] {
-            out.counter(name, help, value.load(Relaxed));
-        }
+        e.encode(out);
         out.gauge(
             "connections_open",
             "Open gRPC connections.",

@@ -190,7 +190,7 @@ impl Clock for ManualClock {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// At most 64 characters of a client-supplied string, for details and logs.
 pub(crate) fn truncate(s: &str) -> &str {

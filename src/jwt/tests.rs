@@ -77,18 +77,27 @@ fn validator_at_now(keys: Arc<KeySet>) -> JwtValidator {
     .with_clock(Arc::new(ManualClock::new(NOW)))
 }
 
-async fn fixture() -> Fixture {
-    let fetcher = ScriptedFetcher::new(Ok(jwks(&[key()])));
-    let keys = Arc::new(KeySet::new(ISS, fetcher.clone(), Duration::from_secs(10)));
+/// A validator of `ISS` trusting `client-a`, its keys loaded from `fetcher`,
+/// reading `clock`.
+pub(crate) async fn loaded_validator(
+    fetcher: Arc<dyn crate::jwt::JwksFetcher>,
+    clock: &ManualClock,
+) -> JwtValidator {
+    let keys = Arc::new(KeySet::new(ISS, fetcher, Duration::from_secs(10)));
     keys.refresh().await.unwrap();
-    let clock = ManualClock::new(NOW);
-    let validator = JwtValidator::new(
+    JwtValidator::new(
         ISS,
         ["client-a".to_string()],
         keys,
         ValidatorSettings::default(),
     )
-    .with_clock(Arc::new(clock.clone()));
+    .with_clock(Arc::new(clock.clone()))
+}
+
+async fn fixture() -> Fixture {
+    let fetcher = ScriptedFetcher::new(Ok(jwks(&[key()])));
+    let clock = ManualClock::new(NOW);
+    let validator = loaded_validator(fetcher.clone(), &clock).await;
     Fixture {
         validator,
         fetcher,

@@ -11,7 +11,7 @@ mod clients;
 mod pools;
 mod server;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::path::Path;
 

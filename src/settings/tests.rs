@@ -18,7 +18,8 @@ fn parse(toml: &str, origin: &str) -> Result<Config, ConfigError> {
     crate::settings::Settings::from_toml_str(toml, origin).map(|s| s.config)
 }
 
-const BASE: &str = r#"
+/// A minimal valid configuration (other tests add sections to it).
+pub(crate) const BASE: &str = r#"
 [cognito]
 region = "us-east-1"
 user_pool_id = "us-east-1_AbCdEf123"

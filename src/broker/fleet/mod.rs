@@ -115,21 +115,21 @@ crate::counters::counters! {
     /// Counters of the fleet cache.
     FleetStats => FleetStatsSnapshot {
         /// Entries found in Redis.
-        hits,
+        hits => ("fleet_cache_hits_total", "Entries found in Redis."),
         /// Lookups that found nothing.
-        misses,
+        misses => ("fleet_cache_misses_total", "Redis lookups that found nothing."),
         /// Locks taken (this replica fetched for the fleet).
-        locks_acquired,
+        locks_acquired => ("fleet_locks_acquired_total", "Cognito calls made for the fleet by this replica."),
         /// Fetches answered by another replica's result.
-        waited_for_peer,
+        waited_for_peer => ("fleet_waited_for_peer_total", "Fetches answered by another replica's result."),
         /// Waits that ran out, after which this replica fetched itself.
-        wait_timeouts,
+        wait_timeouts => ("fleet_wait_timeouts_total", "Waits for another replica that ran out."),
         /// Redis calls that failed or timed out.
-        errors,
+        errors => ("redis_errors_total", "Redis calls that failed or timed out."),
         /// Requests served without Redis because it was down.
-        bypassed,
+        bypassed => ("redis_bypassed_total", "Redis calls skipped while it was down."),
         /// Values read from Redis that were corrupt or oversized, skipped or reset.
-        corrupt,
+        corrupt => ("redis_corrupt_values_total", "Values read from Redis that were corrupt or oversized (skipped, or reset for the upstream schedule)."),
     }
 }
 
@@ -437,50 +437,7 @@ impl FleetCache {
         let fleet = self;
         // Fleet-wide cache.
         let f = fleet.stats();
-        for (name, help, value) in [
-            (
-                "fleet_cache_hits_total",
-                "Entries found in Redis.",
-                f.hits.load(Relaxed),
-            ),
-            (
-                "fleet_cache_misses_total",
-                "Redis lookups that found nothing.",
-                f.misses.load(Relaxed),
-            ),
-            (
-                "fleet_locks_acquired_total",
-                "Cognito calls made for the fleet by this replica.",
-                f.locks_acquired.load(Relaxed),
-            ),
-            (
-                "fleet_waited_for_peer_total",
-                "Fetches answered by another replica's result.",
-                f.waited_for_peer.load(Relaxed),
-            ),
-            (
-                "fleet_wait_timeouts_total",
-                "Waits for another replica that ran out.",
-                f.wait_timeouts.load(Relaxed),
-            ),
-            (
-                "redis_errors_total",
-                "Redis calls that failed or timed out.",
-                f.errors.load(Relaxed),
-            ),
-            (
-                "redis_bypassed_total",
-                "Redis calls skipped while it was down.",
-                f.bypassed.load(Relaxed),
-            ),
-            (
-                "redis_corrupt_values_total",
-                "Values read from Redis that were corrupt or oversized (skipped, or reset for the upstream schedule).",
-                f.corrupt.load(Relaxed),
-            ),
-        ] {
-            out.counter(name, help, value);
-        }
+        f.encode(out);
         out.gauge(
             "redis_up",
             "1 when the last Redis call succeeded (0 until the first one did).",
