@@ -37,76 +37,66 @@ pub struct ServerSettings {
 
 /// Checks `[server]` (every range, then the TLS files) and types it.
 pub(super) fn check(server: &ServerConfig, at: &At<'_>) -> Result<ServerSettings, ConfigError> {
+    let n = |v: usize| v as u64;
+    let s = server;
     let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 14] = [
+        ("request_timeout_ms", s.request_timeout_ms, 1..=600_000),
         (
-            "server.request_timeout_ms",
-            server.request_timeout_ms,
-            1..=600_000,
-        ),
-        (
-            "server.max_concurrent_requests",
-            server.max_concurrent_requests as u64,
+            "max_concurrent_requests",
+            n(s.max_concurrent_requests),
             1..=1_000_000,
         ),
+        ("max_connections", n(s.max_connections), 1..=1_000_000),
         (
-            "server.max_connections",
-            server.max_connections as u64,
-            1..=1_000_000,
-        ),
-        (
-            "server.max_connections_per_peer",
-            server.max_connections_per_peer as u64,
+            "max_connections_per_peer",
+            n(s.max_connections_per_peer),
             0..=1_000_000,
         ),
-        ("server.max_stream_secs", server.max_stream_secs, 1..=86_400),
+        ("max_stream_secs", s.max_stream_secs, 1..=86_400),
         (
-            "server.max_streams_per_peer",
-            server.max_streams_per_peer as u64,
+            "max_streams_per_peer",
+            n(s.max_streams_per_peer),
             0..=1_000_000,
         ),
         (
-            "server.max_streams_per_connection",
-            server.max_streams_per_connection as u64,
+            "max_streams_per_connection",
+            n(s.max_streams_per_connection),
             1..=1_000,
         ),
         (
-            "server.handshake_timeout_ms",
-            server.handshake_timeout_ms,
+            "handshake_timeout_ms",
+            s.handshake_timeout_ms,
+            100..=120_000,
+        ),
+        ("idle_timeout_secs", s.idle_timeout_secs, 1..=86_400),
+        (
+            "request_body_timeout_ms",
+            s.request_body_timeout_ms,
             100..=120_000,
         ),
         (
-            "server.idle_timeout_secs",
-            server.idle_timeout_secs,
-            1..=86_400,
-        ),
-        (
-            "server.request_body_timeout_ms",
-            server.request_body_timeout_ms,
-            100..=120_000,
-        ),
-        (
-            "server.max_concurrent_streams",
-            u64::from(server.max_concurrent_streams),
+            "max_concurrent_streams",
+            u64::from(s.max_concurrent_streams),
             1..=10_000,
         ),
         (
-            "server.max_message_bytes",
-            server.max_message_bytes as u64,
+            "max_message_bytes",
+            n(s.max_message_bytes),
             1024..=16 * 1024 * 1024,
         ),
         (
-            "server.http2_keepalive_interval_secs",
-            server.http2_keepalive_interval_secs,
+            "http2_keepalive_interval_secs",
+            s.http2_keepalive_interval_secs,
             1..=3600,
         ),
         (
-            "server.http2_keepalive_timeout_secs",
-            server.http2_keepalive_timeout_secs,
+            "http2_keepalive_timeout_secs",
+            s.http2_keepalive_timeout_secs,
             1..=3600,
         ),
     ];
     for (key, v, range) in ranges {
-        at.in_range(key, v, range)?;
+        at.in_range(&format!("server.{key}"), v, range)?;
     }
     if let Some(tls) = &server.tls {
         check_tls(tls).map_err(|(key, message)| at.invalid(key, message))?;
