@@ -50,6 +50,7 @@ pub mod prometheus;
 pub mod proto;
 #[cfg(feature = "gateway")]
 pub mod registry;
+pub mod revocations;
 pub mod rules;
 #[cfg(feature = "gateway")]
 pub mod server;
