@@ -55,7 +55,10 @@ pub struct Revocation {
 /// [`RevocationList::version`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RevocationList {
-    entries: BTreeMap<(Target, String), Revocation>,
+    /// By client id (looked up without allocating: every check borrows).
+    clients: BTreeMap<String, Revocation>,
+    /// By `jti`.
+    tokens: BTreeMap<String, Revocation>,
     version: u64,
 }
 
@@ -112,7 +115,7 @@ impl RevocationList {
 
     /// Every revocation in force, clients first, then tokens, each by id.
     pub fn entries(&self) -> impl Iterator<Item = &Revocation> {
-        self.entries.values()
+        self.clients.values().chain(self.tokens.values())
     }
 
     /// Cuts `client_id` off at `at_ms`: no new token, and its tokens issued at
@@ -135,18 +138,14 @@ impl RevocationList {
             by: by.to_owned(),
         };
         self.version += 1;
-        let key = (Target::Client, client_id.to_owned());
-        self.entries.insert(key.clone(), entry);
-        &self.entries[&key]
+        self.clients.insert(client_id.to_owned(), entry);
+        &self.clients[client_id]
     }
 
     /// Lets `client_id` get tokens again; its tokens issued before the
     /// revocation stay refused. `false` when it was not cut off.
     pub fn restore_client(&mut self, client_id: &str, reason: &str, by: &str) -> bool {
-        match self
-            .entries
-            .get_mut(&(Target::Client, client_id.to_owned()))
-        {
+        match self.clients.get_mut(client_id) {
             Some(entry) if entry.blocked => {
                 entry.blocked = false;
                 entry.reason = reason.to_owned();
@@ -161,8 +160,8 @@ impl RevocationList {
     /// Refuses the token `jti` until it expires (`exp_ms`).
     pub fn revoke_token(&mut self, jti: &str, at_ms: u64, exp_ms: u64, reason: &str, by: &str) {
         self.version += 1;
-        self.entries.insert(
-            (Target::Token, jti.to_owned()),
+        self.tokens.insert(
+            jti.to_owned(),
             Revocation {
                 target: Target::Token,
                 id: jti.to_owned(),
@@ -177,27 +176,26 @@ impl RevocationList {
 
     /// Whether `client_id` is cut off from new tokens.
     pub fn is_blocked(&self, client_id: &str) -> bool {
-        self.entries
-            .get(&(Target::Client, client_id.to_owned()))
-            .is_some_and(|e| e.blocked)
+        self.clients.get(client_id).is_some_and(|e| e.blocked)
     }
 
     /// Whether a token of `client_id` issued at `iat_ms` (with `jti`, when it
     /// carries one) is refused.
     pub fn is_revoked(&self, client_id: &str, iat_ms: u64, jti: Option<&str>) -> bool {
-        let by_client = self
-            .entries
-            .get(&(Target::Client, client_id.to_owned()))
-            .is_some_and(|e| iat_ms <= e.at_ms);
-        by_client || jti.is_some_and(|j| self.entries.contains_key(&(Target::Token, j.to_owned())))
+        self.clients
+            .get(client_id)
+            .is_some_and(|e| iat_ms <= e.at_ms)
+            || jti.is_some_and(|j| self.tokens.contains_key(j))
     }
 
     /// Drops what can no longer cover a valid token at `now_ms` (a client still
     /// cut off stays). Returns how many entries went.
     pub fn expire(&mut self, now_ms: u64) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|_, e| e.blocked || e.until_ms > now_ms);
-        let gone = before - self.entries.len();
+        let before = self.clients.len() + self.tokens.len();
+        let live = |_: &String, e: &mut Revocation| e.blocked || e.until_ms > now_ms;
+        self.clients.retain(live);
+        self.tokens.retain(live);
+        let gone = before - self.clients.len() - self.tokens.len();
         if gone > 0 {
             self.version += 1;
         }
@@ -230,7 +228,11 @@ impl RevocationList {
         }
         let mut list = Self::new();
         for r in state.revocations {
-            list.entries.insert((r.target, r.id.clone()), r);
+            let map = match r.target {
+                Target::Client => &mut list.clients,
+                Target::Token => &mut list.tokens,
+            };
+            map.insert(r.id.clone(), r);
         }
         list.version = 1;
         Ok(list)
@@ -247,7 +249,7 @@ impl RevocationList {
         };
         let state = State {
             format: STATE_FORMAT,
-            revocations: self.entries.values().cloned().collect(),
+            revocations: self.entries().cloned().collect(),
         };
         let text = serde_json::to_vec_pretty(&state).map_err(|e| failed(e.into()))?;
         let dir = path
