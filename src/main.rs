@@ -249,9 +249,18 @@ async fn probe(
         }
         None => ops::ProbeTarget::Grpc(addr),
     };
-    let line = ops::probe(&target, &service, Duration::from_millis(timeout_ms)).await?;
-    print_or_ignore(&line);
-    Ok(())
+    match ops::probe(&target, &service, Duration::from_millis(timeout_ms)).await {
+        Ok(line) => {
+            print_or_ignore(&line);
+            Ok(())
+        }
+        Err(e) => {
+            if let ops::ProbeError::NotServing { answer } = &e {
+                print_or_ignore(answer);
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// One line to stdout; a reader that went away (`| head -1`) is not an error.

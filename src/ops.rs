@@ -32,9 +32,12 @@ pub enum ProbeError {
     /// The endpoint did not answer in time or at all.
     #[error("{0}")]
     Unreachable(String),
-    /// It answered, but not serving.
+    /// It answered, but not serving; `answer` says what it answered.
     #[error("not serving")]
-    NotServing,
+    NotServing {
+        /// The answer, as the probe prints it.
+        answer: String,
+    },
 }
 
 /// The probe's policy: the admin listener when there is one (it answers
@@ -87,8 +90,7 @@ pub async fn probe(
             if status.is_success() {
                 Ok(line)
             } else {
-                println!("{line}");
-                Err(ProbeError::NotServing)
+                Err(ProbeError::NotServing { answer: line })
             }
         }
         ProbeTarget::Grpc(addr) => probe_grpc(*addr, service, timeout).await,
@@ -129,8 +131,7 @@ async fn probe_grpc(
     if status == ServingStatus::Serving as i32 {
         Ok(line)
     } else {
-        println!("{line}");
-        Err(ProbeError::NotServing)
+        Err(ProbeError::NotServing { answer: line })
     }
 }
 
@@ -222,5 +223,31 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ProbeError::Unreachable(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_not_serving_answer_is_handed_back_not_printed() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await.unwrap();
+            conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+        });
+        let url = format!("http://{addr}/readyz");
+        let err = probe(&ProbeTarget::Admin(url.clone()), "", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        match err {
+            ProbeError::NotServing { answer } => {
+                assert_eq!(answer, format!("{url}: 503 Service Unavailable"));
+            }
+            other => panic!("{other}"),
+        }
+        server.await.unwrap();
     }
 }

@@ -208,7 +208,6 @@ impl Broker {
     async fn obtain(&self, req: &Fetch<'_>) -> Result<Arc<Entry>, BrokerError> {
         let (proven, verifier) = (req.caller.proven, req.caller.verifier);
         let (client, key, current) = (req.client, &req.key, &req.current);
-        let min_remaining = self.inner.settings.min_remaining;
         let tokens = &self.inner.seams.tokens;
         let deadline = Instant::now() + tokens.lock_wait();
         loop {
@@ -226,16 +225,15 @@ impl Broker {
                     return result;
                 }
                 Lock::Busy => {
-                    if let Some(current) = current
-                        .as_ref()
-                        .filter(|c| c.usable(Instant::now(), min_remaining))
+                    if let Some(current) =
+                        current.as_ref().filter(|c| self.usable(c, Instant::now()))
                     {
                         // Another replica is refreshing; the current token still lives.
                         return Ok(current.clone());
                     }
                     match tokens.wait_for_peer(key, deadline).await {
                         PeerWait::Entry(entry) => {
-                            if entry.usable(Instant::now(), min_remaining)
+                            if self.usable(&entry, Instant::now())
                                 && (proven || self.proven_by_fleet(client, &verifier).await)
                             {
                                 return Ok(entry);
@@ -288,7 +286,6 @@ impl Broker {
         let newer = current
             .as_ref()
             .is_none_or(|c| entry.expires_at > c.expires_at);
-        (newer && now < entry.refresh_at && entry.usable(now, self.inner.settings.min_remaining))
-            .then_some(entry)
+        (newer && now < entry.refresh_at && self.usable(&entry, now)).then_some(entry)
     }
 }
