@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 /// The longest access-token lifetime Cognito allows: one day.
 pub const DEFAULT_MAX_TOKEN_LIFETIME_SECS: u64 = 86_400;
 
+/// Largest state file read (a revocation is a few hundred bytes; entries
+/// expire after a day).
+const MAX_STATE_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Version of the state file's format.
 const STATE_FORMAT: u32 = 1;
 
@@ -205,6 +209,18 @@ impl RevocationList {
     /// Reads the state file: a missing file is an empty list; anything else
     /// that cannot be read whole is an error.
     pub fn load(path: &Path) -> Result<Self, StateError> {
+        let corrupt = |message: String| StateError::Corrupt {
+            path: path.to_owned(),
+            message,
+        };
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.is_file() && meta.len() > MAX_STATE_BYTES {
+                return Err(corrupt(format!(
+                    "{} bytes, more than {MAX_STATE_BYTES}",
+                    meta.len()
+                )));
+            }
+        }
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::new()),
@@ -214,10 +230,6 @@ impl RevocationList {
                     source,
                 });
             }
-        };
-        let corrupt = |message: String| StateError::Corrupt {
-            path: path.to_owned(),
-            message,
         };
         let state: State = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
         if state.format != STATE_FORMAT {
@@ -381,6 +393,11 @@ mod tests {
         std::fs::write(&path, b"{\"format\": 9, \"revocations\": []}").unwrap();
         let err = RevocationList::load(&path).unwrap_err();
         assert!(err.to_string().contains("format 9"), "{err}");
+        // Past the bound it is not read at all.
+        let big = std::fs::File::create(&path).unwrap();
+        big.set_len(MAX_STATE_BYTES + 1).unwrap();
+        let err = RevocationList::load(&path).unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
         // A directory where the file should be cannot be read.
         let err = RevocationList::load(dir.path()).unwrap_err();
         assert!(matches!(err, StateError::Read { .. }), "{err}");
