@@ -22,7 +22,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .extern_path(".m2m.gateway.v1.Claims", "crate::proto::SharedClaims")
         .file_descriptor_set_path(out_dir.join("gateway_descriptor.bin"))
-        .compile_protos(&["proto/m2m/gateway/v1/gateway.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/m2m/gateway/v1/gateway.proto",
+                "proto/m2m/gateway/admin/v1/admin.proto",
+            ],
+            &["proto"],
+        )?;
     let claims_dir = out_dir.join("claims");
     std::fs::create_dir_all(&claims_dir)?;
     tonic_prost_build::configure()

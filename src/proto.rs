@@ -11,6 +11,15 @@ pub mod gateway {
         pub use super::message::Claims;
     }
 
+    /// `m2m.gateway.admin.v1`: the kill switch's admin API.
+    pub mod admin {
+        /// Version 1.
+        pub mod v1 {
+            #![allow(missing_docs, unreachable_pub, clippy::all)]
+            tonic::include_proto!("m2m.gateway.admin.v1");
+        }
+    }
+
     /// The same file generated again without the extern path: the `Claims`
     /// message that [`SharedClaims`](crate::proto::SharedClaims) holds. The other
     /// messages here are unused copies.

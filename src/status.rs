@@ -31,6 +31,7 @@ pub fn rejection_to_proto(r: Rejection) -> pb::Rejection {
         Rejection::ClientNotAllowed => pb::Rejection::ClientNotAllowed,
         Rejection::InsufficientScope => pb::Rejection::InsufficientScope,
         Rejection::KeysUnavailable => pb::Rejection::KeysUnavailable,
+        Rejection::Revoked => pb::Rejection::Revoked,
     }
 }
 
@@ -99,7 +100,7 @@ pub const fn broker_code(e: &BrokerError) -> Code {
         BrokerError::MalformedCredentials(_) | BrokerError::MalformedScopes(_) => {
             Code::InvalidArgument
         }
-        BrokerError::ScopeNotAllowed(_) => Code::PermissionDenied,
+        BrokerError::ScopeNotAllowed(_) | BrokerError::ClientRevoked => Code::PermissionDenied,
         BrokerError::GrantNotAllowed(_) => Code::FailedPrecondition,
         BrokerError::TooManyFailedAttempts { .. }
         | BrokerError::UpstreamBudget { .. }

@@ -51,6 +51,10 @@ pub enum BrokerError {
     /// (`invalid_scope`).
     #[error(transparent)]
     ScopeNotAllowed(ScopeRefusal),
+    /// The client was revoked with the kill switch (`RevokeClient`) and not
+    /// restored.
+    #[error("this client is revoked: no token is issued to it until an administrator restores it")]
+    ClientRevoked,
     /// The app client may not use the client_credentials grant
     /// (`unauthorized_client` and the like).
     #[error("the app client may not use the client_credentials grant ({0})")]
@@ -100,6 +104,7 @@ impl BrokerError {
             BrokerError::MalformedCredentials(_) => "malformed_credentials",
             BrokerError::MalformedScopes(_) => "malformed_scopes",
             BrokerError::ScopeNotAllowed(_) => "scope_not_allowed",
+            BrokerError::ClientRevoked => "client_revoked",
             BrokerError::GrantNotAllowed(_) => "grant_not_allowed",
             BrokerError::TooManyFailedAttempts { .. } => "failed_auth_limited",
             BrokerError::UpstreamBudget { .. } => "upstream_budget",
@@ -143,6 +148,7 @@ impl BrokerError {
             BrokerError::ScopeNotAllowed(ScopeRefusal::NotRegistered("a/b".into())),
             BrokerError::ScopeNotAllowed(ScopeRefusal::ByCognito),
             BrokerError::GrantNotAllowed("unauthorized_client".into()),
+            BrokerError::ClientRevoked,
             BrokerError::TooManyFailedAttempts {
                 retry_after: Duration::from_secs(6),
             },

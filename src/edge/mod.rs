@@ -64,7 +64,10 @@ pub const REFLECTION_PATHS: [&str; 2] = [
 
 /// Server-streaming methods whose answers last (a stream, not one message):
 /// they get the stream lifetime and the stream slots instead of the unary ones.
-pub const LONG_LIVED_PATHS: [&str; 1] = ["/grpc.health.v1.Health/Watch"];
+pub const LONG_LIVED_PATHS: [&str; 2] = [
+    "/grpc.health.v1.Health/Watch",
+    "/m2m.gateway.v1.Gateway/WatchRevocations",
+];
 
 /// Time a call's answer may take to leave after its deadline before its
 /// connection is closed as stalled (a peer that does not read, a flow-control

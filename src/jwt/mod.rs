@@ -57,11 +57,13 @@ pub enum Rejection {
     InsufficientScope,
     /// The JWKS was never loaded and is unreachable.
     KeysUnavailable,
+    /// Its client, or the token itself, was revoked (the kill switch).
+    Revoked,
 }
 
 impl Rejection {
     /// Every variant, for metrics initialisation and exhaustive tests.
-    pub const ALL: [Rejection; 11] = [
+    pub const ALL: [Rejection; 12] = [
         Rejection::Malformed,
         Rejection::UnsupportedAlgorithm,
         Rejection::UnknownKey,
@@ -73,6 +75,7 @@ impl Rejection {
         Rejection::ClientNotAllowed,
         Rejection::InsufficientScope,
         Rejection::KeysUnavailable,
+        Rejection::Revoked,
     ];
 
     /// Stable snake_case label.
@@ -89,6 +92,7 @@ impl Rejection {
             Rejection::ClientNotAllowed => "client_not_allowed",
             Rejection::InsufficientScope => "insufficient_scope",
             Rejection::KeysUnavailable => "keys_unavailable",
+            Rejection::Revoked => "revoked",
         }
     }
 }

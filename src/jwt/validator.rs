@@ -15,6 +15,8 @@ use aws_lc_rs::digest;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::{Deserialize, Deserializer, de};
 
+use crate::revocations::Revocations;
+
 use super::{
     Claims, Clock, Invalid, Rejection, SystemClock, ValidationStats,
     claims::{Payload, Text},
@@ -175,6 +177,8 @@ struct Inner {
     verified: Option<quick_cache::sync::Cache<[u8; 32], Verified>>,
     verified_capacity: u64,
     inserts: AtomicU64,
+    /// Revoked clients and tokens, refused after every other check passed.
+    revocations: Option<Revocations>,
 }
 
 /// A trusted issuer and the outcomes of the tokens that claimed it.
@@ -256,6 +260,7 @@ impl JwtValidator {
             settings,
             Arc::new(SystemClock),
             Duration::ZERO,
+            None,
         )
     }
 
@@ -289,6 +294,7 @@ impl JwtValidator {
             settings,
             Arc::new(SystemClock),
             first_load_wait,
+            None,
         ))
     }
 
@@ -297,6 +303,7 @@ impl JwtValidator {
         settings: ValidatorSettings,
         clock: Arc<dyn Clock>,
         first_load_wait: Duration,
+        revocations: Option<Revocations>,
     ) -> Self {
         let leeway = settings.leeway.as_secs().min(i64::MAX as u64) as i64;
         let verified = (settings.verified_cache_size > 0).then(|| {
@@ -321,6 +328,7 @@ impl JwtValidator {
                 verified,
                 verified_capacity: settings.verified_cache_size,
                 inserts: AtomicU64::new(0),
+                revocations,
             }),
         }
     }
@@ -333,7 +341,41 @@ impl JwtValidator {
             i.settings(),
             clock,
             i.first_load_wait,
+            i.revocations.clone(),
         )
+    }
+
+    /// Refuses revoked clients' and tokens' tokens (REVOKED) from the shared
+    /// list: the gateway's own, or one a
+    /// [`RevocationWatcher`](crate::auth::RevocationWatcher) keeps current.
+    /// Starts with an empty verified-token cache.
+    pub fn with_revocations(self, revocations: Revocations) -> Self {
+        let i = &self.inner;
+        Self::build(
+            i.issuers.iter().map(|t| t.trusted.clone()).collect(),
+            i.settings(),
+            i.clock.clone(),
+            i.first_load_wait,
+            Some(revocations),
+        )
+    }
+
+    /// The revocations this validator refuses, if any.
+    pub fn revocations(&self) -> Option<&Revocations> {
+        self.inner.revocations.as_ref()
+    }
+
+    /// A valid token whose client or `jti` is revoked is REVOKED.
+    #[inline]
+    fn unrevoked(&self, result: Result<Arc<Claims>, Invalid>) -> Result<Arc<Claims>, Invalid> {
+        if let (Ok(claims), Some(revocations)) = (&result, &self.inner.revocations) {
+            if let Some(verdict) =
+                revocations.check(claims.client_id(), claims.issued_at(), claims.jti())
+            {
+                return Err(Invalid::new(Rejection::Revoked, verdict.detail()));
+            }
+        }
+        result
     }
 
     /// The trusted issuers, in order, each with the outcomes of the tokens that
@@ -404,6 +446,7 @@ impl JwtValidator {
                 Box::pin(self.validate_uncached(token, digest, required_scopes, &mut issuer)).await
             }
         };
+        let result = self.unrevoked(result);
         self.record(issuer, &result);
         result
     }
@@ -426,6 +469,7 @@ impl JwtValidator {
                 let key = self.lookup_after_refresh(i, &parsed.kid)?;
                 self.finish(digest, &parsed, raw, i, &key, required_scopes)
             });
+        let result = self.unrevoked(result);
         self.record(issuer, &result);
         result
     }

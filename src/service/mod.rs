@@ -3,6 +3,10 @@
 //! Served by the generated `GatewayServer`; counting and logging calls is
 //! [`crate::calls::CallLayer`]'s.
 
+mod watch;
+
+use std::sync::Arc;
+
 use secrecy::SecretString;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
@@ -14,6 +18,8 @@ use crate::{
     registry, status,
 };
 
+pub use watch::{UpdateStream, WATCH_HEARTBEAT};
+
 /// Most `required_scopes` in one Validate request.
 const MAX_REQUIRED_SCOPES: usize = 50;
 
@@ -22,12 +28,19 @@ const MAX_REQUIRED_SCOPES: usize = 50;
 pub struct GatewayService {
     broker: Broker,
     validator: JwtValidator,
+    /// This process's run of revocation-list versions (WatchRevocations).
+    epoch: Arc<str>,
 }
 
 impl GatewayService {
-    /// A service over a broker and a validator.
+    /// A service over a broker and a validator (whose revocations, if any,
+    /// WatchRevocations streams).
     pub fn new(broker: Broker, validator: JwtValidator) -> Self {
-        Self { broker, validator }
+        Self {
+            broker,
+            validator,
+            epoch: Arc::from(watch::new_epoch()),
+        }
     }
 
     /// The generated server for it, refusing messages over `max_message_bytes`.
@@ -106,6 +119,34 @@ impl pb::gateway_server::Gateway for GatewayService {
             }
         };
         Ok(Response::new(answer))
+    }
+
+    type WatchRevocationsStream = UpdateStream;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let Some(revocations) = self.validator.revocations() else {
+            return Err(Status::unimplemented("this gateway keeps no revocation list"));
+        };
+        if crate::auth::claims(&request).is_none() {
+            // Served without the gateway's AuthLayer: the token is checked here.
+            let header = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            let token = crate::auth::bearer_token(header)?;
+            self.validator
+                .validate(token, &[])
+                .await
+                .map_err(|invalid| status::refusal(&invalid, &[]))?;
+        }
+        Ok(Response::new(watch::updates(
+            revocations,
+            self.epoch.clone(),
+            request.get_ref(),
+        )))
     }
 }
 
