@@ -19,6 +19,10 @@ pub(super) struct Entry {
     pub(super) lifetime: Duration,
     pub(super) refresh_at: Instant,
     pub(super) expires_at: Instant,
+    /// When the token was issued, in Unix milliseconds (its `iat`, else when
+    /// Cognito answered): a revoked client's tokens issued before the
+    /// revocation are never handed out, even after a restore.
+    pub(super) issued_ms: u64,
 }
 
 impl fmt::Debug for Entry {
@@ -61,18 +65,37 @@ impl Entry {
     }
 }
 
-/// The `scope` claim of a JWT access token, read without verification (the token
-/// comes straight from the token endpoint over TLS). `None` for opaque tokens.
-pub(super) fn token_scopes(token: &str) -> Option<Vec<String>> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let scope = claims.get("scope")?.as_str()?;
-    Some(
-        scope
-            .split(' ')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    )
+/// What the broker reads of a JWT access token, without verification (the
+/// token comes straight from the token endpoint over TLS).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Unverified {
+    /// The `scope` claim; `None` for opaque tokens or none.
+    pub(super) scopes: Option<Vec<String>>,
+    /// The `iat` claim, in Unix milliseconds.
+    pub(super) issued_ms: Option<u64>,
+}
+
+/// The `scope` and `iat` claims of a JWT access token.
+pub(super) fn read_unverified(token: &str) -> Unverified {
+    let claims = token
+        .split('.')
+        .nth(1)
+        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload).ok())
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+    let Some(claims) = claims else {
+        return Unverified::default();
+    };
+    Unverified {
+        scopes: claims.get("scope").and_then(|s| s.as_str()).map(|scope| {
+            scope
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }),
+        issued_ms: claims
+            .get("iat")
+            .and_then(serde_json::Value::as_u64)
+            .map(|s| s.saturating_mul(1000)),
+    }
 }

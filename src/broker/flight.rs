@@ -226,14 +226,16 @@ impl Broker {
                 }
                 Lock::Busy => {
                     if let Some(current) =
-                        current.as_ref().filter(|c| self.usable(c, Instant::now()))
+                        current
+                            .as_ref()
+                            .filter(|c| self.usable(&key.0, c, Instant::now()))
                     {
                         // Another replica is refreshing; the current token still lives.
                         return Ok(current.clone());
                     }
                     match tokens.wait_for_peer(key, deadline).await {
                         PeerWait::Entry(entry) => {
-                            if self.usable(&entry, Instant::now())
+                            if self.usable(&key.0, &entry, Instant::now())
                                 && (proven || self.proven_by_fleet(client, &verifier).await)
                             {
                                 return Ok(entry);
@@ -286,6 +288,6 @@ impl Broker {
         let newer = current
             .as_ref()
             .is_none_or(|c| entry.expires_at > c.expires_at);
-        (newer && now < entry.refresh_at && self.usable(&entry, now)).then_some(entry)
+        (newer && now < entry.refresh_at && self.usable(&key.0, &entry, now)).then_some(entry)
     }
 }

@@ -75,6 +75,10 @@ impl Broker {
         let Some(client) = inner.registry.get(&credentials.client_id) else {
             return Err(self.unknown_client(&credentials.client_id));
         };
+        if inner.revocations.is_blocked(&client.client_id) {
+            inner.clients.refused(client.index);
+            return Err(BrokerError::ClientRevoked);
+        }
         let verifier = self.verifier(&credentials.client_id, &credentials.secret);
         let now = Instant::now();
         let proven = inner.proven.is_proven(client.index, &verifier, now);
@@ -104,7 +108,7 @@ impl Broker {
                 .await;
         }
 
-        let mut cached = inner.cache.get(&key).filter(|e| self.usable(e, now));
+        let mut cached = inner.cache.get(&key).filter(|e| self.usable(&key.0, e, now));
         // Another replica may hold the entry, or a fresher one.
         if inner.seams.shared && cached.as_ref().is_none_or(|e| now >= e.refresh_at) {
             // Boxed, like every path that leaves the process: a cache hit's
@@ -131,7 +135,10 @@ impl Broker {
                     .await;
                 match fetched {
                     Ok(fresh) => Ok(fresh.issued(Instant::now())),
-                    Err(e) if e.is_transient() && self.usable(&entry, Instant::now()) => {
+                    Err(e)
+                        if e.is_transient()
+                            && self.usable(&client.client_id, &entry, Instant::now()) =>
+                    {
                         if !matches!(e, BrokerError::UpstreamBudget { .. }) {
                             inner.stats.stale_served();
                             tracing::warn!(client = %client.name, pool = %client.pool, error = %e, "refresh failed; serving the cached token");
@@ -198,7 +205,7 @@ impl Broker {
             let fresher = cached
                 .as_ref()
                 .is_none_or(|c| entry.expires_at > c.expires_at);
-            if fresher && self.usable(&entry, now) {
+            if fresher && self.usable(&key.0, &entry, now) {
                 self.inner.cache.insert(key.clone(), entry.clone());
                 return Some(entry);
             }
@@ -206,8 +213,11 @@ impl Broker {
         cached
     }
 
-    pub(super) fn usable(&self, entry: &Entry, now: Instant) -> bool {
+    /// Whether `entry` may be handed out at `now`: enough life left, and not
+    /// issued before a revocation of its client (even one since restored).
+    pub(super) fn usable(&self, client_id: &str, entry: &Entry, now: Instant) -> bool {
         entry.usable(now, self.inner.settings.min_remaining)
+            && !self.inner.revocations.covers(client_id, entry.issued_ms)
     }
 
     /// One unproven attempt for `client` from `source`: within the limit of that

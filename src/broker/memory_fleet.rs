@@ -27,7 +27,7 @@ use super::{
     budget::{Grant, Priority, Schedule},
     proven::Verifier,
     shared::{
-        Budget, ClientRef, Lock, LockToken, PeerWait, ProofEvent, ProofRecord, ProofStore,
+        Budget, ClientRef, FleetEvent, Lock, LockToken, PeerWait, ProofEvent, ProofRecord, ProofStore,
         SharedTokens,
     },
 };
@@ -89,6 +89,7 @@ impl MemoryStore {
                 .strangers
                 .as_ref()
                 .map(|s| s.clone() as Arc<dyn Budget>),
+            revocations: None,
             shared: true,
         }
     }
@@ -123,6 +124,7 @@ impl SharedTokens for MemoryStore {
                 lifetime: entry.lifetime,
                 refresh_at: entry.refresh_at,
                 expires_at: entry.expires_at,
+                issued_ms: entry.issued_ms,
             });
             self.state().entries.insert(key.clone(), copy);
             self.changed.notify_waiters();
@@ -246,13 +248,20 @@ impl ProofStore for MemoryStore {
         Box::pin(async {})
     }
 
-    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, ProofEvent>>> {
+    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, FleetEvent>>> {
         let stream = self.up().then(|| {
             BroadcastStream::new(self.events.subscribe())
-                .filter_map(|e| std::future::ready(e.ok()))
+                .filter_map(|e| std::future::ready(e.ok().map(FleetEvent::Proof)))
                 .boxed()
         });
         Box::pin(async move { stream })
+    }
+
+    fn forget<'a>(&'a self, client: &'a ClientRef) -> BoxFuture<'a, ()> {
+        if self.up() {
+            self.state().proofs.remove(client);
+        }
+        Box::pin(async {})
     }
 
     fn set_subscribed(&self, _: bool) {}

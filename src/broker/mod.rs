@@ -20,6 +20,7 @@ mod link;
 mod memory_fleet;
 mod pools;
 mod proven;
+mod revoke;
 mod shared;
 mod stats;
 mod sync;
@@ -58,7 +59,7 @@ use budget::Schedule;
 use entry::{CacheKey, Entry, EntryExpiry};
 use flight::Flights;
 use proven::ProvenSecrets;
-use shared::{Alone, Budget, ProofStore, SharedTokens};
+use shared::{Alone, Budget, ProofStore, RevocationStore, SharedTokens};
 use upstream::{client_share, strangers_share};
 
 use crate::registry::Registry;
@@ -157,6 +158,8 @@ pub(crate) struct Seams {
     budget: Option<Arc<dyn Budget>>,
     /// The share of the budget open to secrets not yet proven.
     strangers: Option<Arc<dyn Budget>>,
+    /// The fleet's revocations (`None` for a replica on its own).
+    revocations: Option<Arc<dyn RevocationStore>>,
     /// Whether announcements are followed (false for a replica on its own).
     shared: bool,
 }
@@ -173,6 +176,7 @@ impl Seams {
             strangers: settings
                 .upstream_per_second
                 .map(|n| Arc::new(Schedule::new(strangers_share(n))) as Arc<dyn Budget>),
+            revocations: None,
             shared: false,
         }
     }
@@ -197,6 +201,7 @@ impl Seams {
                     fleet::STRANGERS_KEY,
                 )) as Arc<dyn Budget>
             }),
+            revocations: Some(Arc::new(fleet.clone())),
             shared: true,
         }
     }
@@ -232,6 +237,8 @@ struct Inner {
     clients: ClientStats,
     /// The Redis behind the seams, for its counters and state.
     fleet: Option<Arc<FleetCache>>,
+    /// The revocations in force (shared with the gateway's validator).
+    revocations: crate::revocations::Revocations,
     /// Dropped with the broker: ends its background tasks.
     _alive: tokio::sync::watch::Sender<()>,
     alive: tokio::sync::watch::Receiver<()>,
@@ -328,6 +335,7 @@ impl Broker {
                 settings,
                 stats: BrokerStats::default(),
                 fleet,
+                revocations: crate::revocations::Revocations::default(),
                 _alive: alive_tx,
                 alive,
             }),

@@ -46,6 +46,9 @@ struct Refusal {
 struct ClientProofs {
     proofs: Vec<Proof>,
     refusals: Vec<Refusal>,
+    /// Every proof made at or before this was dropped (the client was revoked
+    /// or restored): an announcement of one arriving late is ignored.
+    forgotten_at: Option<Instant>,
 }
 
 /// The proven verifiers of every registered client, by the client's index in
@@ -108,6 +111,9 @@ impl ProvenSecrets {
         };
         let now = Instant::now();
         let mut client = slot.write().unwrap_or_else(|p| p.into_inner());
+        if client.forgotten_at.is_some_and(|f| at <= f) {
+            return false;
+        }
         if client
             .refusals
             .iter()
@@ -173,6 +179,16 @@ impl ProvenSecrets {
             }
         }
         forgot
+    }
+
+    /// Drops every proof of client `index` made at or before `at` (the kill
+    /// switch: its next call goes to Cognito, which checks the secret again).
+    pub(crate) fn forget_client(&self, index: usize, at: Instant) {
+        if let Some(slot) = self.clients.get(index) {
+            let mut client = slot.write().unwrap_or_else(|p| p.into_inner());
+            client.proofs.retain(|p| p.at > at);
+            client.forgotten_at = Some(client.forgotten_at.map_or(at, |f| f.max(at)));
+        }
     }
 
     /// Live proofs of every client, for metrics.

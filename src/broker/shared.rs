@@ -1,7 +1,8 @@
-//! What the fleet gives the broker, as three narrow seams: single flight across
+//! What the fleet gives the broker, as four narrow seams: single flight across
 //! replicas ([`SharedTokens`]: the stored entry, the fetch lock, the wait for a
 //! peer), the fleet's proven secrets with their announcements ([`ProofStore`]),
-//! and the upstream schedule ([`Budget`]). Each has a local implementation (one
+//! the revocations in force ([`RevocationStore`]), and the upstream schedule
+//! ([`Budget`]). Each has a local implementation (one
 //! replica on its own) and a Redis one (`fleet`) that owns its timeouts and its
 //! fallback; the tests run the fleet protocol on an in-memory double
 //! (`memory_fleet`). The broker speaks in its own terms here: cache keys, client
@@ -15,6 +16,8 @@ use futures_util::{
     stream::BoxStream,
 };
 use tokio::time::Instant;
+
+use crate::revocations::Revocation;
 
 use super::{
     CacheKey, Entry,
@@ -110,6 +113,28 @@ pub(crate) struct ProofEvent {
     pub(crate) record: ProofRecord,
 }
 
+/// What a replica hears on the fleet's channels.
+#[derive(Debug, Clone)]
+pub(crate) enum FleetEvent {
+    /// A proof or a refusal.
+    Proof(ProofEvent),
+    /// The revocations changed: read them again.
+    Revocations,
+}
+
+/// The fleet's revocations: every entry in force, stored for replicas that
+/// start later and announced to those running. The store is not trusted to
+/// keep them: each replica writes back what it holds and the store lacks.
+pub(crate) trait RevocationStore: Send + Sync {
+    /// Every entry the store holds; `None` when it did not answer.
+    fn load(&self) -> BoxFuture<'_, Option<Vec<Revocation>>>;
+    /// Stores entries (new, changed or written back) and announces them;
+    /// `false` when the store did not take them.
+    fn store<'a>(&'a self, entries: &'a [Revocation]) -> BoxFuture<'a, bool>;
+    /// Removes entries that no longer cover a valid token.
+    fn remove<'a>(&'a self, entries: &'a [Revocation]) -> BoxFuture<'a, ()>;
+}
+
 /// The fleet's proven secrets: stored, announced, and followed.
 pub(crate) trait ProofStore: Send + Sync {
     /// The name announcements carry for `client_id`.
@@ -118,8 +143,11 @@ pub(crate) trait ProofStore: Send + Sync {
     fn load<'a>(&'a self, client: &'a ClientRef) -> BoxFuture<'a, Option<Vec<ProofRecord>>>;
     /// Records and announces a proof or a refusal.
     fn record<'a>(&'a self, client: &'a ClientRef, record: ProofRecord) -> BoxFuture<'a, ()>;
-    /// A subscription to the announcements; `None` when it cannot be made now.
-    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, ProofEvent>>>;
+    /// Drops every proof of a client (the kill switch).
+    fn forget<'a>(&'a self, client: &'a ClientRef) -> BoxFuture<'a, ()>;
+    /// A subscription to the announcements (proofs and revocations); `None`
+    /// when it cannot be made now.
+    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, FleetEvent>>>;
     /// Whether this replica hears the announcements (for `fleet_shared`).
     fn set_subscribed(&self, subscribed: bool);
     /// Checks, while subscribed, that the store answers commands too.
@@ -176,7 +204,11 @@ impl ProofStore for Alone {
         ready(()).boxed()
     }
 
-    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, ProofEvent>>> {
+    fn forget<'a>(&'a self, _: &'a ClientRef) -> BoxFuture<'a, ()> {
+        ready(()).boxed()
+    }
+
+    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, FleetEvent>>> {
         ready(None).boxed()
     }
 

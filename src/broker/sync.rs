@@ -1,7 +1,10 @@
 //! Keeps this replica's proven secrets in step with the fleet's: loads every
 //! registered client's proofs from the store when the subscription is (re)made,
 //! then applies the proofs and refusals other replicas announce. A replica that
-//! misses announcements while the store is away reloads on resubscribing.
+//! misses announcements while the store is away reloads on resubscribing. The
+//! fleet's revocations are reconciled at each (re)subscription, on each
+//! announcement of a change, and every few seconds (a store that lost them
+//! gets them back).
 
 use std::{
     collections::HashMap,
@@ -14,13 +17,17 @@ use tokio::sync::watch;
 
 use super::{
     Inner,
-    shared::{ProofEvent, ProofStore},
+    revoke::reconcile,
+    shared::{FleetEvent, ProofEvent, ProofStore},
 };
 
 /// Pause before subscribing again after the store went away.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 /// How often a subscribed replica checks that the store answers commands too.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Every this many heartbeats, the revocations are reconciled even without an
+/// announcement.
+const RECONCILE_EVERY: u32 = 5;
 
 pub(super) async fn follow_proofs(
     broker: Weak<Inner>,
@@ -54,7 +61,16 @@ pub(super) async fn follow_proofs(
                     inner.proven.apply(i, record);
                 }
             }
+            {
+                let Some(inner) = broker.upgrade() else {
+                    return;
+                };
+                if !reconcile(&inner).await {
+                    return;
+                }
+            }
             store.set_subscribed(true);
+            let mut beats = 0u32;
             // A heartbeat keeps redis_up and fleet_shared true to what the store
             // does while no call needs it (a cache hit never touches it).
             let mut beat = tokio::time::interval(HEARTBEAT);
@@ -63,15 +79,28 @@ pub(super) async fn follow_proofs(
                     event = events.next() => event,
                     _ = beat.tick() => {
                         store.heartbeat().await;
+                        beats += 1;
+                        if beats % RECONCILE_EVERY == 0 {
+                            let Some(inner) = broker.upgrade() else {
+                                return;
+                            };
+                            reconcile(&inner).await;
+                        }
                         continue;
                     }
                 };
                 let (Some(event), Some(inner)) = (event, broker.upgrade()) else {
                     return;
                 };
-                let ProofEvent { client, record } = event;
-                if let Some(&i) = index.get(&client) {
-                    inner.proven.apply(i, record);
+                match event {
+                    FleetEvent::Proof(ProofEvent { client, record }) => {
+                        if let Some(&i) = index.get(&client) {
+                            inner.proven.apply(i, record);
+                        }
+                    }
+                    FleetEvent::Revocations => {
+                        reconcile(&inner).await;
+                    }
                 }
             }
         };

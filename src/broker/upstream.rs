@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::{
     Broker, BrokerError, BrokerSettings, UpstreamError,
     budget::{Grant, Priority},
-    entry::{Entry, token_scopes},
+    entry::{Entry, read_unverified},
     flight::Fetch,
     proven::Verifier,
     shared::ProofRecord,
@@ -134,7 +134,11 @@ impl Broker {
                 return Err(e.into());
             }
         };
-        let granted = match token_scopes(response.access_token.expose()) {
+        let read = read_unverified(response.access_token.expose());
+        let issued_ms = read
+            .issued_ms
+            .unwrap_or_else(|| crate::revocations::now_ms());
+        let granted = match read.scopes {
             Some(granted) => granted,
             None => scopes.iter().map(str::to_owned).collect(),
         };
@@ -156,6 +160,7 @@ impl Broker {
             lifetime,
             refresh_at: started + lifetime.mul_f64(share.max(0.0)),
             expires_at: started + lifetime,
+            issued_ms,
         }))
     }
 

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 mod budget;
 mod proofs;
+mod revocations;
 #[cfg(test)]
 mod tests;
 mod tokens;
@@ -37,8 +38,8 @@ use super::{
     link::Link,
     proven::Verifier,
     shared::{
-        Budget, ClientRef, Lock, LockToken, PeerWait, ProofEvent, ProofRecord, ProofStore,
-        SharedTokens,
+        Budget, ClientRef, FleetEvent, Lock, LockToken, PeerWait, ProofEvent, ProofRecord,
+        ProofStore, SharedTokens,
     },
     target::{LinkError, RedisTarget, Topology},
 };
@@ -70,6 +71,10 @@ pub(crate) struct SharedEntry {
     pub(crate) scopes: Vec<String>,
     pub(crate) expires_at_ms: u64,
     pub(crate) refresh_at_ms: u64,
+    /// When the token was issued (Unix ms); an entry without it counts as
+    /// issued at 0, before any revocation.
+    #[serde(default)]
+    pub(crate) issued_ms: u64,
 }
 
 impl fmt::Debug for SharedEntry {

@@ -207,14 +207,15 @@ impl FleetCache {
         let verifier = <[u8; 32]>::try_from(STANDARD_NO_PAD.decode(&proof.verifier).ok()?).ok()?;
         Some((verifier, proof.refused))
     }
-    /// Subscribes to the fleet's proof announcements (a dedicated connection).
+    /// Subscribes to the fleet's proof and revocation announcements (a
+    /// dedicated connection).
     pub(super) async fn proof_events(
         self: &std::sync::Arc<Self>,
-    ) -> Result<impl futures_util::Stream<Item = ProofEvent> + Send + use<>, FleetError> {
+    ) -> Result<impl futures_util::Stream<Item = FleetEvent> + Send + use<>, FleetError> {
         let mut pubsub = self.link.pubsub().await.map_err(FleetError::Link)?;
         tokio::time::timeout(
             self.timeout.max(Duration::from_secs(1)),
-            pubsub.subscribe(PROOF_CHANNEL),
+            pubsub.subscribe(&[PROOF_CHANNEL, super::revocations::REVOCATION_CHANNEL]),
         )
         .await
         .map_err(|_| FleetError::Timeout)?
@@ -223,10 +224,14 @@ impl FleetCache {
         Ok(futures_util::StreamExt::filter_map(
             pubsub.into_on_message(),
             move |msg| {
-                let event = msg
-                    .get_payload::<String>()
-                    .ok()
-                    .and_then(|text| this.parse_event(&text));
+                let event = if msg.get_channel_name() == super::revocations::REVOCATION_CHANNEL {
+                    Some(FleetEvent::Revocations)
+                } else {
+                    msg.get_payload::<String>()
+                        .ok()
+                        .and_then(|text| this.parse_event(&text))
+                        .map(FleetEvent::Proof)
+                };
                 std::future::ready(event)
             },
         ))
@@ -280,10 +285,16 @@ impl ProofStore for std::sync::Arc<FleetCache> {
         })
     }
 
-    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, ProofEvent>>> {
+    fn forget<'a>(&'a self, client: &'a ClientRef) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = self.call::<i64>(redis::cmd("DEL").arg(client)).await;
+        })
+    }
+
+    fn subscribe(&self) -> BoxFuture<'_, Option<BoxStream<'static, FleetEvent>>> {
         Box::pin(async move {
             match self.proof_events().await {
-                Ok(events) => Some(Box::pin(events) as BoxStream<'static, ProofEvent>),
+                Ok(events) => Some(Box::pin(events) as BoxStream<'static, FleetEvent>),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot subscribe to the fleet's proven secrets yet");
                     None

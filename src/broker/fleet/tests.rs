@@ -29,6 +29,7 @@ fn entry() -> SharedEntry {
         scopes: vec!["a/b".into()],
         expires_at_ms: now_ms() + 60_000,
         refresh_at_ms: now_ms() + 45_000,
+        issued_ms: now_ms(),
     }
 }
 

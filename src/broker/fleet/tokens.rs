@@ -106,6 +106,7 @@ fn shared_from_entry(entry: &Entry) -> SharedEntry {
         scopes: entry.scopes.to_vec(),
         expires_at_ms: instant_to_ms(entry.expires_at),
         refresh_at_ms: instant_to_ms(entry.refresh_at),
+        issued_ms: entry.issued_ms,
     }
 }
 
@@ -117,6 +118,7 @@ fn entry_from_shared(shared: SharedEntry) -> std::sync::Arc<Entry> {
         lifetime: expires_at.saturating_duration_since(Instant::now()),
         refresh_at: ms_to_instant(shared.refresh_at_ms),
         expires_at,
+        issued_ms: shared.issued_ms,
     })
 }
 
