@@ -76,6 +76,16 @@ pub fn dev_client(n: usize) -> EmulatorClient {
     }
 }
 
+/// The admin client of `dev`: calls the kill switch's admin API.
+pub const DEV_ADMIN_ID: &str = "dev-admin";
+/// Its secret.
+pub const DEV_ADMIN_SECRET: &str = "dev-admin-secret";
+
+/// The admin client of the first pool: allowed only `m2m-gateway/admin`.
+pub fn dev_admin() -> EmulatorClient {
+    EmulatorClient::new(DEV_ADMIN_ID, DEV_ADMIN_SECRET, &[crate::admin::ADMIN_SCOPE])
+}
+
 /// Most user pools `dev --pools` runs.
 pub const MAX_DEV_POOLS: usize = 4;
 
@@ -183,7 +193,7 @@ pub async fn run(
             addr,
             EmulatorConfig {
                 pool_id: format!("us-east-1_DevPool{n:02}"),
-                clients: vec![dev_client(n)],
+                clients: dev_clients(n),
                 ..EmulatorConfig::default()
             },
         )
@@ -193,7 +203,7 @@ pub async fn run(
                 "starting the Cognito emulator on {addr} (another dev or emulator running? choose another with --emulator-listen, port 0 for any): {e}"
             ))
         })?;
-        emulators.push((emulator, [dev_client(n)]));
+        emulators.push((emulator, dev_clients(n)));
     }
     let pools: Vec<(&Emulator, &[EmulatorClient])> =
         emulators.iter().map(|(e, c)| (e, c.as_slice())).collect();
@@ -264,6 +274,15 @@ pub async fn run(
     result
 }
 
+/// The clients of pool `n`: its demo client, and the admin client in the first.
+fn dev_clients(n: usize) -> Vec<EmulatorClient> {
+    let mut clients = vec![dev_client(n)];
+    if n == 1 {
+        clients.push(dev_admin());
+    }
+    clients
+}
+
 fn banner(addr: SocketAddr, emulator: &Emulator) -> String {
     let get_token = format!(
         "grpcurl -plaintext -d '{{\"client_id\":\"{DEV_CLIENT_ID}\",\"client_secret\":\"{DEV_CLIENT_SECRET}\"}}' {addr} m2m.gateway.v1.Gateway/GetToken"
@@ -283,7 +302,13 @@ fn banner(addr: SocketAddr, emulator: &Emulator) -> String {
          grpcurl -plaintext -d \"{{\\\"token\\\":\\\"$TOKEN\\\",\\\"required_scopes\\\":[\\\"demo/read\\\"]}}\" {addr} m2m.gateway.v1.Gateway/Validate\n\
          \n\
          # health\n\
-         grpcurl -plaintext {addr} grpc.health.v1.Health/Check\n",
+         grpcurl -plaintext {addr} grpc.health.v1.Health/Check\n\
+         \n\
+         # the kill switch: cut {DEV_CLIENT_ID} off (its tokens are refused at once), list, restore\n\
+         ADMIN=$(grpcurl -plaintext -d '{{\"client_id\":\"{DEV_ADMIN_ID}\",\"client_secret\":\"{DEV_ADMIN_SECRET}\"}}' {addr} m2m.gateway.v1.Gateway/GetToken | jq -r .accessToken)\n\
+         grpcurl -plaintext -H \"authorization: Bearer $ADMIN\" -d '{{\"client_id\":\"{DEV_CLIENT_ID}\",\"reason\":\"secret leaked\"}}' {addr} m2m.gateway.admin.v1.Admin/RevokeClient\n\
+         grpcurl -plaintext -H \"authorization: Bearer $ADMIN\" {addr} m2m.gateway.admin.v1.Admin/ListRevocations\n\
+         grpcurl -plaintext -H \"authorization: Bearer $ADMIN\" -d '{{\"client_id\":\"{DEV_CLIENT_ID}\",\"reason\":\"secret rotated\"}}' {addr} m2m.gateway.admin.v1.Admin/RestoreClient\n",
         emu = emulator.addr(),
         iss = emulator.issuer(),
         scopes = DEV_SCOPES.join(" "),

@@ -24,6 +24,8 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "gateway")]
+pub mod admin;
 pub mod auth;
 #[cfg(feature = "gateway")]
 pub mod broker;

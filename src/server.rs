@@ -9,6 +9,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::{
+    admin::{self, AdminService, KillSwitch},
+    auth::{AuthLayer, AuthPolicy},
     broker::{Broker, CognitoClient, FleetCache, PoolRoutes, TokenEndpoint},
     calls::CallLayer,
     config::{self, Config},
@@ -75,6 +77,9 @@ pub enum StartError {
     /// The gRPC server stopped with an error.
     #[error("gRPC server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
+    /// `revocations.state_file` exists but cannot be read or is corrupt.
+    #[error(transparent)]
+    Revocations(#[from] crate::revocations::StateError),
     /// `dev` could not set up its world (emulators, files, options).
     #[error("{0}")]
     Dev(String),
@@ -94,6 +99,8 @@ pub struct App {
     pub validator: JwtValidator,
     /// Counters of the Gateway RPCs.
     pub rpc: Arc<RpcStats>,
+    /// The kill switch (the admin API's revocations).
+    pub kill_switch: Arc<KillSwitch>,
 }
 
 impl App {
@@ -111,13 +118,25 @@ impl App {
             _ => None,
         };
         let broker = Broker::with_fleet(registry.clone(), upstream, settings.broker.clone(), fleet);
-        let validator = build_validator(&settings)?;
+        // A revocation in force is never forgotten: an unreadable state file
+        // stops the start.
+        broker
+            .revocations()
+            .publish(admin::load_state(&settings.revocations)?);
+        let validator =
+            build_validator(&settings)?.with_revocations(broker.revocations().clone());
+        let kill_switch = Arc::new(KillSwitch::new(
+            broker.clone(),
+            validator.clone(),
+            &settings.revocations,
+        ));
         Ok(Self {
             settings,
             registry,
             broker,
             validator,
             rpc: Arc::new(RpcStats::default()),
+            kill_switch,
         })
     }
 
@@ -171,6 +190,10 @@ impl App {
         let (health, readiness) = self.health(cfg.edge.max_message_bytes).await;
         let gateway = GatewayService::new(self.broker.clone(), self.validator.clone())
             .into_server(cfg.edge.max_message_bytes);
+        let admin_api =
+            AdminService::new(self.kill_switch.clone()).into_server(cfg.edge.max_message_bytes);
+        let maintenance = self.kill_switch.spawn_maintenance();
+        let auth = AuthLayer::local(self.validator.clone(), admin_policy()?);
         let edge = Edge::new(EdgeSettings {
             max_connections: self.settings.connection_cap(),
             ..cfg.edge.clone()
@@ -180,13 +203,15 @@ impl App {
         self.log_listening(&listener);
         let layers = tower::ServiceBuilder::new()
             .layer(CallLayer::new(self.rpc.clone()))
-            .layer(edge.layers(&edge::REFLECTION_PATHS, cfg.max_concurrent_requests.get()));
+            .layer(edge.layers(&edge::REFLECTION_PATHS, cfg.max_concurrent_requests.get()))
+            .layer(auth);
         let serve = transport
             .layer(layers)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(gateway)
+            .add_service(admin_api)
             .serve_with_incoming_shutdown(edge::incoming(listener, edge.clone()), signal);
         telemetry.set_listening(true);
         let grace = cfg.shutdown_grace;
@@ -201,6 +226,7 @@ impl App {
             }
         };
         loaders.iter().for_each(tokio::task::JoinHandle::abort);
+        maintenance.abort();
         readiness.abort();
         telemetry.set_listening(false);
         if let Some(mut admin) = admin {
@@ -267,6 +293,18 @@ impl App {
 }
 
 /// tonic's transport with the listener's limits, and TLS when configured.
+/// Who may call what on the gateway's port: the admin API needs the scopes
+/// `admin.proto` declares; GetToken and Validate are public (they take
+/// credentials or a token as their argument); WatchRevocations needs any valid
+/// token of a registered client; health and reflection are public.
+fn admin_policy() -> Result<AuthPolicy, StartError> {
+    let policy = AuthPolicy::from_descriptors(proto::GATEWAY_DESCRIPTOR_SET)
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    Ok(policy
+        .public("m2m.gateway.v1.Gateway")
+        .method("/m2m.gateway.v1.Gateway/WatchRevocations", Vec::<String>::new()))
+}
+
 fn transport(cfg: &crate::settings::ServerSettings) -> Result<Server, StartError> {
     let mut builder = Server::builder()
         .timeout(cfg.request_timeout)

@@ -16,6 +16,11 @@ impl Broker {
         &self.inner.revocations
     }
 
+    /// Whether `client_id` is in the registry.
+    pub fn is_registered(&self, client_id: &str) -> bool {
+        self.inner.registry.get(client_id).is_some()
+    }
+
     /// Drops what this replica and the fleet hold for `client_id`: its proven
     /// secrets (its next call goes to Cognito, which checks the secret again)
     /// and its cached tokens.

@@ -61,9 +61,37 @@ pub struct Config {
     /// Abuse limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The kill switch's list of revocations.
+    #[serde(default)]
+    pub revocations: RevocationsConfig,
     /// The registry of third-party clients.
     #[serde(default)]
     pub clients: Vec<ClientConfig>,
+}
+
+/// `[revocations]`: where the kill switch's list persists and how long an
+/// entry is kept.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RevocationsConfig {
+    /// Where the list persists (written atomically on every change, read at
+    /// start; a missing file is an empty list, an unreadable or corrupt one
+    /// stops the start). With Redis the list also lives in the fleet's store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_file: Option<std::path::PathBuf>,
+    /// The longest access-token lifetime of the pools' app clients, in
+    /// seconds: a client's entry is kept this long after its revocation (then
+    /// no token it covers can still be valid).
+    pub max_token_lifetime_secs: u64,
+}
+
+impl Default for RevocationsConfig {
+    fn default() -> Self {
+        Self {
+            state_file: None,
+            max_token_lifetime_secs: crate::revocations::DEFAULT_MAX_TOKEN_LIFETIME_SECS,
+        }
+    }
 }
 
 /// `[server]`.

@@ -47,6 +47,17 @@ pub struct Settings {
     pub fleet: Option<FleetSettings>,
     /// The registered clients, each in its pool.
     pub registry: Registry,
+    /// The kill switch.
+    pub revocations: RevocationSettings,
+}
+
+/// The kill switch's settings (`[revocations]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationSettings {
+    /// Where the list persists, if anywhere.
+    pub state_file: Option<std::path::PathBuf>,
+    /// How long a client's entry is kept after its revocation, in seconds.
+    pub max_token_lifetime_secs: u64,
 }
 
 /// Where the configuration came from, for errors that name the key.
@@ -75,6 +86,30 @@ impl At<'_> {
             format!("{v} is outside {}..={}", range.start(), range.end()),
         ))
     }
+}
+
+/// `[revocations]`: Cognito's access tokens live 5 minutes to 1 day.
+fn revocations(
+    cfg: &crate::config::RevocationsConfig,
+    at: &At<'_>,
+) -> Result<RevocationSettings, ConfigError> {
+    at.in_range(
+        "revocations.max_token_lifetime_secs",
+        cfg.max_token_lifetime_secs,
+        300..=crate::revocations::DEFAULT_MAX_TOKEN_LIFETIME_SECS,
+    )?;
+    if let Some(path) = &cfg.state_file {
+        if path.as_os_str().is_empty() || path.is_dir() {
+            return Err(at.invalid(
+                "revocations.state_file",
+                format!("{} is not a file path", path.display()),
+            ));
+        }
+    }
+    Ok(RevocationSettings {
+        state_file: cfg.state_file.clone(),
+        max_token_lifetime_secs: cfg.max_token_lifetime_secs,
+    })
 }
 
 impl Settings {
@@ -112,7 +147,9 @@ impl Settings {
         let broker = cache::broker(&config.cache, &config.limits, &at)?;
         let registry = clients::check(&config, &pools, &at)?;
         let fleet = cache::fleet(&config.cache, &config.limits, &pools, &at)?;
+        let revocations = revocations(&config.revocations, &at)?;
         Ok(Self {
+            revocations,
             pools,
             server,
             validator,
