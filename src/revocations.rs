@@ -247,6 +247,13 @@ impl RevocationList {
             .collect()
     }
 
+    /// Puts an entry in, replacing any for the same target (a stream's change:
+    /// the gateway's copy is the one in force).
+    pub fn upsert(&mut self, entry: Revocation) {
+        self.map_mut(entry.target).insert(entry.id.clone(), entry);
+        self.version += 1;
+    }
+
     /// Removes one entry (a stream's removal). `true` when it was there.
     pub fn remove(&mut self, target: Target, id: &str) -> bool {
         let gone = self.map_mut(target).remove(id).is_some();
@@ -381,6 +388,7 @@ fn tempfile_in(dir: &Path, path: &Path) -> std::io::Result<(PathBuf, std::fs::Fi
 }
 
 /// Now, in Unix milliseconds.
+#[cfg_attr(not(feature = "gateway"), allow(dead_code))]
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

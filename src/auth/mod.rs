@@ -7,6 +7,9 @@
 //! - [`interceptor`]: the same check as a synchronous tonic interceptor.
 //! - [`TokenSource`]: obtains, caches and refreshes tokens for callers, with a
 //!   client interceptor that adds `authorization: Bearer`.
+//! - [`RevocationWatcher`]: keeps the gateway's revocations (the kill switch)
+//!   in-process, so the layer refuses a revoked client's tokens within a
+//!   second, with no call to the gateway per request.
 //!
 //! Protect a tonic service in five lines:
 //!
@@ -31,14 +34,16 @@ mod layer;
 mod policy;
 mod remote;
 mod token_source;
+mod watch;
 
 use std::sync::Arc;
 
 pub use interceptor::{AuthInterceptor, interceptor};
 pub use layer::{Auth, AuthLayer, ResponseFuture};
 pub use policy::{AuthPolicy, DEFAULT_PUBLIC, PolicyError, Requirement};
-pub use remote::RemoteValidator;
+pub use remote::{DEFAULT_REVALIDATE_AFTER, RemoteValidator};
 pub use token_source::{BearerInterceptor, GatewayTokenEndpoint, TokenSource};
+pub use watch::{RevocationWatcher, WatchOptions, WatchState, WhenStale};
 
 use tonic::Status;
 

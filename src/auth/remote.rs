@@ -2,12 +2,15 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
+use tokio::time::Instant;
+
 use aws_lc_rs::digest;
 use tonic::transport::Channel;
 
 use crate::{
     jwt::{Claims, Clock, Invalid, Rejection, SystemClock, ValidatorSettings},
     proto::gateway::v1::{ValidateRequest, gateway_client::GatewayClient},
+    revocations::Revocations,
     status::rejection_from_proto,
 };
 
@@ -15,13 +18,24 @@ use crate::{
 /// cached by SHA-256 of the token, never beyond the token's `exp`; scopes and
 /// expiry are checked locally on every hit, with the same leeway as the local
 /// validator (5 s by default, [`RemoteValidator::with_leeway`]).
+///
+/// A cached answer never outlives a revocation: with a list kept by a
+/// [`RevocationWatcher`](super::RevocationWatcher)
+/// ([`RemoteValidator::with_revocations`]) every hit is checked against it;
+/// without one, an answer is reused for at most one second
+/// ([`DEFAULT_REVALIDATE_AFTER`]), then asked again.
 #[derive(Clone)]
 pub struct RemoteValidator {
     client: GatewayClient<Channel>,
-    cache: Arc<quick_cache::sync::Cache<[u8; 32], Arc<Claims>>>,
+    cache: Arc<quick_cache::sync::Cache<[u8; 32], (Arc<Claims>, Instant)>>,
     clock: Arc<dyn Clock>,
     leeway: i64,
+    revocations: Option<Revocations>,
+    revalidate_after: Duration,
 }
+
+/// How long a cached answer is reused without a revocation list.
+pub const DEFAULT_REVALIDATE_AFTER: Duration = Duration::from_secs(1);
 
 impl fmt::Debug for RemoteValidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -42,7 +56,17 @@ impl RemoteValidator {
             )),
             clock: Arc::new(SystemClock),
             leeway: ValidatorSettings::default().leeway.as_secs() as i64,
+            revocations: None,
+            revalidate_after: DEFAULT_REVALIDATE_AFTER,
         }
+    }
+
+    /// Checks every answer, cached or not, against `revocations` (kept current
+    /// by a [`RevocationWatcher`](super::RevocationWatcher)); cached answers
+    /// are then reused until the token expires.
+    pub fn with_revocations(mut self, revocations: Revocations) -> Self {
+        self.revocations = Some(revocations);
+        self
     }
 
     /// Allows `exp` this far in the past (clock skew), as the local validator's
@@ -62,18 +86,31 @@ impl RemoteValidator {
             .expect("SHA-256 is 32 bytes");
         let now = self.clock.now();
         let live = |c: &Arc<Claims>| c.expires_at().saturating_add(self.leeway) > now;
-        let claims = match self.cache.get(&key).filter(live) {
+        // Without a revocation list, an answer is asked again after a second:
+        // a revocation reaches this service within it.
+        let fresh = |at: &Instant| self.revocations.is_some() || at.elapsed() < self.revalidate_after;
+        let cached = self
+            .cache
+            .get(&key)
+            .filter(|(c, at)| live(c) && fresh(at))
+            .map(|(c, _)| c);
+        let claims = match cached {
             Some(claims) => claims,
             None => {
                 let claims = self.ask(token).await?;
                 if live(&claims) {
-                    self.cache.insert(key, claims.clone());
+                    self.cache.insert(key, (claims.clone(), Instant::now()));
                 } else {
                     self.cache.remove(&key);
                 }
                 claims
             }
         };
+        if let Some(verdict) = self.revocations.as_ref().and_then(|r| {
+            r.check(claims.client_id(), claims.issued_at(), claims.jti())
+        }) {
+            return Err(Invalid::new(Rejection::Revoked, verdict.detail()));
+        }
         claims.check_use(now, self.leeway, None, required_scopes)?;
         Ok(claims)
     }

@@ -235,6 +235,23 @@ impl super::Broker {
     /// The broker's series: the token cache, the upstream budget, each client,
     /// and the token endpoint calls.
     pub(crate) fn encode(&self, out: &mut Encoder) {
+        let list = self.revocations().snapshot();
+        out.family(
+            "revocations_in_force",
+            "gauge",
+            "Revocations in force (the kill switch), by what they cover; a revoked client stays listed one token lifetime after its revocation or restore.",
+        );
+        for (target, n) in [
+            ("client", list.entries().filter(|r| r.target == crate::revocations::Target::Client).count()),
+            ("token", list.entries().filter(|r| r.target == crate::revocations::Target::Token).count()),
+        ] {
+            let _ = writeln!(out, "m2m_gateway_revocations_in_force{{target=\"{target}\"}} {n}");
+        }
+        out.gauge(
+            "revoked_clients_blocked",
+            "Clients cut off from new tokens now.",
+            list.entries().filter(|r| r.blocked).count() as f64,
+        );
         let b = self.stats().snapshot();
         // Token cache.
         for (name, help, value) in [
