@@ -128,7 +128,11 @@ impl KillSwitch {
                 "in force on this replica, but not saved: {e}"
             )));
         }
-        if !self.broker.share_revocations(std::slice::from_ref(entry)).await {
+        if !self
+            .broker
+            .share_revocations(std::slice::from_ref(entry))
+            .await
+        {
             return Err(Status::unavailable(
                 "in force on this replica, but the fleet's Redis did not take it; this replica writes it back when Redis answers (retry to confirm)",
             ));
@@ -136,7 +140,12 @@ impl KillSwitch {
         Ok(())
     }
 
-    async fn revoke_client(&self, client_id: &str, reason: &str, by: &str) -> Result<Revocation, Status> {
+    async fn revoke_client(
+        &self,
+        client_id: &str,
+        reason: &str,
+        by: &str,
+    ) -> Result<Revocation, Status> {
         check_client_id(client_id)?;
         if self.broker_registry_lacks(client_id) {
             return Err(Status::not_found(format!(
@@ -156,7 +165,12 @@ impl KillSwitch {
         Ok(entry)
     }
 
-    async fn restore_client(&self, client_id: &str, reason: &str, by: &str) -> Result<Revocation, Status> {
+    async fn restore_client(
+        &self,
+        client_id: &str,
+        reason: &str,
+        by: &str,
+    ) -> Result<Revocation, Status> {
         check_client_id(client_id)?;
         let _guard = self.writing.lock().await;
         let Some(at_ms) = self
@@ -347,7 +361,11 @@ impl pb::admin_server::Admin for AdminService {
         let by = caller(&request)?;
         let req = request.into_inner();
         let result = match check_reason(&req.reason) {
-            Ok(()) => self.kill.revoke_client(&req.client_id, &req.reason, &by).await,
+            Ok(()) => {
+                self.kill
+                    .revoke_client(&req.client_id, &req.reason, &by)
+                    .await
+            }
             Err(e) => Err(e),
         };
         audit(&by, "revoke_client", &req.client_id, &req.reason, result).map(|r| {
@@ -364,7 +382,11 @@ impl pb::admin_server::Admin for AdminService {
         let by = caller(&request)?;
         let req = request.into_inner();
         let result = match check_reason(&req.reason) {
-            Ok(()) => self.kill.restore_client(&req.client_id, &req.reason, &by).await,
+            Ok(()) => {
+                self.kill
+                    .restore_client(&req.client_id, &req.reason, &by)
+                    .await
+            }
             Err(e) => Err(e),
         };
         audit(&by, "restore_client", &req.client_id, &req.reason, result).map(|r| {

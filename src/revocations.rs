@@ -217,11 +217,16 @@ impl RevocationList {
     /// Takes in copies of entries from elsewhere (the fleet's store, a
     /// gateway's stream): an entry not known here, or a later change of one, is
     /// kept. Returns the entries that changed here.
-    pub fn merge<'a>(&mut self, entries: impl IntoIterator<Item = &'a Revocation>) -> Vec<Revocation> {
+    pub fn merge<'a>(
+        &mut self,
+        entries: impl IntoIterator<Item = &'a Revocation>,
+    ) -> Vec<Revocation> {
         let mut changed = Vec::new();
         for theirs in entries {
             let map = self.map_mut(theirs.target);
-            let take = map.get(&theirs.id).is_none_or(|ours| theirs.newer_than(ours));
+            let take = map
+                .get(&theirs.id)
+                .is_none_or(|ours| theirs.newer_than(ours));
             if take {
                 map.insert(theirs.id.clone(), theirs.clone());
                 changed.push(theirs.clone());
@@ -533,17 +538,16 @@ impl Revocations {
         self.inner.active.load(Relaxed) && self.inner.list.borrow().is_blocked(client_id)
     }
 
-    /// Whether a token of `client_id` obtained at `issued_ms` (Unix ms) is
-    /// covered by the client's revocation.
+    /// Whether a token of `client_id` issued at `issued_ms` (Unix ms) with
+    /// `jti` (empty: none) is covered by a revocation of its client or itself.
     #[inline]
-    pub fn covers(&self, client_id: &str, issued_ms: u64) -> bool {
-        self.inner.active.load(Relaxed)
-            && self
-                .inner
-                .list
-                .borrow()
-                .client(client_id)
-                .is_some_and(|e| issued_ms <= e.at_ms)
+    pub fn covers(&self, client_id: &str, issued_ms: u64, jti: &str) -> bool {
+        if !self.inner.active.load(Relaxed) {
+            return false;
+        }
+        let list = self.inner.list.borrow();
+        list.client(client_id).is_some_and(|e| issued_ms <= e.at_ms)
+            || (!jti.is_empty() && list.token(jti).is_some())
     }
 
     /// Refuses every token (or stops refusing): a watcher whose list went stale
@@ -714,7 +718,8 @@ mod tests {
         assert_eq!(shared.check("c", 11, ""), None, "issued after");
         assert_eq!(shared.check("d", 11, "j"), Some(Verdict::TokenRevoked));
         assert!(shared.is_blocked("c") && !shared.is_blocked("d"));
-        assert!(shared.covers("c", 10_000) && !shared.covers("c", 10_001));
+        assert!(shared.covers("c", 10_000, "") && !shared.covers("c", 10_001, ""));
+        assert!(shared.covers("d", 0, "j") && !shared.covers("d", 0, "k"));
         shared.set_refuse_all(true);
         assert_eq!(shared.check("d", 11, ""), Some(Verdict::ListStale));
         shared.set_refuse_all(false);

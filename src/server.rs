@@ -123,8 +123,7 @@ impl App {
         broker
             .revocations()
             .publish(admin::load_state(&settings.revocations)?);
-        let validator =
-            build_validator(&settings)?.with_revocations(broker.revocations().clone());
+        let validator = build_validator(&settings)?.with_revocations(broker.revocations().clone());
         if settings.fleet.is_none() && settings.revocations.state_file.is_none() {
             tracing::warn!(
                 "revocations.state_file is unset and the cache is in memory: revocations made on this replica are forgotten when it restarts"
@@ -194,6 +193,7 @@ impl App {
         self.broker.start();
         let (health, readiness) = self.health(cfg.edge.max_message_bytes).await;
         let gateway = GatewayService::new(self.broker.clone(), self.validator.clone())
+            .draining(stopped.0.clone())
             .into_server(cfg.edge.max_message_bytes);
         let admin_api =
             AdminService::new(self.kill_switch.clone()).into_server(cfg.edge.max_message_bytes);
@@ -305,9 +305,10 @@ impl App {
 fn admin_policy() -> Result<AuthPolicy, StartError> {
     let policy = AuthPolicy::from_descriptors(proto::GATEWAY_DESCRIPTOR_SET)
         .map_err(|e| StartError::Reflection(e.to_string()))?;
-    Ok(policy
-        .public("m2m.gateway.v1.Gateway")
-        .method("/m2m.gateway.v1.Gateway/WatchRevocations", Vec::<String>::new()))
+    Ok(policy.public("m2m.gateway.v1.Gateway").method(
+        "/m2m.gateway.v1.Gateway/WatchRevocations",
+        Vec::<String>::new(),
+    ))
 }
 
 fn transport(cfg: &crate::settings::ServerSettings) -> Result<Server, StartError> {

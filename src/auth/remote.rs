@@ -88,7 +88,8 @@ impl RemoteValidator {
         let live = |c: &Arc<Claims>| c.expires_at().saturating_add(self.leeway) > now;
         // Without a revocation list, an answer is asked again after a second:
         // a revocation reaches this service within it.
-        let fresh = |at: &Instant| self.revocations.is_some() || at.elapsed() < self.revalidate_after;
+        let fresh =
+            |at: &Instant| self.revocations.is_some() || at.elapsed() < self.revalidate_after;
         let cached = self
             .cache
             .get(&key)
@@ -106,9 +107,11 @@ impl RemoteValidator {
                 claims
             }
         };
-        if let Some(verdict) = self.revocations.as_ref().and_then(|r| {
-            r.check(claims.client_id(), claims.issued_at(), claims.jti())
-        }) {
+        if let Some(verdict) = self
+            .revocations
+            .as_ref()
+            .and_then(|r| r.check(claims.client_id(), claims.issued_at(), claims.jti()))
+        {
             return Err(Invalid::new(Rejection::Revoked, verdict.detail()));
         }
         claims.check_use(now, self.leeway, None, required_scopes)?;

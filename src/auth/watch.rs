@@ -385,7 +385,8 @@ fn apply(
 /// once nothing was heard for `max_staleness`.
 async fn judge_staleness(shared: Arc<Shared>) {
     let max = shared.options.max_staleness;
-    let mut tick = tokio::time::interval((max / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
+    let mut tick =
+        tokio::time::interval((max / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
     loop {
         tick.tick().await;
         let last = *shared.last_heard.lock().unwrap_or_else(|p| p.into_inner());

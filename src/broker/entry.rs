@@ -23,6 +23,9 @@ pub(super) struct Entry {
     /// Cognito answered): a revoked client's tokens issued before the
     /// revocation are never handed out, even after a restore.
     pub(super) issued_ms: u64,
+    /// The token's `jti` (empty when it has none): a revoked token is never
+    /// handed out again.
+    pub(super) jti: Box<str>,
 }
 
 impl fmt::Debug for Entry {
@@ -73,6 +76,8 @@ pub(super) struct Unverified {
     pub(super) scopes: Option<Vec<String>>,
     /// The `iat` claim, in Unix milliseconds.
     pub(super) issued_ms: Option<u64>,
+    /// The `jti` claim.
+    pub(super) jti: Option<String>,
 }
 
 /// The `scope` and `iat` claims of a JWT access token.
@@ -97,5 +102,9 @@ pub(super) fn read_unverified(token: &str) -> Unverified {
             .get("iat")
             .and_then(serde_json::Value::as_u64)
             .map(|s| s.saturating_mul(1000)),
+        jti: claims
+            .get("jti")
+            .and_then(|j| j.as_str())
+            .map(str::to_owned),
     }
 }

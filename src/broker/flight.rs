@@ -225,10 +225,9 @@ impl Broker {
                     return result;
                 }
                 Lock::Busy => {
-                    if let Some(current) =
-                        current
-                            .as_ref()
-                            .filter(|c| self.usable(&key.0, c, Instant::now()))
+                    if let Some(current) = current
+                        .as_ref()
+                        .filter(|c| self.usable(&key.0, c, Instant::now()))
                     {
                         // Another replica is refreshing; the current token still lives.
                         return Ok(current.clone());

@@ -108,7 +108,10 @@ impl Broker {
                 .await;
         }
 
-        let mut cached = inner.cache.get(&key).filter(|e| self.usable(&key.0, e, now));
+        let mut cached = inner
+            .cache
+            .get(&key)
+            .filter(|e| self.usable(&key.0, e, now));
         // Another replica may hold the entry, or a fresher one.
         if inner.seams.shared && cached.as_ref().is_none_or(|e| now >= e.refresh_at) {
             // Boxed, like every path that leaves the process: a cache hit's
@@ -217,7 +220,10 @@ impl Broker {
     /// issued before a revocation of its client (even one since restored).
     pub(super) fn usable(&self, client_id: &str, entry: &Entry, now: Instant) -> bool {
         entry.usable(now, self.inner.settings.min_remaining)
-            && !self.inner.revocations.covers(client_id, entry.issued_ms)
+            && !self
+                .inner
+                .revocations
+                .covers(client_id, entry.issued_ms, &entry.jti)
     }
 
     /// One unproven attempt for `client` from `source`: within the limit of that

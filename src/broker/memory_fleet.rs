@@ -27,8 +27,8 @@ use super::{
     budget::{Grant, Priority, Schedule},
     proven::Verifier,
     shared::{
-        Budget, ClientRef, FleetEvent, Lock, LockToken, PeerWait, ProofEvent, ProofRecord, ProofStore,
-        SharedTokens,
+        Budget, ClientRef, FleetEvent, Lock, LockToken, PeerWait, ProofEvent, ProofRecord,
+        ProofStore, SharedTokens,
     },
 };
 
@@ -125,6 +125,7 @@ impl SharedTokens for MemoryStore {
                 refresh_at: entry.refresh_at,
                 expires_at: entry.expires_at,
                 issued_ms: entry.issued_ms,
+                jti: entry.jti.clone(),
             });
             self.state().entries.insert(key.clone(), copy);
             self.changed.notify_waiters();

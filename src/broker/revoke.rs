@@ -88,10 +88,7 @@ pub(super) async fn reconcile(inner: &Arc<Inner>) -> bool {
         }
     }
     if !taken.is_empty() {
-        tracing::info!(
-            entries = taken.len(),
-            "revocations taken in from the fleet"
-        );
+        tracing::info!(entries = taken.len(), "revocations taken in from the fleet");
     }
     if !write_back.is_empty() {
         tracing::warn!(

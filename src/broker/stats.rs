@@ -242,10 +242,23 @@ impl super::Broker {
             "Revocations in force (the kill switch), by what they cover; a revoked client stays listed one token lifetime after its revocation or restore.",
         );
         for (target, n) in [
-            ("client", list.entries().filter(|r| r.target == crate::revocations::Target::Client).count()),
-            ("token", list.entries().filter(|r| r.target == crate::revocations::Target::Token).count()),
+            (
+                "client",
+                list.entries()
+                    .filter(|r| r.target == crate::revocations::Target::Client)
+                    .count(),
+            ),
+            (
+                "token",
+                list.entries()
+                    .filter(|r| r.target == crate::revocations::Target::Token)
+                    .count(),
+            ),
         ] {
-            let _ = writeln!(out, "m2m_gateway_revocations_in_force{{target=\"{target}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "m2m_gateway_revocations_in_force{{target=\"{target}\"}} {n}"
+            );
         }
         out.gauge(
             "revoked_clients_blocked",

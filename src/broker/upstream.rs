@@ -138,7 +138,7 @@ impl Broker {
         let issued_ms = read
             .issued_ms
             .unwrap_or_else(|| crate::revocations::now_ms());
-        let granted = match read.scopes {
+        let granted = match read.scopes.clone() {
             Some(granted) => granted,
             None => scopes.iter().map(str::to_owned).collect(),
         };
@@ -161,6 +161,7 @@ impl Broker {
             refresh_at: started + lifetime.mul_f64(share.max(0.0)),
             expires_at: started + lifetime,
             issued_ms,
+            jti: read.jti.unwrap_or_default().into(),
         }))
     }
 

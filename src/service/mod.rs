@@ -30,6 +30,8 @@ pub struct GatewayService {
     validator: JwtValidator,
     /// This process's run of revocation-list versions (WatchRevocations).
     epoch: Arc<str>,
+    /// True once the gateway drains: WatchRevocations streams end.
+    draining: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl GatewayService {
@@ -40,7 +42,15 @@ impl GatewayService {
             broker,
             validator,
             epoch: Arc::from(watch::new_epoch()),
+            draining: None,
         }
+    }
+
+    /// Ends WatchRevocations streams once `draining` turns true (a gateway
+    /// shutting down must not wait for its watchers).
+    pub fn draining(mut self, draining: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.draining = Some(draining);
+        self
     }
 
     /// The generated server for it, refusing messages over `max_message_bytes`.
@@ -128,7 +138,9 @@ impl pb::gateway_server::Gateway for GatewayService {
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<UpdateStream>, Status> {
         let Some(revocations) = self.validator.revocations() else {
-            return Err(Status::unimplemented("this gateway keeps no revocation list"));
+            return Err(Status::unimplemented(
+                "this gateway keeps no revocation list",
+            ));
         };
         if crate::auth::claims(&request).is_none() {
             // Served without the gateway's AuthLayer: the token is checked here.
@@ -146,6 +158,7 @@ impl pb::gateway_server::Gateway for GatewayService {
             revocations,
             self.epoch.clone(),
             request.get_ref(),
+            self.draining.clone(),
         )))
     }
 }

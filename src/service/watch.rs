@@ -31,6 +31,7 @@ pub(crate) fn updates(
     revocations: &Revocations,
     epoch: Arc<str>,
     request: &pb::WatchRevocationsRequest,
+    draining: Option<watch::Receiver<bool>>,
 ) -> UpdateStream {
     let mut rx = revocations.subscribe();
     let first = rx.borrow_and_update().clone();
@@ -45,6 +46,7 @@ pub(crate) fn updates(
         last: Arc<RevocationList>,
         epoch: Arc<str>,
         beat: tokio::time::Interval,
+        draining: Option<watch::Receiver<bool>>,
     }
     let mut beat = tokio::time::interval(WATCH_HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -54,9 +56,21 @@ pub(crate) fn updates(
         last: first,
         epoch,
         beat,
+        draining,
     };
     let rest = futures_util::stream::unfold(state, |mut s| async move {
+        let drained = async {
+            match s.draining.as_mut() {
+                Some(rx) => {
+                    let _ = rx.wait_for(|d| *d).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            // The gateway is draining: the stream ends (the watcher resumes
+            // on another replica) instead of holding the drain up.
+            () = drained => None,
             changed = s.rx.changed() => {
                 // The gateway is stopping: the stream ends, the watcher resumes
                 // elsewhere.
@@ -137,7 +151,8 @@ mod tests {
             (true, ())
         });
         let epoch: Arc<str> = Arc::from("e1");
-        let mut stream = updates(&shared, epoch.clone(), &Default::default());
+        let (drain, draining) = watch::channel(false);
+        let mut stream = updates(&shared, epoch.clone(), &Default::default(), Some(draining));
         let first = stream.next().await.unwrap().unwrap();
         assert!(first.reset);
         assert_eq!(first.changed.len(), 1);
@@ -161,7 +176,7 @@ mod tests {
             resume_epoch: "e1".into(),
             resume_version: gone.version,
         };
-        let again = updates(&shared, epoch.clone(), &resume)
+        let again = updates(&shared, epoch.clone(), &resume, None)
             .next()
             .await
             .unwrap()
@@ -172,12 +187,15 @@ mod tests {
             resume_epoch: "other".into(),
             resume_version: gone.version,
         };
-        let snap = updates(&shared, epoch, &elsewhere)
+        let snap = updates(&shared, epoch, &elsewhere, None)
             .next()
             .await
             .unwrap()
             .unwrap();
         assert!(snap.reset);
         assert_eq!(snap.changed.len(), 1);
+        // A draining gateway ends the stream.
+        drain.send(true).unwrap();
+        assert!(stream.next().await.is_none());
     }
 }

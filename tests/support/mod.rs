@@ -29,7 +29,12 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(config, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// On a chosen address (a gateway that comes back where it was).
+    pub async fn start_at(config: Config, at: SocketAddr) -> Self {
+        let listener = TcpListener::bind(at).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = admin_listener.local_addr().unwrap();

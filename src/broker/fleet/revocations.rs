@@ -102,7 +102,10 @@ impl FleetCache {
     }
 
     /// Removes entries that no longer cover a valid token.
-    pub(crate) async fn remove_revocations(&self, entries: &[Revocation]) -> Result<(), FleetError> {
+    pub(crate) async fn remove_revocations(
+        &self,
+        entries: &[Revocation],
+    ) -> Result<(), FleetError> {
         if entries.is_empty() {
             return Ok(());
         }

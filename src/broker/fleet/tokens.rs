@@ -113,12 +113,16 @@ fn shared_from_entry(entry: &Entry) -> SharedEntry {
 fn entry_from_shared(shared: SharedEntry) -> std::sync::Arc<Entry> {
     let expires_at = ms_to_instant(shared.expires_at_ms);
     std::sync::Arc::new(Entry {
-        token: AccessToken::new(shared.token),
         scopes: shared.scopes.into(),
         lifetime: expires_at.saturating_duration_since(Instant::now()),
         refresh_at: ms_to_instant(shared.refresh_at_ms),
         expires_at,
         issued_ms: shared.issued_ms,
+        jti: super::super::entry::read_unverified(&shared.token)
+            .jti
+            .unwrap_or_default()
+            .into(),
+        token: AccessToken::new(shared.token),
     })
 }
 
