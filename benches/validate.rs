@@ -9,6 +9,7 @@ use m2m_gateway::{
     emulator::SigningKey,
     jwt::{JwtValidator, KeySet, StaticJwks, ValidatorSettings, VerifyingKey},
     proto::gateway::v1 as pb,
+    revocations::{RevocationList, Revocations},
 };
 use serde_json::json;
 
@@ -62,8 +63,21 @@ fn bench(c: &mut Criterion) {
         keys,
         ValidatorSettings::default(),
     );
+    // The kill switch: the same cache hit with a shared revocation list, empty
+    // (the common case: one atomic load) and holding 1,000 other clients and
+    // 1,000 other tokens (a map lookup of each).
+    let revocations = Revocations::default();
+    let watched_empty = cached.clone().with_revocations(revocations);
+    let mut many = RevocationList::new();
+    for i in 0..1000 {
+        many.revoke_client(&format!("other-client-{i}"), 1, 86_400, "bench", "bench");
+        many.revoke_token(&format!("other-jti-{i}"), 1, u64::MAX, "bench", "bench");
+    }
+    let watched_many = cached.clone().with_revocations(Revocations::new(many));
     let required = vec!["orders/read".to_string()];
     assert!(validator.validate_loaded(&token, &required).is_ok());
+    assert!(watched_empty.validate_loaded(&token, &required).is_ok());
+    assert!(watched_many.validate_loaded(&token, &required).is_ok());
     assert!(cached.validate_loaded(&token, &required).is_ok());
 
     let mut g = c.benchmark_group("validate");
@@ -72,6 +86,12 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("seen_before", |b| {
         b.iter(|| cached.validate_loaded(black_box(&token), black_box(&required)))
+    });
+    g.bench_function("seen_before_revocations_empty", |b| {
+        b.iter(|| watched_empty.validate_loaded(black_box(&token), black_box(&required)))
+    });
+    g.bench_function("seen_before_revocations_2000", |b| {
+        b.iter(|| watched_many.validate_loaded(black_box(&token), black_box(&required)))
     });
 
     let (input, sig) = token.rsplit_once('.').unwrap();

@@ -222,6 +222,11 @@ async fn check_redis(path: &std::path::Path) -> anyhow::Result<()> {
 
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let settings = Settings::load(&path)?;
+    if settings.fleet.is_none() && settings.revocations.state_file.is_none() {
+        tracing::warn!(
+            "revocations.state_file is unset and the cache is in memory: revocations made on this replica are forgotten when it restarts"
+        );
+    }
     let listen = settings.server.listen;
     let gateway = App::from_settings(settings)?;
     let listener = tokio::net::TcpListener::bind(listen)

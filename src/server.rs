@@ -124,11 +124,6 @@ impl App {
             .revocations()
             .publish(admin::load_state(&settings.revocations)?);
         let validator = build_validator(&settings)?.with_revocations(broker.revocations().clone());
-        if settings.fleet.is_none() && settings.revocations.state_file.is_none() {
-            tracing::warn!(
-                "revocations.state_file is unset and the cache is in memory: revocations made on this replica are forgotten when it restarts"
-            );
-        }
         let kill_switch = Arc::new(KillSwitch::new(
             broker.clone(),
             validator.clone(),
