@@ -61,7 +61,9 @@ async fn channel(addr: SocketAddr) -> Channel {
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let redis = args.next().expect("usage: kill_switch_latency REDIS_URL [TRIALS]");
+    let redis = args
+        .next()
+        .expect("usage: kill_switch_latency REDIS_URL [TRIALS]");
     let trials: usize = args.next().map_or(50, |n| n.parse().expect("TRIALS"));
     assert!(
         redis.contains("127.0.0.1") || redis.contains("localhost"),
@@ -94,6 +96,7 @@ async fn main() {
         app.validator.wait_loaded().await;
         replicas.push((app, channel(addr).await));
     }
+    eprintln!("replicas up");
     // Two services, each watching its own replica.
     let mut services: Vec<(RevocationWatcher, JwtValidator)> = Vec::new();
     for (_, ch) in &replicas[1..] {
@@ -116,12 +119,14 @@ async fn main() {
         validator.wait_loaded().await;
         services.push((watcher, validator));
     }
+    eprintln!("services watching");
     // Every replica subscribed to the fleet's announcements.
     for (app, _) in &replicas {
         while !app.broker.fleet().is_some_and(|f| f.is_shared()) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    eprintln!("fleet shared");
     let first = &replicas[0].1;
     let admin_token = token(first, "ops-admin", "ops-admin-secret").await;
     let mut admin = AdminClient::new(first.clone());
@@ -153,7 +158,10 @@ async fn main() {
             if refused == 5 {
                 break;
             }
-            assert!(started.elapsed() < Duration::from_secs(10), "trial {trial}: never refused everywhere");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "trial {trial}: never refused everywhere"
+            );
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         micros.push(started.elapsed().as_micros() as u64);
@@ -169,7 +177,8 @@ async fn main() {
             .unwrap();
     }
     micros.sort_unstable();
-    let pct = |p: f64| micros[((micros.len() as f64 * p).ceil() as usize).clamp(1, micros.len()) - 1];
+    let pct =
+        |p: f64| micros[((micros.len() as f64 * p).ceil() as usize).clamp(1, micros.len()) - 1];
     println!(
         "{trials} trials, RevokeClient OK -> refused by 3 replicas and 2 watching services: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         pct(0.50) as f64 / 1000.0,

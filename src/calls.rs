@@ -265,9 +265,17 @@ pub const GET_TOKEN: Method = Method::unary("/m2m.gateway.v1.Gateway/GetToken");
 pub const VALIDATE: Method = Method::unary("/m2m.gateway.v1.Gateway/Validate");
 
 /// Every method the gateway serves.
-pub const GATEWAY_METHODS: [Method; 6] = [
+pub const GATEWAY_METHODS: [Method; 11] = [
     GET_TOKEN,
     VALIDATE,
+    Method {
+        path: "/m2m.gateway.v1.Gateway/WatchRevocations",
+        kind: "server_stream",
+    },
+    Method::unary("/m2m.gateway.admin.v1.Admin/RevokeClient"),
+    Method::unary("/m2m.gateway.admin.v1.Admin/RestoreClient"),
+    Method::unary("/m2m.gateway.admin.v1.Admin/RevokeToken"),
+    Method::unary("/m2m.gateway.admin.v1.Admin/ListRevocations"),
     Method::unary("/grpc.health.v1.Health/Check"),
     Method {
         path: "/grpc.health.v1.Health/Watch",

@@ -250,16 +250,17 @@ async fn a_corrupt_state_file_stops_the_start_instead_of_an_empty_list() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_admin_call_writes_one_audit_line_without_the_token() {
+    // The one global subscriber of this test binary: other tests' admin calls
+    // are logged too, and told apart by this test's reasons.
     let capture = LogCapture::default();
     let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
+    tracing_subscriber::fmt()
         .with_env_filter("m2m_gateway::audit=info")
         .with_writer(move || writer.clone())
         .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+        .init();
     let emu = world().await;
     let gw = TestGateway::start(config(&emu, &registered()))
         .await
@@ -270,25 +271,31 @@ async fn every_admin_call_writes_one_audit_line_without_the_token() {
     let admin_token = token(&mut client, ADMIN, ADMIN_SECRET).await.unwrap();
     let victim = token(&mut client, CLIENT, SECRET).await.unwrap();
     admin
-        .revoke_client(bearer(revoke(CLIENT, "leak"), &admin_token))
+        .revoke_client(bearer(revoke(CLIENT, "audit-test leak"), &admin_token))
         .await
         .unwrap();
     let _ = admin
-        .restore_client(bearer(restore("nobody-here", "typo"), &admin_token))
+        .restore_client(bearer(
+            restore("nobody-here", "audit-test typo"),
+            &admin_token,
+        ))
         .await
         .unwrap_err();
     admin
         .revoke_token(bearer(
             RevokeTokenRequest {
                 which: Some(Which::Jti("jti-123".into())),
-                reason: "ticket".into(),
+                reason: "audit-test ticket".into(),
             },
             &admin_token,
         ))
         .await
         .unwrap();
     let text = capture.text();
-    let lines: Vec<_> = text.lines().filter(|l| l.contains("admin call")).collect();
+    let lines: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains("admin call") && l.contains("audit-test"))
+        .collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(
         lines[0].contains("caller=\"ops-admin\"") && lines[0].contains("action=\"revoke_client\"")

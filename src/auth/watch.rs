@@ -373,12 +373,14 @@ fn apply(
         }
         changed
     };
-    if changed || shared.updates.load(Relaxed) == 0 {
-        shared.revocations.publish(list.clone());
-    }
     resume.resume_epoch = update.epoch;
     resume.resume_version = update.version;
+    // Current first: whoever sees the new list sees the watcher current.
+    let first = shared.updates.load(Relaxed) == 0;
     shared.heard();
+    if changed || first {
+        shared.revocations.publish(list.clone());
+    }
 }
 
 /// Marks the list stale (and refuses everything, if the service chose so)
