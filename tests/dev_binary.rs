@@ -116,3 +116,68 @@ async fn dev_binary_serves_and_stops_cleanly() {
         stderr.lock().unwrap()
     );
 }
+
+/// The kill switch as `dev`'s banner shows it, run as printed (bash, grpcurl, jq):
+/// a token taken before the revocation is refused by Validate, the list shows
+/// the revocation, and the restore answers.
+#[tokio::test]
+async fn the_banners_kill_switch_lines_work_as_printed() {
+    let have = |bin: &str| {
+        Command::new(bin).arg("--version").output().is_ok()
+            || Command::new(bin).arg("-version").output().is_ok()
+    };
+    if !support::require_tool(
+        have("grpcurl") && have("jq"),
+        "grpcurl and jq",
+        "pip install -r tests/interop/requirements.txt; apt-get install jq",
+    ) {
+        return;
+    }
+    let dev = DevProcess::start(&[]).await;
+    let lines: Vec<&str> = dev.banner.lines().collect();
+    let token_line = lines
+        .iter()
+        .find(|l| l.starts_with("TOKEN=$("))
+        .expect("the banner takes a token");
+    let validate_line = lines
+        .iter()
+        .find(|l| l.contains("Gateway/Validate"))
+        .expect("the banner validates it");
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("# the kill switch"))
+        .expect("the banner shows the kill switch");
+    let kill: Vec<&str> = lines[start + 1..]
+        .iter()
+        .take_while(|l| !l.trim().is_empty())
+        .copied()
+        .collect();
+    assert_eq!(
+        kill.len(),
+        4,
+        "admin token, revoke, list, restore: {kill:?}"
+    );
+    let script = format!(
+        "set -euo pipefail\n{token_line}\n{admin}\n{revoke}\necho '== validate'\n{validate_line}\n{list}\n{restore}\n",
+        admin = kill[0],
+        revoke = kill[1],
+        list = kill[2],
+        restore = kill[3],
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("bash").arg("-c").arg(script).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (before, after) = stdout.split_once("== validate").unwrap();
+    assert!(before.contains("\"blocked\": true"), "{stdout}");
+    assert!(after.contains("REJECTION_REVOKED"), "{stdout}");
+    assert!(after.contains("\"by\": \"dev-admin\""), "{stdout}");
+    assert!(after.contains("secret rotated"), "{stdout}");
+}
