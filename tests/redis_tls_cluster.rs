@@ -396,3 +396,86 @@ async fn dev_mode_runs_on_a_tls_redis() {
     let keys = cli(&pki, node.port, &["--no-raw", "KEYS", "m2m:*"]);
     assert!(keys.contains("m2m:tok:{"), "nothing in Redis: {keys}");
 }
+
+/// The kill switch on a TLS cluster: a revocation made on one replica is
+/// stored in the cluster (one slot) and announced through it; the other
+/// replica refuses the client's earlier token and its GetToken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_every_replica_through_a_tls_cluster() {
+    use m2m_gateway::proto::gateway::{
+        admin::v1::{RevokeClientRequest, admin_client::AdminClient},
+        v1::{Rejection, ValidateRequest},
+    };
+    if !redis_present() {
+        return;
+    }
+    let pki = pki();
+    let cluster = RedisCluster::start(&pki);
+    let admin = EmulatorClient::new("ops-admin", "ops-admin-secret", &["m2m-gateway/admin"]);
+    let emu = emulator(vec![admin.clone()]).await;
+    let url = format!("rediss://127.0.0.1:{}", cluster.nodes[0].port);
+    let mut cfg = fleet_config(&emu, url, &pki.ca);
+    cfg.clients = config(&emu, &[client_a(), admin]).clients;
+    let (replicas, mut clients) = start_replicas(&cfg, 2).await;
+    eventually("every replica shares the fleet", 10, || {
+        all_shared(&replicas)
+    })
+    .await;
+    let token = |id: &'static str, secret: &'static str| request(id, secret, &[]);
+    let old = clients[0]
+        .get_token(token(CLIENT, SECRET))
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    let admin_token = clients[0]
+        .get_token(token("ops-admin", "ops-admin-secret"))
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    let mut revoke = tonic::Request::new(RevokeClientRequest {
+        client_id: CLIENT.into(),
+        reason: "leak".into(),
+    });
+    revoke.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {admin_token}").parse().unwrap(),
+    );
+    AdminClient::new(replicas[0].channel().await)
+        .revoke_client(revoke)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = clients[1]
+            .validate(ValidateRequest {
+                token: old.clone(),
+                required_scopes: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if answer.rejection == Rejection::Revoked as i32 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica 2 never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = clients[1]
+        .get_token(token(CLIENT, SECRET))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let keys: Vec<String> = cluster.keys_per_node(&pki).into_iter().flatten().collect();
+    assert!(
+        keys.iter().any(|k| k.ends_with("\"m2m:{revocations}\"")),
+        "{keys:?}"
+    );
+    for r in replicas {
+        r.stop().await;
+    }
+}
