@@ -27,12 +27,15 @@ use crate::{
 #[derive(Clone)]
 pub struct RemoteValidator {
     client: GatewayClient<Channel>,
-    cache: Arc<quick_cache::sync::Cache<[u8; 32], (Arc<Claims>, Instant)>>,
+    cache: Arc<Answers>,
     clock: Arc<dyn Clock>,
     leeway: i64,
     revocations: Option<Revocations>,
     revalidate_after: Duration,
 }
+
+/// Valid answers by SHA-256 of the token, with when they were asked.
+type Answers = quick_cache::sync::Cache<[u8; 32], (Arc<Claims>, Instant)>;
 
 /// How long a cached answer is reused without a revocation list.
 pub const DEFAULT_REVALIDATE_AFTER: Duration = Duration::from_secs(1);

@@ -135,9 +135,7 @@ impl Broker {
             }
         };
         let read = read_unverified(response.access_token.expose());
-        let issued_ms = read
-            .issued_ms
-            .unwrap_or_else(|| crate::revocations::now_ms());
+        let issued_ms = read.issued_ms.unwrap_or_else(crate::revocations::now_ms);
         let granted = match read.scopes.clone() {
             Some(granted) => granted,
             None => scopes.iter().map(str::to_owned).collect(),
