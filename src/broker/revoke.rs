@@ -40,7 +40,7 @@ impl Broker {
     }
 
     /// Takes in the fleet's revocations, writes back what it lacks and drops
-    /// what expired (see [`reconcile`]). `false` when the store did not answer.
+    /// what expired. `false` when the store did not answer.
     pub async fn reconcile_revocations(&self) -> bool {
         reconcile(&self.inner).await
     }
