@@ -58,6 +58,31 @@ impl SigningKey {
         }
     }
 
+    /// Generates a fresh RSA-2048 key whose `kid` is its RFC 7638 JWK
+    /// thumbprint: a new key never takes an old key's name, so a validator
+    /// that knew a previous key (of a restarted emulator, say) refetches the key
+    /// set instead of calling the new signature bad.
+    pub fn generate_thumbprinted() -> Self {
+        let mut key = Self::generate(String::new());
+        key.kid = key.thumbprint();
+        key
+    }
+
+    /// The RFC 7638 thumbprint: SHA-256 of the required members in
+    /// lexicographic order, without whitespace, base64url.
+    pub fn thumbprint(&self) -> String {
+        let public = self.pair.public_key();
+        let canonical = format!(
+            r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
+            URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero()),
+            URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero()),
+        );
+        URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            canonical.as_bytes(),
+        ))
+    }
+
     /// The key id.
     pub fn kid(&self) -> &str {
         &self.kid

@@ -149,7 +149,6 @@ struct EmuState {
     expires_in: AtomicU64,
     token_requests: AtomicU64,
     tokens_issued: AtomicU64,
-    key_counter: AtomicU64,
 }
 
 /// A running emulator. Stops when [`Emulator::shutdown`] is called or it is dropped.
@@ -210,7 +209,7 @@ impl Emulator {
             issuer: format!("{base}/{}", config.pool_id),
             pool_id: config.pool_id,
             base,
-            keys: RwLock::new(vec![Arc::new(SigningKey::generate("emulator-key-1"))]),
+            keys: RwLock::new(vec![Arc::new(SigningKey::generate_thumbprinted())]),
             clients: RwLock::new(
                 config
                     .clients
@@ -221,7 +220,6 @@ impl Emulator {
             expires_in: AtomicU64::new(config.expires_in),
             token_requests: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),
-            key_counter: AtomicU64::new(1),
         });
         let app = Router::new()
             .route("/oauth2/token", post(token))
@@ -319,8 +317,7 @@ impl Emulator {
     /// Publishes a new key and signs with it from now on; older keys stay
     /// published (as Cognito keeps them). Returns the new `kid`.
     pub fn rotate_key(&self) -> String {
-        let n = self.state.key_counter.fetch_add(1, Ordering::SeqCst) + 1;
-        let key = Arc::new(SigningKey::generate(format!("emulator-key-{n}")));
+        let key = Arc::new(SigningKey::generate_thumbprinted());
         let kid = key.kid().to_owned();
         self.state
             .keys
