@@ -165,3 +165,54 @@ async fn jwks_and_discovery() {
     assert_eq!(kids.len(), 2);
     assert!(kids.contains(&kid.as_str()));
 }
+
+/// Each key is named by its RFC 7638 thumbprint: a restarted emulator (a new
+/// key) is picked up by a running validator through the unknown-kid refetch,
+/// instead of its tokens failing as bad signatures under the old key's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_emulator_is_picked_up_by_a_running_validator() {
+    use m2m_gateway::{
+        emulator::{Emulator, EmulatorConfig},
+        jwt::CognitoValidator,
+    };
+    let first = emulator(vec![]).await;
+    let addr = first.addr();
+    let jwks: Value = reqwest::get(first.jwks_uri()).await.unwrap().json().await.unwrap();
+    let key = &jwks["keys"][0];
+    // The kid is the thumbprint of (e, kty, n), recomputed here by hand.
+    let canonical = format!(
+        r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
+        key["e"].as_str().unwrap(),
+        key["n"].as_str().unwrap()
+    );
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
+    assert_eq!(key["kid"], URL_SAFE_NO_PAD.encode(digest));
+    let validator = CognitoValidator::builder()
+        .issuer(first.issuer())
+        .clients([CLIENT])
+        .build()
+        .unwrap();
+    let scopes = ["orders/read".to_owned()];
+    let before = first.issue(CLIENT, &scopes);
+    validator.validate(&before, &[]).await.unwrap();
+    let pool_id = first.pool_id().to_owned();
+    first.shutdown().await;
+
+    let second = Emulator::start(
+        addr,
+        EmulatorConfig {
+            pool_id,
+            clients: vec![client_a()],
+            ..EmulatorConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let after = second.issue(CLIENT, &scopes);
+    let claims = validator.validate(&after, &[]).await.unwrap();
+    assert_eq!(claims.client_id(), CLIENT);
+    // A rotation inside one run gets a new name too.
+    let rotated = second.rotate_key();
+    assert_ne!(rotated, key["kid"].as_str().unwrap());
+    second.shutdown().await;
+}
