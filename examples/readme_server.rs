@@ -28,8 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("policy from the .proto: {:?}", policy.requirement("/m2m.demo.v1.Echo/Echo"));
 
     let validator = CognitoValidator::builder()
-        .region("us-east-1")
-        .user_pool_id("us-east-1_AbCdEf123")
+        .user_pool_id("us-east-1_AbCdEf123")   // its Region comes from the id
         .clients(["1example23456789"])        // the app clients you accept (or .any_client())
         .build()?;                            // loads and refreshes its own keys
     Server::builder()

@@ -177,7 +177,12 @@ async fn a_restarted_emulator_is_picked_up_by_a_running_validator() {
     };
     let first = emulator(vec![]).await;
     let addr = first.addr();
-    let jwks: Value = reqwest::get(first.jwks_uri()).await.unwrap().json().await.unwrap();
+    let jwks: Value = reqwest::get(first.jwks_uri())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let key = &jwks["keys"][0];
     // The kid is the thumbprint of (e, kty, n), recomputed here by hand.
     let canonical = format!(

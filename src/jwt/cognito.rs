@@ -9,7 +9,7 @@ use url::Url;
 use super::{HttpFetcher, JwksError, JwtValidator, KeySet, TrustedIssuer, ValidatorSettings};
 use crate::http::{EndpointError, check_transport};
 
-use crate::rules::cognito::{DEFAULT_POOL, PoolError, PoolSpec};
+use crate::rules::cognito::{DEFAULT_POOL, PoolError, PoolSpec, region_of_pool_id};
 pub use crate::rules::cognito::{IssuerType, jwks_uri_of};
 
 /// How long a call waits for the first key set.
@@ -31,8 +31,7 @@ pub const DEFAULT_JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// // One pool.
 /// let validator = CognitoValidator::builder()
-///     .region("us-east-1")
-///     .user_pool_id("us-east-1_AbCdEf123")
+///     .user_pool_id("us-east-1_AbCdEf123")   // its Region comes from the id
 ///     .clients(["1example23456789"])   // or .any_client()
 ///     .build()?;
 ///
@@ -175,8 +174,17 @@ impl CognitoPool {
     /// Every issuer this pool's tokens may carry, with its JWKS URI: the pool's
     /// issuer first, then the accepted previous ones.
     pub fn issuers(&self) -> Result<Vec<(String, Url)>, BuildError> {
+        if self.issuer.is_none() && self.user_pool_id.is_none() {
+            return Err(PoolError::MissingUserPoolId.into());
+        }
+        // The pool id names its Region (`us-east-1_AbCdEf123`): `region` is
+        // needed only to check it.
+        let region = self
+            .region
+            .as_deref()
+            .or_else(|| self.user_pool_id.as_deref().and_then(region_of_pool_id));
         let derived = PoolSpec {
-            region: self.region.as_deref(),
+            region,
             user_pool_id: self.user_pool_id.as_deref(),
             issuer_type: self.issuer_type,
             issuer: self.issuer.as_deref(),
@@ -278,13 +286,15 @@ pub enum BuildError {
 }
 
 impl CognitoValidatorBuilder {
-    /// The pool's AWS Region, e.g. `us-east-1`.
+    /// The pool's AWS Region, e.g. `us-east-1`. Optional: the user pool id
+    /// names it; when given, it must be the pool's.
     pub fn region(mut self, region: impl Into<String>) -> Self {
         self.first.region = Some(region.into());
         self
     }
 
-    /// The user pool id, e.g. `us-east-1_AbCdEf123`.
+    /// The user pool id, e.g. `us-east-1_AbCdEf123` (its Region, `us-east-1`,
+    /// is taken from it).
     pub fn user_pool_id(mut self, id: impl Into<String>) -> Self {
         self.first.user_pool_id = Some(id.into());
         self
@@ -378,7 +388,7 @@ impl CognitoValidatorBuilder {
         // The loaders need one (`spawn_loaders` would panic without it).
         tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
         if self.pools().next().is_none() {
-            return Err(PoolError::MissingRegion.into());
+            return Err(PoolError::MissingUserPoolId.into());
         }
         let fetch = JwksFetch {
             connect_timeout: self.connect_timeout,

@@ -941,3 +941,35 @@ mod several_issuers {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn the_builder_takes_the_region_from_the_user_pool_id() {
+    use super::CognitoValidator;
+    let (issuer, jwks) = CognitoValidator::builder()
+        .user_pool_id("eu-west-1_AbCdEf123")
+        .any_client()
+        .endpoints()
+        .unwrap();
+    assert_eq!(
+        issuer,
+        "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123"
+    );
+    assert_eq!(
+        jwks.as_str(),
+        "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123/.well-known/jwks.json"
+    );
+    // A Region given must be the pool's.
+    let err = CognitoValidator::builder()
+        .region("us-east-1")
+        .user_pool_id("eu-west-1_AbCdEf123")
+        .any_client()
+        .endpoints()
+        .unwrap_err();
+    assert!(err.to_string().contains("not the Region"), "{err}");
+    // Nothing to derive from: the pool id is what is missing.
+    let err = CognitoValidator::builder()
+        .any_client()
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("user_pool_id is not set"), "{err}");
+}
