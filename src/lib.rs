@@ -50,6 +50,7 @@ pub mod ops;
 #[cfg(feature = "gateway")]
 pub mod prometheus;
 pub mod proto;
+pub mod refusal_log;
 #[cfg(feature = "gateway")]
 pub mod registry;
 pub mod revocations;

@@ -82,9 +82,11 @@ pub(crate) fn refusal(invalid: &Invalid, required_scopes: &[String]) -> Status {
         Rejection::KeysUnavailable => {
             Status::unavailable("token verification keys are not available")
         }
+        // The reason and the validator's detail (which never echoes the
+        // token, and names what was expected where that is safe to say).
         r => challenge(
             Code::Unauthenticated,
-            &format!("invalid token ({r})"),
+            &format!("invalid token ({r}): {}", invalid.detail),
             "Bearer error=\"invalid_token\"",
         ),
     }
@@ -161,7 +163,7 @@ mod tests {
         );
         let s = refusal(&Invalid::new(Rejection::Expired, "old"), &[]);
         assert_eq!(s.code(), Code::Unauthenticated);
-        assert_eq!(s.message(), "invalid token (expired)");
+        assert_eq!(s.message(), "invalid token (expired): old");
         let s = refusal(&Invalid::new(Rejection::KeysUnavailable, "x"), &[]);
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(

@@ -33,13 +33,32 @@ impl Verifier {
 struct Shared {
     verifier: Verifier,
     policy: AuthPolicy,
+    /// Refusals are logged at info, a few per kind and interval.
+    refusals: crate::refusal_log::RefusalLog,
+}
+
+impl Shared {
+    /// One info line for a refused call, unless its kind has had its share.
+    fn log_refusal(&self, path: &str, reason: &'static str, detail: &str) {
+        if let Some(suppressed) = self
+            .refusals
+            .admit(("AuthLayer", 0, Some(reason)), std::time::Instant::now())
+        {
+            tracing::info!(path, reason, detail, suppressed, "call refused");
+        }
+    }
 }
 
 /// A tower layer that checks `authorization: Bearer` tokens on every call.
 ///
-/// Missing or invalid token → `UNAUTHENTICATED`; valid but lacking a scope →
-/// `PERMISSION_DENIED`; keys not loadable → `UNAVAILABLE`; each with an RFC 6750
-/// style `www-authenticate` response header. The verified [`Claims`] go into the
+/// Missing or invalid token → `UNAUTHENTICATED` with an RFC 6750
+/// `www-authenticate` header (`Bearer`, `Bearer error="invalid_request"` or
+/// `Bearer error="invalid_token"`); valid but lacking a scope →
+/// `PERMISSION_DENIED` with `Bearer error="insufficient_scope", scope="..."`;
+/// keys not loadable → `UNAVAILABLE` without a challenge (RFC 6750 has no error
+/// for it: the caller's token may be fine). The message names the reason and
+/// what was expected where that is safe (never the token). Refusals are logged
+/// at info, a few per reason and 10 s. The verified [`Claims`] go into the
 /// request extensions (read them with [`super::claims`]). Tokens are never logged.
 ///
 /// ```no_run
@@ -87,7 +106,11 @@ impl AuthLayer {
 
     fn with(verifier: Verifier, policy: AuthPolicy) -> Self {
         Self {
-            shared: Arc::new(Shared { verifier, policy }),
+            shared: Arc::new(Shared {
+                verifier,
+                policy,
+                refusals: Default::default(),
+            }),
         }
     }
 }
@@ -191,7 +214,10 @@ where
                 };
                 let token = match bearer_token(header) {
                     Ok(token) => token,
-                    Err(status) => return Ok(status.into_http()),
+                    Err(status) => {
+                        shared.log_refusal(req.uri().path(), "no_bearer_token", status.message());
+                        return Ok(status.into_http());
+                    }
                 };
                 match shared.verifier.verify(token, scopes).await {
                     Ok(claims) => {
@@ -199,7 +225,11 @@ where
                         inner.call(req).await
                     }
                     Err(invalid) => {
-                        tracing::debug!(rejection = %invalid.rejection, path = req.uri().path(), "call refused");
+                        shared.log_refusal(
+                            req.uri().path(),
+                            invalid.rejection.as_str(),
+                            &invalid.detail,
+                        );
                         Ok(refusal(&invalid, scopes).into_http())
                     }
                 }

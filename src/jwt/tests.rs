@@ -313,6 +313,24 @@ async fn issuer_token_use_and_client_rules() {
     for (c, want) in cases {
         assert_eq!(rejection(&f, &key().sign(&c)).await, want, "{c}");
     }
+    // A wrong issuer says which was seen (cut short) and which are trusted.
+    let long = format!("https://evil.example/{}", "x".repeat(200));
+    let err = f
+        .validator
+        .validate(&key().sign(&with(claims(), "iss", json!(long))), &[])
+        .await
+        .unwrap_err();
+    assert!(
+        err.detail.contains("https://evil.example/xxx"),
+        "{}",
+        err.detail
+    );
+    assert!(!err.detail.contains(&long), "the seen issuer is cut short");
+    assert!(
+        err.detail.contains(&format!("trusted: {ISS}")),
+        "{}",
+        err.detail
+    );
 }
 
 #[tokio::test]
@@ -972,4 +990,30 @@ async fn the_builder_takes_the_region_from_the_user_pool_id() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("user_pool_id is not set"), "{err}");
+}
+
+/// The first call waits `first_load_wait` for a key set that never comes; the
+/// calls after it answer KEYS_UNAVAILABLE at once instead of each waiting again
+/// (virtual time: the waits are measured, not slept).
+#[tokio::test(start_paused = true)]
+async fn after_one_wait_in_vain_calls_fail_fast_until_the_keys_load() {
+    let fetcher = ScriptedFetcher::new(Err(JwksError::Fetch("connection refused".into())));
+    let keys = Arc::new(KeySet::new(ISS, fetcher, Duration::from_secs(10)));
+    let wait = Duration::from_secs(5);
+    let v = JwtValidator::checked(
+        [super::TrustedIssuer::new(keys, ["client-a".to_string()])],
+        ValidatorSettings::default(),
+        wait,
+    )
+    .unwrap()
+    .with_clock(Arc::new(ManualClock::new(NOW)));
+    let token = key().sign(&claims());
+    let started = tokio::time::Instant::now();
+    let err = v.validate(&token, &[]).await.unwrap_err();
+    assert_eq!(err.rejection, Rejection::KeysUnavailable);
+    assert_eq!(started.elapsed(), wait, "the first call waits once");
+    let again = tokio::time::Instant::now();
+    let err = v.validate(&token, &[]).await.unwrap_err();
+    assert_eq!(err.rejection, Rejection::KeysUnavailable);
+    assert_eq!(again.elapsed(), Duration::ZERO, "the next one does not");
 }

@@ -185,6 +185,9 @@ struct Inner {
 struct Trusted {
     trusted: TrustedIssuer,
     stats: ValidationStats,
+    /// A call waited `first_load_wait` for this issuer's first key set in
+    /// vain: later calls answer KEYS_UNAVAILABLE at once until it loads.
+    waited_out: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -318,6 +321,7 @@ impl JwtValidator {
                     .map(|trusted| Trusted {
                         trusted,
                         stats: ValidationStats::default(),
+                        waited_out: Default::default(),
                     })
                     .collect(),
                 first_load_wait,
@@ -491,10 +495,21 @@ impl JwtValidator {
         let parsed = self.parse(token)?;
         let (raw, i) = self.issuer_checks(&parsed.payload)?;
         *issuer = Some(i);
-        let keys = &self.inner.issuers[i].trusted.keys;
-        if !keys.is_loaded() && !self.inner.first_load_wait.is_zero() {
-            // Right after start: the loader is fetching; wait for it, bounded.
-            let _ = tokio::time::timeout(self.inner.first_load_wait, keys.wait_loaded()).await;
+        let trusted = &self.inner.issuers[i];
+        let keys = &trusted.trusted.keys;
+        if !keys.is_loaded()
+            && !self.inner.first_load_wait.is_zero()
+            && !trusted.waited_out.load(Ordering::Relaxed)
+        {
+            // Right after start: the loader is fetching; wait for it, bounded,
+            // once: when it did not arrive in time, later calls fail fast
+            // instead of each waiting again.
+            if tokio::time::timeout(self.inner.first_load_wait, keys.wait_loaded())
+                .await
+                .is_err()
+            {
+                trusted.waited_out.store(true, Ordering::Relaxed);
+            }
         }
         let key = match keys.get(&parsed.kid) {
             Some(key) => key,
@@ -635,9 +650,24 @@ impl JwtValidator {
             .iter()
             .position(|t| Some(t.trusted.issuer()) == iss)
         else {
+            // The issuer seen (cut short: it comes from the token) and those
+            // trusted: a misconfigured issuer type or pool shows at once.
+            let trusted: Vec<&str> = self
+                .inner
+                .issuers
+                .iter()
+                .map(|t| t.trusted.issuer())
+                .collect();
             return Err(Invalid::new(
                 Rejection::WrongIssuer,
-                "iss is not a trusted issuer",
+                match iss {
+                    Some(iss) => format!(
+                        "iss {:?} is not a trusted issuer (trusted: {})",
+                        truncate(iss),
+                        trusted.join(", ")
+                    ),
+                    None => format!("no iss claim (trusted: {})", trusted.join(", ")),
+                },
             ));
         };
         match claims.token_use.as_ref().map(Text::as_str) {
