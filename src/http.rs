@@ -2,7 +2,7 @@
 
 /// Decodes the credentials of an HTTP Basic authorization value (the part after
 /// the scheme): `base64(id:secret)`, split at the first colon.
-#[cfg(feature = "gateway")]
+#[cfg(feature = "emulator")]
 pub(crate) fn decode_basic(encoded: &str) -> Option<(String, String)> {
     use base64::{Engine as _, engine::general_purpose::STANDARD};
     let text = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;

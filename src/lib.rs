@@ -38,7 +38,7 @@ pub mod demo;
 #[cfg(feature = "gateway")]
 pub mod dev;
 pub mod edge;
-#[cfg(any(test, feature = "gateway"))]
+#[cfg(any(test, feature = "emulator"))]
 pub mod emulator;
 #[cfg(feature = "gateway")]
 pub mod histogram;

@@ -4,9 +4,9 @@
 //! exactly those of a Cognito client-credentials access token.
 
 mod keys;
-#[cfg(feature = "gateway")]
+#[cfg(feature = "emulator")]
 mod server;
 
 pub use keys::SigningKey;
-#[cfg(feature = "gateway")]
+#[cfg(feature = "emulator")]
 pub use server::{ClientSpecError, Emulator, EmulatorClient, EmulatorConfig};

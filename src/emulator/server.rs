@@ -89,7 +89,7 @@ impl EmulatorClient {
         }
         let scopes: Vec<&str> = scopes.split(',').filter(|s| !s.is_empty()).collect();
         for scope in &scopes {
-            crate::registry::validate_scope(scope).map_err(|e| ClientSpecError::Scope {
+            crate::rules::scope::validate_scope(scope).map_err(|e| ClientSpecError::Scope {
                 scope: (*scope).to_owned(),
                 reason: e.to_string(),
             })?;
