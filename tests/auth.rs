@@ -634,3 +634,67 @@ mod built_in_code {
         assert!(matches!(b.build().unwrap_err(), BuildError::NoRuntime));
     }
 }
+
+/// A check of the service's own runs on every accepted token, sees the claims
+/// (custom ones through a type of the service's own, deserialised once per
+/// token) and the method, and refuses with PERMISSION_DENIED.
+#[tokio::test]
+async fn a_custom_check_sees_typed_claims_and_the_method_and_can_refuse() {
+    #[derive(serde::Deserialize)]
+    struct Tenant {
+        tenant: String,
+    }
+    let emu = emulator(vec![]).await;
+    let validator = loaded_validator(&emu).await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let layer = AuthLayer::local(
+        validator.clone(),
+        AuthPolicy::new().require(["orders/read"]),
+    )
+    .with_check(move |claims, method| {
+        let tenant = claims.custom::<Tenant>().map_err(|e| e.to_string())?;
+        // Deserialised once: the same claims give the same Arc.
+        let again = claims.custom::<Tenant>().unwrap();
+        assert!(std::sync::Arc::ptr_eq(&tenant, &again));
+        log.lock()
+            .unwrap()
+            .push((tenant.tenant.clone(), method.to_owned()));
+        if tenant.tenant == "acme" {
+            Ok(())
+        } else {
+            Err(format!("tenant {} may not call {method}", tenant.tenant))
+        }
+    });
+    let served = serve_with_layer(layer).await;
+    let mut client = EchoClient::new(served.channel().await);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token_for = |tenant: &str| {
+        emu.sign(&serde_json::json!({
+            "sub": CLIENT, "client_id": CLIENT, "token_use": "access",
+            "scope": "orders/read", "iss": emu.issuer(), "iat": now, "exp": now + 600,
+            "jti": format!("jti-{tenant}"), "tenant": tenant,
+        }))
+    };
+    assert!(client.echo(echo(Some(&token_for("acme")))).await.is_ok());
+    let err = client
+        .echo(echo(Some(&token_for("globex"))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        err.message(),
+        "tenant globex may not call /m2m.demo.v1.Echo/Echo"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            ("acme".to_owned(), "/m2m.demo.v1.Echo/Echo".to_owned()),
+            ("globex".to_owned(), "/m2m.demo.v1.Echo/Echo".to_owned())
+        ]
+    );
+}

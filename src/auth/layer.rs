@@ -30,9 +30,14 @@ impl Verifier {
     }
 }
 
+/// A check of the service's own on a verified token: the claims and the
+/// method's path; `Err(message)` refuses the call with PERMISSION_DENIED.
+type CustomCheck = dyn Fn(&Claims, &str) -> Result<(), String> + Send + Sync;
+
 struct Shared {
     verifier: Verifier,
     policy: AuthPolicy,
+    check: Option<Arc<CustomCheck>>,
     /// Refusals are logged at info, a few per kind and interval.
     refusals: crate::refusal_log::RefusalLog,
 }
@@ -104,11 +109,44 @@ impl AuthLayer {
         Self::with(Verifier::Remote(Box::new(validator)), policy)
     }
 
+    /// Adds a check of your own, run on every call whose token the layer
+    /// accepted, with the verified claims and the method's path (e.g. a tenant
+    /// claim that must match the method's tenant). `Err(message)` refuses the
+    /// call with PERMISSION_DENIED and that message (logged like the layer's
+    /// own refusals).
+    ///
+    /// ```no_run
+    /// # fn demo(validator: m2m_gateway::jwt::JwtValidator) {
+    /// use m2m_gateway::auth::{AuthLayer, AuthPolicy};
+    /// let layer = AuthLayer::local(validator, AuthPolicy::new().require(["orders/read"]))
+    ///     .with_check(|claims, method| {
+    ///         if method.ends_with("/Cancel") && !claims.client_id().starts_with("ops-") {
+    ///             return Err("only operations clients may cancel".into());
+    ///         }
+    ///         Ok(())
+    ///     });
+    /// # let _ = layer; }
+    /// ```
+    pub fn with_check<F>(self, check: F) -> Self
+    where
+        F: Fn(&Claims, &str) -> Result<(), String> + Send + Sync + 'static,
+    {
+        Self {
+            shared: Arc::new(Shared {
+                verifier: self.shared.verifier.clone(),
+                policy: self.shared.policy.clone(),
+                check: Some(Arc::new(check)),
+                refusals: Default::default(),
+            }),
+        }
+    }
+
     fn with(verifier: Verifier, policy: AuthPolicy) -> Self {
         Self {
             shared: Arc::new(Shared {
                 verifier,
                 policy,
+                check: None,
                 refusals: Default::default(),
             }),
         }
@@ -221,6 +259,12 @@ where
                 };
                 match shared.verifier.verify(token, scopes).await {
                     Ok(claims) => {
+                        if let Some(check) = &shared.check {
+                            if let Err(message) = check(&claims, req.uri().path()) {
+                                shared.log_refusal(req.uri().path(), "custom_check", &message);
+                                return Ok(tonic::Status::permission_denied(message).into_http());
+                            }
+                        }
                         req.extensions_mut().insert(VerifiedClaims(claims));
                         inner.call(req).await
                     }

@@ -147,6 +147,8 @@ pub struct Claims {
     /// same `Arc<Claims>` for a token, so Validate converts its claims (and parses
     /// `all`) once per token, not per call.
     proto: ProtoMemo,
+    /// [`Claims::custom`]'s memo: the adopter's claims type, deserialised once.
+    custom: CustomMemo,
     client_id: Box<str>,
     subject: Subject,
     issuer: Arc<str>,
@@ -169,6 +171,18 @@ impl PartialEq for ProtoMemo {
 }
 
 impl Eq for ProtoMemo {}
+
+/// [`Claims::custom`]'s memo; ignored by comparisons (it is derived).
+#[derive(Clone, Default)]
+struct CustomMemo(OnceLock<Arc<dyn std::any::Any + Send + Sync>>);
+
+impl PartialEq for CustomMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for CustomMemo {}
 
 impl fmt::Debug for Claims {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -234,6 +248,7 @@ impl Claims {
         };
         Self {
             proto: ProtoMemo::default(),
+            custom: CustomMemo::default(),
             client_id: client_id.into(),
             subject,
             issuer,
@@ -277,6 +292,7 @@ impl Claims {
             .collect();
         Self {
             proto: ProtoMemo::default(),
+            custom: CustomMemo::default(),
             client_id: client_id.into(),
             subject: match subject {
                 "" => Subject::Absent,
@@ -378,6 +394,39 @@ impl Claims {
 }
 
 impl Claims {
+    /// The claims as your own type `T` (custom claims such as a `tenant` added
+    /// by Cognito's pre token generation trigger, next to the standard ones),
+    /// deserialised from [`Claims::all`] once per verified token: the validator
+    /// hands out the same claims for every use of a token, so later calls get
+    /// the same `Arc<T>`. A second type asked of the same claims is
+    /// deserialised each time.
+    ///
+    /// ```
+    /// # fn demo(claims: &m2m_gateway::jwt::Claims) -> Result<(), serde_json::Error> {
+    /// #[derive(serde::Deserialize)]
+    /// struct Tenant {
+    ///     tenant: String,
+    ///     client_id: String,
+    /// }
+    /// let tenant = claims.custom::<Tenant>()?;
+    /// println!("{} calls for {}", tenant.client_id, tenant.tenant);
+    /// # Ok(()) }
+    /// ```
+    pub fn custom<T>(&self) -> Result<Arc<T>, serde_json::Error>
+    where
+        T: serde::de::DeserializeOwned + Send + Sync + 'static,
+    {
+        if let Some(memo) = self.custom.0.get() {
+            if let Ok(typed) = Arc::clone(memo).downcast::<T>() {
+                return Ok(typed);
+            }
+            return serde_json::from_value::<T>(Value::Object(self.all())).map(Arc::new);
+        }
+        let typed = Arc::new(serde_json::from_value::<T>(Value::Object(self.all()))?);
+        let _ = self.custom.0.set(typed.clone());
+        Ok(typed)
+    }
+
     /// The claims as Validate answers them (`all` as a `Struct`), built once per
     /// verified token and shared by every answer (encoded once, too).
     pub fn to_proto(&self) -> SharedClaims {
