@@ -565,8 +565,14 @@ fn describe_figment_error(e: &figment::Error, file: &str) -> (String, String) {
             if path.last() != Some(found) {
                 path.push(found.clone());
             }
+            let hint = match found.as_str() {
+                "client_secret" | "secret" => {
+                    "; the gateway stores no client secret: each caller presents its own in GetToken, and Cognito checks it"
+                }
+                _ => "",
+            };
             format!(
-                "unknown key `{}` (known here: {})",
+                "unknown key `{}` (known here: {}){hint}",
                 key(&path),
                 expected.join(", ")
             )

@@ -198,10 +198,12 @@ fn check_redis(cache: &CacheConfig, at: &At<'_>) -> Result<(), ConfigError> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyDecodeError {
     /// Not standard base64.
-    #[error("not valid base64")]
+    #[error("not valid base64; make a key with: openssl rand -base64 32")]
     NotBase64,
-    /// Base64 of the wrong number of bytes.
-    #[error("decodes to {0} bytes, need 32")]
+    /// Base64 of the wrong number of bytes (a hex key read as base64, say).
+    #[error(
+        "decodes to {0} bytes, need 32 (base64 of 32 random bytes, not hex; make one with: openssl rand -base64 32)"
+    )]
     WrongLength(usize),
 }
 

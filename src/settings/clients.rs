@@ -21,6 +21,7 @@ pub(super) fn check(
         return Err(at.invalid("clients", "at least one [[clients]] entry is required"));
     }
     let mut seen = HashSet::new();
+    let mut names = HashSet::new();
     let mut clients = Vec::with_capacity(config.clients.len());
     for (i, client) in config.clients.iter().enumerate() {
         let key = |k: &str| format!("clients[{i}].{k}");
@@ -64,12 +65,35 @@ pub(super) fn check(
         if client.name.trim().is_empty() || client.name.len() > 128 {
             return Err(at.invalid(&key("name"), "must be 1-128 characters"));
         }
+        if !names.insert(client.name.as_str()) {
+            return Err(at.invalid(
+                &key("name"),
+                format!(
+                    "{:?} names two clients: their logs and metrics would merge; give each its own name",
+                    client.name
+                ),
+            ));
+        }
         if client.allowed_scopes.is_empty() {
             return Err(at.invalid(&key("allowed_scopes"), "must list at least one scope"));
         }
         for scope in &client.allowed_scopes {
-            validate_scope(scope)
-                .map_err(|e: ScopeError| at.invalid(&key("allowed_scopes"), e.to_string()))?;
+            validate_scope(scope).map_err(|e: ScopeError| {
+                let words: Vec<&str> = scope.split_whitespace().collect();
+                let message = if words.len() > 1 {
+                    format!(
+                        "{scope:?} is several scopes in one string: list each on its own, allowed_scopes = [{}]",
+                        words
+                            .iter()
+                            .map(|w| format!("{w:?}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    format!("{scope:?}: {e}")
+                };
+                at.invalid(&key("allowed_scopes"), message)
+            })?;
         }
         clients.push(ClientConfig {
             pool: Some(pool.endpoints.pool.clone()),

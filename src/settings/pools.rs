@@ -199,6 +199,26 @@ pub(super) fn check_pool(
                     ),
                 ));
             }
+            // A Cognito prefix domain names its Region: it must be the pool's
+            // (the pool would refuse every client of the other one).
+            let domain_region = url
+                .host_str()
+                .and_then(|h| h.strip_suffix(".amazoncognito.com"))
+                .and_then(|h| h.rsplit_once(".auth."))
+                .map(|(_, region)| region);
+            let pool_region = crate::rules::cognito::region_of_pool_id(&c.user_pool_id);
+            if let (Some(domain_region), Some(pool_region)) = (domain_region, pool_region) {
+                if domain_region != pool_region {
+                    return Err((
+                        key("domain"),
+                        format!(
+                            "{:?} is a domain in {domain_region}, but user pool {:?} is in {pool_region}: use the pool's own domain (Cognito console, App integration, Domain)",
+                            redact_userinfo_text(domain),
+                            c.user_pool_id
+                        ),
+                    ));
+                }
+            }
         }
     }
     if c.issuer.is_some() {

@@ -449,3 +449,57 @@ fn duplicate_client_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn check_config_says_what_is_wrong_and_how_to_fix_it() {
+    // A domain of another Region than the pool's.
+    let other_region = BASE.replace(
+        "example.auth.us-east-1.amazoncognito.com",
+        "example.auth.eu-west-1.amazoncognito.com",
+    );
+    let err = parse(&other_region, "gw.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("cognito.domain") && err.contains("eu-west-1") && err.contains("us-east-1"),
+        "{err}"
+    );
+    // A custom domain says nothing of a Region: accepted.
+    let custom = BASE.replace(
+        "https://example.auth.us-east-1.amazoncognito.com",
+        "https://auth.example.com",
+    );
+    assert!(parse(&custom, "gw.toml").is_ok());
+    // Two clients under one name.
+    let same_name = format!(
+        "{BASE}\n[[clients]]\nclient_id = \"other1234\"\nname = \"acme-billing\"\nallowed_scopes = [\"orders/read\"]\n"
+    );
+    let err = parse(&same_name, "gw.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("clients[1].name") && err.contains("merge"),
+        "{err}"
+    );
+    // Several scopes in one string: named, and the list suggested.
+    let one_string = BASE.replace(
+        "[\"orders/read\", \"orders/write\"]",
+        "[\"orders/read orders/write\"]",
+    );
+    let err = parse(&one_string, "gw.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("allowed_scopes = [\"orders/read\", \"orders/write\"]"),
+        "{err}"
+    );
+    // A pasted client secret: callers present their own.
+    let secret = BASE.replace(
+        "name = \"acme-billing\"",
+        "name = \"acme-billing\"\nclient_secret = \"s3cr3t\"",
+    );
+    let err = parse(&secret, "gw.toml").unwrap_err().to_string();
+    assert!(err.contains("each caller presents its own"), "{err}");
+    assert!(!err.contains("s3cr3t"), "{err}");
+    // A hex key where base64 is wanted: how to make one.
+    let hex = format!(
+        "{BASE}\n[cache]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\nencryption_key = \"{}\"\n",
+        "ab".repeat(32)
+    );
+    let err = parse(&hex, "gw.toml").unwrap_err().to_string();
+    assert!(err.contains("openssl rand -base64 32"), "{err}");
+}
