@@ -3,6 +3,8 @@
 //! labels are bounded sets (outcomes, rejection reasons, method names); no metric
 //! ever carries a token, a secret or a client-supplied string.
 
+mod process;
+
 use std::{
     fmt::Write as _,
     future::Future,
@@ -86,6 +88,7 @@ impl Telemetry {
             "1 when keys are loaded and the gRPC listener is up.",
             if self.ready() { 1.0 } else { 0.0 },
         );
+        process::ProcessStats::read().encode(&mut out);
         out.finish()
     }
 }
