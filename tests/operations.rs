@@ -69,9 +69,12 @@ async fn metrics_move_after_traffic_and_never_carry_secrets() {
         .unwrap();
 
     let (_, body) = gw.admin_get("/metrics").await;
-    // The first call proved the secret (no miss after it); the wrong one is unproven.
-    assert_eq!(metric(&body, "m2m_gateway_token_cache_misses_total"), 0.0);
+    // The first call (proving the secret) and the wrong one are misses, the
+    // second a hit: hits / (hits + misses) is the hit ratio.
+    assert_eq!(metric(&body, "m2m_gateway_token_cache_misses_total"), 2.0);
     assert_eq!(metric(&body, "m2m_gateway_token_cache_hits_total"), 1.0);
+    // The token served is in the cache, counted exactly.
+    assert_eq!(metric(&body, "m2m_gateway_token_cache_entries"), 1.0);
     assert_eq!(metric(&body, "m2m_gateway_unproven_secrets_total"), 2.0);
     assert_eq!(metric(&body, "m2m_gateway_proven_secrets"), 1.0);
     assert_eq!(
@@ -225,10 +228,23 @@ async fn metrics_move_after_traffic_and_never_carry_secrets() {
     for line in body.lines().filter(|l| !l.starts_with('#')) {
         let (name, value) = line.rsplit_once(' ').unwrap();
         assert!(
-            name.starts_with("m2m_gateway_") || name.starts_with("grpc_server_"),
+            name.starts_with("m2m_gateway_")
+                || name.starts_with("grpc_server_")
+                || name.starts_with("process_"),
             "{line}"
         );
         value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
+    }
+    // The process's own series, under the client libraries' names.
+    #[cfg(target_os = "linux")]
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(metric(&body, name) > 0.0, "{name}");
     }
     assert_eq!(gw.admin_get("/healthz").await.0, 200);
     assert_eq!(gw.admin_get("/readyz").await.0, 200);

@@ -180,6 +180,9 @@ impl Broker {
         source: Option<IpAddr>,
     ) -> Result<IssuedToken, BrokerError> {
         self.inner.stats.unproven();
+        // Not served from the cache: a miss, whatever the secret's state, so
+        // that hits / (hits + misses) is the cache's hit ratio.
+        self.inner.stats.miss();
         let (_, result) = self
             .fetch(Fetch {
                 client,

@@ -381,8 +381,10 @@ impl Broker {
         self.inner.fleet.as_deref()
     }
 
-    /// Number of cached entries (approximate).
+    /// Number of cached entries (exact: the cache's pending inserts and
+    /// evictions are applied first).
     pub fn cached_entries(&self) -> u64 {
+        self.inner.cache.run_pending_tasks();
         self.inner.cache.entry_count()
     }
 }
