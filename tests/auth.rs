@@ -473,11 +473,19 @@ mod built_in_code {
             err(base().region("eu-west-1").clients(["c"])),
             BuildError::Pool(PoolError::RegionMismatch { .. })
         ));
+        // The pool id alone is enough: its Region is in it.
+        let alone = CognitoValidator::builder()
+            .user_pool_id("us-east-1_A")
+            .clients(["c"])
+            .build()
+            .unwrap();
+        assert_eq!(
+            alone.issuer(),
+            "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_A"
+        );
         assert!(matches!(
-            err(CognitoValidator::builder()
-                .user_pool_id("us-east-1_A")
-                .clients(["c"])),
-            BuildError::Pool(PoolError::MissingRegion)
+            err(CognitoValidator::builder().clients(["c"])),
+            BuildError::Pool(PoolError::MissingUserPoolId)
         ));
         assert!(matches!(
             err(base().user_pool_id("pool").clients(["c"])),
