@@ -122,11 +122,11 @@ async fn two_pools_each_client_to_its_own_pool_and_tokens_checked_against_their_
         (false, PbRejection::ClientNotAllowed)
     );
     // Pool 1's issuer, signed with pool 2's key: looked up in pool 1's key set
-    // only (the emulators name their keys alike, so the kid is found there and the
-    // signature fails; with pool 2's key set it would verify).
+    // only, where its kid (a thumbprint of pool 2's key) is unknown; with pool
+    // 2's key set it would verify.
     assert_eq!(
         validate(&gw, &two.sign(&claims_of(one.issuer()))).await,
-        (false, PbRejection::BadSignature)
+        (false, PbRejection::UnknownKey)
     );
 
     // Metrics carry the pool: per-pool validations, key sets, clients.
@@ -143,7 +143,7 @@ async fn two_pools_each_client_to_its_own_pool_and_tokens_checked_against_their_
         1.0
     );
     assert_eq!(
-        metric(&body, &series("pool1", one.issuer(), "bad_signature")),
+        metric(&body, &series("pool1", one.issuer(), "unknown_key")),
         1.0
     );
     for (name, emu) in [("pool1", &one), ("pool2", &two)] {
@@ -226,11 +226,12 @@ async fn issuer_migration_accepts_both_forms_only_while_on() {
         validate(&gw, &after).await,
         (true, PbRejection::Unspecified)
     );
-    // The old issuer's keys verify the old issuer's tokens only (same kid
-    // names, other key material: refused on the signature).
+    // The old issuer's keys verify the old issuer's tokens only: a token
+    // claiming the new issuer signed with the old key is looked up in the new
+    // issuer's key set, where that key is unknown.
     assert_eq!(
         validate(&gw, &old.sign(&claims_of(new.issuer()))).await,
-        (false, PbRejection::BadSignature)
+        (false, PbRejection::UnknownKey)
     );
     let (_, body) = gw.admin_get("/metrics").await;
     assert_eq!(
