@@ -106,18 +106,24 @@ async fn metrics_move_after_traffic_and_never_carry_secrets() {
         2.0
     );
     assert_eq!(
-        metric(&body, "m2m_gateway_upstream_requests_total{outcome=\"ok\"}"),
+        metric(
+            &body,
+            "m2m_gateway_upstream_requests_total{pool=\"default\",outcome=\"ok\"}"
+        ),
         1.0
     );
     assert_eq!(
         metric(
             &body,
-            "m2m_gateway_upstream_requests_total{outcome=\"invalid_client\"}"
+            "m2m_gateway_upstream_requests_total{pool=\"default\",outcome=\"invalid_client\"}"
         ),
         1.0
     );
     assert_eq!(
-        metric(&body, "m2m_gateway_upstream_duration_seconds_count"),
+        metric(
+            &body,
+            "m2m_gateway_upstream_duration_seconds_count{pool=\"default\"}"
+        ),
         2.0
     );
     assert_eq!(

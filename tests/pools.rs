@@ -165,6 +165,25 @@ async fn two_pools_each_client_to_its_own_pool_and_tokens_checked_against_their_
         ),
         1.0
     );
+    // The token endpoint calls, each under its pool.
+    for pool in ["pool1", "pool2"] {
+        assert_eq!(
+            metric(
+                &body,
+                &format!("m2m_gateway_upstream_requests_total{{pool=\"{pool}\",outcome=\"ok\"}}")
+            ),
+            1.0,
+            "{pool}"
+        );
+        assert_eq!(
+            metric(
+                &body,
+                &format!("m2m_gateway_upstream_duration_seconds_count{{pool=\"{pool}\"}}")
+            ),
+            1.0,
+            "{pool}"
+        );
+    }
     gw.stop().await;
 }
 

@@ -50,7 +50,9 @@ pub use fleet::{
 };
 pub use link::check_ca_pem;
 pub use pools::PoolRoutes;
-pub use stats::{BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, StatsSnapshot};
+pub use stats::{
+    BrokerStats, ClientSnapshot, ClientStats, LATENCY_BUCKETS, PoolUpstreamSnapshot, StatsSnapshot,
+};
 pub use target::{IamService, IamTarget, LinkError, RedisMode, RedisTarget, Topology};
 
 pub use hot_path::MAX_SECRET_LEN;
@@ -313,6 +315,9 @@ impl Broker {
         let unknown_limiter = DefaultKeyedRateLimiter::keyed(per_source);
         let slots = registry.clients().map(|c| c.index + 1).max().unwrap_or(0);
         let (alive_tx, alive) = tokio::sync::watch::channel(());
+        let mut pools: Vec<Arc<str>> = registry.clients().map(|c| c.pool.clone()).collect();
+        pools.sort();
+        pools.dedup();
         Self {
             inner: Arc::new(Inner {
                 upstream,
@@ -333,7 +338,7 @@ impl Broker {
                 clients: ClientStats::new(&registry, slots),
                 registry,
                 settings,
-                stats: BrokerStats::default(),
+                stats: BrokerStats::for_pools(pools),
                 fleet,
                 revocations: crate::revocations::Revocations::default(),
                 _alive: alive_tx,

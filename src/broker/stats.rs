@@ -37,13 +37,45 @@ pub struct BrokerStats {
     stale_served: AtomicU64,
     unproven: AtomicU64,
     rate_limited: AtomicU64,
-    upstream: [AtomicU64; OUTCOMES.len()],
-    latency: Histogram,
+    /// Token endpoint calls by pool: outcomes and latency.
+    pools: Box<[PoolUpstream]>,
     pub(crate) budget: BudgetStats,
+}
+
+/// One pool's token endpoint calls.
+#[derive(Debug)]
+struct PoolUpstream {
+    pool: std::sync::Arc<str>,
+    outcomes: [AtomicU64; OUTCOMES.len()],
+    latency: Histogram,
+}
+
+impl PoolUpstream {
+    fn new(pool: std::sync::Arc<str>) -> Self {
+        Self {
+            pool,
+            outcomes: Default::default(),
+            latency: Histogram::new(&LATENCY_BUCKETS),
+        }
+    }
 }
 
 impl Default for BrokerStats {
     fn default() -> Self {
+        Self::for_pools([std::sync::Arc::from(crate::rules::cognito::DEFAULT_POOL)])
+    }
+}
+
+impl BrokerStats {
+    /// Counters for the token endpoints of `pools` (a call of another pool
+    /// counts under the first).
+    pub(crate) fn for_pools(pools: impl IntoIterator<Item = std::sync::Arc<str>>) -> Self {
+        let mut pools: Vec<PoolUpstream> = pools.into_iter().map(PoolUpstream::new).collect();
+        if pools.is_empty() {
+            pools.push(PoolUpstream::new(
+                crate::rules::cognito::DEFAULT_POOL.into(),
+            ));
+        }
         Self {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -52,8 +84,7 @@ impl Default for BrokerStats {
             stale_served: AtomicU64::new(0),
             unproven: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
-            upstream: Default::default(),
-            latency: Histogram::new(&LATENCY_BUCKETS),
+            pools: pools.into_boxed_slice(),
             budget: BudgetStats::default(),
         }
     }
@@ -79,6 +110,19 @@ pub struct StatsSnapshot {
     /// Upstream calls by outcome label.
     pub upstream: Vec<(&'static str, u64)>,
     /// Upstream latency.
+    pub latency: HistogramSnapshot,
+    /// Upstream calls by pool: outcomes and latency.
+    pub pools: Vec<PoolUpstreamSnapshot>,
+}
+
+/// One pool's token endpoint calls.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolUpstreamSnapshot {
+    /// The pool's name.
+    pub pool: String,
+    /// Calls by outcome label.
+    pub outcomes: Vec<(&'static str, u64)>,
+    /// Latency.
     pub latency: HistogramSnapshot,
 }
 
@@ -120,11 +164,16 @@ impl BrokerStats {
         self.rate_limited.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn upstream(&self, outcome: &str, latency: Duration) {
+    pub(crate) fn upstream(&self, pool: &str, outcome: &str, latency: Duration) {
+        let p = self
+            .pools
+            .iter()
+            .find(|p| &*p.pool == pool)
+            .unwrap_or(&self.pools[0]);
         if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
-            self.upstream[i].fetch_add(1, Relaxed);
+            p.outcomes[i].fetch_add(1, Relaxed);
         }
-        self.latency.record(latency);
+        p.latency.record(latency);
     }
 
     /// A copy of every counter.
@@ -139,12 +188,47 @@ impl BrokerStats {
             rate_limited: self.rate_limited.load(Relaxed),
             upstream: OUTCOMES
                 .iter()
-                .zip(&self.upstream)
-                .map(|(l, n)| (*l, n.load(Relaxed)))
+                .enumerate()
+                .map(|(i, l)| {
+                    (
+                        *l,
+                        self.pools.iter().map(|p| p.outcomes[i].load(Relaxed)).sum(),
+                    )
+                })
                 .collect(),
-            latency: self.latency.snapshot(),
+            latency: merged(self.pools.iter().map(|p| p.latency.snapshot())),
+            pools: self
+                .pools
+                .iter()
+                .map(|p| PoolUpstreamSnapshot {
+                    pool: p.pool.to_string(),
+                    outcomes: OUTCOMES
+                        .iter()
+                        .zip(&p.outcomes)
+                        .map(|(l, n)| (*l, n.load(Relaxed)))
+                        .collect(),
+                    latency: p.latency.snapshot(),
+                })
+                .collect(),
         }
     }
+}
+
+/// One histogram of several (same buckets).
+fn merged(snapshots: impl Iterator<Item = HistogramSnapshot>) -> HistogramSnapshot {
+    let mut out = HistogramSnapshot::default();
+    for s in snapshots {
+        if out.buckets.is_empty() {
+            out.buckets = s.buckets.clone();
+        } else {
+            for (o, (_, n)) in out.buckets.iter_mut().zip(&s.buckets) {
+                o.1 += n;
+            }
+        }
+        out.count += s.count;
+        out.sum_secs += s.sum_secs;
+    }
+    out
 }
 
 #[derive(Debug, Default)]
@@ -374,21 +458,34 @@ impl super::Broker {
             self.cached_entries() as f64,
         );
 
-        // Upstream.
+        // Upstream, by pool.
         let _ = writeln!(
             out,
-            "# HELP m2m_gateway_upstream_requests_total Token endpoint calls by outcome.\n# TYPE m2m_gateway_upstream_requests_total counter"
+            "# HELP m2m_gateway_upstream_requests_total Token endpoint calls by pool and outcome.\n# TYPE m2m_gateway_upstream_requests_total counter"
         );
-        for (label, n) in &b.upstream {
-            let _ = writeln!(
-                out,
-                "m2m_gateway_upstream_requests_total{{outcome=\"{label}\"}} {n}"
-            );
+        for p in &b.pools {
+            let pool = crate::prometheus::label_value(&p.pool);
+            for (label, n) in &p.outcomes {
+                let _ = writeln!(
+                    out,
+                    "m2m_gateway_upstream_requests_total{{pool=\"{pool}\",outcome=\"{label}\"}} {n}"
+                );
+            }
         }
+        let series: Vec<(String, HistogramSnapshot)> = b
+            .pools
+            .iter()
+            .map(|p| {
+                (
+                    format!("pool=\"{}\"", crate::prometheus::label_value(&p.pool)),
+                    p.latency.clone(),
+                )
+            })
+            .collect();
         out.histogram(
             "m2m_gateway_upstream_duration_seconds",
-            "Token endpoint call latency.",
-            &[(String::new(), b.latency.clone())],
+            "Token endpoint call latency, by pool.",
+            &series,
         );
     }
 }

@@ -121,11 +121,11 @@ impl Broker {
         let elapsed = started.elapsed();
         let response = match result {
             Ok(r) => {
-                inner.stats.upstream("ok", elapsed);
+                inner.stats.upstream(&client.pool, "ok", elapsed);
                 r
             }
             Err(e) => {
-                inner.stats.upstream(e.label(), elapsed);
+                inner.stats.upstream(&client.pool, e.label(), elapsed);
                 if e == UpstreamError::InvalidClient {
                     inner.clients.refused(client.index);
                     self.revoke(client, verifier, started).await;
