@@ -199,7 +199,13 @@ impl App {
             ..cfg.edge.clone()
         });
         telemetry.set_edge(edge.clone());
-        let signal = drain_on(shutdown, edge.clone(), telemetry.clone(), stop);
+        let signal = drain_on(
+            shutdown,
+            cfg.drain_delay,
+            edge.clone(),
+            telemetry.clone(),
+            stop,
+        );
         self.log_listening(&listener);
         let layers = tower::ServiceBuilder::new()
             .layer(CallLayer::new(self.rpc.clone()))
@@ -312,6 +318,11 @@ fn transport(cfg: &crate::settings::ServerSettings) -> Result<Server, StartError
         .http2_keepalive_interval(Some(cfg.keepalive_interval))
         .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
         .max_concurrent_streams(Some(cfg.max_concurrent_streams));
+    if let Some(age) = cfg.max_connection_age {
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(cfg.max_connection_age_grace);
+    }
     if let Some(tls) = &cfg.tls {
         let tls = tls_config(tls, cfg.edge.handshake_timeout)?;
         builder = builder.tls_config(tls).map_err(|e| StartError::Tls {
@@ -383,16 +394,27 @@ fn spawn_admin(
 
 /// What happens when `shutdown` resolves: connections without a call in flight
 /// close now (only calls use the grace), readiness goes, shutdown begins.
+/// The drain, in order: readiness 503 at once (load balancers stop sending),
+/// still accepting for `delay` (calls routed meanwhile are served), then no new
+/// connections and the calls in flight finished.
 async fn drain_on(
     shutdown: impl Future<Output = ()>,
+    delay: Duration,
     edge: Arc<Edge>,
     telemetry: Telemetry,
     stop: tokio::sync::watch::Sender<bool>,
 ) {
     shutdown.await;
+    telemetry.set_listening(false);
+    if !delay.is_zero() {
+        tracing::info!(
+            ?delay,
+            "shutting down: not ready; still accepting while load balancers catch up"
+        );
+        tokio::time::sleep(delay).await;
+    }
     tracing::info!("shutting down: no new connections, draining in-flight calls");
     edge.begin_shutdown();
-    telemetry.set_listening(false);
     let _ = stop.send(true);
 }
 

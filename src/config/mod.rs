@@ -147,6 +147,17 @@ pub struct ServerConfig {
     pub max_streams_per_peer: usize,
     /// Most streams open on one connection.
     pub max_streams_per_connection: usize,
+    /// Oldest a connection gets, in seconds, before the gateway asks its client
+    /// to reconnect (HTTP/2 GOAWAY), so that long-lived clients spread over new
+    /// replicas after a scale-out; 0 = no limit.
+    pub max_connection_age_secs: u64,
+    /// Time a connection past its age has to finish its calls before it is
+    /// closed, in seconds.
+    pub max_connection_age_grace_secs: u64,
+    /// After SIGTERM, how long the gateway keeps accepting while `/readyz`
+    /// already answers 503 (so load balancers stop sending before the listener
+    /// closes), in milliseconds; then it stops accepting and drains.
+    pub drain_delay_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -171,6 +182,9 @@ impl Default for ServerConfig {
             max_stream_secs: edge::DEFAULT_MAX_STREAM_SECS,
             max_streams_per_peer: edge::DEFAULT_MAX_STREAMS_PER_PEER,
             max_streams_per_connection: edge::DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            max_connection_age_secs: 0,
+            max_connection_age_grace_secs: 30,
+            drain_delay_ms: 0,
         }
     }
 }

@@ -33,13 +33,30 @@ pub struct ServerSettings {
     /// Connection and request limits (the connection cap as configured; the
     /// listener lowers it below the open-file limit when it starts).
     pub edge: EdgeSettings,
+    /// Oldest a connection gets before it is asked to reconnect (`None`: no limit).
+    pub max_connection_age: Option<Duration>,
+    /// Time an aged connection has to finish its calls.
+    pub max_connection_age_grace: Duration,
+    /// After SIGTERM: readiness 503 this long while still accepting.
+    pub drain_delay: Duration,
 }
 
 /// Checks `[server]` (every range, then the TLS files) and types it.
 pub(super) fn check(server: &ServerConfig, at: &At<'_>) -> Result<ServerSettings, ConfigError> {
     let n = |v: usize| v as u64;
     let s = server;
-    let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 14] = [
+    let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 17] = [
+        (
+            "max_connection_age_secs",
+            s.max_connection_age_secs,
+            0..=7 * 86_400,
+        ),
+        (
+            "max_connection_age_grace_secs",
+            s.max_connection_age_grace_secs,
+            0..=3600,
+        ),
+        ("drain_delay_ms", s.drain_delay_ms, 0..=120_000),
         ("request_timeout_ms", s.request_timeout_ms, 1..=600_000),
         (
             "max_concurrent_requests",
@@ -110,6 +127,10 @@ pub(super) fn check(server: &ServerConfig, at: &At<'_>) -> Result<ServerSettings
         tls: server.tls.clone(),
         request_timeout: ms(server.request_timeout_ms),
         shutdown_grace: ms(server.shutdown_grace_ms),
+        max_connection_age: (server.max_connection_age_secs > 0)
+            .then(|| secs(server.max_connection_age_secs)),
+        max_connection_age_grace: secs(server.max_connection_age_grace_secs),
+        drain_delay: ms(server.drain_delay_ms),
         max_concurrent_requests: NonZeroUsize::new(server.max_concurrent_requests)
             .unwrap_or(NonZeroUsize::MIN),
         max_concurrent_streams: server.max_concurrent_streams,

@@ -89,6 +89,13 @@ impl TestGateway {
         (resp.status().as_u16(), resp.text().await.unwrap())
     }
 
+    /// Sends the shutdown signal (as SIGTERM does) without waiting for the end.
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
