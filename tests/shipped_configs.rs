@@ -4,19 +4,6 @@
 
 use m2m_gateway::settings::Settings;
 
-/// The `gateway.toml: |` block of a ConfigMap, unindented.
-fn configmap_toml(path: &str) -> String {
-    let text = std::fs::read_to_string(path).unwrap();
-    let (_, rest) = text
-        .split_once("gateway.toml: |\n")
-        .unwrap_or_else(|| panic!("{path}: no gateway.toml block"));
-    rest.lines()
-        .take_while(|l| l.is_empty() || l.starts_with("    "))
-        .map(|l| l.strip_prefix("    ").unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// The README's ```toml blocks that are whole configurations (they register
 /// clients).
 fn readme_configs() -> Vec<String> {
@@ -39,15 +26,37 @@ fn with_secret_key(toml: &str) -> String {
 }
 
 #[test]
-fn the_kubernetes_configmaps_are_accepted() {
-    for path in [
-        "deploy/kubernetes/configmap.yaml",
-        "deploy/kubernetes/redis/configmap.yaml",
+fn the_kubernetes_configurations_are_accepted() {
+    for (path, backend_redis) in [
+        ("deploy/kubernetes/base/gateway.toml", false),
+        ("deploy/kubernetes/redis/gateway.toml", true),
+        ("deploy/kubernetes/overlays/production/gateway.toml", true),
     ] {
-        let toml = with_secret_key(&configmap_toml(path));
+        let mut toml = with_secret_key(&std::fs::read_to_string(path).unwrap());
+        // The files the pod mounts from Secrets, here from a scratch directory.
+        let dir = tempfile::tempdir().unwrap();
+        if toml.contains("/etc/m2m-gateway/tls/") {
+            let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+            std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).unwrap();
+            std::fs::write(dir.path().join("tls.key"), cert.signing_key.serialize_pem()).unwrap();
+            toml = toml.replace(
+                "/etc/m2m-gateway/tls/",
+                &format!("{}/", dir.path().display()),
+            );
+        }
+        if toml.contains("/etc/m2m-gateway/redis/") {
+            std::fs::write(dir.path().join("redis-password"), "s3cret\n").unwrap();
+            toml = toml.replace(
+                "/etc/m2m-gateway/redis/",
+                &format!("{}/", dir.path().display()),
+            );
+        }
         let settings = Settings::from_toml_str(&toml, path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(settings.pools.len(), 1, "{path}");
         assert!(!settings.config.clients.is_empty(), "{path}");
+        assert_eq!(settings.fleet.is_some(), backend_redis, "{path}");
+        // Every one of them drains in the order a rollout needs.
+        assert!(!settings.server.drain_delay.is_zero(), "{path}");
     }
 }
 
