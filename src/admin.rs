@@ -146,6 +146,7 @@ impl KillSwitch {
         reason: &str,
         by: &str,
     ) -> Result<Revocation, Status> {
+        check_reason(reason)?;
         check_client_id(client_id)?;
         if self.broker_registry_lacks(client_id) {
             return Err(Status::not_found(format!(
@@ -171,6 +172,7 @@ impl KillSwitch {
         reason: &str,
         by: &str,
     ) -> Result<Revocation, Status> {
+        check_reason(reason)?;
         check_client_id(client_id)?;
         let _guard = self.writing.lock().await;
         let Some(at_ms) = self
@@ -211,6 +213,7 @@ impl KillSwitch {
         by: &str,
     ) -> Result<Revocation, Status> {
         use pb::revoke_token_request::Which;
+        check_reason(reason)?;
         let now = now_ms();
         let (jti, until_ms) = match which {
             Some(Which::Token(token)) => {
@@ -319,6 +322,11 @@ impl AdminService {
     }
 }
 
+/// A revocation as the Admin answers carry it.
+fn answer(r: &Revocation) -> Option<PbRevocation> {
+    Some(PbRevocation::from(r))
+}
+
 /// The caller, as the layer verified it.
 fn caller<T>(request: &Request<T>) -> Result<String, Status> {
     auth::claims(request)
@@ -360,17 +368,13 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RevokeClientResponse>, Status> {
         let by = caller(&request)?;
         let req = request.into_inner();
-        let result = match check_reason(&req.reason) {
-            Ok(()) => {
-                self.kill
-                    .revoke_client(&req.client_id, &req.reason, &by)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
+        let result = self
+            .kill
+            .revoke_client(&req.client_id, &req.reason, &by)
+            .await;
         audit(&by, "revoke_client", &req.client_id, &req.reason, result).map(|r| {
             Response::new(pb::RevokeClientResponse {
-                revocation: Some(PbRevocation::from(&r)),
+                revocation: answer(&r),
             })
         })
     }
@@ -381,17 +385,13 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RestoreClientResponse>, Status> {
         let by = caller(&request)?;
         let req = request.into_inner();
-        let result = match check_reason(&req.reason) {
-            Ok(()) => {
-                self.kill
-                    .restore_client(&req.client_id, &req.reason, &by)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
+        let result = self
+            .kill
+            .restore_client(&req.client_id, &req.reason, &by)
+            .await;
         audit(&by, "restore_client", &req.client_id, &req.reason, result).map(|r| {
             Response::new(pb::RestoreClientResponse {
-                revocation: Some(PbRevocation::from(&r)),
+                revocation: answer(&r),
             })
         })
     }
@@ -408,17 +408,14 @@ impl pb::admin_server::Admin for AdminService {
             Some(pb::revoke_token_request::Which::Token(_)) => "token".to_owned(),
             None => String::new(),
         };
-        let result = match check_reason(&req.reason) {
-            Ok(()) => self.kill.revoke_token(req.which, &req.reason, &by).await,
-            Err(e) => Err(e),
-        };
+        let result = self.kill.revoke_token(req.which, &req.reason, &by).await;
         let target = match &result {
             Ok(r) => format!("jti:{}", r.id),
             Err(_) => named,
         };
         audit(&by, "revoke_token", &target, &req.reason, result).map(|r| {
             Response::new(pb::RevokeTokenResponse {
-                revocation: Some(PbRevocation::from(&r)),
+                revocation: answer(&r),
             })
         })
     }
