@@ -360,7 +360,7 @@ fn watcher_for(gw_channel: Channel, options: WatchOptions) -> RevocationWatcher 
 }
 
 /// Waits until `watcher`'s list holds an entry for `id`.
-async fn watched(watcher: &RevocationWatcher, id: &str) {
+async fn watched_list(watcher: &RevocationWatcher, id: &str) {
     let mut rx = watcher.revocations().subscribe();
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -392,7 +392,7 @@ async fn a_watching_auth_layer_refuses_revoked_tokens_and_catches_up_after_a_rec
         .revoke_client(bearer(revoke(CLIENT, "leak"), &admin_token))
         .await
         .unwrap();
-    watched(&watcher, CLIENT).await;
+    watched_list(&watcher, CLIENT).await;
     let err = echo(service, &old).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(
@@ -417,7 +417,7 @@ async fn a_watching_auth_layer_refuses_revoked_tokens_and_catches_up_after_a_rec
     list.revoke_client("client-z", now_ms, 86_400, "rotation drill", ADMIN);
     list.save(&dir.path().join("revocations.json")).unwrap();
     let gw = TestGateway::start_at(cfg, addr).await.ready().await;
-    watched(&watcher, "client-z").await;
+    watched_list(&watcher, "client-z").await;
     assert!(watcher.reconnects() >= 1);
     assert!(
         watcher
@@ -570,4 +570,54 @@ async fn the_fleet_refuses_on_every_replica_survives_redis_losing_its_data_and_t
     for r in replicas {
         r.stop().await;
     }
+}
+
+/// RemoteValidator's cache of Validate answers does not outlive a revocation:
+/// without a watched list an answer is asked again after a second, with one
+/// every hit is checked against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_validators_cached_answer_does_not_outlive_a_revocation() {
+    use m2m_gateway::auth::RemoteValidator;
+    let emu = world().await;
+    let gw = TestGateway::start(config(&emu, &registered()))
+        .await
+        .ready()
+        .await;
+    let mut client = gw.client().await;
+    let old = token(&mut client, CLIENT, SECRET).await.unwrap();
+    let admin_token = token(&mut client, ADMIN, ADMIN_SECRET).await.unwrap();
+    let plain = RemoteValidator::new(gw.channel().await, 1000);
+    let watcher = watcher_for(gw.channel().await, WatchOptions::default());
+    watcher.wait_for(|s| s == WatchState::Current).await;
+    let watched =
+        RemoteValidator::new(gw.channel().await, 1000).with_revocations(watcher.revocations());
+    // Both remember the valid answer.
+    assert!(plain.validate(&old, &[]).await.is_ok());
+    assert!(watched.validate(&old, &[]).await.is_ok());
+    AdminClient::new(gw.channel().await)
+        .revoke_client(bearer(revoke(CLIENT, "leak"), &admin_token))
+        .await
+        .unwrap();
+    // The watched one refuses as soon as its list has the revocation.
+    watched_list(&watcher, CLIENT).await;
+    let err = watched.validate(&old, &[]).await.unwrap_err();
+    assert_eq!(err.rejection, m2m_gateway::jwt::Rejection::Revoked);
+    // The plain one asks the gateway again within its second.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match plain.validate(&old, &[]).await {
+            Err(e) => {
+                assert_eq!(e.rejection, m2m_gateway::jwt::Rejection::Revoked);
+                break;
+            }
+            Ok(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the cached answer outlived the revocation"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    gw.stop().await;
 }
