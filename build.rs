@@ -48,5 +48,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");
+    // For dependents' build scripts (DEP_M2M_GATEWAY_PROTO): where
+    // m2m/auth/v1/options.proto is, to import it without a copy.
+    let protos = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("proto");
+    println!("cargo::metadata=proto={}", protos.display());
     Ok(())
 }
