@@ -35,7 +35,7 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct CallNote {
     client_id: OnceLock<Box<str>>,
-    rejection: OnceLock<Rejection>,
+    rejection: OnceLock<(Rejection, Box<str>)>,
 }
 
 impl CallNote {
@@ -51,9 +51,11 @@ impl CallNote {
         }
     }
 
-    /// Why Validate answered `valid: false`.
-    pub fn rejection(&self, rejection: Rejection) {
-        let _ = self.rejection.set(rejection);
+    /// Why Validate answered `valid: false`, and the validator's detail (which
+    /// never echoes the token; for a wrong issuer, the issuer seen and those
+    /// trusted).
+    pub fn rejection(&self, rejection: Rejection, detail: &str) {
+        let _ = self.rejection.set((rejection, detail.into()));
     }
 }
 
@@ -157,7 +159,8 @@ impl Call {
             .method
             .map_or(("unknown", "unknown"), |i| self.stats.at(i).names());
         let client_id = self.note.client_id.get().map_or("-", |c| &**c);
-        let rejection = self.note.rejection.get().map(|r| r.as_str());
+        let rejection = self.note.rejection.get().map(|(r, _)| r.as_str());
+        let detail = self.note.rejection.get().map(|(_, d)| &**d);
         let latency_us = latency.as_micros() as u64;
         let peer = self.peer.map(tracing::field::display);
         if code == Code::Ok && rejection.is_none() {
@@ -173,6 +176,7 @@ impl Call {
                 method,
                 status = ?code,
                 rejection,
+                detail,
                 latency_us,
                 client_id,
                 peer,

@@ -91,6 +91,25 @@ async fn routine_calls_log_at_debug_and_refusals_at_info() {
         "{} lines for 300 refusals",
         flood.len()
     );
+    // A token of an issuer the gateway does not trust: the line names the
+    // issuer seen and those trusted (a misconfigured pool shows at once).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let foreign = emu.sign(&serde_json::json!({
+        "sub": CLIENT, "client_id": CLIENT, "token_use": "access", "scope": "orders/read",
+        "iss": "https://issuer.example/us-east-1_Other", "iat": now, "exp": now + 600,
+    }));
+    let v = c
+        .validate(ValidateRequest {
+            token: foreign.clone(),
+            required_scopes: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.valid);
     let (_, metrics) = gw.admin_get("/metrics").await;
     assert!(
         metrics.contains("m2m_gateway_validations_total{result=\"malformed\"} 300"),
@@ -102,7 +121,11 @@ async fn routine_calls_log_at_debug_and_refusals_at_info() {
         .into_iter()
         .filter(|l| !l.contains("malformed"))
         .collect();
-    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines[2].contains("wrong_issuer"), "{lines:?}");
+    assert!(lines[2].contains("https://issuer.example/us-east-1_Other"), "{lines:?}");
+    assert!(lines[2].contains(&format!("trusted: {}", emu.issuer())), "{lines:?}");
+    assert!(!lines[2].contains(foreign.rsplit('.').next().unwrap()), "{lines:?}");
     assert!(lines[0].contains(" INFO "), "{lines:?}");
     assert!(lines[0].contains("method=\"Validate\""), "{lines:?}");
     assert!(lines[0].contains("insufficient_scope"), "{lines:?}");

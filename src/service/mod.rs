@@ -118,7 +118,7 @@ impl pb::gateway_server::Gateway for GatewayService {
             }
             Err(invalid) => {
                 if let Some(note) = &note {
-                    note.rejection(invalid.rejection);
+                    note.rejection(invalid.rejection, &invalid.detail);
                 }
                 pb::ValidateResponse {
                     valid: false,
