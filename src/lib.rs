@@ -20,6 +20,21 @@
 //!   ```toml
 //!   m2m-gateway = { version = "0.1", default-features = false, features = ["auth"] }
 //!   ```
+//! - `emulator`: a local Cognito user pool in-process for tests (`emulator`),
+//!   without the gateway.
+//!
+//! ## What a service uses
+//!
+//! The names a tonic service needs are here at the root:
+//!
+//! | to | use |
+//! |---|---|
+//! | check tokens on a server | [`AuthLayer`] with an [`AuthPolicy`] (or [`AuthPolicy::from_descriptors`] of your `.proto`), [`claims`] in handlers |
+//! | build the validator | [`CognitoValidator::builder`] → [`JwtValidator`]; [`Claims`], [`Invalid`], [`Rejection`], [`BuildError`] |
+//! | ask a gateway instead | [`RemoteValidator`] |
+//! | refuse revoked tokens in-process | [`RevocationWatcher`] with [`WatchOptions`] / [`WhenStale`], its [`Revocations`] given to the validator |
+//! | attach tokens on a client | [`TokenSource`] and its interceptor; [`UpstreamError`] |
+//! | harden the server against strangers | [`Edge`] with [`EdgeSettings`] (`Edge::layers`) |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -65,4 +80,12 @@ pub mod status;
 #[cfg(feature = "gateway")]
 pub mod telemetry;
 
+pub use auth::{
+    AuthLayer, AuthPolicy, RemoteValidator, RevocationWatcher, TokenSource, WatchOptions,
+    WhenStale, claims,
+};
+pub use edge::{Edge, EdgeSettings};
 pub use http::EndpointError;
+pub use jwt::{BuildError, Claims, CognitoValidator, Invalid, JwtValidator, Rejection};
+pub use oauth::UpstreamError;
+pub use revocations::Revocations;

@@ -123,9 +123,18 @@ async fn routine_calls_log_at_debug_and_refusals_at_info() {
         .collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines[2].contains("wrong_issuer"), "{lines:?}");
-    assert!(lines[2].contains("https://issuer.example/us-east-1_Other"), "{lines:?}");
-    assert!(lines[2].contains(&format!("trusted: {}", emu.issuer())), "{lines:?}");
-    assert!(!lines[2].contains(foreign.rsplit('.').next().unwrap()), "{lines:?}");
+    assert!(
+        lines[2].contains("https://issuer.example/us-east-1_Other"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].contains(&format!("trusted: {}", emu.issuer())),
+        "{lines:?}"
+    );
+    assert!(
+        !lines[2].contains(foreign.rsplit('.').next().unwrap()),
+        "{lines:?}"
+    );
     assert!(lines[0].contains(" INFO "), "{lines:?}");
     assert!(lines[0].contains("method=\"Validate\""), "{lines:?}");
     assert!(lines[0].contains("insufficient_scope"), "{lines:?}");

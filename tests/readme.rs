@@ -16,7 +16,9 @@ fn every_rust_snippet_of_the_readme_is_in_a_compiled_example() {
         }
         // An adopter crate's file: CI builds that crate from the README and
         // runs its test (.ci/adopter.sh).
-        if i.checked_sub(1).is_some_and(|j| lines[j].starts_with("<!-- adopter: ")) {
+        if i.checked_sub(1)
+            .is_some_and(|j| lines[j].starts_with("<!-- adopter: "))
+        {
             continue;
         }
         let marker = i
