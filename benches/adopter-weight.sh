@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# What the library costs an adopter: the README's adopter crate (a tonic service
+# with its .proto, build.rs, and m2m-gateway with `auth`) against the same crate
+# without m2m-gateway (plain tonic), each built clean in its own target
+# directory. Prints the unique crates (name and version, normal dependencies)
+# and the clean debug build's wall time of each.
+#   benches/adopter-weight.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo="$PWD"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+python3 - "$work/with" "$repo" <<'PY'
+import pathlib, re, sys
+dest, repo = pathlib.Path(sys.argv[1]), sys.argv[2]
+text = pathlib.Path("README.md").read_text()
+for path, body in re.findall(r"<!-- adopter: (\S+) -->\n```[a-z]*\n(.*?)\n```", text, re.S):
+    if path == "Cargo.toml":
+        body = body.replace('m2m-gateway = { version = "0.1",', f'm2m-gateway = {{ path = "{repo}",') + "\n[workspace]\n"
+    f = dest / path
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(body + "\n")
+PY
+# Plain tonic: the same crate without m2m-gateway (its options.proto copied in,
+# the policy test left out).
+cp -r "$work/with" "$work/plain"
+sed -i '/^m2m-gateway = /d' "$work/plain/Cargo.toml"
+rm -rf "$work/plain/tests"
+mkdir -p "$work/plain/proto/m2m/auth/v1"
+cp proto/m2m/auth/v1/options.proto "$work/plain/proto/m2m/auth/v1/"
+sed -i 's|let m2m_protos = env::var("DEP_M2M_GATEWAY_PROTO")?;|let m2m_protos = String::from("proto");|' "$work/plain/build.rs"
+for crate in plain with; do
+  cp Cargo.lock "$work/$crate/"
+  cargo fetch -q --manifest-path "$work/$crate/Cargo.toml"
+  crates=$(cargo tree -q --manifest-path "$work/$crate/Cargo.toml" -e normal --prefix none \
+    | sed 's/ (\*)//; s/ (proc-macro)//; s/ (\/.*)//' | sort -u | wc -l)
+  start=$(date +%s.%N)
+  CARGO_TARGET_DIR="$work/target-$crate" cargo build -q --manifest-path "$work/$crate/Cargo.toml"
+  end=$(date +%s.%N)
+  printf '%-6s %4d unique crates, clean debug build %.1f s\n' "$crate" "$crates" "$(python3 -c "print($end - $start)")"
+done
