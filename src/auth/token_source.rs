@@ -210,7 +210,7 @@ impl TokenSource {
         client_id: impl Into<String>,
         secret: impl Into<String>,
         scopes: I,
-    ) -> Result<Self, crate::EndpointError> {
+    ) -> Result<Self, crate::http::EndpointError> {
         crate::http::check_transport(&token_endpoint)?;
         let client = CognitoClient::new(
             token_endpoint,
