@@ -293,10 +293,17 @@ impl RevocationList {
     /// Whether a token of `client_id` issued at `iat_ms` (with `jti`, when it
     /// carries one) is refused.
     pub fn is_revoked(&self, client_id: &str, iat_ms: u64, jti: Option<&str>) -> bool {
-        self.clients
-            .get(client_id)
-            .is_some_and(|e| iat_ms <= e.at_ms)
-            || jti.is_some_and(|j| self.tokens.contains_key(j))
+        self.verdict(client_id, iat_ms, jti.unwrap_or_default())
+            .is_some()
+    }
+
+    /// Why a token of `client_id` issued at `iat_ms` (Unix ms), with `jti`
+    /// (empty: none), is refused: the one rule every check applies.
+    pub fn verdict(&self, client_id: &str, iat_ms: u64, jti: &str) -> Option<Verdict> {
+        if self.client(client_id).is_some_and(|e| iat_ms <= e.at_ms) {
+            return Some(Verdict::ClientRevoked);
+        }
+        (!jti.is_empty() && self.tokens.contains_key(jti)).then_some(Verdict::TokenRevoked)
     }
 
     /// Drops what can no longer cover a valid token at `now_ms` (a client still
@@ -524,12 +531,8 @@ impl Revocations {
 
     #[cold]
     fn check_slow(&self, client_id: &str, iat: i64, jti: &str) -> Option<Verdict> {
-        let list = self.inner.list.borrow();
         let iat_ms = u64::try_from(iat).unwrap_or(0).saturating_mul(1000);
-        if list.client(client_id).is_some_and(|e| iat_ms <= e.at_ms) {
-            return Some(Verdict::ClientRevoked);
-        }
-        (!jti.is_empty() && list.token(jti).is_some()).then_some(Verdict::TokenRevoked)
+        self.inner.list.borrow().verdict(client_id, iat_ms, jti)
     }
 
     /// Whether `client_id` is cut off from new tokens.
@@ -542,12 +545,13 @@ impl Revocations {
     /// `jti` (empty: none) is covered by a revocation of its client or itself.
     #[inline]
     pub fn covers(&self, client_id: &str, issued_ms: u64, jti: &str) -> bool {
-        if !self.inner.active.load(Relaxed) {
-            return false;
-        }
-        let list = self.inner.list.borrow();
-        list.client(client_id).is_some_and(|e| issued_ms <= e.at_ms)
-            || (!jti.is_empty() && list.token(jti).is_some())
+        self.inner.active.load(Relaxed)
+            && self
+                .inner
+                .list
+                .borrow()
+                .verdict(client_id, issued_ms, jti)
+                .is_some()
     }
 
     /// Refuses every token (or stops refusing): a watcher whose list went stale

@@ -110,12 +110,8 @@ impl RemoteValidator {
                 claims
             }
         };
-        if let Some(verdict) = self
-            .revocations
-            .as_ref()
-            .and_then(|r| r.check(claims.client_id(), claims.issued_at(), claims.jti()))
-        {
-            return Err(Invalid::new(Rejection::Revoked, verdict.detail()));
+        if let Some(revocations) = &self.revocations {
+            crate::jwt::not_revoked(revocations, &claims)?;
         }
         claims.check_use(now, self.leeway, None, required_scopes)?;
         Ok(claims)

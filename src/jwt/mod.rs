@@ -29,6 +29,7 @@ pub use jwks::{
     HttpFetcher, JwksError, JwksFetcher, JwksStats, JwksStatsSnapshot, KeyError, KeySet,
     MAX_JWKS_BYTES, MAX_KID_LEN, StaticJwks, VerifyingKey, parse_jwks,
 };
+pub(crate) use validator::not_revoked;
 pub use validator::{JwtValidator, TrustError, TrustedIssuer, ValidatorSettings};
 
 /// Why a token was refused. Maps 1:1 onto the proto `Rejection` enum; the

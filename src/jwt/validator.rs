@@ -372,14 +372,13 @@ impl JwtValidator {
     /// A valid token whose client or `jti` is revoked is REVOKED.
     #[inline]
     fn unrevoked(&self, result: Result<Arc<Claims>, Invalid>) -> Result<Arc<Claims>, Invalid> {
-        if let (Ok(claims), Some(revocations)) = (&result, &self.inner.revocations) {
-            if let Some(verdict) =
-                revocations.check(claims.client_id(), claims.issued_at(), claims.jti())
-            {
-                return Err(Invalid::new(Rejection::Revoked, verdict.detail()));
+        match (result, &self.inner.revocations) {
+            (Ok(claims), Some(revocations)) => {
+                not_revoked(revocations, &claims)?;
+                Ok(claims)
             }
+            (result, _) => result,
         }
-        result
     }
 
     /// The trusted issuers, in order, each with the outcomes of the tokens that
@@ -736,6 +735,16 @@ impl JwtValidator {
             required_scopes,
         )?;
         Ok(claims)
+    }
+}
+
+/// REVOKED when `revocations` refuses the verified `claims`: the one check the
+/// validator and [`RemoteValidator`](crate::auth::RemoteValidator) make.
+#[inline]
+pub(crate) fn not_revoked(revocations: &Revocations, claims: &Claims) -> Result<(), Invalid> {
+    match revocations.check(claims.client_id(), claims.issued_at(), claims.jti()) {
+        Some(verdict) => Err(Invalid::new(Rejection::Revoked, verdict.detail())),
+        None => Ok(()),
     }
 }
 
