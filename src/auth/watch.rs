@@ -262,7 +262,25 @@ impl RevocationWatcher {
 }
 
 impl Shared {
-    fn set_state(&self, state: WatchState) {
+    /// Moves to the state `to` computes from the current one and the time of
+    /// the last update (`None`: stay). Every change of state goes through
+    /// here, under the lock of `last_heard`, so that the stream's task and the
+    /// staleness judge never undo each other's step; the refusal switch is set
+    /// before the new state shows, so whoever sees a state sees its effect.
+    fn transition(
+        &self,
+        heard_now: bool,
+        to: impl FnOnce(WatchState, Option<Instant>) -> Option<WatchState>,
+    ) {
+        let mut last = self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
+        if heard_now {
+            *last = Some(Instant::now());
+        }
+        let Some(state) = to(*self.state.borrow(), *last) else {
+            return;
+        };
+        self.revocations
+            .set_refuse_all(state == WatchState::Refusing);
         self.state.send_if_modified(|s| {
             if *s == state {
                 return false;
@@ -271,14 +289,11 @@ impl Shared {
             *s = state;
             true
         });
-        self.revocations
-            .set_refuse_all(state == WatchState::Refusing);
     }
 
     fn heard(&self) {
-        *self.last_heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         self.updates.fetch_add(1, Relaxed);
-        self.set_state(WatchState::Current);
+        self.transition(true, |_, _| Some(WatchState::Current));
     }
 }
 
@@ -295,9 +310,9 @@ async fn follow(shared: Arc<Shared>, mut client: GatewayClient<Channel>, tokens:
         }
         first = false;
         let outcome = session(&shared, &mut client, &tokens, &mut list, &mut resume).await;
-        if *shared.state.borrow() == WatchState::Current {
-            shared.set_state(WatchState::Reconnecting);
-        }
+        shared.transition(false, |s, _| {
+            (s == WatchState::Current).then_some(WatchState::Reconnecting)
+        });
         match outcome {
             // The gateway ended a healthy stream (its stream lifetime, a
             // drain): made again at once.
@@ -391,17 +406,15 @@ async fn judge_staleness(shared: Arc<Shared>) {
         tokio::time::interval((max / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
     loop {
         tick.tick().await;
-        let last = *shared.last_heard.lock().unwrap_or_else(|p| p.into_inner());
-        let state = *shared.state.borrow();
-        let silent = match last {
-            Some(t) => t.elapsed() > max,
-            None => false,
-        };
-        if silent && matches!(state, WatchState::Reconnecting | WatchState::Current) {
-            shared.set_state(match shared.options.when_stale {
-                WhenStale::KeepServing => WatchState::Stale,
-                WhenStale::RefuseAll => WatchState::Refusing,
-            });
-        }
+        let when_stale = shared.options.when_stale;
+        shared.transition(false, |state, last| {
+            let silent = last.is_some_and(|t| t.elapsed() > max);
+            (silent && matches!(state, WatchState::Reconnecting | WatchState::Current)).then_some(
+                match when_stale {
+                    WhenStale::KeepServing => WatchState::Stale,
+                    WhenStale::RefuseAll => WatchState::Refusing,
+                },
+            )
+        });
     }
 }
