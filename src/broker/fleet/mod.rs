@@ -12,7 +12,7 @@ use std::{
         Mutex,
         atomic::{AtomicBool, AtomicU8, Ordering::Relaxed},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use aws_lc_rs::{
@@ -86,12 +86,7 @@ impl fmt::Debug for SharedEntry {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::revocations::now_ms;
 
 /// The wall-clock time (ms) of a local instant.
 pub(crate) fn instant_to_ms(at: Instant) -> u64 {
