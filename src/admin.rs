@@ -38,6 +38,10 @@ pub struct KillSwitch {
     max_lifetime_secs: u64,
     /// One change (and one save of the state file) at a time.
     writing: tokio::sync::Mutex<()>,
+    /// The version of the list the state file holds: a change is saved once,
+    /// by whoever made it (an admin call, or the maintenance task for changes
+    /// from the fleet and expiry).
+    saved: std::sync::atomic::AtomicU64,
 }
 
 /// Reads the state file at start: a missing file is an empty list, an
@@ -57,12 +61,15 @@ pub fn load_state(settings: &RevocationSettings) -> Result<RevocationList, State
 impl KillSwitch {
     /// The kill switch over `broker`'s revocations (which `validator` refuses).
     pub fn new(broker: Broker, validator: JwtValidator, settings: &RevocationSettings) -> Self {
+        // The list as loaded from the state file.
+        let saved = broker.revocations().snapshot().version();
         Self {
             broker,
             validator,
             state_file: settings.state_file.clone(),
             max_lifetime_secs: settings.max_token_lifetime_secs,
             writing: tokio::sync::Mutex::new(()),
+            saved: saved.into(),
         }
     }
 
@@ -77,6 +84,7 @@ impl KillSwitch {
             return Ok(());
         };
         let list = self.revocations().snapshot();
+        let version = list.version();
         tokio::task::spawn_blocking(move || list.save(&path))
             .await
             .unwrap_or_else(|e| {
@@ -84,7 +92,10 @@ impl KillSwitch {
                     path: PathBuf::new(),
                     source: std::io::Error::other(e.to_string()),
                 })
-            })
+            })?;
+        self.saved
+            .store(version, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Drops expired entries every few seconds, and keeps the state file in
@@ -94,7 +105,6 @@ impl KillSwitch {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut changes = this.revocations().subscribe();
-            let mut saved = changes.borrow_and_update().version();
             let mut tick = tokio::time::interval(EXPIRE_EVERY);
             loop {
                 tokio::select! {
@@ -108,12 +118,18 @@ impl KillSwitch {
                         }
                     }
                 }
-                let version = changes.borrow_and_update().version();
-                if version != saved && this.state_file.is_some() {
+                let unsaved = || {
+                    this.revocations().snapshot().version()
+                        != this.saved.load(std::sync::atomic::Ordering::Relaxed)
+                };
+                changes.borrow_and_update();
+                if this.state_file.is_some() && unsaved() {
                     let _guard = this.writing.lock().await;
-                    match this.save().await {
-                        Ok(()) => saved = version,
-                        Err(e) => tracing::error!(error = %e, "revocations not saved"),
+                    // An admin call may have saved it while this waited.
+                    if unsaved() {
+                        if let Err(e) = this.save().await {
+                            tracing::error!(error = %e, "revocations not saved");
+                        }
                     }
                 }
             }
@@ -148,7 +164,7 @@ impl KillSwitch {
     ) -> Result<Revocation, Status> {
         check_reason(reason)?;
         check_client_id(client_id)?;
-        if self.broker_registry_lacks(client_id) {
+        if !self.broker.is_registered(client_id) {
             return Err(Status::not_found(format!(
                 "no registered client {client_id:?} (check [[clients]])"
             )));
@@ -273,10 +289,6 @@ impl KillSwitch {
         let entry = entry.ok_or_else(|| Status::internal("the entry vanished"))?;
         self.commit(&entry).await?;
         Ok(entry)
-    }
-
-    fn broker_registry_lacks(&self, client_id: &str) -> bool {
-        !self.broker.is_registered(client_id)
     }
 }
 
