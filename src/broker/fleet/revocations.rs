@@ -47,11 +47,14 @@ impl FleetCache {
             Err(e) => return Err(e),
         };
         if n > MAX_REVOCATION_FIELDS {
+            // Stuffed: cleared, so that a replica that starts later does not
+            // read an empty list from it forever; the replicas write theirs back.
             self.stats.corrupt.fetch_add(1, Relaxed);
             tracing::warn!(
                 fields = n,
-                "the revocations hash in Redis is oversized; skipped"
+                "the revocations hash in Redis is oversized; cleared (replicas write back theirs)"
             );
+            let _: i64 = self.call(redis::cmd("DEL").arg(REVOCATIONS_KEY)).await?;
             return Ok(Vec::new());
         }
         let fields: Vec<(String, Vec<u8>)> =
@@ -60,19 +63,27 @@ impl FleetCache {
                 other => other?,
             };
         let mut entries = Vec::with_capacity(fields.len());
+        let mut junk = Vec::new();
         for (field, blob) in fields {
             let opened: Option<Revocation> = self.open(&format!("{REVOCATIONS_KEY}/{field}"), blob);
             match opened {
                 // Bound to its field: a sealed entry cannot be moved to
                 // cover (or uncover) something else.
                 Some(r) if self.revocation_field(r.target, &r.id) == field => entries.push(r),
-                _ => {
-                    self.stats.corrupt.fetch_add(1, Relaxed);
-                    tracing::warn!(
-                        "a revocation in Redis did not open with this fleet's key; skipped (replicas write back theirs)"
-                    );
-                }
+                _ => junk.push(field),
             }
+        }
+        if !junk.is_empty() {
+            // Removed, so that junk cannot pile up to the bound; a real entry
+            // it replaced is written back by the replicas that hold it.
+            self.stats.corrupt.fetch_add(junk.len() as u64, Relaxed);
+            tracing::warn!(
+                fields = junk.len(),
+                "revocations in Redis that did not open with this fleet's key; removed (replicas write back theirs)"
+            );
+            let _: i64 = self
+                .call(redis::cmd("HDEL").arg(REVOCATIONS_KEY).arg(&junk))
+                .await?;
         }
         Ok(entries)
     }
