@@ -3,11 +3,18 @@
 # describes, from the README's own text (every block marked
 # `<!-- adopter: PATH -->`), against this checkout (a path dependency instead
 # of the version), and runs its test: the recipe cannot rot.
+#   .ci/adopter.sh               build and test it in a scratch directory
+#   .ci/adopter.sh --write DIR   only write the crate to DIR (benches/adopter-weight.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
-dir="$(mktemp -d)"
-trap 'rm -rf "$dir"' EXIT
+if [ "${1:-}" = "--write" ]; then
+  dir="$2"
+  mkdir -p "$dir"
+else
+  dir="$(mktemp -d)"
+  trap 'rm -rf "$dir"' EXIT
+fi
 python3 - "$dir" "$repo" <<'PY'
 import pathlib, re, sys
 dest, repo = pathlib.Path(sys.argv[1]), sys.argv[2]
@@ -28,4 +35,5 @@ PY
 # The same versions as this checkout where they overlap, and its compiled
 # dependencies reused.
 cp Cargo.lock "$dir/"
+[ "${1:-}" = "--write" ] && exit 0
 CARGO_TARGET_DIR="$repo/target/adopter" cargo test --manifest-path "$dir/Cargo.toml" -q

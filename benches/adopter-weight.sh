@@ -7,20 +7,9 @@
 #   benches/adopter-weight.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo="$PWD"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-python3 - "$work/with" "$repo" <<'PY'
-import pathlib, re, sys
-dest, repo = pathlib.Path(sys.argv[1]), sys.argv[2]
-text = pathlib.Path("README.md").read_text()
-for path, body in re.findall(r"<!-- adopter: (\S+) -->\n```[a-z]*\n(.*?)\n```", text, re.S):
-    if path == "Cargo.toml":
-        body = body.replace('m2m-gateway = { version = "0.1",', f'm2m-gateway = {{ path = "{repo}",') + "\n[workspace]\n"
-    f = dest / path
-    f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(body + "\n")
-PY
+.ci/adopter.sh --write "$work/with" >/dev/null
 # Plain tonic: the same crate without m2m-gateway (its options.proto copied in,
 # the policy test left out).
 cp -r "$work/with" "$work/plain"
@@ -30,7 +19,6 @@ mkdir -p "$work/plain/proto/m2m/auth/v1"
 cp proto/m2m/auth/v1/options.proto "$work/plain/proto/m2m/auth/v1/"
 sed -i 's|let m2m_protos = env::var("DEP_M2M_GATEWAY_PROTO")?;|let m2m_protos = String::from("proto");|' "$work/plain/build.rs"
 for crate in plain with; do
-  cp Cargo.lock "$work/$crate/"
   cargo fetch -q --manifest-path "$work/$crate/Cargo.toml"
   crates=$(cargo tree -q --manifest-path "$work/$crate/Cargo.toml" -e normal --prefix none \
     | sed 's/ (\*)//; s/ (proc-macro)//; s/ (\/.*)//' | sort -u | wc -l)
