@@ -104,30 +104,57 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let method = self.stats.method(req.uri().path());
+        let span = rpc_span(&self.stats, method, &req);
         let mut call = Call {
             stats: self.stats.clone(),
-            method: self.stats.method(req.uri().path()),
+            method,
             started: Instant::now(),
             note: Arc::new(CallNote::default()),
             peer: edge::peer_addr(&req),
             header_code: None,
+            span: span.clone(),
         };
         req.extensions_mut().insert(call.note.clone());
-        let answer = self.inner.call(req);
-        Box::pin(async move {
-            let response = answer.await?;
-            call.header_code = response
-                .headers()
-                .get("grpc-status")
-                .map(|v| grpc_code(v.as_bytes()));
-            Ok(response.map(|inner| {
-                Body::new(Observed {
-                    inner,
-                    call: Some(call),
-                })
-            }))
-        })
+        let answer = span.in_scope(|| self.inner.call(req));
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let response = answer.await?;
+                call.header_code = response
+                    .headers()
+                    .get("grpc-status")
+                    .map(|v| grpc_code(v.as_bytes()));
+                Ok(response.map(|inner| {
+                    Body::new(Observed {
+                        inner,
+                        call: Some(call),
+                    })
+                }))
+            },
+            span,
+        ))
     }
+}
+
+/// The call's span (OpenTelemetry's gRPC server span), a child of the caller's
+/// trace when its `traceparent` says so; it ends with the answer. Named by the
+/// method when it is one of ours, never by a caller's path.
+fn rpc_span(stats: &RpcStats, method: Option<usize>, req: &http::Request<Body>) -> tracing::Span {
+    let (service, name) = method.map_or(("unknown", "unknown"), |i| stats.at(i).names());
+    let span = tracing::debug_span!(
+        target: crate::trace_context::TARGET,
+        "rpc",
+        otel.name = method.map_or("unknown", |i| stats.at(i).path.trim_start_matches('/')),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = name,
+        rpc.grpc.status_code = tracing::field::Empty,
+        m2m.client_id = tracing::field::Empty,
+    );
+    crate::trace_context::join(&span, req.headers());
+    span
 }
 
 fn grpc_code(value: &[u8]) -> Code {
@@ -147,6 +174,8 @@ struct Call {
     peer: Option<SocketAddr>,
     /// `grpc-status` of a trailers-only answer.
     header_code: Option<Code>,
+    /// The call's trace span (disabled unless traces are on).
+    span: tracing::Span,
 }
 
 impl Call {
@@ -163,6 +192,13 @@ impl Call {
         let detail = self.note.rejection.get().map(|(_, d)| &**d);
         let latency_us = latency.as_micros() as u64;
         let peer = self.peer.map(tracing::field::display);
+        if !self.span.is_disabled() {
+            self.span.record("rpc.grpc.status_code", code as i32);
+            self.span.record("m2m.client_id", client_id);
+            if code != Code::Ok {
+                self.span.record("otel.status_code", "ERROR");
+            }
+        }
         if code == Code::Ok && rejection.is_none() {
             tracing::debug!(target: "m2m_gateway::rpc", service, method, status = ?code, latency_us, client_id, peer, "rpc");
             return;

@@ -79,6 +79,7 @@ pub mod settings;
 pub mod status;
 #[cfg(feature = "gateway")]
 pub mod telemetry;
+pub mod trace_context;
 
 pub use auth::{
     AuthLayer, AuthPolicy, RemoteValidator, RevocationWatcher, TokenSource, WatchOptions,

@@ -4,13 +4,16 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use m2m_gateway::telemetry::traces::Traces;
 use m2m_gateway::{
     emulator::{Emulator, EmulatorClient, EmulatorConfig},
     ops::{self, shutdown_signal},
     server::{App, StartError},
     settings::Settings,
 };
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing_subscriber::{
+    EnvFilter, Layer as _, fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+};
 
 #[derive(Parser)]
 #[command(
@@ -131,25 +134,46 @@ fn local_addr(text: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{text:?} is not IP:PORT (e.g. 127.0.0.1:50051) or localhost:PORT"))
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr under `RUST_LOG` (default `info`); the trace pipeline, when
+/// there is one, sees this crate's spans only.
+fn init_logging(format: LogFormat, traces: Option<&Traces>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a terminal: escape codes cost time and clutter log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let logs = match format {
+        LogFormat::Text => fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces.map(Traces::layer))
+        .init();
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_format = cli.log_format;
-    init_logging(log_format);
+    // Traces only for the commands that serve calls.
+    let traces = match cli.command {
+        Command::Serve { .. } | Command::Dev { .. } => Traces::from_env(),
+        _ => Ok(None),
+    };
+    let traces = match traces {
+        Ok(traces) => traces,
+        Err(e) => {
+            init_logging(log_format, None);
+            return fail(log_format, &anyhow::anyhow!(e));
+        }
+    };
+    init_logging(log_format, traces.as_ref());
     let result = match cli.command {
         Command::CheckConfig { file } => match Settings::load(&file) {
             Ok(settings) => {
@@ -193,17 +217,23 @@ async fn main() -> ExitCode {
             expires_in,
         } => emulator(listen, pool_id, clients, expires_in).await,
     };
+    if let Some(traces) = traces {
+        // Blocks until the last batch is sent (or the export timeout).
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            match log_format {
-                // One JSON object like every other line, for log pipelines.
-                LogFormat::Json => tracing::error!(error = %format!("{e:#}"), "fatal"),
-                LogFormat::Text => eprintln!("error: {e:#}"),
-            }
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(log_format, &e),
     }
+}
+
+fn fail(log_format: LogFormat, e: &anyhow::Error) -> ExitCode {
+    match log_format {
+        // One JSON object like every other line, for log pipelines.
+        LogFormat::Json => tracing::error!(error = %format!("{e:#}"), "fatal"),
+        LogFormat::Text => eprintln!("error: {e:#}"),
+    }
+    ExitCode::FAILURE
 }
 
 async fn check_redis(path: &std::path::Path) -> anyhow::Result<()> {

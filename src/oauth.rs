@@ -197,9 +197,25 @@ impl CognitoClient {
                 other => other.map_err(Attempt::into_error),
             }
         };
-        tokio::time::timeout(self.timeout, attempt_loop)
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout))
+        let span = tracing::debug_span!(
+            target: crate::trace_context::TARGET,
+            "token endpoint",
+            otel.kind = "client",
+            http.request.method = "POST",
+            server.address = self.endpoint.host_str().unwrap_or_default(),
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let result = tracing::Instrument::instrument(
+            tokio::time::timeout(self.timeout, attempt_loop),
+            span.clone(),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout));
+        if let Err(e) = &result {
+            span.record("error.type", e.label());
+        }
+        result
     }
 
     async fn attempt(
@@ -212,11 +228,15 @@ impl CognitoClient {
         if !scope.is_empty() {
             form.push(("scope", scope));
         }
+        // The trace goes on to the token endpoint (`otel` feature).
+        let mut trace = ::http::HeaderMap::new();
+        crate::trace_context::inject(&tracing::Span::current(), &mut trace);
         let resp = self
             .http
             .post(self.endpoint.clone())
             .basic_auth(client_id, Some(secret.expose_secret()))
             .header("accept", "application/json")
+            .headers(trace)
             .form(&form)
             .send()
             .await
@@ -231,6 +251,7 @@ impl CognitoClient {
                 }
             })?;
         let status = resp.status();
+        tracing::Span::current().record("http.response.status_code", i64::from(status.as_u16()));
         let body = http::read_limited(resp, MAX_RESPONSE_BYTES)
             .await
             .map_err(|e| match e {

@@ -232,52 +232,85 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
+        let span = server_span(&req);
         ResponseFuture {
-            inner: Box::pin(async move {
-                let scopes = match shared.policy.requirement(req.uri().path()) {
-                    Requirement::Public => return inner.call(req).await,
-                    Requirement::Scopes(scopes) => scopes,
-                    Requirement::Denied => {
-                        return Ok(tonic::Status::permission_denied(
+            inner: Box::pin(tracing::Instrument::instrument(
+                async move {
+                    let scopes = match shared.policy.requirement(req.uri().path()) {
+                        Requirement::Public => return inner.call(req).await,
+                        Requirement::Scopes(scopes) => scopes,
+                        Requirement::Denied => {
+                            return Ok(tonic::Status::permission_denied(
                             "this method declares no required scopes: it is refused to every caller (declare (m2m.auth.v1.required_scopes) or (m2m.auth.v1.public) in its .proto)",
                         )
                         .into_http());
-                    }
-                };
-                let mut values = req.headers().get_all(http::header::AUTHORIZATION).iter();
-                let header = match (values.next(), values.next()) {
-                    (Some(v), None) => v.to_str().ok(),
-                    (None, _) => None,
-                    (Some(_), Some(_)) => Some("multiple authorization headers"),
-                };
-                let token = match bearer_token(header) {
-                    Ok(token) => token,
-                    Err(status) => {
-                        shared.log_refusal(req.uri().path(), "no_bearer_token", status.message());
-                        return Ok(status.into_http());
-                    }
-                };
-                match shared.verifier.verify(token, scopes).await {
-                    Ok(claims) => {
-                        if let Some(check) = &shared.check {
-                            if let Err(message) = check(&claims, req.uri().path()) {
-                                shared.log_refusal(req.uri().path(), "custom_check", &message);
-                                return Ok(tonic::Status::permission_denied(message).into_http());
-                            }
                         }
-                        req.extensions_mut().insert(VerifiedClaims(claims));
-                        inner.call(req).await
+                    };
+                    let mut values = req.headers().get_all(http::header::AUTHORIZATION).iter();
+                    let header = match (values.next(), values.next()) {
+                        (Some(v), None) => v.to_str().ok(),
+                        (None, _) => None,
+                        (Some(_), Some(_)) => Some("multiple authorization headers"),
+                    };
+                    let token = match bearer_token(header) {
+                        Ok(token) => token,
+                        Err(status) => {
+                            shared.log_refusal(
+                                req.uri().path(),
+                                "no_bearer_token",
+                                status.message(),
+                            );
+                            return Ok(status.into_http());
+                        }
+                    };
+                    match shared.verifier.verify(token, scopes).await {
+                        Ok(claims) => {
+                            if let Some(check) = &shared.check {
+                                if let Err(message) = check(&claims, req.uri().path()) {
+                                    shared.log_refusal(req.uri().path(), "custom_check", &message);
+                                    return Ok(
+                                        tonic::Status::permission_denied(message).into_http()
+                                    );
+                                }
+                            }
+                            req.extensions_mut().insert(VerifiedClaims(claims));
+                            inner.call(req).await
+                        }
+                        Err(invalid) => {
+                            shared.log_refusal(
+                                req.uri().path(),
+                                invalid.rejection.as_str(),
+                                &invalid.detail,
+                            );
+                            Ok(refusal(&invalid, scopes).into_http())
+                        }
                     }
-                    Err(invalid) => {
-                        shared.log_refusal(
-                            req.uri().path(),
-                            invalid.rejection.as_str(),
-                            &invalid.detail,
-                        );
-                        Ok(refusal(&invalid, scopes).into_http())
-                    }
-                }
-            }),
+                },
+                span,
+            )),
         }
     }
+}
+
+/// The call's server span, joined to the caller's trace (`traceparent`),
+/// unless a span is already open around this layer (the gateway's own,
+/// tower-http's TraceLayer): then that one is the call's. One level check
+/// while `debug` spans are off.
+fn server_span<B>(req: &Request<B>) -> tracing::Span {
+    if !tracing::level_enabled!(tracing::Level::DEBUG) || !tracing::Span::current().is_none() {
+        return tracing::Span::none();
+    }
+    let path = req.uri().path().trim_start_matches('/');
+    let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    let span = tracing::debug_span!(
+        target: crate::trace_context::TARGET,
+        "rpc",
+        otel.name = path,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+    );
+    crate::trace_context::join(&span, req.headers());
+    span
 }

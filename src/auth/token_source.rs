@@ -294,6 +294,8 @@ impl Interceptor for BearerInterceptor {
         let value = MetadataValue::try_from(format!("Bearer {}", token.expose()))
             .map_err(|_| Status::internal("token is not valid metadata"))?;
         request.metadata_mut().insert("authorization", value);
+        // The caller's trace goes on with the call (`otel` feature).
+        crate::trace_context::inject_metadata(request.metadata_mut());
         Ok(request)
     }
 }

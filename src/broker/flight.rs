@@ -160,29 +160,34 @@ impl Broker {
                 let credentials = credentials.clone();
                 let (key, scopes, current) = (req.key, req.scopes, req.current);
                 let guard_key = flight_key.clone();
-                let task = tokio::spawn(async move {
-                    let _guard = FlightGuard {
-                        broker: this.clone(),
-                        key: Some(guard_key),
-                    };
-                    let req = Fetch {
-                        client: &client,
-                        key,
-                        caller: Caller {
-                            credentials: &credentials,
-                            verifier,
-                            source,
-                            proven,
-                        },
-                        scopes,
-                        current,
-                    };
-                    let result = this.obtain(&req).await;
-                    if let Ok(entry) = &result {
-                        this.inner.cache.insert(req.key.clone(), entry.clone());
-                    }
-                    result
-                });
+                // The fetch is the flight's first caller's child in its trace.
+                let span = tracing::Span::current();
+                let task = tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let _guard = FlightGuard {
+                            broker: this.clone(),
+                            key: Some(guard_key),
+                        };
+                        let req = Fetch {
+                            client: &client,
+                            key,
+                            caller: Caller {
+                                credentials: &credentials,
+                                verifier,
+                                source,
+                                proven,
+                            },
+                            scopes,
+                            current,
+                        };
+                        let result = this.obtain(&req).await;
+                        if let Ok(entry) = &result {
+                            this.inner.cache.insert(req.key.clone(), entry.clone());
+                        }
+                        result
+                    },
+                    span,
+                ));
                 let flight: Flight = async move {
                     let result = task.await.unwrap_or_else(|_| {
                         Err(BrokerError::Internal("token fetch task failed".into()))
@@ -232,7 +237,27 @@ impl Broker {
                         // Another replica is refreshing; the current token still lives.
                         return Ok(current.clone());
                     }
-                    match tokens.wait_for_peer(key, deadline).await {
+                    let wait = tracing::debug_span!(
+                        target: crate::trace_context::TARGET,
+                        "fleet wait",
+                        m2m.fleet.outcome = tracing::field::Empty,
+                    );
+                    let waited = tracing::Instrument::instrument(
+                        tokens.wait_for_peer(key, deadline),
+                        wait.clone(),
+                    )
+                    .await;
+                    wait.record(
+                        "m2m.fleet.outcome",
+                        match &waited {
+                            PeerWait::Entry(_) => "entry",
+                            PeerWait::Released => "released",
+                            PeerWait::TimedOut => "timed_out",
+                            PeerWait::Failed => "failed",
+                        },
+                    );
+                    drop(wait);
+                    match waited {
                         PeerWait::Entry(entry) => {
                             if self.usable(&key.0, &entry, Instant::now())
                                 && (proven || self.proven_by_fleet(client, &verifier).await)

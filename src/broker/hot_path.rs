@@ -102,22 +102,47 @@ impl Broker {
             }
         };
         let key: CacheKey = (client.client_id.clone(), scopes.param().clone());
+        let lookup = tracing::debug_span!(
+            target: crate::trace_context::TARGET,
+            "cache lookup",
+            m2m.cache.outcome = tracing::field::Empty,
+            m2m.secret_proven = proven,
+        );
         if !proven {
+            // Not served from the cache until Cognito accepts the secret: a
+            // miss, as the metrics count it.
+            lookup.record("m2m.cache.outcome", "miss");
+            drop(lookup);
             // Limited before anything else (Redis included) is asked.
             return Box::pin(self.unproven(client, key, verifier, credentials, scopes, source))
                 .await;
         }
 
-        let mut cached = inner
-            .cache
-            .get(&key)
-            .filter(|e| self.usable(&key.0, e, now));
+        let mut cached = lookup.in_scope(|| {
+            inner
+                .cache
+                .get(&key)
+                .filter(|e| self.usable(&key.0, e, now))
+        });
         // Another replica may hold the entry, or a fresher one.
         if inner.seams.shared && cached.as_ref().is_none_or(|e| now >= e.refresh_at) {
             // Boxed, like every path that leaves the process: a cache hit's
             // future stays small.
-            cached = Box::pin(self.fresher_in_fleet(&key, cached, now)).await;
+            cached = Box::pin(tracing::Instrument::instrument(
+                self.fresher_in_fleet(&key, cached, now),
+                lookup.clone(),
+            ))
+            .await;
         }
+        lookup.record(
+            "m2m.cache.outcome",
+            match &cached {
+                Some(entry) if now < entry.refresh_at => "hit",
+                Some(_) => "refresh",
+                None => "miss",
+            },
+        );
+        drop(lookup);
         match cached {
             Some(entry) if now < entry.refresh_at => {
                 inner.stats.hit();

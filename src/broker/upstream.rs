@@ -110,8 +110,16 @@ impl Broker {
         let inner = &self.inner;
         let (client, key, scopes) = (req.client, &req.key, &req.scopes);
         let (credentials, verifier) = (req.caller.credentials, req.caller.verifier);
-        self.admit_upstream(client, priority, req.caller.proven)
-            .await?;
+        let wait = if inner.seams.budget.is_some() {
+            tracing::debug_span!(target: crate::trace_context::TARGET, "budget wait")
+        } else {
+            tracing::Span::none()
+        };
+        tracing::Instrument::instrument(
+            self.admit_upstream(client, priority, req.caller.proven),
+            wait,
+        )
+        .await?;
         let started = Instant::now();
         inner.clients.upstream(client.index);
         let result = inner

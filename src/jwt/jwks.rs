@@ -70,24 +70,42 @@ impl HttpFetcher {
 
 impl JwksFetcher for HttpFetcher {
     fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, JwksError>> {
-        Box::pin(async move {
-            let resp = self
-                .client
-                .get(self.uri.clone())
-                .header("accept", "application/json")
-                .send()
-                .await
-                .map_err(|e| JwksError::Fetch(crate::http::describe(&e)))?;
-            if resp.status() != reqwest::StatusCode::OK {
-                return Err(JwksError::Fetch(format!("HTTP {}", resp.status())));
-            }
-            crate::http::read_limited(resp, MAX_JWKS_BYTES)
-                .await
-                .map_err(|e| match e {
-                    crate::http::BodyError::TooLarge(_) => JwksError::Garbage(e.to_string()),
-                    crate::http::BodyError::Transport(m) => JwksError::Fetch(m),
-                })
-        })
+        let span = tracing::debug_span!(
+            target: crate::trace_context::TARGET,
+            "jwks fetch",
+            otel.kind = "client",
+            http.request.method = "GET",
+            url.full = self.uri.as_str(),
+            http.response.status_code = tracing::field::Empty,
+        );
+        let mut headers = http::HeaderMap::new();
+        crate::trace_context::inject(&span, &mut headers);
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let resp = self
+                    .client
+                    .get(self.uri.clone())
+                    .header("accept", "application/json")
+                    .headers(headers)
+                    .send()
+                    .await
+                    .map_err(|e| JwksError::Fetch(crate::http::describe(&e)))?;
+                tracing::Span::current().record(
+                    "http.response.status_code",
+                    i64::from(resp.status().as_u16()),
+                );
+                if resp.status() != reqwest::StatusCode::OK {
+                    return Err(JwksError::Fetch(format!("HTTP {}", resp.status())));
+                }
+                crate::http::read_limited(resp, MAX_JWKS_BYTES)
+                    .await
+                    .map_err(|e| match e {
+                        crate::http::BodyError::TooLarge(_) => JwksError::Garbage(e.to_string()),
+                        crate::http::BodyError::Transport(m) => JwksError::Fetch(m),
+                    })
+            },
+            span,
+        ))
     }
 }
 

@@ -4,6 +4,7 @@
 //! ever carries a token, a secret or a client-supplied string.
 
 mod process;
+pub mod traces;
 
 use std::{
     fmt::Write as _,
