@@ -127,7 +127,7 @@ impl Spans {
             .await
             .is_err()
         {
-            let names: Vec<_> = self.all.iter().map(|s| &s.name).collect();
+            let names: Vec<_> = self.all.iter().map(|s| &s.name).take(40).collect();
             panic!("no {what} among the spans exported: {names:?}");
         }
     }
@@ -412,4 +412,125 @@ async fn an_unsupported_protocol_is_refused_at_start_with_the_fix() {
         out.contains("OTEL_EXPORTER_OTLP_PROTOCOL=\"http/protobuf\"") && out.contains("4317"),
         "{out}"
     );
+}
+
+/// The library's side, in-process as an adopter sets it up: an OpenTelemetry
+/// pipeline of its own, W3C propagation, `tracing-opentelemetry`'s layer. A
+/// call made inside the caller's span through [`TokenSource`]'s interceptor
+/// reaches the [`AuthLayer`] of the protected service as a server span of the
+/// same trace, child of the caller's span; the handler's own spans nest in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_source_and_auth_layer_carry_the_trace_across_a_call() {
+    use m2m_gateway::{
+        auth::{AuthLayer, AuthPolicy, TokenSource},
+        demo::EchoService,
+        jwt::CognitoValidator,
+        proto::demo::v1 as demo,
+    };
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+    use tracing::Instrument as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let (span_tx, span_rx) = mpsc::unbounded_channel();
+    let otlp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp_addr = otlp.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver(span_tx)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(otlp)),
+    );
+    let mut spans = Spans {
+        rx: span_rx,
+        all: Vec::new(),
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(format!("http://{otlp_addr}"))
+        .build()
+        .unwrap();
+    // Sent every 50 ms instead of every 5 s.
+    let batches = opentelemetry_sdk::trace::BatchConfigBuilder::default()
+        .with_scheduled_delay(Duration::from_millis(50))
+        .build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_span_processor(
+            opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
+                .with_batch_config(batches)
+                .build(),
+        )
+        .build();
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("adopter")));
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let emu = emulator(vec![]).await;
+    let validator = CognitoValidator::builder()
+        .issuer(emu.issuer())
+        .clients([CLIENT])
+        .build()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(AuthLayer::local(
+                validator,
+                AuthPolicy::new().require(["orders/read"]),
+            ))
+            .add_service(demo::echo_server::EchoServer::new(EchoService))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let source = TokenSource::from_cognito(
+        emu.token_endpoint().parse().unwrap(),
+        CLIENT,
+        SECRET,
+        ["orders/read"],
+    )
+    .unwrap();
+    source.token().await.unwrap();
+    let mut client = demo::echo_client::EchoClient::with_interceptor(channel, source.interceptor());
+
+    let caller = tracing::info_span!("caller");
+    let caller_id = {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let cx = caller.context();
+        let sc = cx.span().span_context().clone();
+        (sc.trace_id().to_bytes(), sc.span_id().to_bytes())
+    };
+    client
+        .echo(demo::EchoRequest {
+            message: "traced".into(),
+        })
+        .instrument(caller.clone())
+        .await
+        .unwrap();
+    drop(caller);
+    let (trace, parent) = (caller_id.0.to_vec(), caller_id.1.to_vec());
+    spans
+        .until("the protected call's server span", |all| {
+            all.iter().any(|s| {
+                s.trace_id == trace
+                    && s.parent_span_id == parent
+                    && s.kind == SpanKind::Server as i32
+            }) && all.iter().any(|s| s.name == "caller")
+        })
+        .await;
+    let server = spans
+        .find(|s| {
+            s.trace_id == trace && s.parent_span_id == parent && s.kind == SpanKind::Server as i32
+        })
+        .unwrap();
+    assert_eq!(server.name, "m2m.demo.v1.Echo/Echo");
+    assert_eq!(text(server, "rpc.method"), Some("Echo"));
+    let _ = provider.shutdown();
 }
