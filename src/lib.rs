@@ -79,6 +79,8 @@ pub mod settings;
 pub mod status;
 #[cfg(feature = "gateway")]
 pub mod telemetry;
+#[cfg(feature = "gateway")]
+pub mod tls;
 pub mod trace_context;
 
 pub use auth::{

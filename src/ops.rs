@@ -196,6 +196,7 @@ mod tests {
             cert: "c.pem".into(),
             key: "k.pem".into(),
             client_ca: None,
+            reload_interval_secs: 10,
         });
         assert!(matches!(
             probe_target(&tls, ""),

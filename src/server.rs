@@ -5,7 +5,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -13,7 +13,7 @@ use crate::{
     auth::{AuthLayer, AuthPolicy},
     broker::{Broker, CognitoClient, FleetCache, PoolRoutes, TokenEndpoint},
     calls::CallLayer,
-    config::{self, Config},
+    config::Config,
     edge::{self, Edge, EdgeSettings},
     jwt::{JwksFetch, JwtValidator, trusted_issuer},
     proto::{self, gateway::v1::gateway_server::GatewayServer},
@@ -174,6 +174,18 @@ impl App {
         let cfg = self.settings.server.clone();
         // Everything that can fail on configuration fails before serving.
         let transport = transport(&cfg)?;
+        let tls = match &cfg.tls {
+            Some(files) => {
+                let cert = Arc::new(crate::tls::ReloadingCert::load(files)?);
+                let acceptor = crate::tls::acceptor(files, cert.clone())?;
+                Some((
+                    cert,
+                    acceptor,
+                    Duration::from_secs(files.reload_interval_secs),
+                ))
+            }
+            None => None,
+        };
         let (reflection_v1, reflection_v1alpha) = reflection(cfg.edge.max_message_bytes)?;
         let (stop, stopped) = Stopped::new();
         let telemetry = Telemetry::new(
@@ -211,14 +223,29 @@ impl App {
             .layer(CallLayer::new(self.rpc.clone()))
             .layer(edge.layers(&edge::REFLECTION_PATHS, cfg.max_concurrent_requests.get()))
             .layer(auth);
-        let serve = transport
+        let router = transport
             .layer(layers)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(gateway)
-            .add_service(admin_api)
-            .serve_with_incoming_shutdown(edge::incoming(listener, edge.clone()), signal);
+            .add_service(admin_api);
+        let mut reloader = None;
+        let serve: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match tls {
+            Some((cert, acceptor, every)) => {
+                reloader = Some(cert.spawn_reloader(every));
+                let incoming = crate::tls::incoming(
+                    listener,
+                    edge.clone(),
+                    acceptor,
+                    cfg.edge.handshake_timeout,
+                );
+                Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+            }
+            None => Box::pin(
+                router.serve_with_incoming_shutdown(edge::incoming(listener, edge.clone()), signal),
+            ),
+        };
         telemetry.set_listening(true);
         let grace = cfg.shutdown_grace;
         let result = tokio::select! {
@@ -232,6 +259,7 @@ impl App {
             }
         };
         loaders.iter().for_each(tokio::task::JoinHandle::abort);
+        reloader.iter().for_each(tokio::task::JoinHandle::abort);
         maintenance.abort();
         readiness.abort();
         telemetry.set_listening(false);
@@ -323,13 +351,7 @@ fn transport(cfg: &crate::settings::ServerSettings) -> Result<Server, StartError
             .max_connection_age(age)
             .max_connection_age_grace(cfg.max_connection_age_grace);
     }
-    if let Some(tls) = &cfg.tls {
-        let tls = tls_config(tls, cfg.edge.handshake_timeout)?;
-        builder = builder.tls_config(tls).map_err(|e| StartError::Tls {
-            key: "cert",
-            message: e.to_string(),
-        })?;
-    }
+    // TLS, when configured, is the listener's own (crate::tls): it reloads.
     Ok(builder)
 }
 
@@ -488,25 +510,4 @@ pub fn build_validator(settings: &Settings) -> Result<JwtValidator, StartError> 
         trusted,
         settings.validator.clone(),
     )?)
-}
-
-/// tonic's TLS settings. The handshake has `handshake` to finish (the edge's
-/// preface deadline counts bytes below TLS, which a ClientHello already satisfies,
-/// so a stalled handshake needs its own deadline).
-fn tls_config(tls: &config::TlsConfig, handshake: Duration) -> Result<ServerTlsConfig, StartError> {
-    let read = |path: &std::path::Path, key: &'static str| {
-        std::fs::read(path).map_err(|e| StartError::Tls {
-            key,
-            message: format!("cannot read {}: {e}", path.display()),
-        })
-    };
-    let cert = read(&tls.cert, "cert")?;
-    let key = read(&tls.key, "key")?;
-    let mut cfg = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .timeout(handshake);
-    if let Some(ca) = &tls.client_ca {
-        cfg = cfg.client_ca_root(Certificate::from_pem(read(ca, "client_ca")?));
-    }
-    Ok(cfg)
 }

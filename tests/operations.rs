@@ -408,6 +408,7 @@ fn tls_config(pki: &Pki, mtls: bool) -> m2m_gateway::config::TlsConfig {
         cert: pki.dir.path().join("tls.crt"),
         key: pki.dir.path().join("tls.key"),
         client_ca: mtls.then(|| pki.dir.path().join("ca.crt")),
+        reload_interval_secs: 10,
     }
 }
 
@@ -535,6 +536,7 @@ async fn bad_tls_files_fail_at_start_with_a_clear_error() {
             cert: file(cert),
             key: file(key),
             client_ca: None,
+            reload_interval_secs: 10,
         });
         format!("{:#}", App::from_config(cfg).unwrap_err())
     };
@@ -580,6 +582,7 @@ async fn bad_tls_files_fail_at_start_with_a_clear_error() {
         cert: file("tls.crt"),
         key: file("tls.key"),
         client_ca: Some(file("garbage.crt")),
+        reload_interval_secs: 10,
     });
     let msg = format!("{:#}", App::from_config(ok).unwrap_err());
     assert!(msg.contains("server.tls.client_ca"), "{msg}");

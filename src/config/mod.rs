@@ -197,9 +197,18 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
-    /// PEM CA bundle; set = client certificates required (mTLS).
+    /// PEM CA bundle; set = client certificates required (mTLS). Read at start.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// How often `cert` and `key` are read again: new contents that parse and
+    /// belong together serve the next handshakes (a cert-manager renewal needs
+    /// no restart); anything else keeps the current pair and is logged.
+    #[serde(default = "default_tls_reload_interval_secs")]
+    pub reload_interval_secs: u64,
+}
+
+fn default_tls_reload_interval_secs() -> u64 {
+    crate::tls::DEFAULT_RELOAD_INTERVAL.as_secs()
 }
 
 /// `[cognito]`, or one `[[pools]]` entry.

@@ -9,7 +9,7 @@
 mod cache;
 mod clients;
 mod pools;
-mod server;
+pub(crate) mod server;
 #[cfg(test)]
 pub(crate) mod tests;
 

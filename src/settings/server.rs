@@ -116,6 +116,11 @@ pub(super) fn check(server: &ServerConfig, at: &At<'_>) -> Result<ServerSettings
         at.in_range(&format!("server.{key}"), v, range)?;
     }
     if let Some(tls) = &server.tls {
+        at.in_range(
+            "server.tls.reload_interval_secs",
+            tls.reload_interval_secs,
+            1..=86_400,
+        )?;
         check_tls(tls).map_err(|(key, message)| at.invalid(key, message))?;
     }
     let ms = Duration::from_millis;
@@ -155,40 +160,78 @@ pub(super) fn check(server: &ServerConfig, at: &At<'_>) -> Result<ServerSettings
 /// Reads and parses the TLS files, as the listener will: each error names the key
 /// and the file (`check-config` and `serve` both stop on it).
 fn check_tls(tls: &TlsConfig) -> Result<(), (&'static str, String)> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let read = |key: &'static str, path: &Path| {
-        std::fs::read(path).map_err(|e| (key, format!("{}: cannot read: {e}", path.display())))
-    };
-    let certs = |key: &'static str, path: &Path| {
-        let pem = read(key, path)?;
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| {
-                (
-                    key,
-                    format!("{}: not a PEM certificate ({e})", path.display()),
-                )
-            })?;
-        if certs.is_empty() {
-            return Err((key, format!("{}: not a PEM certificate", path.display())));
-        }
-        Ok(certs)
-    };
-    let chain = certs("server.tls.cert", &tls.cert)?;
-    let pem = read("server.tls.key", &tls.key)?;
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+    load_certified_key(&tls.cert, &tls.key)?;
+    if let Some(ca) = &tls.client_ca {
+        read_certs("server.tls.client_ca", ca)?;
+    }
+    Ok(())
+}
+
+fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, (&'static str, String)> {
+    std::fs::read(path).map_err(|e| (key, format!("{}: cannot read: {e}", path.display())))
+}
+
+/// The PEM certificates in `path`, at least one.
+pub(crate) fn read_certs(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, (&'static str, String)> {
+    parse_certs(key, path, &read_file(key, path)?)
+}
+
+fn parse_certs(
+    key: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, (&'static str, String)> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            (
+                key,
+                format!("{}: not a PEM certificate ({e})", path.display()),
+            )
+        })?;
+    if certs.is_empty() {
+        return Err((key, format!("{}: not a PEM certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+/// The listener's certificate chain and key, read and checked to belong
+/// together (at start, and again at each reload).
+pub(crate) fn load_certified_key(
+    cert: &Path,
+    key: &Path,
+) -> Result<rustls::sign::CertifiedKey, (&'static str, String)> {
+    let chain_pem = read_file("server.tls.cert", cert)?;
+    let key_pem = read_file("server.tls.key", key)?;
+    certified_key(cert, &chain_pem, key, &key_pem)
+}
+
+/// [`load_certified_key`] on contents already read.
+pub(crate) fn certified_key(
+    cert: &Path,
+    chain_pem: &[u8],
+    key: &Path,
+    key_pem: &[u8],
+) -> Result<rustls::sign::CertifiedKey, (&'static str, String)> {
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    let chain = parse_certs("server.tls.cert", cert, chain_pem)?;
+    let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
         (
             "server.tls.key",
             format!(
                 "{}: no PEM private key (PKCS#8, PKCS#1 or SEC1)",
-                tls.key.display()
+                key.display()
             ),
         )
     })?;
-    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).map_err(|e| {
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&private).map_err(|e| {
         (
             "server.tls.key",
-            format!("{}: unusable private key: {e}", tls.key.display()),
+            format!("{}: unusable private key: {e}", key.display()),
         )
     })?;
     let certified = rustls::sign::CertifiedKey::new(chain, signer);
@@ -199,13 +242,10 @@ fn check_tls(tls: &TlsConfig) -> Result<(), (&'static str, String)> {
             "server.tls.key",
             format!(
                 "{} is not the key of the certificate in {}",
-                tls.key.display(),
-                tls.cert.display()
+                key.display(),
+                cert.display()
             ),
         ));
     }
-    if let Some(ca) = &tls.client_ca {
-        certs("server.tls.client_ca", ca)?;
-    }
-    Ok(())
+    Ok(certified)
 }
