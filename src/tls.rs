@@ -39,6 +39,9 @@ use crate::{
 /// `server.tls.reload_interval_secs` when unset.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The certificate file's bytes and the key file's.
+type Contents = (Vec<u8>, Vec<u8>);
+
 /// What one look at the files found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reload {
@@ -58,7 +61,7 @@ pub struct ReloadingCert {
     current: RwLock<Arc<CertifiedKey>>,
     /// The file contents last looked at (served or refused), so that a refused
     /// change is reported once, not at every look.
-    seen: Mutex<(Vec<u8>, Vec<u8>)>,
+    seen: Mutex<Contents>,
 }
 
 fn start_error((key, message): (&'static str, String)) -> StartError {
@@ -81,10 +84,11 @@ impl ReloadingCert {
         })
     }
 
+    /// The contents of the certificate and key files.
     fn read(
         cert: &std::path::Path,
         key: &std::path::Path,
-    ) -> Result<(Vec<u8>, Vec<u8>), (&'static str, String)> {
+    ) -> Result<Contents, (&'static str, String)> {
         let read = |what: &'static str, path: &std::path::Path| {
             std::fs::read(path).map_err(|e| (what, format!("{}: cannot read: {e}", path.display())))
         };

@@ -658,3 +658,105 @@ async fn the_probe_works_for_a_tls_gateway_through_its_admin_listener() {
     let (ok, text) = probe("", &bare);
     assert!(!ok && text.contains("set server.admin_listen"), "{text}");
 }
+
+/// The certificate a TLS handshake with `addr` is answered with (DER), trusting
+/// any of `roots`; and the ALPN protocol agreed.
+async fn served_certificate(addr: SocketAddr, roots: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>) {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut store = rustls::RootCertStore::empty();
+    for pem in roots {
+        store
+            .add(CertificateDer::from_pem_slice(pem).unwrap())
+            .unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (_, session) = tls.get_ref();
+    (
+        session.peer_certificates().unwrap()[0].to_vec(),
+        session.alpn_protocol().map(<[u8]>::to_vec),
+    )
+}
+
+/// A certificate renewal (cert-manager rewriting the Secret's files) is served
+/// without a restart; a connection opened before keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let emu = emulator(vec![]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let issue = || rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (first, renewed) = (issue(), issue());
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, first.cert.pem()).unwrap();
+    std::fs::write(&key, first.signing_key.serialize_pem()).unwrap();
+    let mut cfg = config(&emu, &[client_a()]);
+    cfg.server.tls = Some(m2m_gateway::config::TlsConfig {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: None,
+        reload_interval_secs: 1,
+    });
+    let gw = TestGateway::start(cfg).await.ready().await;
+    let (first_pem, renewed_pem) = (first.cert.pem(), renewed.cert.pem());
+    let roots = [first_pem.as_bytes(), renewed_pem.as_bytes()];
+    let (served, alpn) = served_certificate(gw.addr, &roots).await;
+    assert_eq!(served, first.cert.der().to_vec());
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]), "gRPC needs ALPN h2");
+    let before = tls_health(gw.addr, {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&first_pem))
+            .domain_name("localhost")
+    });
+    before.await.unwrap();
+    let channel = Channel::from_shared(format!("https://localhost:{}", gw.addr.port()))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&first_pem))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut open = HealthClient::new(channel);
+
+    // The renewal: each file replaced whole (written aside, renamed over).
+    for (path, text) in [
+        (&cert, renewed_pem.clone()),
+        (&key, renewed.signing_key.serialize_pem()),
+    ] {
+        let aside = path.with_extension("new");
+        std::fs::write(&aside, text).unwrap();
+        std::fs::rename(&aside, path).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (served, _) = served_certificate(gw.addr, &roots).await;
+        if served == renewed.cert.der().to_vec() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The connection from before the renewal still carries calls.
+    open.check(HealthCheckRequest {
+        service: String::new(),
+    })
+    .await
+    .unwrap();
+    gw.stop().await;
+}
