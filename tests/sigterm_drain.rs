@@ -3,12 +3,7 @@
 
 mod support;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+use std::{process::Command, sync::Arc, time::Duration};
 
 use axum::{Json, Router, extract::State, routing::post};
 use m2m_gateway::proto::gateway::v1::{GetTokenRequest, gateway_client::GatewayClient};
@@ -63,34 +58,7 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
-        .args(["serve", "--config"])
-        .arg(&cfg_path)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines_tx, mut lines) = mpsc::unbounded_channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let listening = tokio::time::timeout(
-        Duration::from_secs(20),
-        wait_for(&mut lines, "gateway listening"),
-    )
-    .await
-    .expect("gateway starts");
-    let addr = listening
-        .split("addr=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("address in the log line")
-        .to_owned();
+    let (mut child, mut lines, addr) = serve_process(&cfg_path, &[]).await;
 
     let mut client = GatewayClient::connect(format!("http://{addr}"))
         .await
@@ -113,7 +81,7 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     assert!(kill.success());
     tokio::time::timeout(
         Duration::from_secs(20),
-        wait_for(&mut lines, "shutting down"),
+        wait_for_line(&mut lines, "shutting down"),
     )
     .await
     .expect("shutdown begins");
@@ -131,13 +99,4 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
         .expect("exits")
         .unwrap();
     assert!(status.success(), "{status:?}");
-}
-
-async fn wait_for(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {
-    loop {
-        let line = lines.recv().await.expect("gateway exited early");
-        if line.contains(needle) {
-            return line;
-        }
-    }
 }

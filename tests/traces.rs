@@ -8,12 +8,7 @@
 
 mod support;
 
-use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{collections::HashMap, process::Command, time::Duration};
 
 use axum::{Router, body::Bytes, extract::State, http::HeaderMap, routing::post};
 use m2m_gateway::proto::gateway::v1::{
@@ -114,6 +109,25 @@ struct Spans {
 }
 
 impl Spans {
+    /// An OTLP/gRPC receiver on a free loopback port: what it receives, and its address.
+    async fn receive() -> (Self, std::net::SocketAddr) {
+        let (span_tx, rx) = mpsc::unbounded_channel();
+        let otlp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = otlp.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Receiver(span_tx)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(otlp)),
+        );
+        (
+            Self {
+                rx,
+                all: Vec::new(),
+            },
+            addr,
+        )
+    }
+
     async fn until(&mut self, what: &str, done: impl Fn(&[Span]) -> bool) {
         let wait = async {
             while !done(&self.all) {
@@ -145,19 +159,7 @@ fn rpc_of(trace: &[u8], parent: &[u8]) -> impl Fn(&Span) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_token_spans_join_the_callers_trace_and_go_on_to_the_token_endpoint() {
-    // The receiver.
-    let (span_tx, span_rx) = mpsc::unbounded_channel();
-    let otlp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp_addr = otlp.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Receiver(span_tx)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(otlp)),
-    );
-    let mut spans = Spans {
-        rx: span_rx,
-        all: Vec::new(),
-    };
+    let (mut spans, otlp_addr) = Spans::receive().await;
 
     // Cognito: the emulator behind a recording token endpoint.
     let emu = emulator(vec![]).await;
@@ -192,41 +194,15 @@ async fn get_token_spans_join_the_callers_trace_and_go_on_to_the_token_endpoint(
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
-        .args(["serve", "--config"])
-        .arg(&cfg_path)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp_addr}"))
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
-        .env("OTEL_SERVICE_NAME", "gateway-under-test")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines_tx, mut lines) = mpsc::unbounded_channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let listening = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.recv().await {
-            if line.contains("gateway listening") {
-                return line;
-            }
-        }
-        panic!("the gateway exited before listening");
-    })
-    .await
-    .expect("gateway starts");
-    let addr = listening
-        .split("addr=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("address in the log line")
-        .to_owned();
+    let (mut child, _lines, addr) = serve_process(
+        &cfg_path,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp_addr}")),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50".into()),
+            ("OTEL_SERVICE_NAME", "gateway-under-test".into()),
+        ],
+    )
+    .await;
     let mut client = GatewayClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -432,18 +408,7 @@ async fn token_source_and_auth_layer_carry_the_trace_across_a_call() {
     use tracing::Instrument as _;
     use tracing_subscriber::layer::SubscriberExt as _;
 
-    let (span_tx, span_rx) = mpsc::unbounded_channel();
-    let otlp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp_addr = otlp.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Receiver(span_tx)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(otlp)),
-    );
-    let mut spans = Spans {
-        rx: span_rx,
-        all: Vec::new(),
-    };
+    let (mut spans, otlp_addr) = Spans::receive().await;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(format!("http://{otlp_addr}"))

@@ -308,3 +308,60 @@ pub fn metric(body: &str, name_and_labels: &str) -> f64 {
         })
         .unwrap_or_else(|| panic!("{name_and_labels} not in metrics:\n{body}"))
 }
+
+/// `m2m-gateway serve --config <config>` as a child process with `envs` set,
+/// read up to its "gateway listening" line: the child, its log lines as they
+/// come (stderr), and the gRPC address from that line.
+pub async fn serve_process(
+    config: &std::path::Path,
+    envs: &[(&str, String)],
+) -> (
+    std::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+    String,
+) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let listening = tokio::time::timeout(
+        Duration::from_secs(20),
+        wait_for_line(&mut lines, "gateway listening"),
+    )
+    .await
+    .expect("gateway starts");
+    let addr = listening
+        .split("addr=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("address in the log line")
+        .to_owned();
+    (child, lines, addr)
+}
+
+/// The next of `lines` that contains `needle`.
+pub async fn wait_for_line(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> String {
+    loop {
+        let line = lines.recv().await.expect("gateway exited early");
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
