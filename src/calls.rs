@@ -105,7 +105,8 @@ where
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let method = self.stats.method(req.uri().path());
-        let span = rpc_span(&self.stats, method, &req);
+        let span =
+            crate::trace_context::server_span(method.map(|i| self.stats.at(i).path), req.headers());
         let mut call = Call {
             stats: self.stats.clone(),
             method,
@@ -134,27 +135,6 @@ where
             span,
         ))
     }
-}
-
-/// The call's span (OpenTelemetry's gRPC server span), a child of the caller's
-/// trace when its `traceparent` says so; it ends with the answer. Named by the
-/// method when it is one of ours, never by a caller's path.
-fn rpc_span(stats: &RpcStats, method: Option<usize>, req: &http::Request<Body>) -> tracing::Span {
-    let (service, name) = method.map_or(("unknown", "unknown"), |i| stats.at(i).names());
-    let span = tracing::debug_span!(
-        target: crate::trace_context::TARGET,
-        "rpc",
-        otel.name = method.map_or("unknown", |i| stats.at(i).path.trim_start_matches('/')),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = name,
-        rpc.grpc.status_code = tracing::field::Empty,
-        m2m.client_id = tracing::field::Empty,
-    );
-    crate::trace_context::join(&span, req.headers());
-    span
 }
 
 fn grpc_code(value: &[u8]) -> Code {

@@ -16,6 +16,30 @@ use tracing::Span;
 /// OpenTelemetry layer with a filter on it, to see them).
 pub const TARGET: &str = "m2m_gateway::trace";
 
+/// The server span of a gRPC call (OpenTelemetry's semantic conventions), a
+/// child of the caller's trace when `headers` carry its `traceparent`. Named
+/// by `method` (`/package.Service/Method`) when the server knows it, else
+/// `unknown`: never by a path a caller made up. The status and the caller's
+/// client id are recorded when known.
+pub(crate) fn server_span(method: Option<&str>, headers: &http::HeaderMap) -> Span {
+    let path = method.map_or("unknown", |m| m.trim_start_matches('/'));
+    let (service, name) = path.split_once('/').unwrap_or(("unknown", "unknown"));
+    let span = tracing::debug_span!(
+        target: TARGET,
+        "rpc",
+        otel.name = path,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = name,
+        rpc.grpc.status_code = tracing::field::Empty,
+        m2m.client_id = tracing::field::Empty,
+    );
+    join(&span, headers);
+    span
+}
+
 /// Makes `span` a child of the context carried in `headers`, if any.
 pub(crate) fn join(span: &Span, headers: &http::HeaderMap) {
     #[cfg(feature = "otel")]

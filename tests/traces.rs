@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::{collections::HashMap, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use axum::{Router, body::Bytes, extract::State, http::HeaderMap, routing::post};
 use m2m_gateway::proto::gateway::v1::{
@@ -250,6 +250,25 @@ async fn get_token_spans_join_the_callers_trace_and_go_on_to_the_token_endpoint(
         .unwrap()
         .into_inner();
     assert!(checked.valid);
+    // A path no service has, made up by the caller: its span is `unknown`.
+    let stranger = [0x33; 8];
+    let made_up = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+        .post(format!("http://{addr}/made.Up/Path-{}", "x".repeat(40)))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(
+            "traceparent",
+            format!("00-{}-{}-01", hex(&trace), hex(&stranger)),
+        )
+        .body(vec![0u8; 5])
+        .send()
+        .await
+        .unwrap();
+    // Refused before any service: it carries no token.
+    assert_eq!(made_up.headers()["grpc-status"], "16", "UNAUTHENTICATED");
 
     // The miss: the RPC's span is the caller's child; the cache lookup, the
     // token endpoint call are the RPC's.
@@ -352,8 +371,15 @@ async fn get_token_spans_join_the_callers_trace_and_go_on_to_the_token_endpoint(
     let exported = format!("{:?}", spans.all);
     assert!(!exported.contains(SECRET));
     assert!(!exported.contains(&first.access_token));
-    let by_name: HashMap<_, _> = spans.all.iter().map(|s| (s.name.as_str(), s)).collect();
-    assert!(!by_name.contains_key("unknown"), "{:?}", by_name.keys());
+    spans
+        .until("the made-up path's span", |all| {
+            all.iter().any(rpc_of(&trace, &stranger))
+        })
+        .await;
+    let made_up = spans.find(rpc_of(&trace, &stranger)).unwrap();
+    assert_eq!(made_up.name, "unknown");
+    // Nor anywhere else: not a name, not an attribute.
+    assert!(!format!("{:?}", spans.all).contains("made.Up"));
 
     let _ = child.kill();
     let _ = child.wait();
@@ -444,7 +470,9 @@ async fn token_source_and_auth_layer_carry_the_trace_across_a_call() {
         tonic::transport::Server::builder()
             .layer(AuthLayer::local(
                 validator,
-                AuthPolicy::new().require(["orders/read"]),
+                AuthPolicy::new()
+                    .require(["orders/read"])
+                    .service("m2m.demo.v1.Echo", ["orders/read"]),
             ))
             .add_service(demo::echo_server::EchoServer::new(EchoService))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
@@ -497,5 +525,39 @@ async fn token_source_and_auth_layer_carry_the_trace_across_a_call() {
         .unwrap();
     assert_eq!(server.name, "m2m.demo.v1.Echo/Echo");
     assert_eq!(text(server, "rpc.method"), Some("Echo"));
+
+    // A path the policy meets only under its default, made up by a caller
+    // with a valid token: its span is `unknown`, the path is nowhere.
+    let stranger = [0x44; 8];
+    let answer = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+        .post(format!("http://{addr}/made.Up/Path"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(
+            "authorization",
+            format!("Bearer {}", source.token().await.unwrap().expose()),
+        )
+        .header(
+            "traceparent",
+            format!("00-{}-{}-01", hex(&trace), hex(&stranger)),
+        )
+        .body(vec![0u8; 5])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.headers()["grpc-status"], "12", "UNIMPLEMENTED");
+    spans
+        .until("the made-up path's span", |all| {
+            all.iter().any(rpc_of(&trace, &stranger))
+        })
+        .await;
+    assert_eq!(
+        spans.find(rpc_of(&trace, &stranger)).unwrap().name,
+        "unknown"
+    );
+    assert!(!format!("{:?}", spans.all).contains("made.Up"));
     let _ = provider.shutdown();
 }

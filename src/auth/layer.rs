@@ -232,7 +232,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
-        let span = server_span(&req);
+        let span = server_span(&req, &shared.policy);
         ResponseFuture {
             inner: Box::pin(tracing::Instrument::instrument(
                 async move {
@@ -294,23 +294,14 @@ where
 
 /// The call's server span, joined to the caller's trace (`traceparent`),
 /// unless a span is already open around this layer (the gateway's own,
-/// tower-http's TraceLayer): then that one is the call's. One level check
-/// while `debug` spans are off.
-fn server_span<B>(req: &Request<B>) -> tracing::Span {
+/// tower-http's TraceLayer): then that one is the call's. Named by the method
+/// when the policy declares it or its service (as policies from descriptors
+/// do), else `unknown`: a caller's made-up path never becomes a span name. One
+/// level check while `debug` spans are off.
+fn server_span<B>(req: &Request<B>, policy: &AuthPolicy) -> tracing::Span {
     if !tracing::level_enabled!(tracing::Level::DEBUG) || !tracing::Span::current().is_none() {
         return tracing::Span::none();
     }
-    let path = req.uri().path().trim_start_matches('/');
-    let (service, method) = path.split_once('/').unwrap_or((path, ""));
-    let span = tracing::debug_span!(
-        target: crate::trace_context::TARGET,
-        "rpc",
-        otel.name = path,
-        otel.kind = "server",
-        rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
-    );
-    crate::trace_context::join(&span, req.headers());
-    span
+    let path = req.uri().path();
+    crate::trace_context::server_span(policy.declares(path).then_some(path), req.headers())
 }

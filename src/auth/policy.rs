@@ -174,12 +174,21 @@ impl AuthPolicy {
         self
     }
 
+    /// Whether `path` (`/pkg.Service/Method`) is a method this policy names,
+    /// itself or through its service (from descriptors or in code), rather
+    /// than one it only meets under the default: such a path is known to exist,
+    /// and may name a span.
+    pub(crate) fn declares(&self, path: &str) -> bool {
+        let service = service_of(path);
+        self.methods.contains_key(path)
+            || self.public.contains(path)
+            || self.denied.contains(path)
+            || service.is_some_and(|s| self.services.contains_key(s) || self.public.contains(s))
+    }
+
     /// The requirement for a request path (`/pkg.Service/Method`).
     pub fn requirement(&self, path: &str) -> Requirement<'_> {
-        let service = path
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .map(|(service, _)| service);
+        let service = service_of(path);
         if self.public.contains(path) {
             return Requirement::Public;
         }
@@ -204,6 +213,13 @@ impl AuthPolicy {
     }
 }
 
+/// `pkg.Service` of `/pkg.Service/Method`.
+fn service_of(path: &str) -> Option<&str> {
+    path.strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .map(|(service, _)| service)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +242,23 @@ mod tests {
             vec!["<public>"]
         );
         assert_eq!(scopes("garbage"), vec!["a/read"]);
+        // Named by the policy (and so fit to name a span), or met only under
+        // the default.
+        for named in [
+            "/orders.v1.Orders/Cancel",
+            "/orders.v1.Orders/List",
+            "/orders.v1.Orders/Ping",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            assert!(p.declares(named), "{named}");
+        }
+        for unnamed in [
+            "/billing.v1.Billing/Pay",
+            "garbage",
+            "/orders.v1.Orderz/List",
+        ] {
+            assert!(!p.declares(unnamed), "{unnamed}");
+        }
     }
 
     /// A descriptor set as protoc writes it (the view types encode the same
