@@ -33,7 +33,7 @@ use crate::{
     config::TlsConfig,
     edge::{Edge, Guarded, PeerInfo},
     server::StartError,
-    settings::server::{certified_key, read_certs},
+    settings::server::{certified_key, read_certs, read_file},
 };
 
 /// `server.tls.reload_interval_secs` when unset.
@@ -89,10 +89,10 @@ impl ReloadingCert {
         cert: &std::path::Path,
         key: &std::path::Path,
     ) -> Result<Contents, (&'static str, String)> {
-        let read = |what: &'static str, path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| (what, format!("{}: cannot read: {e}", path.display())))
-        };
-        Ok((read("server.tls.cert", cert)?, read("server.tls.key", key)?))
+        Ok((
+            read_file("server.tls.cert", cert)?,
+            read_file("server.tls.key", key)?,
+        ))
     }
 
     /// Reads the files again and serves them if they changed and are valid.
@@ -134,7 +134,9 @@ impl ReloadingCert {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticks.tick().await;
-            let mut failing = false;
+            // The last refusal logged: each distinct one once (a file missing
+            // for a while is refused at every look).
+            let mut refused: Option<String> = None;
             loop {
                 ticks.tick().await;
                 let me = this.clone();
@@ -142,17 +144,18 @@ impl ReloadingCert {
                     .await
                     .unwrap_or_else(|e| Reload::Refused(e.to_string()));
                 match outcome {
-                    Reload::Unchanged => {}
+                    // Back to what was looked at last (a file that was missing
+                    // for a moment came back): a later refusal is news again.
+                    Reload::Unchanged => refused = None,
                     Reload::Reloaded => {
-                        failing = false;
+                        refused = None;
                         tracing::info!(cert = %this.cert.display(), "TLS certificate reloaded; new handshakes use it");
                     }
                     Reload::Refused(error) => {
-                        // Once per change of the files (or of the failure).
-                        if !failing {
+                        if refused.as_ref() != Some(&error) {
                             tracing::warn!(%error, "TLS certificate not reloaded; still serving the previous one");
+                            refused = Some(error);
                         }
-                        failing = true;
                     }
                 }
             }

@@ -167,7 +167,8 @@ fn check_tls(tls: &TlsConfig) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
-fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, (&'static str, String)> {
+/// The bytes of `path`; an error names `key` and the file.
+pub(crate) fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, (&'static str, String)> {
     std::fs::read(path).map_err(|e| (key, format!("{}: cannot read: {e}", path.display())))
 }
 
