@@ -22,6 +22,13 @@
 //!   ```
 //! - `emulator`: a local Cognito user pool in-process for tests (`emulator`),
 //!   without the gateway.
+//! - `otel`: W3C trace context through the global OpenTelemetry propagator:
+//!   `TokenSource`'s interceptor sends the current span's `traceparent` on,
+//!   `AuthLayer` opens the call's server span as the caller's child (spans are
+//!   `debug` under [`trace_context::TARGET`]). The OpenTelemetry API and
+//!   `tracing-opentelemetry` only; the application brings its own SDK.
+//! - `tls`: tonic's rustls server (aws-lc-rs); the edge then also reads the
+//!   peer of TLS connections.
 //!
 //! ## What a service uses
 //!
