@@ -46,6 +46,27 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// Modules the gateway's binary, tests and benches reach into, which are not
+/// an adopter's API: public with `gateway`, crate-private in the library alone
+/// (`cargo doc --no-default-features --features auth` shows none of them).
+macro_rules! gateway_internal {
+    ($($(#[$meta:meta])* $name:ident;)*) => {$(
+        $(#[$meta])*
+        #[cfg(feature = "gateway")]
+        pub mod $name;
+        $(#[$meta])*
+        #[cfg(not(feature = "gateway"))]
+        #[allow(dead_code, unreachable_pub)]
+        mod $name;
+    )*};
+}
+
+gateway_internal! {
+    refusal_log;
+    rules;
+    status;
+}
+
 #[cfg(feature = "gateway")]
 pub mod admin;
 pub mod auth;
@@ -56,6 +77,8 @@ pub mod calls;
 #[cfg(feature = "gateway")]
 pub mod config;
 mod counters;
+/// The demo service of the examples and the README's tests (with `emulator`).
+#[cfg(any(feature = "emulator", test))]
 pub mod demo;
 #[cfg(feature = "gateway")]
 pub mod dev;
@@ -72,18 +95,15 @@ pub mod ops;
 #[cfg(feature = "gateway")]
 pub mod prometheus;
 pub mod proto;
-pub mod refusal_log;
 #[cfg(feature = "gateway")]
 pub mod registry;
 pub mod revocations;
-pub mod rules;
 #[cfg(feature = "gateway")]
 pub mod server;
 #[cfg(feature = "gateway")]
 pub mod service;
 #[cfg(feature = "gateway")]
 pub mod settings;
-pub mod status;
 #[cfg(feature = "gateway")]
 pub mod telemetry;
 #[cfg(feature = "gateway")]

@@ -11,11 +11,14 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 pub use crate::http::check_transport;
 use crate::http::{self, BodyError};
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// TCP/TLS connect timeout of a token request.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Total time of one token request, retry included.
 pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -147,6 +150,7 @@ impl TokenEndpoint for CognitoClient {
     }
 }
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Calls the token endpoint. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct CognitoClient {

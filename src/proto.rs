@@ -12,6 +12,7 @@ pub mod gateway {
     }
 
     /// `m2m.gateway.admin.v1`: the kill switch's admin API.
+    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
     pub mod admin {
         /// Version 1.
         pub mod v1 {
@@ -39,11 +40,13 @@ pub mod auth {
     }
 }
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// `proto/m2m/auth/v1/options.proto`: import it in your `.proto` files to declare
 /// the scopes each method needs (see `AuthPolicy::from_descriptors`).
 pub const AUTH_OPTIONS_PROTO: &str = include_str!("../proto/m2m/auth/v1/options.proto");
 
 /// `m2m.demo.v1`: the demo service of the protected-server example.
+#[cfg_attr(not(any(feature = "gateway", feature = "emulator")), doc(hidden))]
 pub mod demo {
     /// Version 1.
     pub mod v1 {
@@ -140,10 +143,12 @@ impl<M: prost::Message + Clone + Default> prost::Message for Shared<M> {
 }
 
 /// Encoded `FileDescriptorSet` of `m2m.gateway.v1` (with its imports).
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 pub const GATEWAY_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gateway_descriptor.bin"));
 
 /// Encoded `FileDescriptorSet` of `m2m.demo.v1`.
+#[cfg_attr(not(any(feature = "gateway", feature = "emulator")), doc(hidden))]
 pub const DEMO_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/demo_descriptor.bin"));
 
@@ -154,6 +159,7 @@ pub const DEMO_DESCRIPTOR_SET: &[u8] =
 /// It is for sending only: decoding into it skips every field and keeps nothing.
 /// `Debug` shows the length, never the bytes (a request may hold a token).
 #[derive(Clone, Default, PartialEq, Eq)]
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 pub struct Encoded(pub bytes::Bytes);
 
 impl Encoded {

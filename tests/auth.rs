@@ -416,8 +416,8 @@ async fn a_method_declaring_no_scopes_is_refused_to_every_caller() {
 }
 
 mod built_in_code {
+    use m2m_gateway::jwt::PoolError;
     use m2m_gateway::jwt::{BuildError, CognitoValidator, Rejection};
-    use m2m_gateway::rules::cognito::PoolError;
 
     use super::*;
 

@@ -42,7 +42,10 @@ use std::{
 
 use tokio::time::Instant;
 
-pub use connection::{ConnState, Guarded, PeerInfo, incoming, peer_addr, peer_info};
+pub use connection::{incoming, peer_addr};
+// The guard's own types and the gateway's constants: not an adopter's API.
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub use connection::{ConnState, Guarded, PeerInfo, peer_info};
 pub use request::{EdgeLayer, EdgeService};
 
 /// Length of the HTTP/2 client connection preface (`PRI * HTTP/2.0…`).
@@ -50,6 +53,7 @@ const PREFACE_LEN: u64 = 24;
 /// At shutdown, how long a connection without a call in flight is left to h2's
 /// own graceful close (GOAWAY, the last frames flushed) before it is closed.
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(250);
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Longest `grpc-message` sent: error details never grow with the request.
 pub const MAX_STATUS_MESSAGE: usize = 1024;
 /// Longest pause between two accept attempts after an accept error.
@@ -62,6 +66,7 @@ pub const REFLECTION_PATHS: [&str; 2] = [
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Server-streaming methods whose answers last (a stream, not one message):
 /// they get the stream lifetime and the stream slots instead of the unary ones.
 pub const LONG_LIVED_PATHS: [&str; 2] = [
@@ -77,6 +82,7 @@ const STALL_GRACE: Duration = Duration::from_secs(2);
 /// Descriptors kept for the process itself (upstream, Redis, admin, logs).
 const RESERVED_DESCRIPTORS: usize = 256;
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// `wanted` connections, lowered to stay below the open-file limit so that the
 /// process never runs out of descriptors for its own sockets (upstream calls,
 /// Redis, logs).
@@ -103,28 +109,39 @@ fn open_file_limit() -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::max_connections`] (before [`connection_cap`]).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::max_connections_per_peer`]: a tenth of the default
 /// table, so that one address cannot fill it.
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 1_000;
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::response_timeout`], in milliseconds (the gateway's
 /// `server.request_timeout_ms`).
 pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 10_000;
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::max_stream_lifetime`], in seconds.
 pub const DEFAULT_MAX_STREAM_SECS: u64 = 300;
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::max_streams_per_peer`].
 pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 16;
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::max_streams_per_connection`].
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 4;
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::handshake_timeout`], in milliseconds.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::idle_timeout`], in seconds.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::body_timeout`], in milliseconds.
 pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 3_000;
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::max_message_bytes`].
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::max_requests_per_peer`] (a quarter of the
 /// gateway's default `max_concurrent_requests`).
 pub const DEFAULT_MAX_REQUESTS_PER_PEER: usize = 256;

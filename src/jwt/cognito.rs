@@ -9,8 +9,8 @@ use url::Url;
 use super::{HttpFetcher, JwksError, JwtValidator, KeySet, TrustedIssuer, ValidatorSettings};
 use crate::http::{EndpointError, check_transport};
 
-use crate::rules::cognito::{DEFAULT_POOL, PoolError, PoolSpec, region_of_pool_id};
-pub use crate::rules::cognito::{IssuerType, jwks_uri_of};
+use crate::rules::cognito::{DEFAULT_POOL, PoolSpec, region_of_pool_id};
+pub use crate::rules::cognito::{IssuerType, PoolError, jwks_uri_of};
 
 /// How long a call waits for the first key set.
 pub const DEFAULT_FIRST_LOAD_WAIT: Duration = Duration::from_secs(5);
@@ -254,8 +254,8 @@ impl Default for CognitoValidatorBuilder {
 /// Why a [`CognitoValidatorBuilder`] cannot build.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// The Region, the pool id or the issuers do not fit (one rule with the
-    /// configuration's, [`crate::rules::cognito`]).
+    /// The Region, the pool id or the issuers do not fit (the same rules as
+    /// the gateway's configuration).
     #[error(transparent)]
     Pool(#[from] PoolError),
     /// Neither `clients(...)` nor `any_client()`.

@@ -23,14 +23,23 @@ pub use claims::Claims;
 pub use cognito::{
     BuildError, CognitoPool, CognitoValidator, CognitoValidatorBuilder, DEFAULT_FIRST_LOAD_WAIT,
     DEFAULT_JWKS_CONNECT_TIMEOUT, DEFAULT_JWKS_COOLDOWN, DEFAULT_JWKS_FETCH_TIMEOUT,
-    DEFAULT_JWKS_REFRESH_PERIOD, IssuerType, JwksFetch, jwks_uri_of, trusted_issuer,
+    DEFAULT_JWKS_REFRESH_PERIOD, IssuerType, PoolError,
 };
+pub use validator::JwtValidator;
+pub(crate) use validator::not_revoked;
+
+// The validator's plumbing (key sets, fetchers, clocks, per-issuer trust),
+// which the gateway assembles by hand and its tests and benches drive: not an
+// adopter's API, so out of the library's documentation.
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub use cognito::{JwksFetch, jwks_uri_of, trusted_issuer};
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 pub use jwks::{
     HttpFetcher, JwksError, JwksFetcher, JwksStats, JwksStatsSnapshot, KeyError, KeySet,
     MAX_JWKS_BYTES, MAX_KID_LEN, StaticJwks, VerifyingKey, parse_jwks,
 };
-pub(crate) use validator::not_revoked;
-pub use validator::{JwtValidator, TrustError, TrustedIssuer, ValidatorSettings};
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub use validator::{TrustError, TrustedIssuer, ValidatorSettings};
 
 /// Why a token was refused. Maps 1:1 onto the proto `Rejection` enum; the
 /// [`Rejection::as_str`] names are stable labels for metrics and alerts.
@@ -104,6 +113,7 @@ impl fmt::Display for Rejection {
     }
 }
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Counters of validation outcomes, by [`Rejection`].
 #[derive(Debug, Default)]
 pub struct ValidationStats {
@@ -150,12 +160,14 @@ impl Invalid {
     }
 }
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Wall-clock source for `exp`/`nbf` checks; injectable for tests.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// Now, in unix seconds.
     fn now(&self) -> i64;
 }
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// The system clock.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
@@ -169,6 +181,7 @@ impl Clock for SystemClock {
     }
 }
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// A clock set by hand, for tests.
 #[derive(Debug, Clone, Default)]
 pub struct ManualClock(Arc<AtomicI64>);

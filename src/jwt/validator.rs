@@ -241,6 +241,7 @@ fn malformed(detail: impl Into<String>) -> Invalid {
     Invalid::new(Rejection::Malformed, detail)
 }
 
+#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 impl JwtValidator {
     /// A validator for tokens of `issuer` signed by `keys`, accepted only for the
     /// given client ids.
@@ -267,6 +268,7 @@ impl JwtValidator {
         )
     }
 
+    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
     /// A validator for tokens of any of `issuers`, each checked against its own
     /// key set and its own clients.
     pub fn for_issuers(
@@ -337,6 +339,7 @@ impl JwtValidator {
         }
     }
 
+    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
     /// Replaces the clock (tests). Starts with an empty verified-token cache.
     pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
         let i = &self.inner;
@@ -381,6 +384,7 @@ impl JwtValidator {
         }
     }
 
+    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
     /// The trusted issuers, in order, each with the outcomes of the tokens that
     /// claimed it.
     pub fn issuers(&self) -> impl Iterator<Item = (&TrustedIssuer, &ValidationStats)> {
@@ -395,6 +399,7 @@ impl JwtValidator {
             .all(|t| t.trusted.keys.is_loaded())
     }
 
+    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
     /// Starts one loader per trusted issuer's key set ([`KeySet::spawn_loader`]):
     /// the first key set with backoff, then a refresh every `period`. Each ends
     /// once its key set is gone (or when its handle is aborted).
@@ -418,16 +423,19 @@ impl JwtValidator {
         self.inner.issuers[0].trusted.issuer()
     }
 
+    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
     /// The (first) issuer's key set.
     pub fn keys(&self) -> &Arc<KeySet> {
         &self.inner.issuers[0].trusted.keys
     }
 
+    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
     /// Outcome counters, all issuers together.
     pub fn stats(&self) -> &ValidationStats {
         &self.inner.stats
     }
 
+    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
     /// Verified tokens currently remembered (approximate).
     pub fn cached_verifications(&self) -> u64 {
         self.inner.verified.as_ref().map_or(0, |c| c.len() as u64)
@@ -454,6 +462,7 @@ impl JwtValidator {
         result
     }
 
+    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
     /// Validation with the keys already loaded, never waiting (for synchronous
     /// interceptors): an unknown `kid` is UNKNOWN_KEY without a refetch.
     pub fn validate_loaded(
