@@ -56,6 +56,17 @@ pub struct VerifiedClaims(pub Arc<Claims>);
 
 /// The caller's verified claims, when an [`AuthLayer`] or [`interceptor`] let the
 /// request through (`None` for public methods).
+///
+/// ```
+/// use m2m_gateway::claims;
+/// use tonic::{Request, Status};
+///
+/// fn caller(request: &Request<()>) -> Result<String, Status> {
+///     let claims = claims(request).ok_or_else(|| Status::unauthenticated("no token"))?;
+///     Ok(claims.client_id().to_owned())
+/// }
+/// # assert!(caller(&Request::new(())).is_err());
+/// ```
 pub fn claims<T>(request: &tonic::Request<T>) -> Option<&Claims> {
     request
         .extensions()

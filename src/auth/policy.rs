@@ -13,6 +13,23 @@ pub const DEFAULT_PUBLIC: [&str; 3] = [
 /// Per-method access policy. Lookup order: public method, then the method's
 /// scopes, then public service, then a method refused for declaring nothing, then
 /// the service's scopes, then the default.
+///
+/// In code, or from the scopes your `.proto` declares
+/// ([`AuthPolicy::from_descriptors`], the README's build.rs recipe):
+///
+/// ```
+/// use m2m_gateway::{AuthPolicy, auth::Requirement};
+///
+/// let policy = AuthPolicy::new()
+///     .require(["orders/read"])                                  // every other method
+///     .method("/orders.v1.Orders/Cancel", ["orders/write"])      // this one
+///     .public("/orders.v1.Orders/Ping");                          // no token
+/// assert!(matches!(policy.requirement("/orders.v1.Orders/Ping"), Requirement::Public));
+/// assert!(matches!(
+///     policy.requirement("/orders.v1.Orders/Cancel"),
+///     Requirement::Scopes(s) if s == ["orders/write"]
+/// ));
+/// ```
 #[derive(Debug, Clone)]
 pub struct AuthPolicy {
     default: Vec<String>,

@@ -24,6 +24,25 @@ use crate::{
 /// ([`RemoteValidator::with_revocations`]) every hit is checked against it;
 /// without one, an answer is reused for at most one second
 /// ([`DEFAULT_REVALIDATE_AFTER`]), then asked again.
+///
+/// Behind [`AuthLayer::remote`](super::AuthLayer::remote), a service checks
+/// tokens with the gateway's Validate instead of keeping key sets itself:
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use m2m_gateway::{AuthLayer, AuthPolicy, RemoteValidator};
+/// use tonic::transport::{Channel, Server};
+///
+/// let gateway = Channel::from_static("http://m2m-gateway:50051").connect_lazy();
+/// let validator = RemoteValidator::new(gateway, 10_000); // answers cached per token
+/// Server::builder()
+///     .layer(AuthLayer::remote(validator, AuthPolicy::new().require(["orders/read"])))
+/// #   .add_service(m2m_gateway::proto::demo::v1::echo_server::EchoServer::new(m2m_gateway::demo::EchoService))
+///     // .add_service(OrdersServer::new(orders))
+///     .serve("0.0.0.0:50052".parse()?)
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct RemoteValidator {
     client: GatewayClient<Channel>,

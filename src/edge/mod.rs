@@ -229,6 +229,25 @@ crate::counters::counters! {
 }
 
 /// State shared by the listener, its connections and the request layer.
+///
+/// Serving through [`incoming`] (the connection guard) and [`Edge::layers`]
+/// (the request guard, load shedding, a concurrency budget):
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use m2m_gateway::{Edge, EdgeSettings, edge};
+/// use tonic::transport::Server;
+///
+/// let edge = Edge::new(EdgeSettings::default());
+/// let listener = tokio::net::TcpListener::bind("0.0.0.0:50052").await?;
+/// Server::builder()
+///     .layer(edge.layers(&edge::REFLECTION_PATHS, 1_000))
+/// #   .add_service(m2m_gateway::proto::demo::v1::echo_server::EchoServer::new(m2m_gateway::demo::EchoService))
+///     // .add_service(OrdersServer::new(orders))
+///     .serve_with_incoming(edge::incoming(listener, edge.clone()))
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Edge {
     settings: EdgeSettings,

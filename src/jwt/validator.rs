@@ -399,7 +399,6 @@ impl JwtValidator {
             .all(|t| t.trusted.keys.is_loaded())
     }
 
-    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
     /// Starts one loader per trusted issuer's key set ([`KeySet::spawn_loader`]):
     /// the first key set with backoff, then a refresh every `period`. Each ends
     /// once its key set is gone (or when its handle is aborted).
