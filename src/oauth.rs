@@ -9,11 +9,10 @@ use futures_util::future::BoxFuture;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use url::Url;
 
 #[cfg_attr(not(feature = "gateway"), doc(hidden))]
 pub use crate::http::check_transport;
-use crate::http::{self, BodyError};
+use crate::http::{self, HttpClient, HttpError};
 
 #[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// TCP/TLS connect timeout of a token request.
@@ -154,8 +153,8 @@ impl TokenEndpoint for CognitoClient {
 /// Calls the token endpoint. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct CognitoClient {
-    http: reqwest::Client,
-    endpoint: Url,
+    http: HttpClient,
+    endpoint: ::http::Uri,
     timeout: Duration,
 }
 
@@ -163,19 +162,19 @@ impl CognitoClient {
     /// A client for `endpoint` with connect and total timeouts; the total covers
     /// the one retry too.
     pub fn new(
-        endpoint: Url,
+        endpoint: ::http::Uri,
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Result<Self, http::EndpointError> {
         Ok(Self {
-            http: http::client(connect_timeout, timeout)?,
+            http: HttpClient::new(connect_timeout, timeout)?,
             endpoint,
             timeout,
         })
     }
 
     /// The token endpoint.
-    pub fn endpoint(&self) -> &Url {
+    pub fn endpoint(&self) -> &::http::Uri {
         &self.endpoint
     }
 
@@ -206,7 +205,7 @@ impl CognitoClient {
             "token endpoint",
             otel.kind = "client",
             http.request.method = "POST",
-            server.address = self.endpoint.host_str().unwrap_or_default(),
+            server.address = self.endpoint.host().unwrap_or_default(),
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
@@ -228,40 +227,40 @@ impl CognitoClient {
         secret: &SecretString,
         scope: &str,
     ) -> Result<TokenResponse, Attempt> {
-        let mut form = vec![("grant_type", "client_credentials")];
-        if !scope.is_empty() {
-            form.push(("scope", scope));
-        }
+        let form = {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "client_credentials");
+            if !scope.is_empty() {
+                form.append_pair("scope", scope);
+            }
+            form.finish()
+        };
+        let mut request = ::http::Request::post(self.endpoint.clone())
+            .header(::http::header::ACCEPT, "application/json")
+            .header(
+                ::http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(form.into())
+            .map_err(|e| Attempt::Final(UpstreamError::Unavailable(e.to_string())))?;
+        request
+            .headers_mut()
+            .insert(::http::header::AUTHORIZATION, basic_auth(client_id, secret));
         // The trace goes on to the token endpoint (`otel` feature).
-        let mut trace = ::http::HeaderMap::new();
-        crate::trace_context::inject(&tracing::Span::current(), &mut trace);
-        let resp = self
+        crate::trace_context::inject(&tracing::Span::current(), request.headers_mut());
+        let answer = self
             .http
-            .post(self.endpoint.clone())
-            .basic_auth(client_id, Some(secret.expose_secret()))
-            .header("accept", "application/json")
-            .headers(trace)
-            .form(&form)
-            .send()
-            .await
-            .map_err(|e| {
-                let reason = http::describe(&e);
-                if e.is_connect() {
-                    Attempt::Retryable(reason)
-                } else if e.is_timeout() {
-                    Attempt::Final(UpstreamError::Timeout)
-                } else {
-                    Attempt::Final(UpstreamError::Unavailable(reason))
-                }
-            })?;
-        let status = resp.status();
-        tracing::Span::current().record("http.response.status_code", i64::from(status.as_u16()));
-        let body = http::read_limited(resp, MAX_RESPONSE_BYTES)
+            .send(request, MAX_RESPONSE_BYTES)
             .await
             .map_err(|e| match e {
-                BodyError::TooLarge(_) => Attempt::Final(UpstreamError::Unavailable(e.to_string())),
-                BodyError::Transport(m) => Attempt::Final(UpstreamError::Unavailable(m)),
+                HttpError::Connect(_) => Attempt::Retryable(e.to_string()),
+                HttpError::Timeout => Attempt::Final(UpstreamError::Timeout),
+                HttpError::TooLarge(_) | HttpError::Transport(_) => {
+                    Attempt::Final(UpstreamError::Unavailable(e.to_string()))
+                }
             })?;
+        let (status, body) = (answer.status, answer.body);
+        tracing::Span::current().record("http.response.status_code", i64::from(status.as_u16()));
         if status.is_success() {
             return parse_success(status.as_u16(), &body).map_err(Attempt::Final);
         }
@@ -270,6 +269,18 @@ impl CognitoClient {
         }
         Err(Attempt::Final(parse_failure(status.as_u16(), &body)))
     }
+}
+
+/// `Basic base64(id:secret)`, marked sensitive (never logged, never indexed by
+/// HPACK).
+fn basic_auth(client_id: &str, secret: &SecretString) -> ::http::HeaderValue {
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
+    let pair = secrecy::zeroize::Zeroizing::new(format!("{client_id}:{}", secret.expose_secret()));
+    let encoded = secrecy::zeroize::Zeroizing::new(format!("Basic {}", STANDARD.encode(&*pair)));
+    let mut value =
+        ::http::HeaderValue::from_str(&encoded).expect("base64 is a valid header value");
+    value.set_sensitive(true);
+    value
 }
 
 enum Attempt {

@@ -76,16 +76,18 @@ pub async fn probe(
 ) -> Result<String, ProbeError> {
     match target {
         ProbeTarget::Admin(url) => {
-            let client = reqwest::Client::builder()
-                .timeout(timeout)
-                .build()
-                .map_err(|e| ProbeError::Unreachable(e.to_string()))?;
+            let unreachable =
+                |e: &dyn std::fmt::Display| ProbeError::Unreachable(format!("{url}: {e}"));
+            let client =
+                crate::http::HttpClient::new(timeout, timeout).map_err(|e| unreachable(&e))?;
+            let request = http::Request::get(url.as_str())
+                .body(Default::default())
+                .map_err(|e| unreachable(&e))?;
             let status = client
-                .get(url)
-                .send()
+                .send(request, 64 * 1024)
                 .await
-                .map_err(|e| ProbeError::Unreachable(format!("{url}: {e}")))?
-                .status();
+                .map_err(|e| unreachable(&e))?
+                .status;
             let line = format!("{url}: {status}");
             if status.is_success() {
                 Ok(line)

@@ -362,7 +362,7 @@ mod paused {
 #[tokio::test]
 async fn token_source_straight_from_a_cognito_token_endpoint() {
     let emu = emulator(vec![]).await;
-    let url = url::Url::parse(&emu.token_endpoint()).unwrap();
+    let url = emu.token_endpoint().parse().unwrap();
     let tokens = TokenSource::from_cognito(url, CLIENT, SECRET, ["orders/read"]).unwrap();
     let token = tokens.token().await.unwrap();
     let validator = loaded_validator(&emu).await;
@@ -374,8 +374,30 @@ async fn token_source_straight_from_a_cognito_token_endpoint() {
     assert_eq!(tokens.token().await.unwrap(), token, "cached");
     assert_eq!(emu.token_requests(), 1);
     // Plain http to a non-loopback host is refused.
-    let remote = url::Url::parse("http://cognito.example/oauth2/token").unwrap();
-    assert!(TokenSource::from_cognito(remote, CLIENT, SECRET, ["orders/read"]).is_err());
+    for (remote, refusal) in [
+        (
+            "http://cognito.example/oauth2/token",
+            "uses plain http to a non-loopback host",
+        ),
+        ("http://localhost.example/oauth2/token", "plain http"),
+        ("http://127.0.0.1.example/oauth2/token", "plain http"),
+        ("ftp://127.0.0.1/oauth2/token", "unsupported scheme"),
+    ] {
+        let err = TokenSource::from_cognito(remote.parse().unwrap(), CLIENT, SECRET, ["x"])
+            .err()
+            .unwrap_or_else(|| panic!("{remote} accepted"));
+        assert!(err.to_string().contains(refusal), "{remote}: {err}");
+    }
+    for loopback in [
+        "http://localhost:1/t",
+        "http://[::1]:1/t",
+        "http://127.0.0.2:1/t",
+    ] {
+        assert!(
+            TokenSource::from_cognito(loopback.parse().unwrap(), CLIENT, SECRET, ["x"]).is_ok(),
+            "{loopback}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -509,7 +531,7 @@ mod built_in_code {
             "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123"
         );
         assert_eq!(
-            jwks.as_str(),
+            jwks.to_string(),
             "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
         );
     }
@@ -578,7 +600,7 @@ mod built_in_code {
                 .unwrap()
                 .into_iter()
                 .map(|(issuer, jwks)| {
-                    assert_eq!(jwks.as_str(), format!("{issuer}/.well-known/jwks.json"));
+                    assert_eq!(jwks.to_string(), format!("{issuer}/.well-known/jwks.json"));
                     issuer
                 })
                 .collect()

@@ -10,7 +10,6 @@ use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 use tonic::{Request, Status, metadata::MetadataValue, service::Interceptor, transport::Channel};
-use url::Url;
 
 use crate::{
     oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError},
@@ -206,7 +205,7 @@ impl TokenSource {
 
     /// Tokens straight from a Cognito token endpoint (`https://<domain>/oauth2/token`).
     pub fn from_cognito<I: IntoIterator<Item = S>, S: Into<String>>(
-        token_endpoint: Url,
+        token_endpoint: http::Uri,
         client_id: impl Into<String>,
         secret: impl Into<String>,
         scopes: I,

@@ -960,7 +960,9 @@ mod http {
     };
 
     async fn client_for(server: &MockServer, timeout: Duration) -> CognitoClient {
-        let url = url::Url::parse(&format!("{}/oauth2/token", server.uri())).unwrap();
+        let url = format!("{}/oauth2/token", server.uri())
+            .parse::<::http::Uri>()
+            .unwrap();
         CognitoClient::new(url, Duration::from_millis(500), timeout).unwrap()
     }
 
@@ -1097,7 +1099,9 @@ mod http {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        let url = url::Url::parse(&format!("http://127.0.0.1:{port}/oauth2/token")).unwrap();
+        let url = format!("http://127.0.0.1:{port}/oauth2/token")
+            .parse::<::http::Uri>()
+            .unwrap();
         let client =
             CognitoClient::new(url, Duration::from_millis(300), Duration::from_secs(2)).unwrap();
         let err = http_broker(client)

@@ -138,7 +138,7 @@ impl Broker {
                     inner.clients.refused(client.index);
                     self.revoke(client, verifier, started).await;
                 }
-                tracing::info!(client = %client.name, pool = %client.pool, outcome = e.label(), "token request refused or failed");
+                tracing::info!(client = %client.name, pool = %client.pool, outcome = e.label(), error = %e, "token request refused or failed");
                 return Err(e.into());
             }
         };

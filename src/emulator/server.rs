@@ -407,7 +407,7 @@ async fn token(State(state): State<Arc<EmuState>>, headers: HeaderMap, body: Byt
     if !form_type {
         return oauth_error("invalid_request");
     }
-    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
     let credentials = basic_credentials(&headers).or_else(|| {
         Some((
             form.get("client_id")?.clone(),

@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use url::Url;
+use http::Uri;
 
 use super::{HttpFetcher, JwksError, JwtValidator, KeySet, TrustedIssuer, ValidatorSettings};
 use crate::http::{EndpointError, check_transport};
@@ -173,7 +173,7 @@ impl CognitoPool {
 
     /// Every issuer this pool's tokens may carry, with its JWKS URI: the pool's
     /// issuer first, then the accepted previous ones.
-    pub fn issuers(&self) -> Result<Vec<(String, Url)>, BuildError> {
+    pub fn issuers(&self) -> Result<Vec<(String, Uri)>, BuildError> {
         if self.issuer.is_none() && self.user_pool_id.is_none() {
             return Err(PoolError::MissingUserPoolId.into());
         }
@@ -211,12 +211,22 @@ impl CognitoPool {
     }
 }
 
-/// A URL that parses and keeps keys off clear text.
-fn checked(what: &'static str, url: String) -> Result<Url, BuildError> {
-    let parsed = Url::parse(&url).map_err(|e| BuildError::BadUrl {
+/// An absolute URL without user-info that keeps keys off clear text.
+fn checked(what: &'static str, url: String) -> Result<Uri, BuildError> {
+    let bad = |message: &str| BuildError::BadUrl {
         what,
-        message: e.to_string(),
-    })?;
+        message: message.to_owned(),
+    };
+    let parsed = Uri::try_from(url.as_str()).map_err(|e| bad(&e.to_string()))?;
+    let Some(authority) = parsed.authority() else {
+        return Err(bad("not an absolute URL (scheme://host/path)"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(bad("user-info (user:password@) is not allowed"));
+    }
+    if parsed.host().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
     check_transport(&parsed)?;
     Ok(parsed)
 }
@@ -370,7 +380,7 @@ impl CognitoValidatorBuilder {
     }
 
     /// The issuer and JWKS URI this builder derives for its (first) pool.
-    pub fn endpoints(&self) -> Result<(String, Url), BuildError> {
+    pub fn endpoints(&self) -> Result<(String, Uri), BuildError> {
         let pool = self.pools().next().unwrap_or(&self.first);
         let mut issuers = pool.issuers()?;
         Ok(issuers.swap_remove(0))
@@ -433,7 +443,7 @@ pub struct JwksFetch {
 pub fn trusted_issuer(
     pool: &str,
     issuer: String,
-    jwks_uri: Url,
+    jwks_uri: Uri,
     clients: Option<&[String]>,
     fetch: JwksFetch,
 ) -> Result<TrustedIssuer, JwksError> {

@@ -13,7 +13,6 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use tokio::{sync::watch, time::Instant};
-use url::Url;
 
 /// Largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
@@ -55,16 +54,22 @@ pub trait JwksFetcher: Send + Sync + 'static {
 /// Fetches a JWKS over HTTP(S) with a total timeout and a size limit.
 #[derive(Debug, Clone)]
 pub struct HttpFetcher {
-    client: reqwest::Client,
-    uri: Url,
+    client: crate::http::HttpClient,
+    uri: http::Uri,
+    full: Arc<str>,
 }
 
 impl HttpFetcher {
     /// A fetcher for `uri` (transport rules are checked by config validation).
-    pub fn new(uri: Url, connect_timeout: Duration, timeout: Duration) -> Result<Self, JwksError> {
-        let client = crate::http::client(connect_timeout, timeout)
+    pub fn new(
+        uri: http::Uri,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Self, JwksError> {
+        let client = crate::http::HttpClient::new(connect_timeout, timeout)
             .map_err(|e| JwksError::Fetch(e.to_string()))?;
-        Ok(Self { client, uri })
+        let full = uri.to_string().into();
+        Ok(Self { client, uri, full })
     }
 }
 
@@ -75,34 +80,34 @@ impl JwksFetcher for HttpFetcher {
             "jwks fetch",
             otel.kind = "client",
             http.request.method = "GET",
-            url.full = self.uri.as_str(),
+            url.full = &*self.full,
             http.response.status_code = tracing::field::Empty,
         );
-        let mut headers = http::HeaderMap::new();
-        crate::trace_context::inject(&span, &mut headers);
+        let mut request = http::Request::get(self.uri.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .body(Default::default())
+            .expect("a GET of a parsed URI is a valid request");
+        crate::trace_context::inject(&span, request.headers_mut());
         Box::pin(tracing::Instrument::instrument(
             async move {
-                let resp = self
-                    .client
-                    .get(self.uri.clone())
-                    .header("accept", "application/json")
-                    .headers(headers)
-                    .send()
-                    .await
-                    .map_err(|e| JwksError::Fetch(crate::http::describe(&e)))?;
+                let answer =
+                    self.client
+                        .send(request, MAX_JWKS_BYTES)
+                        .await
+                        .map_err(|e| match e {
+                            crate::http::HttpError::TooLarge(_) => {
+                                JwksError::Garbage(e.to_string())
+                            }
+                            other => JwksError::Fetch(other.to_string()),
+                        })?;
                 tracing::Span::current().record(
                     "http.response.status_code",
-                    i64::from(resp.status().as_u16()),
+                    i64::from(answer.status.as_u16()),
                 );
-                if resp.status() != reqwest::StatusCode::OK {
-                    return Err(JwksError::Fetch(format!("HTTP {}", resp.status())));
+                if answer.status != http::StatusCode::OK {
+                    return Err(JwksError::Fetch(format!("HTTP {}", answer.status)));
                 }
-                crate::http::read_limited(resp, MAX_JWKS_BYTES)
-                    .await
-                    .map_err(|e| match e {
-                        crate::http::BodyError::TooLarge(_) => JwksError::Garbage(e.to_string()),
-                        crate::http::BodyError::Transport(m) => JwksError::Fetch(m),
-                    })
+                Ok(answer.body.into())
             },
             span,
         ))

@@ -973,7 +973,7 @@ async fn the_builder_takes_the_region_from_the_user_pool_id() {
         "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123"
     );
     assert_eq!(
-        jwks.as_str(),
+        jwks.to_string(),
         "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123/.well-known/jwks.json"
     );
     // A Region given must be the pool's.

@@ -310,7 +310,7 @@ allowed_scopes = ["a/read"]
         assert_eq!(pool.upstream.token_timeout, Duration::from_secs(4));
         assert_eq!(pool.endpoints.pool, "default");
         assert_eq!(
-            pool.endpoints.token_endpoint.as_str(),
+            pool.endpoints.token_endpoint.to_string(),
             "https://example.auth.eu-west-1.amazoncognito.com/oauth2/token"
         );
         assert_eq!(

@@ -191,10 +191,10 @@ impl Settings {
                 map.insert("name".into(), endpoints.pool.as_str().into());
                 map.insert(
                     "token_endpoint".into(),
-                    endpoints.token_endpoint.as_str().into(),
+                    endpoints.token_endpoint.to_string().into(),
                 );
                 map.insert("issuer".into(), endpoints.issuer.as_str().into());
-                map.insert("jwks_uri".into(), endpoints.jwks_uri.as_str().into());
+                map.insert("jwks_uri".into(), endpoints.jwks_uri.to_string().into());
                 map.insert(
                     "accepted_issuers".into(),
                     serde_json::to_value(&endpoints.accepted_issuers)

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use http::Uri;
 use serde::Serialize;
 use url::Url;
 
@@ -41,11 +42,13 @@ pub struct Endpoints {
     /// The pool's name.
     pub pool: String,
     /// `/oauth2/token` URL.
-    pub token_endpoint: Url,
+    #[serde(serialize_with = "display")]
+    pub token_endpoint: Uri,
     /// Expected `iss`, byte for byte.
     pub issuer: String,
     /// JWKS URL.
-    pub jwks_uri: Url,
+    #[serde(serialize_with = "display")]
+    pub jwks_uri: Uri,
     /// Other issuers accepted for this pool (`accept_previous_issuer`), each with
     /// the JWKS URL of its own key set.
     pub accepted_issuers: Vec<AcceptedIssuer>,
@@ -54,7 +57,7 @@ pub struct Endpoints {
 impl Endpoints {
     /// Every issuer this pool's tokens may carry, with its JWKS URL: the pool's
     /// own first, then the accepted ones.
-    pub fn issuers(&self) -> impl Iterator<Item = (&str, &Url)> {
+    pub fn issuers(&self) -> impl Iterator<Item = (&str, &Uri)> {
         std::iter::once((self.issuer.as_str(), &self.jwks_uri)).chain(
             self.accepted_issuers
                 .iter()
@@ -69,7 +72,12 @@ pub struct AcceptedIssuer {
     /// Expected `iss`, byte for byte.
     pub issuer: String,
     /// JWKS URL.
-    pub jwks_uri: Url,
+    #[serde(serialize_with = "display")]
+    pub jwks_uri: Uri,
+}
+
+fn display<S: serde::Serializer>(uri: &Uri, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(uri)
 }
 
 /// `[cognito]` or the `[[pools]]` entries, each with the key prefix its
@@ -225,12 +233,12 @@ pub(super) fn check_pool(
         checked_url(&key("issuer"), &derived.issuer)?;
     }
     let issuer = derived.issuer;
-    let jwks_uri = checked_url(&key("jwks_uri"), &derived.jwks_uri)?;
+    let jwks_uri = endpoint_uri(&key("jwks_uri"), &derived.jwks_uri)?;
     // Blame the key the user wrote: the token endpoint is derived from the domain.
     let (token_key, token_endpoint) = match (&c.token_endpoint, &c.domain) {
         (Some(t), _) => (
             key("token_endpoint"),
-            checked_url(&key("token_endpoint"), t)?,
+            endpoint_uri(&key("token_endpoint"), t)?,
         ),
         (None, Some(d)) => {
             let base = checked_url(&key("domain"), d)?;
@@ -238,7 +246,7 @@ pub(super) fn check_pool(
                 return Err((key("domain"), "must not carry a query or fragment".into()));
             }
             let joined = format!("{}/oauth2/token", base.as_str().trim_end_matches('/'));
-            (key("domain"), checked_url(&key("domain"), &joined)?)
+            (key("domain"), endpoint_uri(&key("domain"), &joined)?)
         }
         (None, None) => {
             return Err((
@@ -252,7 +260,7 @@ pub(super) fn check_pool(
     let mut accepted_issuers = Vec::new();
     for (other, jwks) in derived.previous {
         checked_url(&key("accept_previous_issuer"), &other)?;
-        let jwks = checked_url(&key("accept_previous_issuer"), &jwks)?;
+        let jwks = endpoint_uri(&key("accept_previous_issuer"), &jwks)?;
         check_transport(&jwks).map_err(|m| (key("accept_previous_issuer"), m.to_string()))?;
         accepted_issuers.push(AcceptedIssuer {
             issuer: other,
@@ -301,6 +309,17 @@ fn checked_url(key: &str, text: &str) -> Result<Url, (String, String)> {
         ));
     }
     Ok(url)
+}
+
+/// [`checked_url`] as the `http::Uri` the outbound client takes.
+fn endpoint_uri(key: &str, text: &str) -> Result<Uri, (String, String)> {
+    let url = checked_url(key, text)?;
+    Uri::try_from(url.as_str()).map_err(|e| {
+        (
+            key.to_owned(),
+            format!("{:?}: {e}", redact_userinfo_text(text)),
+        )
+    })
 }
 
 /// `text` with anything between `://` and the last `@` of the authority hidden.

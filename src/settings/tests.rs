@@ -1,8 +1,6 @@
 //! The configuration pipeline end to end: TOML in, [`Settings`] or an error
 //! naming the key out.
 
-use url::Url;
-
 use super::{
     pools::{self, redact_userinfo_text},
     *,
@@ -90,19 +88,18 @@ fn several_pools_each_derive_their_endpoints() {
         us.accepted_issuers,
         [AcceptedIssuer {
             issuer: "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123".into(),
-            jwks_uri: Url::parse(
-                "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
-            )
-            .unwrap(),
+            jwks_uri: "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
+                .parse()
+                .unwrap(),
         }]
     );
     assert_eq!(
-        us.token_endpoint.as_str(),
+        us.token_endpoint.to_string(),
         "https://us.auth.us-east-1.amazoncognito.com/oauth2/token"
     );
     assert_eq!(eu.pool, "eu");
     assert_eq!(
-        eu.jwks_uri.as_str(),
+        eu.jwks_uri.to_string(),
         "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_XyZ987654/.well-known/jwks.json"
     );
     assert!(eu.accepted_issuers.is_empty());
@@ -168,7 +165,7 @@ fn accept_previous_issuer_forms() {
     );
     let pools = check(&list).unwrap();
     assert_eq!(
-        pools[0].accepted_issuers[0].jwks_uri.as_str(),
+        pools[0].accepted_issuers[0].jwks_uri.to_string(),
         "https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
     );
     assert_eq!(pools[0].pool, "default");
@@ -202,7 +199,7 @@ fn derives_cognito_urls() {
     let c = parse(BASE, "t.toml").unwrap();
     let e = c.endpoints().unwrap();
     assert_eq!(
-        e.token_endpoint.as_str(),
+        e.token_endpoint.to_string(),
         "https://example.auth.us-east-1.amazoncognito.com/oauth2/token"
     );
     assert_eq!(
@@ -210,7 +207,7 @@ fn derives_cognito_urls() {
         "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123"
     );
     assert_eq!(
-        e.jwks_uri.as_str(),
+        e.jwks_uri.to_string(),
         "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
     );
     assert_eq!(c.server.listen.port(), 50051);
@@ -224,7 +221,7 @@ fn derives_cognito_urls() {
         "https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123"
     );
     assert_eq!(
-        e.jwks_uri.as_str(),
+        e.jwks_uri.to_string(),
         "https://issuer-cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123/.well-known/jwks.json"
     );
     let typo = BASE.replace("[cognito]", "[cognito]\nissuer_type = \"new\"");
