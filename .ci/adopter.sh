@@ -36,4 +36,13 @@ PY
 # dependencies reused.
 cp Cargo.lock "$dir/"
 [ "${1:-}" = "--write" ] && exit 0
+# What the adopter pays: at most 100 unique crates (name and version) in its
+# normal dependencies, its own tonic (default features) included.
+crates=$(cargo tree -q --manifest-path "$dir/Cargo.toml" -e normal --prefix none \
+  | sed 's/ (\*)//; s/ (proc-macro)//; s/ (\/.*)//' | sort -u | wc -l)
+echo "unique crates of the adopter crate: $crates"
+if [ "$crates" -gt 100 ]; then
+  echo "the README's adopter crate pulls in $crates crates (at most 100)" >&2
+  exit 1
+fi
 CARGO_TARGET_DIR="$repo/target/adopter" cargo test --manifest-path "$dir/Cargo.toml" -q

@@ -238,12 +238,25 @@ struct JwkSetDoc {
     keys: Vec<serde_json::Value>,
 }
 
+/// The members of a JWK (RFC 7517 §4, RFC 7518 §6.3.1) that decide whether it
+/// is an RSA signature-verification key, and its components.
+#[derive(Deserialize)]
+struct Jwk {
+    kty: String,
+    #[serde(rename = "use")]
+    public_key_use: Option<String>,
+    key_ops: Option<Vec<String>>,
+    kid: Option<String>,
+    alg: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+}
+
 /// Parses a JWKS document into verification keys: RSA signing keys only; a key
-/// that cannot be used is skipped; no usable key at all is an error. Each key is
-/// read with jsonwebtoken's JWK types; the verifier is built once here
-/// ([`VerifyingKey`], aws-lc-rs) because the hot path verifies with it.
+/// that cannot be used is skipped; no usable key at all is an error. The
+/// verifier is built once here ([`VerifyingKey`], aws-lc-rs) because the hot
+/// path verifies with it.
 pub fn parse_jwks(body: &[u8]) -> Result<HashMap<String, Arc<VerifyingKey>>, JwksError> {
-    use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyAlgorithm, KeyOperations, PublicKeyUse};
     let doc: JwkSetDoc = serde_json::from_slice(body)
         .map_err(|e| JwksError::Garbage(format!("not a JWK set: {e}")))?;
     let mut keys = HashMap::new();
@@ -252,41 +265,35 @@ pub fn parse_jwks(body: &[u8]) -> Result<HashMap<String, Arc<VerifyingKey>>, Jwk
             tracing::debug!("skipping a JWK with unexpected members");
             continue;
         };
-        let AlgorithmParameters::RSA(rsa) = &jwk.algorithm else {
+        let (Some(n), Some(e)) = (&jwk.n, &jwk.e) else {
             continue;
         };
-        let common = &jwk.common;
-        if common
-            .public_key_use
-            .as_ref()
-            .is_some_and(|u| *u != PublicKeyUse::Signature)
-            || common
-                .key_operations
+        if jwk.kty != "RSA"
+            || jwk.public_key_use.as_deref().is_some_and(|u| u != "sig")
+            || jwk
+                .key_ops
                 .as_ref()
-                .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
+                .is_some_and(|ops| !ops.iter().any(|op| op == "verify"))
         {
             continue;
         }
-        let Some(kid) = common.key_id.as_deref() else {
+        let Some(kid) = jwk.kid.as_deref() else {
             continue;
         };
         if kid.is_empty() || kid.len() > MAX_KID_LEN {
             continue;
         }
-        let (Ok(n), Ok(e)) = (
-            URL_SAFE_NO_PAD.decode(&rsa.n),
-            URL_SAFE_NO_PAD.decode(&rsa.e),
-        ) else {
+        let (Ok(n), Ok(e)) = (URL_SAFE_NO_PAD.decode(n), URL_SAFE_NO_PAD.decode(e)) else {
             tracing::warn!(kid = %kid, "skipping a JWK with bad base64url components");
             continue;
         };
-        // A key declared for another algorithm keeps that name and never
-        // verifies an RS256 token.
-        let alg = common.key_algorithm.map(|a| match a {
-            KeyAlgorithm::RS256 => "RS256".to_owned(),
-            other => format!("{other:?}"),
-        });
-        match VerifyingKey::from_components(kid, alg.as_deref(), &n, &e) {
+        // A key declared for another algorithm keeps that name (cut short for
+        // the logs) and never verifies an RS256 token.
+        let alg = jwk
+            .alg
+            .as_deref()
+            .map(|a| if a.len() > 32 { "other" } else { a });
+        match VerifyingKey::from_components(kid, alg, &n, &e) {
             Ok(key) => {
                 if keys.contains_key(kid) {
                     tracing::warn!(kid = %kid, "duplicate kid in JWKS; keeping the first");
