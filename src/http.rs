@@ -65,7 +65,8 @@ type Connector = hyper_rustls::HttpsConnector<ProxyConnector>;
 /// aws-lc-rs, trusting the platform's roots. No redirects are followed
 /// (credentials must never follow one); every exchange is bounded by the connect
 /// and total timeouts; `HTTPS_PROXY` / `NO_PROXY` are honoured for `https`
-/// (a CONNECT tunnel); plain `http` (loopback only) always goes direct.
+/// (a CONNECT tunnel); plain `http` (loopback only) and loopback hosts always go
+/// direct.
 #[derive(Clone)]
 pub(crate) struct HttpClient {
     inner: Client<Connector, Full<Bytes>>,
@@ -195,8 +196,9 @@ fn proxy_from_env() -> Arc<Matcher> {
     PROXY.get_or_init(|| Arc::new(Matcher::from_env())).clone()
 }
 
-/// TCP to the destination, or for `https` through the proxy the environment
-/// names (an HTTP CONNECT tunnel; TLS then runs end to end inside it).
+/// TCP to the destination, or for `https` to a host other than loopback through
+/// the proxy the environment names (an HTTP CONNECT tunnel; TLS then runs end to
+/// end inside it).
 #[derive(Clone)]
 struct ProxyConnector {
     tcp: HttpConnector,
@@ -216,7 +218,8 @@ impl tower::Service<Uri> for ProxyConnector {
 
     fn call(&mut self, dst: Uri) -> Self::Future {
         let tcp = self.tcp.clone();
-        let via = (dst.scheme() == Some(&http::uri::Scheme::HTTPS))
+        // A proxy cannot reach this machine's loopback: those go direct.
+        let via = (dst.scheme() == Some(&http::uri::Scheme::HTTPS) && !is_loopback_host(&dst))
             .then(|| self.proxy.intercept(&dst))
             .flatten();
         Box::pin(async move {
@@ -366,7 +369,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_proxy_and_plain_http_go_direct() {
+    async fn no_proxy_plain_http_and_loopback_go_direct() {
         let direct = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = direct.local_addr().unwrap().port();
         // A proxy that must not be used: nothing listens there.
@@ -379,6 +382,10 @@ mod tests {
             (
                 Matcher::builder().all(unused).build(),
                 format!("http://127.0.0.1:{port}/"),
+            ),
+            (
+                Matcher::builder().all(unused).build(),
+                format!("https://127.0.0.1:{port}/"),
             ),
         ] {
             // The connection reaches the destination itself.
