@@ -176,8 +176,11 @@ impl App {
         let transport = transport(&cfg)?;
         let tls = match &cfg.tls {
             Some(files) => {
-                let cert = Arc::new(crate::tls::ReloadingCert::load(files)?);
-                let acceptor = crate::tls::acceptor(files, cert.clone())?;
+                let cert = Arc::new(
+                    crate::tls::ReloadingCert::load(&files.cert, &files.key).map_err(tls_error)?,
+                );
+                let acceptor = crate::tls::acceptor(files.client_ca.as_deref(), cert.clone())
+                    .map_err(tls_error)?;
                 Some((
                     cert,
                     acceptor,
@@ -331,6 +334,14 @@ impl App {
 /// `admin.proto` declares; GetToken and Validate are public (they take
 /// credentials or a token as their argument); WatchRevocations needs any valid
 /// token of a registered client; health and reflection are public.
+/// A TLS file the listener cannot use, by its key under `server.tls`.
+fn tls_error((key, message): crate::tls::FileError) -> StartError {
+    StartError::Tls {
+        key: key.trim_start_matches("server.tls."),
+        message,
+    }
+}
+
 fn admin_policy() -> Result<AuthPolicy, StartError> {
     let policy = AuthPolicy::from_descriptors(proto::GATEWAY_DESCRIPTOR_SET)
         .map_err(|e| StartError::Reflection(e.to_string()))?;

@@ -10,7 +10,7 @@
 
 use std::{
     io,
-    path::PathBuf,
+    path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, Mutex, RwLock},
     task::{Context, Poll},
@@ -29,12 +29,11 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::transport::server::Connected;
 
-use crate::{
-    config::TlsConfig,
-    edge::{Edge, Guarded, PeerInfo},
-    server::StartError,
-    settings::server::{certified_key, read_certs, read_file},
-};
+use crate::edge::{Edge, Guarded, PeerInfo};
+
+/// What is wrong with a TLS file: the configuration key that names it
+/// (`server.tls.cert`, ...) and the message (which names the file).
+pub type FileError = (&'static str, String);
 
 /// `server.tls.reload_interval_secs` when unset.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
@@ -64,31 +63,22 @@ pub struct ReloadingCert {
     seen: Mutex<Contents>,
 }
 
-fn start_error((key, message): (&'static str, String)) -> StartError {
-    StartError::Tls {
-        key: key.trim_start_matches("server.tls."),
-        message,
-    }
-}
-
 impl ReloadingCert {
-    /// Reads the pair named by `tls` (a start fails on what `check-config` refuses).
-    pub fn load(tls: &TlsConfig) -> Result<Self, StartError> {
-        let (chain, key) = Self::read(&tls.cert, &tls.key).map_err(start_error)?;
-        let certified = certified_key(&tls.cert, &chain, &tls.key, &key).map_err(start_error)?;
+    /// Reads the pair in `cert` and `key` (a start fails on what `check-config`
+    /// refuses).
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, FileError> {
+        let (chain, key_pem) = Self::read(cert, key)?;
+        let certified = certified_key(cert, &chain, key, &key_pem)?;
         Ok(Self {
-            cert: tls.cert.clone(),
-            key: tls.key.clone(),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
             current: RwLock::new(Arc::new(certified)),
-            seen: Mutex::new((chain, key)),
+            seen: Mutex::new((chain, key_pem)),
         })
     }
 
     /// The contents of the certificate and key files.
-    fn read(
-        cert: &std::path::Path,
-        key: &std::path::Path,
-    ) -> Result<Contents, (&'static str, String)> {
+    fn read(cert: &Path, key: &Path) -> Result<Contents, FileError> {
         Ok((
             read_file("server.tls.cert", cert)?,
             read_file("server.tls.key", key)?,
@@ -174,31 +164,112 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
+/// The bytes of `path`; an error names `key` and the file.
+pub(crate) fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, FileError> {
+    std::fs::read(path).map_err(|e| (key, format!("{}: cannot read: {e}", path.display())))
+}
+
+/// The PEM certificates in `path`, at least one.
+pub(crate) fn read_certs(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, FileError> {
+    parse_certs(key, path, &read_file(key, path)?)
+}
+
+fn parse_certs(
+    key: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, FileError> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            (
+                key,
+                format!("{}: not a PEM certificate ({e})", path.display()),
+            )
+        })?;
+    if certs.is_empty() {
+        return Err((key, format!("{}: not a PEM certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+/// The listener's certificate chain and key, read and checked to belong
+/// together (at start, and again at each reload).
+pub(crate) fn load_certified_key(
+    cert: &Path,
+    key: &Path,
+) -> Result<rustls::sign::CertifiedKey, FileError> {
+    let chain_pem = read_file("server.tls.cert", cert)?;
+    let key_pem = read_file("server.tls.key", key)?;
+    certified_key(cert, &chain_pem, key, &key_pem)
+}
+
+/// [`load_certified_key`] on contents already read.
+pub(crate) fn certified_key(
+    cert: &Path,
+    chain_pem: &[u8],
+    key: &Path,
+    key_pem: &[u8],
+) -> Result<rustls::sign::CertifiedKey, FileError> {
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    let chain = parse_certs("server.tls.cert", cert, chain_pem)?;
+    let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
+        (
+            "server.tls.key",
+            format!(
+                "{}: no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                key.display()
+            ),
+        )
+    })?;
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&private).map_err(|e| {
+        (
+            "server.tls.key",
+            format!("{}: unusable private key: {e}", key.display()),
+        )
+    })?;
+    let certified = rustls::sign::CertifiedKey::new(chain, signer);
+    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        certified.keys_match()
+    {
+        return Err((
+            "server.tls.key",
+            format!(
+                "{} is not the key of the certificate in {}",
+                key.display(),
+                cert.display()
+            ),
+        ));
+    }
+    Ok(certified)
+}
+
 /// The acceptor of the gRPC listener: HTTP/2 by ALPN, the reloading pair, and
 /// client certificates required when `client_ca` is set.
-pub fn acceptor(tls: &TlsConfig, cert: Arc<ReloadingCert>) -> Result<TlsAcceptor, StartError> {
+pub fn acceptor(
+    client_ca: Option<&Path>,
+    cert: Arc<ReloadingCert>,
+) -> Result<TlsAcceptor, FileError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| StartError::Tls {
-            key: "cert",
-            message: e.to_string(),
-        })?;
-    let builder = match &tls.client_ca {
+        .map_err(|e| ("server.tls.cert", e.to_string()))?;
+    let builder = match client_ca {
         Some(ca) => {
+            let refused = |e: &dyn std::fmt::Display| {
+                ("server.tls.client_ca", format!("{}: {e}", ca.display()))
+            };
             let mut roots = rustls::RootCertStore::empty();
-            for c in read_certs("server.tls.client_ca", ca).map_err(start_error)? {
-                roots.add(c).map_err(|e| StartError::Tls {
-                    key: "client_ca",
-                    message: format!("{}: {e}", ca.display()),
-                })?;
+            for c in read_certs("server.tls.client_ca", ca)? {
+                roots.add(c).map_err(|e| refused(&e))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| StartError::Tls {
-                    key: "client_ca",
-                    message: format!("{}: {e}", ca.display()),
-                })?;
+                .map_err(|e| refused(&e))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -326,13 +397,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key, first) = pair(dir.path(), "a");
         let (next_cert, next_key, next) = pair(dir.path(), "b");
-        let files = TlsConfig {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: None,
-            reload_interval_secs: 1,
-        };
-        let served = ReloadingCert::load(&files).unwrap();
+        let served = ReloadingCert::load(&cert, &key).unwrap();
         assert_eq!(served.chain()[0].as_ref(), first);
         assert_eq!(served.reload(), Reload::Unchanged);
 

@@ -1,7 +1,7 @@
 //! `[server]`: the listener's limits checked and typed, the TLS files read as
 //! the listener will read them.
 
-use std::{num::NonZeroUsize, path::Path, time::Duration};
+use std::{num::NonZeroUsize, time::Duration};
 
 use super::At;
 use crate::{
@@ -160,93 +160,10 @@ pub(super) fn check(server: &ServerConfig, at: &At<'_>) -> Result<ServerSettings
 /// Reads and parses the TLS files, as the listener will: each error names the key
 /// and the file (`check-config` and `serve` both stop on it).
 fn check_tls(tls: &TlsConfig) -> Result<(), (&'static str, String)> {
+    use crate::tls::{load_certified_key, read_certs};
     load_certified_key(&tls.cert, &tls.key)?;
     if let Some(ca) = &tls.client_ca {
         read_certs("server.tls.client_ca", ca)?;
     }
     Ok(())
-}
-
-/// The bytes of `path`; an error names `key` and the file.
-pub(crate) fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, (&'static str, String)> {
-    std::fs::read(path).map_err(|e| (key, format!("{}: cannot read: {e}", path.display())))
-}
-
-/// The PEM certificates in `path`, at least one.
-pub(crate) fn read_certs(
-    key: &'static str,
-    path: &Path,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, (&'static str, String)> {
-    parse_certs(key, path, &read_file(key, path)?)
-}
-
-fn parse_certs(
-    key: &'static str,
-    path: &Path,
-    pem: &[u8],
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, (&'static str, String)> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            (
-                key,
-                format!("{}: not a PEM certificate ({e})", path.display()),
-            )
-        })?;
-    if certs.is_empty() {
-        return Err((key, format!("{}: not a PEM certificate", path.display())));
-    }
-    Ok(certs)
-}
-
-/// The listener's certificate chain and key, read and checked to belong
-/// together (at start, and again at each reload).
-pub(crate) fn load_certified_key(
-    cert: &Path,
-    key: &Path,
-) -> Result<rustls::sign::CertifiedKey, (&'static str, String)> {
-    let chain_pem = read_file("server.tls.cert", cert)?;
-    let key_pem = read_file("server.tls.key", key)?;
-    certified_key(cert, &chain_pem, key, &key_pem)
-}
-
-/// [`load_certified_key`] on contents already read.
-pub(crate) fn certified_key(
-    cert: &Path,
-    chain_pem: &[u8],
-    key: &Path,
-    key_pem: &[u8],
-) -> Result<rustls::sign::CertifiedKey, (&'static str, String)> {
-    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
-    let chain = parse_certs("server.tls.cert", cert, chain_pem)?;
-    let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| {
-        (
-            "server.tls.key",
-            format!(
-                "{}: no PEM private key (PKCS#8, PKCS#1 or SEC1)",
-                key.display()
-            ),
-        )
-    })?;
-    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&private).map_err(|e| {
-        (
-            "server.tls.key",
-            format!("{}: unusable private key: {e}", key.display()),
-        )
-    })?;
-    let certified = rustls::sign::CertifiedKey::new(chain, signer);
-    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
-        certified.keys_match()
-    {
-        return Err((
-            "server.tls.key",
-            format!(
-                "{} is not the key of the certificate in {}",
-                key.display(),
-                cert.display()
-            ),
-        ));
-    }
-    Ok(certified)
 }
