@@ -962,6 +962,107 @@ mod outbound_tls {
         child.wait().unwrap();
     }
 
+    /// A CONNECT proxy on loopback that sends every tunnel to `to`, whatever
+    /// host the client asked for (so that no name is ever resolved), and
+    /// reports each CONNECT line.
+    async fn forwarding_proxy(
+        to: String,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (to, seen_tx) = (to.clone(), seen_tx.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+                        if conn.read_exact(&mut byte).await.is_err() {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let _ = seen_tx.send(head.lines().next().unwrap_or_default().to_owned());
+                    let mut upstream = tokio::net::TcpStream::connect(&to).await.unwrap();
+                    conn.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+                });
+            }
+        });
+        (format!("http://127.0.0.1:{}", addr.port()), seen)
+    }
+
+    /// The README's "Outbound HTTPS": with HTTPS_PROXY set, the token endpoint
+    /// (a name, not loopback) is reached through the proxy's CONNECT tunnel with
+    /// TLS end to end (the certificate checked for that name), while the JWKS on
+    /// loopback goes direct.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn https_proxy_is_used_for_named_hosts_and_loopback_goes_direct() {
+        let pki = pki();
+        let emu = emulator(vec![]).await;
+        let upstream = emu
+            .token_endpoint()
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        // `cache.elsewhere.example` is the name pki()'s second certificate is for
+        // (a reserved name that never resolves: only the proxy is ever asked).
+        let named =
+            tls_terminator(&pki.wrong_name_cert, &pki.wrong_name_key, upstream.clone()).await;
+        let loopback = tls_terminator(&pki.cert, &pki.key, upstream.clone()).await;
+        let (proxy, mut seen) =
+            forwarding_proxy(named.trim_start_matches("https://").to_owned()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            "https://cache.elsewhere.example/oauth2/token",
+            emu.issuer(),
+            &emu.jwks_uri()
+                .replacen(&format!("http://{upstream}"), &loopback, 1),
+        );
+        let (mut child, _lines, addr) = serve_process(
+            &cfg,
+            &[
+                ("SSL_CERT_FILE", pki.ca.display().to_string()),
+                ("HTTPS_PROXY", proxy),
+                ("NO_PROXY", String::new()),
+            ],
+        )
+        .await;
+        let mut client = GatewayClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let token = client.get_token(ask()).await.unwrap().into_inner();
+        let valid = client
+            .validate(ValidateRequest {
+                token: token.access_token,
+                required_scopes: vec!["orders/read".into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(valid.valid, "{valid:?}");
+        assert_eq!(emu.token_requests(), 1);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut lines = Vec::new();
+        while let Ok(line) = seen.try_recv() {
+            lines.push(line);
+        }
+        assert_eq!(
+            lines,
+            ["CONNECT cache.elsewhere.example:443 HTTP/1.1"],
+            "one tunnel, to the token endpoint only"
+        );
+    }
+
     /// In the library, with the platform's roots only: a certificate from a CA the
     /// machine does not trust is refused, and the error says it was the
     /// certificate.
