@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side: the same Cognito-shaped token verified by this crate's JwtValidator
+# Side-by-side: the same Cognito-shaped token verified by this crate's CognitoValidator
 # (first-seen path) and by AWS's Node verifier aws-jwt-verify (verifySync, JWKS
 # cached), each on one core, timed the same way (median of rounds of 2,000).
 # Installs aws-jwt-verify from the npm registry into benches/aws-jwt-verify/.

@@ -7,7 +7,7 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use criterion::{Criterion, criterion_group, criterion_main};
 use m2m_gateway::{
     emulator::SigningKey,
-    jwt::{JwtValidator, KeySet, StaticJwks, ValidatorSettings, VerifyingKey},
+    jwt::{CognitoValidator, KeySet, StaticJwks, ValidatorSettings, VerifyingKey},
     proto::gateway::v1 as pb,
     revocations::{RevocationList, Revocations},
 };
@@ -48,7 +48,7 @@ fn bench(c: &mut Criterion) {
     ));
     rt.block_on(keys.refresh()).unwrap();
     // First-seen: the verified-token cache off, so every call does the full check.
-    let validator = JwtValidator::new(
+    let validator = CognitoValidator::new(
         ISS,
         ["k6h0hnjenh7auvi2as".to_string()],
         keys.clone(),
@@ -57,7 +57,7 @@ fn bench(c: &mut Criterion) {
             ..ValidatorSettings::default()
         },
     );
-    let cached = JwtValidator::new(
+    let cached = CognitoValidator::new(
         ISS,
         ["k6h0hnjenh7auvi2as".to_string()],
         keys,

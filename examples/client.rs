@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
     tokens.token().await?;
 
     let service = Channel::from_shared(args.service)?.connect().await?;
-    let mut echo = EchoClient::with_interceptor(service, tokens.interceptor());
+    let mut echo = EchoClient::with_interceptor(service, tokens.bearer_interceptor());
     let reply = echo
         .echo(EchoRequest {
             message: args.message,

@@ -18,7 +18,7 @@ use m2m_gateway::{
     config::CacheBackend,
     dev,
     emulator::{Emulator, EmulatorClient, EmulatorConfig},
-    jwt::{CognitoValidator, JwtValidator},
+    jwt::CognitoValidator,
     proto::gateway::{
         admin::v1::{RestoreClientRequest, RevokeClientRequest, admin_client::AdminClient},
         v1::{GetTokenRequest, gateway_client::GatewayClient},
@@ -101,7 +101,7 @@ async fn main() {
     }
     eprintln!("replicas up");
     // Two services, each watching its own replica.
-    let mut services: Vec<(RevocationWatcher, JwtValidator)> = Vec::new();
+    let mut services: Vec<(RevocationWatcher, CognitoValidator)> = Vec::new();
     for (_, ch) in &replicas[1..] {
         let tokens = TokenSource::from_gateway(
             ch.clone(),

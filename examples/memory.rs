@@ -16,7 +16,7 @@ use m2m_gateway::{
     },
     config::ClientConfig,
     emulator::SigningKey,
-    jwt::{JwtValidator, KeySet, StaticJwks, ValidatorSettings},
+    jwt::{CognitoValidator, KeySet, StaticJwks, ValidatorSettings},
     proto::gateway::v1::{GetTokenRequest, ValidateRequest, gateway_server::Gateway as _},
     registry::Registry,
     service::GatewayService,
@@ -98,7 +98,7 @@ fn main() -> anyhow::Result<()> {
         Duration::from_secs(10),
     ));
     rt.block_on(keys.refresh())?;
-    let validator = JwtValidator::new(
+    let validator = CognitoValidator::new(
         ISS,
         ["k6h0hnjenh7auvi2as".to_string()],
         keys,

@@ -14,7 +14,7 @@ use std::{
 
 use m2m_gateway::{
     emulator::SigningKey,
-    jwt::{JwtValidator, KeySet, StaticJwks, ValidatorSettings},
+    jwt::{CognitoValidator, KeySet, StaticJwks, ValidatorSettings},
 };
 use serde_json::json;
 
@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs(10),
     ));
     keys.refresh().await?;
-    let validator = JwtValidator::new(
+    let validator = CognitoValidator::new(
         issuer.clone(),
         [CLIENT.to_string()],
         keys,
@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
     let median = rounds[rounds.len() / 2];
     eprintln!(
         "{}",
-        json!({"verifier": "m2m-gateway JwtValidator", "median_us": (median * 100.0).round() / 100.0, "ops_per_sec": (1e6 / median).round(), "rounds": rounds.len()})
+        json!({"verifier": "m2m-gateway CognitoValidator", "median_us": (median * 100.0).round() / 100.0, "ops_per_sec": (1e6 / median).round(), "rounds": rounds.len()})
     );
     println!(
         "{}",

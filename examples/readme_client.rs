@@ -19,7 +19,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let tokens = TokenSource::from_gateway(gateway_channel, "dev-client", secret, ["demo/read"]);
     tokens.token().await?;                 // wait for the first token (optional)
-    let mut echo = EchoClient::with_interceptor(service_channel, tokens.interceptor());
+    let mut echo = EchoClient::with_interceptor(service_channel, tokens.bearer_interceptor());
 
     let reply = echo.echo(EchoRequest { message: "hi".into() }).await?.into_inner();
     println!("{} (as {})", reply.message, reply.client_id);

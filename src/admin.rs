@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     auth,
     broker::Broker,
-    jwt::{JwtValidator, Rejection},
+    jwt::{CognitoValidator, Rejection},
     proto::{gateway::admin::v1 as pb, gateway::v1::Revocation as PbRevocation},
     revocations::{Revocation, RevocationList, Revocations, StateError, now_ms},
     settings::RevocationSettings,
@@ -33,7 +33,7 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct KillSwitch {
     broker: Broker,
-    validator: JwtValidator,
+    validator: CognitoValidator,
     state_file: Option<PathBuf>,
     max_lifetime_secs: u64,
     /// One change (and one save of the state file) at a time.
@@ -60,7 +60,7 @@ pub fn load_state(settings: &RevocationSettings) -> Result<RevocationList, State
 
 impl KillSwitch {
     /// The kill switch over `broker`'s revocations (which `validator` refuses).
-    pub fn new(broker: Broker, validator: JwtValidator, settings: &RevocationSettings) -> Self {
+    pub fn new(broker: Broker, validator: CognitoValidator, settings: &RevocationSettings) -> Self {
         // The list as loaded from the state file.
         let saved = broker.revocations().snapshot().version();
         Self {

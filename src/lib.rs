@@ -11,7 +11,7 @@
 //!   endpoints, configuration files, the emulator's server, the `m2m-gateway`
 //!   binary.
 //! - `auth`: only what a tonic service protecting itself needs — [`auth`]
-//!   (`AuthLayer`, the interceptor, `RemoteValidator`, `TokenSource`, `claims`),
+//!   (`AuthLayer`, `AuthInterceptor`, `RemoteValidator`, `TokenSource`, `claims`),
 //!   the validator ([`jwt`]), the hardened serving of [`edge`], the generated
 //!   [`proto`] types and the token-endpoint client ([`oauth`]). No Redis, axum,
 //!   clap, figment, governor, tracing-subscriber, health or reflection; tonic
@@ -37,10 +37,10 @@
 //! | to | use |
 //! |---|---|
 //! | check tokens on a server | [`AuthLayer`] with an [`AuthPolicy`] (or [`AuthPolicy::from_descriptors`] of your `.proto`), [`claims`] in handlers |
-//! | build the validator | [`CognitoValidator::builder`] → [`JwtValidator`]; [`Claims`], [`Invalid`], [`Rejection`], [`BuildError`] |
+//! | build the validator | [`CognitoValidator::builder`] → [`CognitoValidator`]; [`Claims`], [`Invalid`], [`Rejection`], [`BuildError`] |
 //! | ask a gateway instead | [`RemoteValidator`] |
 //! | refuse revoked tokens in-process | [`RevocationWatcher`] with [`WatchOptions`] / [`WhenStale`], its [`Revocations`] given to the validator |
-//! | attach tokens on a client | [`TokenSource`] and its interceptor; [`UpstreamError`] |
+//! | attach tokens on a client | [`TokenSource`] and [`TokenSource::bearer_interceptor`]; [`UpstreamError`] |
 //! | harden the server against strangers | [`Edge`] with [`EdgeSettings`] (`Edge::layers`) |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -116,6 +116,6 @@ pub use auth::{
 };
 pub use edge::{Edge, EdgeSettings};
 pub use http::EndpointError;
-pub use jwt::{BuildError, Claims, CognitoValidator, Invalid, JwtValidator, Rejection};
+pub use jwt::{BuildError, Claims, CognitoValidator, Invalid, Rejection};
 pub use oauth::UpstreamError;
 pub use revocations::Revocations;

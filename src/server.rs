@@ -15,7 +15,7 @@ use crate::{
     calls::CallLayer,
     config::Config,
     edge::{self, Edge, EdgeSettings},
-    jwt::{JwksFetch, JwtValidator, trusted_issuer},
+    jwt::{CognitoValidator, JwksFetch, trusted_issuer},
     proto::{self, gateway::v1::gateway_server::GatewayServer},
     registry::Registry,
     service::GatewayService,
@@ -96,7 +96,7 @@ pub struct App {
     /// The GetToken broker.
     pub broker: Broker,
     /// The access-token validator.
-    pub validator: JwtValidator,
+    pub validator: CognitoValidator,
     /// Counters of the Gateway RPCs.
     pub rpc: Arc<RpcStats>,
     /// The kill switch (the admin API's revocations).
@@ -483,8 +483,8 @@ fn token_endpoints(settings: &Settings) -> Result<Arc<dyn TokenEndpoint>, StartE
 /// The access-token validator of a configuration: for every pool, its issuer
 /// (and any accepted previous issuer), each with its own key set from its own
 /// JWKS URI, and the clients registered for that pool. The key sets are empty
-/// until loaded ([`JwtValidator::spawn_loaders`] or [`KeySet::refresh`](crate::jwt::KeySet::refresh)).
-pub fn build_validator(settings: &Settings) -> Result<JwtValidator, StartError> {
+/// until loaded ([`CognitoValidator::spawn_loaders`] or [`KeySet::refresh`](crate::jwt::KeySet::refresh)).
+pub fn build_validator(settings: &Settings) -> Result<CognitoValidator, StartError> {
     let mut trusted = Vec::new();
     for pool in &settings.pools {
         let e = &pool.endpoints;
@@ -517,7 +517,7 @@ pub fn build_validator(settings: &Settings) -> Result<JwtValidator, StartError> 
         }
     }
     // The settings refused empty and shared issuers.
-    Ok(JwtValidator::for_issuers(
+    Ok(CognitoValidator::for_issuers(
         trusted,
         settings.validator.clone(),
     )?)

@@ -6,10 +6,10 @@ mod support;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use m2m_gateway::{
-    auth::{self, AuthLayer, AuthPolicy, RemoteValidator, TokenSource},
+    auth::{AuthInterceptor, AuthLayer, AuthPolicy, RemoteValidator, TokenSource},
     demo::EchoService,
     emulator::Emulator,
-    jwt::JwtValidator,
+    jwt::CognitoValidator,
     proto::demo::v1::{EchoRequest, echo_client::EchoClient, echo_server::EchoServer},
     server::build_validator,
     settings::Settings,
@@ -55,12 +55,14 @@ async fn serve_with_layer(layer: AuthLayer) -> Served {
     Served { addr, _stop: stop }
 }
 
-async fn serve_with_interceptor(validator: JwtValidator, scopes: &[&str]) -> Served {
+async fn serve_with_interceptor(validator: CognitoValidator, scopes: &[&str]) -> Served {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let svc =
-        EchoServer::with_interceptor(EchoService, auth::interceptor(validator, scopes.to_vec()));
+    let svc = EchoServer::with_interceptor(
+        EchoService,
+        AuthInterceptor::new(validator, scopes.to_vec()),
+    );
     tokio::spawn(
         Server::builder()
             .add_service(svc)
@@ -71,7 +73,7 @@ async fn serve_with_interceptor(validator: JwtValidator, scopes: &[&str]) -> Ser
     Served { addr, _stop: stop }
 }
 
-async fn loaded_validator(emu: &Emulator) -> JwtValidator {
+async fn loaded_validator(emu: &Emulator) -> CognitoValidator {
     let validator =
         build_validator(&Settings::new(config(emu, &[client_a()]), "test").unwrap()).unwrap();
     validator.keys().refresh().await.unwrap();
@@ -252,7 +254,8 @@ async fn token_source_from_the_gateway_calls_a_protected_service() {
     ))
     .await;
     let tokens = TokenSource::from_gateway(gw.channel().await, CLIENT, SECRET, ["orders/read"]);
-    let mut client = EchoClient::with_interceptor(served.channel().await, tokens.interceptor());
+    let mut client =
+        EchoClient::with_interceptor(served.channel().await, tokens.bearer_interceptor());
     let s = client.echo(echo(None)).await.unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated, "no token fetched yet");
     tokens.token().await.unwrap();

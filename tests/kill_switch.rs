@@ -14,7 +14,7 @@ use m2m_gateway::{
     config::{CacheBackend, Config},
     demo::EchoService,
     emulator::{Emulator, EmulatorClient},
-    jwt::{CognitoValidator, JwtValidator},
+    jwt::CognitoValidator,
     proto::{
         demo::v1::{EchoRequest, echo_client::EchoClient, echo_server::EchoServer},
         gateway::{
@@ -309,7 +309,7 @@ async fn every_admin_call_writes_one_audit_line_without_the_token() {
 
 /// A tonic service protected by the AuthLayer with a watched revocation list,
 /// on a free loopback port.
-async fn protected_service(validator: JwtValidator) -> SocketAddr {
+async fn protected_service(validator: CognitoValidator) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let layer = AuthLayer::local(validator, AuthPolicy::new().require(["orders/read"]));
@@ -339,7 +339,7 @@ async fn echo(addr: SocketAddr, token: &str) -> Result<String, tonic::Status> {
         .map(|r| r.into_inner().client_id)
 }
 
-fn service_validator(emu: &Emulator) -> JwtValidator {
+fn service_validator(emu: &Emulator) -> CognitoValidator {
     CognitoValidator::builder()
         .user_pool_id(emu.pool_id())
         .region("us-east-1")

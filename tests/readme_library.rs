@@ -53,7 +53,7 @@ async fn orders_needs_a_token_with_orders_read() {
     let endpoint = emu.token_endpoint().parse().unwrap();
     let reader = TokenSource::from_cognito(endpoint, "reader", "reader-secret", ["orders/read"]).unwrap();
     reader.token().await.unwrap();
-    let mut client = OrdersClient::with_interceptor(channel.clone(), reader.interceptor());
+    let mut client = OrdersClient::with_interceptor(channel.clone(), reader.bearer_interceptor());
     assert!(client.echo(request()).await.is_ok());
     // No token: UNAUTHENTICATED.
     let err = OrdersClient::new(channel.clone()).echo(request()).await.unwrap_err();
@@ -62,6 +62,6 @@ async fn orders_needs_a_token_with_orders_read() {
     let endpoint = emu.token_endpoint().parse().unwrap();
     let biller = TokenSource::from_cognito(endpoint, "biller", "biller-secret", ["billing/read"]).unwrap();
     biller.token().await.unwrap();
-    let mut client = OrdersClient::with_interceptor(channel, biller.interceptor());
+    let mut client = OrdersClient::with_interceptor(channel, biller.bearer_interceptor());
     assert_eq!(client.echo(request()).await.unwrap_err().code(), Code::PermissionDenied);
 }

@@ -490,7 +490,8 @@ async fn token_source_and_auth_layer_carry_the_trace_across_a_call() {
     )
     .unwrap();
     source.token().await.unwrap();
-    let mut client = demo::echo_client::EchoClient::with_interceptor(channel, source.interceptor());
+    let mut client =
+        demo::echo_client::EchoClient::with_interceptor(channel, source.bearer_interceptor());
 
     let caller = tracing::info_span!("caller");
     let caller_id = {

@@ -13,11 +13,11 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use super::{AuthPolicy, RemoteValidator, Requirement, VerifiedClaims, bearer_token, refusal};
-use crate::jwt::{Claims, Invalid, JwtValidator};
+use crate::jwt::{Claims, CognitoValidator, Invalid};
 
 #[derive(Clone)]
 enum Verifier {
-    Local(JwtValidator),
+    Local(CognitoValidator),
     Remote(Box<RemoteValidator>),
 }
 
@@ -67,7 +67,7 @@ impl Shared {
 /// request extensions (read them with [`super::claims`]). Tokens are never logged.
 ///
 /// ```no_run
-/// # async fn demo(validator: m2m_gateway::jwt::JwtValidator) -> Result<(), Box<dyn std::error::Error>> {
+/// # async fn demo(validator: m2m_gateway::jwt::CognitoValidator) -> Result<(), Box<dyn std::error::Error>> {
 /// use m2m_gateway::auth::{AuthLayer, AuthPolicy};
 /// let policy = AuthPolicy::new()
 ///     .service("orders.v1.Orders", ["orders/read"])
@@ -100,7 +100,7 @@ impl fmt::Debug for AuthLayer {
 
 impl AuthLayer {
     /// Validates in-process with `validator` (no network hop per call).
-    pub fn local(validator: JwtValidator, policy: AuthPolicy) -> Self {
+    pub fn local(validator: CognitoValidator, policy: AuthPolicy) -> Self {
         Self::with(Verifier::Local(validator), policy)
     }
 
@@ -116,7 +116,7 @@ impl AuthLayer {
     /// own refusals).
     ///
     /// ```no_run
-    /// # fn demo(validator: m2m_gateway::jwt::JwtValidator) {
+    /// # fn demo(validator: m2m_gateway::jwt::CognitoValidator) {
     /// use m2m_gateway::auth::{AuthLayer, AuthPolicy};
     /// let layer = AuthLayer::local(validator, AuthPolicy::new().require(["orders/read"]))
     ///     .with_check(|claims, method| {

@@ -2,11 +2,12 @@
 //! attach them to your own outgoing calls.
 //!
 //! - [`AuthLayer`]: a tower layer for `Server::builder().layer(...)`, with a
-//!   per-method [`AuthPolicy`]; validates locally with a [`JwtValidator`] (JWKS,
+//!   per-method [`AuthPolicy`]; validates locally with a [`CognitoValidator`] (JWKS,
 //!   no network hop per call) or remotely through the gateway's Validate RPC.
-//! - [`interceptor`]: the same check as a synchronous tonic interceptor.
+//! - [`AuthInterceptor`]: the same check as a synchronous tonic interceptor.
 //! - [`TokenSource`]: obtains, caches and refreshes tokens for callers, with a
-//!   client interceptor that adds `authorization: Bearer`.
+//!   client interceptor ([`TokenSource::bearer_interceptor`]) that adds
+//!   `authorization: Bearer`.
 //! - [`RevocationWatcher`]: keeps the gateway's revocations (the kill switch)
 //!   in-process, so the layer refuses a revoked client's tokens within a
 //!   second, with no call to the gateway per request.
@@ -14,7 +15,7 @@
 //! Protect a tonic service in five lines:
 //!
 //! ```no_run
-//! # async fn demo(validator: m2m_gateway::jwt::JwtValidator) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(validator: m2m_gateway::jwt::CognitoValidator) -> Result<(), Box<dyn std::error::Error>> {
 //! use m2m_gateway::auth::{AuthLayer, AuthPolicy};
 //! # let (_, health) = tonic_health::server::health_reporter();
 //! tonic::transport::Server::builder()
@@ -27,7 +28,7 @@
 //!
 //! Handlers read the verified caller with [`claims`].
 //!
-//! [`JwtValidator`]: crate::jwt::JwtValidator
+//! [`CognitoValidator`]: crate::jwt::CognitoValidator
 
 mod interceptor;
 mod layer;
@@ -38,7 +39,7 @@ mod watch;
 
 use std::sync::Arc;
 
-pub use interceptor::{AuthInterceptor, interceptor};
+pub use interceptor::AuthInterceptor;
 pub use layer::{Auth, AuthLayer, ResponseFuture};
 pub use policy::{AuthPolicy, DEFAULT_PUBLIC, PolicyError, Requirement};
 pub use remote::{DEFAULT_REVALIDATE_AFTER, RemoteValidator};
@@ -54,7 +55,7 @@ use crate::{jwt::Claims, status};
 #[derive(Debug, Clone)]
 pub struct VerifiedClaims(pub Arc<Claims>);
 
-/// The caller's verified claims, when an [`AuthLayer`] or [`interceptor`] let the
+/// The caller's verified claims, when an [`AuthLayer`] or [`AuthInterceptor`] let the
 /// request through (`None` for public methods).
 ///
 /// ```

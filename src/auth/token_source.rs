@@ -100,7 +100,7 @@ struct Inner {
 /// let tokens = TokenSource::from_gateway(gateway, "dev-client", "dev-secret", ["demo/read"]);
 /// tokens.token().await?;          // optional: wait for the first token
 /// let service = tonic::transport::Channel::from_static("http://127.0.0.1:50052").connect().await?;
-/// let mut echo = EchoClient::with_interceptor(service, tokens.interceptor());
+/// let mut echo = EchoClient::with_interceptor(service, tokens.bearer_interceptor());
 /// # let _ = &mut echo;
 /// # Ok(()) }
 /// ```
@@ -270,8 +270,10 @@ impl TokenSource {
             .map(|c| c.token.clone())
     }
 
-    /// A client interceptor adding `authorization: Bearer <token>` from the cache.
-    pub fn interceptor(&self) -> BearerInterceptor {
+    /// Client side: an interceptor adding `authorization: Bearer <token>` from
+    /// the cache to every outgoing call. (The server side, which checks tokens, is
+    /// [`crate::auth::AuthLayer`] or [`crate::auth::AuthInterceptor`].)
+    pub fn bearer_interceptor(&self) -> BearerInterceptor {
         BearerInterceptor(self.clone())
     }
 }

@@ -99,12 +99,12 @@ impl WatchState {
 /// the whole list first, then each change; it resumes where it left off,
 /// reconnects with backoff, and authenticates with the service's own
 /// [`TokenSource`]. Hand [`RevocationWatcher::revocations`] to the validator
-/// ([`JwtValidator::with_revocations`](crate::jwt::JwtValidator::with_revocations))
+/// ([`CognitoValidator::with_revocations`](crate::jwt::CognitoValidator::with_revocations))
 /// and the [`AuthLayer`](super::AuthLayer) refuses revoked tokens in-process.
 /// Stops when dropped.
 ///
 /// ```no_run
-/// # async fn demo(validator: m2m_gateway::jwt::JwtValidator) -> Result<(), Box<dyn std::error::Error>> {
+/// # async fn demo(validator: m2m_gateway::jwt::CognitoValidator) -> Result<(), Box<dyn std::error::Error>> {
 /// use m2m_gateway::auth::{AuthLayer, AuthPolicy, RevocationWatcher, TokenSource, WatchOptions};
 /// let gateway = tonic::transport::Channel::from_static("http://127.0.0.1:50051").connect().await?;
 /// let tokens = TokenSource::from_gateway(gateway.clone(), "orders-svc", "its-secret", Vec::<String>::new());

@@ -366,7 +366,7 @@ impl Edge {
     /// `AuthLayer` after it:
     ///
     /// ```no_run
-    /// # fn demo(validator: m2m_gateway::jwt::JwtValidator) {
+    /// # fn demo(validator: m2m_gateway::jwt::CognitoValidator) {
     /// use m2m_gateway::{auth::{AuthLayer, AuthPolicy}, edge::{self, Edge, EdgeSettings}};
     /// let edge = Edge::new(EdgeSettings::default());
     /// let layers = edge

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use http::Uri;
 
-use super::{HttpFetcher, JwksError, JwtValidator, KeySet, TrustedIssuer, ValidatorSettings};
+use super::{CognitoValidator, HttpFetcher, JwksError, KeySet, TrustedIssuer, ValidatorSettings};
 use crate::http::{EndpointError, check_transport};
 
 use crate::rules::cognito::{DEFAULT_POOL, PoolSpec, region_of_pool_id};
@@ -23,42 +23,38 @@ pub const DEFAULT_JWKS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Total time of one JWKS fetch.
 pub const DEFAULT_JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Builds a [`JwtValidator`] for one Cognito user pool or several.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), m2m_gateway::jwt::BuildError> {
-/// use m2m_gateway::jwt::{CognitoPool, CognitoValidator, IssuerType};
-///
-/// // One pool.
-/// let validator = CognitoValidator::builder()
-///     .user_pool_id("us-east-1_AbCdEf123")   // its Region comes from the id
-///     .clients(["1example23456789"])   // or .any_client()
-///     .build()?;
-///
-/// // Several pools; the first one switching to the updated issuer form.
-/// let validator = CognitoValidator::builder()
-///     .pool(
-///         CognitoPool::new("us-east-1", "us-east-1_AbCdEf123")
-///             .issuer_type(IssuerType::Updated)
-///             .accept_previous_issuer()
-///             .clients(["1example23456789"]),
-///     )
-///     .pool(CognitoPool::new("eu-west-1", "eu-west-1_XyZ987654").clients(["2example"]))
-///     .build()?;
-/// # let _ = validator;
-/// # Ok(()) }
-/// ```
-///
-/// Each issuer has its own key set: a token is checked against the keys of the
-/// issuer it claims (matched exactly) and the clients of that issuer's pool.
-/// Keys are fetched at once and every hour; an unknown `kid` refetches them (at
-/// most once per cooldown); a call made before the first key set arrives waits for
-/// it up to `first_load_wait` (5 s), then answers KEYS_UNAVAILABLE.
-#[derive(Debug, Clone, Copy)]
-pub struct CognitoValidator;
-
 impl CognitoValidator {
-    /// A builder with the gateway's defaults.
+    /// A builder for one Cognito user pool or several, with the gateway's defaults.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), m2m_gateway::jwt::BuildError> {
+    /// use m2m_gateway::jwt::{CognitoPool, CognitoValidator, IssuerType};
+    ///
+    /// // One pool.
+    /// let validator = CognitoValidator::builder()
+    ///     .user_pool_id("us-east-1_AbCdEf123")   // its Region comes from the id
+    ///     .clients(["1example23456789"])   // or .any_client()
+    ///     .build()?;
+    ///
+    /// // Several pools; the first one switching to the updated issuer form.
+    /// let validator = CognitoValidator::builder()
+    ///     .pool(
+    ///         CognitoPool::new("us-east-1", "us-east-1_AbCdEf123")
+    ///             .issuer_type(IssuerType::Updated)
+    ///             .accept_previous_issuer()
+    ///             .clients(["1example23456789"]),
+    ///     )
+    ///     .pool(CognitoPool::new("eu-west-1", "eu-west-1_XyZ987654").clients(["2example"]))
+    ///     .build()?;
+    /// # let _ = validator;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Each issuer has its own key set: a token is checked against the keys of the
+    /// issuer it claims (matched exactly) and the clients of that issuer's pool.
+    /// Keys are fetched at once and every hour; an unknown `kid` refetches them (at
+    /// most once per cooldown); a call made before the first key set arrives waits for
+    /// it up to `first_load_wait` (5 s), then answers KEYS_UNAVAILABLE.
     pub fn builder() -> CognitoValidatorBuilder {
         CognitoValidatorBuilder::default()
     }
@@ -394,7 +390,7 @@ impl CognitoValidatorBuilder {
 
     /// The validator, its key loaders started (fetching at once). Must run inside
     /// a tokio runtime.
-    pub fn build(self) -> Result<JwtValidator, BuildError> {
+    pub fn build(self) -> Result<CognitoValidator, BuildError> {
         // The loaders need one (`spawn_loaders` would panic without it).
         tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
         if self.pools().next().is_none() {
@@ -419,7 +415,7 @@ impl CognitoValidatorBuilder {
                 )?);
             }
         }
-        let validator = JwtValidator::checked(trusted, self.settings, self.first_load_wait)?;
+        let validator = CognitoValidator::checked(trusted, self.settings, self.first_load_wait)?;
         // Detached: each loader holds its key set weakly and ends with the validator.
         let _ = validator.spawn_loaders(self.refresh_period);
         Ok(validator)

@@ -6,10 +6,10 @@ use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
 };
 
-use super::{JwtValidator, Rejection};
+use super::{CognitoValidator, Rejection};
 use crate::prometheus::{Encoder, label_value};
 
-impl JwtValidator {
+impl CognitoValidator {
     /// The validator's series.
     pub(crate) fn encode(&self, out: &mut Encoder) {
         // Validation.

@@ -21,11 +21,11 @@ use std::{
 pub use crate::rules::cognito::DEFAULT_POOL;
 pub use claims::Claims;
 pub use cognito::{
-    BuildError, CognitoPool, CognitoValidator, CognitoValidatorBuilder, DEFAULT_FIRST_LOAD_WAIT,
+    BuildError, CognitoPool, CognitoValidatorBuilder, DEFAULT_FIRST_LOAD_WAIT,
     DEFAULT_JWKS_CONNECT_TIMEOUT, DEFAULT_JWKS_COOLDOWN, DEFAULT_JWKS_FETCH_TIMEOUT,
     DEFAULT_JWKS_REFRESH_PERIOD, IssuerType, PoolError,
 };
-pub use validator::JwtValidator;
+pub use validator::CognitoValidator;
 pub(crate) use validator::not_revoked;
 
 // The validator's plumbing (key sets, fetchers, clocks, per-issuer trust),

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::{
-    JwksError, JwtValidator, KeySet, ManualClock, Rejection, ValidatorSettings,
+    CognitoValidator, JwksError, KeySet, ManualClock, Rejection, ValidatorSettings,
     jwks::tests::ScriptedFetcher,
 };
 use crate::emulator::SigningKey;
@@ -61,14 +61,14 @@ fn without(mut base: Value, name: &str) -> Value {
 }
 
 struct Fixture {
-    validator: JwtValidator,
+    validator: CognitoValidator,
     fetcher: Arc<ScriptedFetcher>,
     clock: ManualClock,
 }
 
 /// A validator for ISS over `keys`, accepting client-a, at NOW.
-fn validator_at_now(keys: Arc<KeySet>) -> JwtValidator {
-    JwtValidator::new(
+fn validator_at_now(keys: Arc<KeySet>) -> CognitoValidator {
+    CognitoValidator::new(
         ISS,
         ["client-a".to_string()],
         keys,
@@ -82,10 +82,10 @@ fn validator_at_now(keys: Arc<KeySet>) -> JwtValidator {
 pub(crate) async fn loaded_validator(
     fetcher: Arc<dyn crate::jwt::JwksFetcher>,
     clock: &ManualClock,
-) -> JwtValidator {
+) -> CognitoValidator {
     let keys = Arc::new(KeySet::new(ISS, fetcher, Duration::from_secs(10)));
     keys.refresh().await.unwrap();
-    JwtValidator::new(
+    CognitoValidator::new(
         ISS,
         ["client-a".to_string()],
         keys,
@@ -467,7 +467,7 @@ async fn keys_are_bound_to_their_issuer() {
         fetcher,
         Duration::from_secs(10),
     ));
-    let _ = JwtValidator::new(
+    let _ = CognitoValidator::new(
         ISS,
         ["client-a".to_string()],
         keys,
@@ -739,8 +739,8 @@ mod several_issuers {
     }
 
     /// Pool A (key-1, client-a) and pool B (key-2, client-b).
-    async fn two_pools() -> JwtValidator {
-        JwtValidator::for_issuers(
+    async fn two_pools() -> CognitoValidator {
+        CognitoValidator::for_issuers(
             [
                 TrustedIssuer::new(key_set("a", POOL_A, &[key()]).await, ["client-a".into()]),
                 TrustedIssuer::new(
@@ -754,7 +754,7 @@ mod several_issuers {
         .with_clock(Arc::new(ManualClock::new(NOW)))
     }
 
-    async fn outcome(v: &JwtValidator, token: &str) -> Result<String, Rejection> {
+    async fn outcome(v: &CognitoValidator, token: &str) -> Result<String, Rejection> {
         v.validate(token, &[])
             .await
             .map(|c| c.issuer().to_owned())
@@ -841,7 +841,7 @@ mod several_issuers {
         let updated = IssuerType::Updated.issuer("us-east-1", pool);
         // Both issuers serve the same JWKS document here, as Cognito may.
         let same_doc = [key()];
-        let during = JwtValidator::for_issuers(
+        let during = CognitoValidator::for_issuers(
             [
                 TrustedIssuer::new(key_set("p", &updated, &same_doc).await, ["client-a".into()]),
                 TrustedIssuer::new(
@@ -859,7 +859,7 @@ mod several_issuers {
         assert_eq!(outcome(&during, &new).await.unwrap(), updated);
 
         // Turned off: the updated form only.
-        let after = JwtValidator::for_issuers(
+        let after = CognitoValidator::for_issuers(
             [TrustedIssuer::new(
                 key_set("p", &updated, &same_doc).await,
                 ["client-a".into()],
@@ -877,7 +877,7 @@ mod several_issuers {
         let pool = "us-east-1_Switch2";
         let original = IssuerType::Original.issuer("us-east-1", pool);
         let updated = IssuerType::Updated.issuer("us-east-1", pool);
-        let v = JwtValidator::for_issuers(
+        let v = CognitoValidator::for_issuers(
             [
                 TrustedIssuer::new(
                     key_set("p", &updated, &[other_key()]).await,
@@ -914,10 +914,10 @@ mod several_issuers {
     #[tokio::test]
     async fn an_empty_or_ambiguous_trust_set_is_refused() {
         assert_eq!(
-            JwtValidator::for_issuers([], ValidatorSettings::default()).unwrap_err(),
+            CognitoValidator::for_issuers([], ValidatorSettings::default()).unwrap_err(),
             TrustError::Empty
         );
-        let twice = JwtValidator::for_issuers(
+        let twice = CognitoValidator::for_issuers(
             [
                 TrustedIssuer::any_client(key_set("a", POOL_A, &[key()]).await),
                 TrustedIssuer::new(key_set("b", POOL_A, &[other_key()]).await, ["x".into()]),
@@ -938,7 +938,7 @@ mod several_issuers {
             )
             .with_pool("b"),
         );
-        let v = JwtValidator::for_issuers(
+        let v = CognitoValidator::for_issuers(
             [
                 TrustedIssuer::any_client(loaded),
                 TrustedIssuer::any_client(pending.clone()),
@@ -1000,7 +1000,7 @@ async fn after_one_wait_in_vain_calls_fail_fast_until_the_keys_load() {
     let fetcher = ScriptedFetcher::new(Err(JwksError::Fetch("connection refused".into())));
     let keys = Arc::new(KeySet::new(ISS, fetcher, Duration::from_secs(10)));
     let wait = Duration::from_secs(5);
-    let v = JwtValidator::checked(
+    let v = CognitoValidator::checked(
         [super::TrustedIssuer::new(keys, ["client-a".to_string()])],
         ValidatorSettings::default(),
         wait,

@@ -28,7 +28,7 @@ use super::{
 /// trusted issuer (index) whose key set holds that key.
 type Verified = (Arc<Claims>, Arc<str>, usize);
 
-/// One issuer a [`JwtValidator`] trusts: the key set bound to it (a token
+/// One issuer a [`CognitoValidator`] trusts: the key set bound to it (a token
 /// claiming this issuer is checked against these keys only) and the app clients
 /// whose tokens are accepted from it. Its name in metrics and logs is the key
 /// set's pool ([`KeySet::with_pool`]).
@@ -107,7 +107,7 @@ pub enum TrustError {
 /// (they are refused, and dropped, on any access before that).
 const SWEEP_EVERY: u64 = 4096;
 
-/// Tunables of a [`JwtValidator`].
+/// Tunables of a [`CognitoValidator`].
 #[derive(Debug, Clone)]
 pub struct ValidatorSettings {
     /// Clock skew tolerated on `exp` and `nbf`.
@@ -131,7 +131,7 @@ impl Default for ValidatorSettings {
 }
 
 /// Verifies Cognito access tokens of one issuer, or of several
-/// ([`JwtValidator::for_issuers`]: user pools, or both issuer forms of a pool
+/// ([`CognitoValidator::for_issuers`]: user pools, or both issuer forms of a pool
 /// during a migration).
 ///
 /// Rules: compact JWS only; `alg` must be `RS256` and equal the JWK's `alg`; `iss`
@@ -143,23 +143,23 @@ impl Default for ValidatorSettings {
 /// registered for that issuer; claims of the wrong JSON type
 /// are MALFORMED.
 ///
+/// Built with [`CognitoValidator::builder`]:
+///
 /// ```no_run
-/// # async fn demo(keys: std::sync::Arc<m2m_gateway::jwt::KeySet>) {
-/// use m2m_gateway::jwt::{JwtValidator, ValidatorSettings};
-/// let validator = JwtValidator::new(
-///     "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbCdEf123",
-///     ["k6h0hnjenh7auvi2as".to_string()],
-///     keys,
-///     ValidatorSettings::default(),
-/// );
+/// # async fn demo() -> Result<(), m2m_gateway::jwt::BuildError> {
+/// use m2m_gateway::CognitoValidator;
+/// let validator = CognitoValidator::builder()
+///     .user_pool_id("us-east-1_AbCdEf123")
+///     .clients(["k6h0hnjenh7auvi2as"])
+///     .build()?;
 /// match validator.validate("eyJ...", &["orders/read".into()]).await {
 ///     Ok(claims) => println!("caller {}", claims.client_id()),
 ///     Err(invalid) => println!("refused: {}", invalid.rejection),
 /// }
-/// # }
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
-pub struct JwtValidator {
+pub struct CognitoValidator {
     inner: Arc<Inner>,
 }
 
@@ -202,7 +202,7 @@ impl Inner {
 
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JwtValidator")
+        f.debug_struct("CognitoValidator")
             .field(
                 "issuers",
                 &self.issuers.iter().map(|t| &t.trusted).collect::<Vec<_>>(),
@@ -242,7 +242,7 @@ fn malformed(detail: impl Into<String>) -> Invalid {
 }
 
 #[cfg_attr(not(feature = "gateway"), doc(hidden))]
-impl JwtValidator {
+impl CognitoValidator {
     /// A validator for tokens of `issuer` signed by `keys`, accepted only for the
     /// given client ids.
     ///
@@ -278,7 +278,7 @@ impl JwtValidator {
         Self::checked(issuers, settings, Duration::ZERO)
     }
 
-    /// [`JwtValidator::for_issuers`] where a call waits up to `first_load_wait`
+    /// [`CognitoValidator::for_issuers`] where a call waits up to `first_load_wait`
     /// for its issuer's first key set instead of answering KEYS_UNAVAILABLE at
     /// once ([`super::CognitoValidator`], the gateway).
     pub(crate) fn checked(

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 use crate::{
     broker::{Broker, BrokerError, Credentials},
     calls::CallNote,
-    jwt::JwtValidator,
+    jwt::CognitoValidator,
     proto::gateway::v1 as pb,
     registry, status,
 };
@@ -27,7 +27,7 @@ const MAX_REQUIRED_SCOPES: usize = 50;
 #[derive(Debug, Clone)]
 pub struct GatewayService {
     broker: Broker,
-    validator: JwtValidator,
+    validator: CognitoValidator,
     /// This process's run of revocation-list versions (WatchRevocations).
     epoch: Arc<str>,
     /// True once the gateway drains: WatchRevocations streams end.
@@ -37,7 +37,7 @@ pub struct GatewayService {
 impl GatewayService {
     /// A service over a broker and a validator (whose revocations, if any,
     /// WatchRevocations streams).
-    pub fn new(broker: Broker, validator: JwtValidator) -> Self {
+    pub fn new(broker: Broker, validator: CognitoValidator) -> Self {
         Self {
             broker,
             validator,

@@ -18,7 +18,7 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use tokio::net::TcpListener;
 
-use crate::{broker::Broker, edge::Edge, jwt::JwtValidator, prometheus::Encoder};
+use crate::{broker::Broker, edge::Edge, jwt::CognitoValidator, prometheus::Encoder};
 
 pub use crate::calls::{GATEWAY_METHODS, GET_TOKEN, Method, RpcStats, VALIDATE};
 
@@ -28,7 +28,7 @@ pub use crate::calls::{REFUSAL_LOG_INTERVAL, REFUSALS_LOGGED_PER_INTERVAL, Refus
 #[derive(Debug, Clone)]
 pub struct Telemetry {
     broker: Broker,
-    validator: JwtValidator,
+    validator: CognitoValidator,
     rpc: Arc<RpcStats>,
     listening: Arc<AtomicBool>,
     edge: Arc<std::sync::OnceLock<Arc<Edge>>>,
@@ -36,7 +36,7 @@ pub struct Telemetry {
 
 impl Telemetry {
     /// Telemetry over the gateway's parts.
-    pub fn new(broker: Broker, validator: JwtValidator, rpc: Arc<RpcStats>) -> Self {
+    pub fn new(broker: Broker, validator: CognitoValidator, rpc: Arc<RpcStats>) -> Self {
         Self {
             broker,
             validator,
