@@ -205,7 +205,13 @@ impl CognitoClient {
             "token endpoint",
             otel.kind = "client",
             http.request.method = "POST",
-            server.address = self.endpoint.host().unwrap_or_default(),
+            // OpenTelemetry's server.address: an IPv6 literal without brackets.
+            server.address = self
+                .endpoint
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']'),
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );
