@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The library's public API as an adopter's documentation shows it
-# (`cargo doc --no-default-features --features auth`), against the list in
+# (`cargo doc --no-default-features --features auth`: its items and the
+# inherent methods of its structs and enums), against the list in
 # .ci/library-api.txt: an item that appears or disappears fails CI until the
 # list is updated on purpose (`.ci/library-api.sh --write`).
 set -euo pipefail
@@ -9,9 +10,19 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --no-default-features --f
 items=$(python3 - "${CARGO_TARGET_DIR:-target}/doc/m2m_gateway/all.html" <<'PY'
 import re, sys
 page = open(sys.argv[1]).read()
+import os
+root = os.path.dirname(sys.argv[1])
 for section, body in re.findall(r'<h3 id="([a-z-]+)">.*?</h3><ul class="all-items">(.*?)</ul>', page, re.S):
-    for name in re.findall(r'href="[^"]+">([^<]+)<', body):
+    for href, name in re.findall(r'href="([^"]+)">([^<]+)<', body):
         print(f"{section} {name}")
+        # The inherent methods a type's page shows (not trait or blanket ones).
+        if section in ("structs", "enums"):
+            item = open(os.path.join(root, href)).read()
+            inherent = item.split('id="implementations-list"', 1)
+            if len(inherent) == 2:
+                inherent = re.split(r'id="(?:trait|synthetic|blanket)-implementations', inherent[1])[0]
+                for method in sorted(set(re.findall(r'id="method\.([a-z_0-9]+)"', inherent))):
+                    print(f"methods {name}::{method}")
 PY
 )
 if [ "${1:-}" = "--write" ]; then

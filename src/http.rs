@@ -268,7 +268,7 @@ pub enum EndpointError {
 }
 
 /// Whether `url` may carry client secrets or keys: `https`, or `http` to loopback.
-pub fn check_transport(url: &Uri) -> Result<(), EndpointError> {
+pub(crate) fn check_transport(url: &Uri) -> Result<(), EndpointError> {
     match url.scheme_str() {
         Some("https") => Ok(()),
         Some("http") if is_loopback_host(url) => Ok(()),

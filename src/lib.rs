@@ -61,6 +61,21 @@ macro_rules! gateway_internal {
     )*};
 }
 
+/// One item the gateway's binary, tests, examples and benches reach (the
+/// validator's plumbing), which is not an adopter's API: public with
+/// `gateway`, crate-private in the library alone.
+macro_rules! gateway_pub {
+    ($(#[$meta:meta])* pub $($item:tt)*) => {
+        $(#[$meta])*
+        #[cfg(feature = "gateway")]
+        pub $($item)*
+        $(#[$meta])*
+        #[cfg(not(feature = "gateway"))]
+        #[allow(dead_code, unused_imports)]
+        pub(crate) $($item)*
+    };
+}
+
 gateway_internal! {
     refusal_log;
     rules;

@@ -10,16 +10,12 @@ use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
-pub use crate::http::check_transport;
 use crate::http::{self, HttpClient, HttpError};
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// TCP/TLS connect timeout of a token request.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Total time of one token request, retry included.
-pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest token-endpoint answer read.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -120,7 +116,7 @@ struct ErrorBody {
 }
 
 /// Something that performs the client_credentials grant: Cognito over HTTP in
-/// production ([`CognitoClient`]), anything in tests.
+/// production, anything in tests.
 pub trait TokenEndpoint: Send + Sync + 'static {
     /// One grant request (with whatever retry the implementation does).
     fn client_credentials<'a>(
@@ -149,10 +145,9 @@ impl TokenEndpoint for CognitoClient {
     }
 }
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Calls the token endpoint. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct CognitoClient {
+pub(crate) struct CognitoClient {
     http: HttpClient,
     endpoint: ::http::Uri,
     timeout: Duration,
@@ -161,7 +156,7 @@ pub struct CognitoClient {
 impl CognitoClient {
     /// A client for `endpoint` with connect and total timeouts; the total covers
     /// the one retry too.
-    pub fn new(
+    pub(crate) fn new(
         endpoint: ::http::Uri,
         connect_timeout: Duration,
         timeout: Duration,
@@ -173,15 +168,10 @@ impl CognitoClient {
         })
     }
 
-    /// The token endpoint.
-    pub fn endpoint(&self) -> &::http::Uri {
-        &self.endpoint
-    }
-
     /// `grant_type=client_credentials` with HTTP Basic client authentication and
     /// the space-separated `scope`. Retries once, after a jittered pause, on a
     /// connection error or a 5xx; never on a 4xx; never past the total timeout.
-    pub async fn request(
+    pub(crate) async fn request(
         &self,
         client_id: &str,
         secret: &SecretString,

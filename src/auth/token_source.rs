@@ -213,8 +213,8 @@ impl TokenSource {
         crate::http::check_transport(&token_endpoint)?;
         let client = CognitoClient::new(
             token_endpoint,
-            Duration::from_secs(2),
-            Duration::from_secs(5),
+            crate::oauth::DEFAULT_CONNECT_TIMEOUT,
+            crate::oauth::DEFAULT_TOKEN_TIMEOUT,
         )?;
         Ok(Self::new(Arc::new(client), client_id, secret, scopes))
     }

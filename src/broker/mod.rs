@@ -40,7 +40,8 @@ use aws_lc_rs::hmac;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use secrecy::SecretString;
 
-pub use crate::oauth::{AccessToken, CognitoClient, TokenEndpoint, TokenResponse, UpstreamError};
+pub(crate) use crate::oauth::CognitoClient;
+pub use crate::oauth::{AccessToken, TokenEndpoint, TokenResponse, UpstreamError};
 pub use budget::{BudgetStats, BudgetStatsSnapshot};
 pub use check::{RedisCheckError, RedisReport};
 pub use error::{BrokerError, CredentialsError, ScopeRefusal};

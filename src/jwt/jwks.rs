@@ -19,7 +19,8 @@ pub const MAX_JWKS_BYTES: usize = 256 * 1024;
 /// Longest `kid` accepted, from a JWKS or a token header.
 pub const MAX_KID_LEN: usize = 256;
 
-/// Why a JWKS fetch did not produce a key set.
+/// Why a JWKS fetch did not produce a key set, or its client could not be built
+/// ([`BuildError::Jwks`](super::BuildError::Jwks)).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwksError {
     /// Transport failure, timeout, or non-200 status.

@@ -2,6 +2,10 @@
 //! verification steps and RFC 8725. Nothing here knows gRPC: the result is verified
 //! [`Claims`] or an [`Invalid`] carrying a stable [`Rejection`].
 
+// The plumbing is crate-private in the library alone (`gateway_pub!`): its
+// `pub` methods are then unreachable, and some unused, by design.
+#![cfg_attr(not(feature = "gateway"), allow(unreachable_pub, dead_code))]
+
 mod claims;
 mod cognito;
 mod jwks;
@@ -30,16 +34,22 @@ pub(crate) use validator::not_revoked;
 
 // The validator's plumbing (key sets, fetchers, clocks, per-issuer trust),
 // which the gateway assembles by hand and its tests and benches drive: not an
-// adopter's API, so out of the library's documentation.
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
-pub use cognito::{JwksFetch, jwks_uri_of, trusted_issuer};
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
-pub use jwks::{
-    HttpFetcher, JwksError, JwksFetcher, JwksStats, JwksStatsSnapshot, KeyError, KeySet,
-    MAX_JWKS_BYTES, MAX_KID_LEN, StaticJwks, VerifyingKey, parse_jwks,
-};
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
-pub use validator::{TrustError, TrustedIssuer, ValidatorSettings};
+// adopter's API, so crate-private in the library alone.
+gateway_pub! {
+    pub use cognito::{JwksFetch, jwks_uri_of, trusted_issuer};
+}
+gateway_pub! {
+    pub use jwks::{
+        HttpFetcher, JwksFetcher, JwksStats, JwksStatsSnapshot, KeyError, KeySet, MAX_JWKS_BYTES,
+        MAX_KID_LEN, StaticJwks, VerifyingKey, parse_jwks,
+    };
+}
+gateway_pub! {
+    pub use validator::{TrustedIssuer, ValidatorSettings};
+}
+// The errors of a builder's failure (BuildError::Jwks, BuildError::Trust).
+pub use jwks::JwksError;
+pub use validator::TrustError;
 
 /// Why a token was refused. Maps 1:1 onto the proto `Rejection` enum; the
 /// [`Rejection::as_str`] names are stable labels for metrics and alerts.
@@ -113,12 +123,13 @@ impl fmt::Display for Rejection {
     }
 }
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
-/// Counters of validation outcomes, by [`Rejection`].
-#[derive(Debug, Default)]
-pub struct ValidationStats {
-    valid: std::sync::atomic::AtomicU64,
-    rejected: [std::sync::atomic::AtomicU64; Rejection::ALL.len()],
+gateway_pub! {
+    /// Counters of validation outcomes, by [`Rejection`].
+    #[derive(Debug, Default)]
+    pub struct ValidationStats {
+        valid: std::sync::atomic::AtomicU64,
+        rejected: [std::sync::atomic::AtomicU64; Rejection::ALL.len()],
+    }
 }
 
 impl ValidationStats {
@@ -160,17 +171,19 @@ impl Invalid {
     }
 }
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
-/// Wall-clock source for `exp`/`nbf` checks; injectable for tests.
-pub trait Clock: Send + Sync + fmt::Debug + 'static {
-    /// Now, in unix seconds.
-    fn now(&self) -> i64;
+gateway_pub! {
+    /// Wall-clock source for `exp`/`nbf` checks; injectable for tests.
+    pub trait Clock: Send + Sync + fmt::Debug + 'static {
+        /// Now, in unix seconds.
+        fn now(&self) -> i64;
+    }
 }
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
-/// The system clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
+gateway_pub! {
+    /// The system clock.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct SystemClock;
+}
 
 impl Clock for SystemClock {
     fn now(&self) -> i64 {
@@ -181,10 +194,11 @@ impl Clock for SystemClock {
     }
 }
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
-/// A clock set by hand, for tests.
-#[derive(Debug, Clone, Default)]
-pub struct ManualClock(Arc<AtomicI64>);
+gateway_pub! {
+    /// A clock set by hand, for tests.
+    #[derive(Debug, Clone, Default)]
+    pub struct ManualClock(Arc<AtomicI64>);
+}
 
 impl ManualClock {
     /// A clock reading `now`.

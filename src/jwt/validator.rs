@@ -91,7 +91,8 @@ impl TrustedIssuer {
     }
 }
 
-/// Why a set of [`TrustedIssuer`]s cannot make a validator.
+/// Why the trusted issuers given cannot make a validator
+/// ([`BuildError::Trust`](super::BuildError::Trust)).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TrustError {
     /// No issuer at all: every token would be refused.
@@ -130,9 +131,8 @@ impl Default for ValidatorSettings {
     }
 }
 
-/// Verifies Cognito access tokens of one issuer, or of several
-/// ([`CognitoValidator::for_issuers`]: user pools, or both issuer forms of a pool
-/// during a migration).
+/// Verifies Cognito access tokens of one issuer, or of several (user pools, or
+/// both issuer forms of a pool during a migration: [`CognitoValidatorBuilder::pool`](super::CognitoValidatorBuilder::pool)).
 ///
 /// Rules: compact JWS only; `alg` must be `RS256` and equal the JWK's `alg`; `iss`
 /// must equal a trusted issuer exactly (checked before any key lookup: trust is
@@ -241,41 +241,43 @@ fn malformed(detail: impl Into<String>) -> Invalid {
     Invalid::new(Rejection::Malformed, detail)
 }
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 impl CognitoValidator {
-    /// A validator for tokens of `issuer` signed by `keys`, accepted only for the
-    /// given client ids.
-    ///
-    /// # Panics
-    /// If `keys` belongs to another issuer: keys are bound to their issuer.
-    pub fn new(
-        issuer: impl Into<String>,
-        clients: impl IntoIterator<Item = String>,
-        keys: Arc<KeySet>,
-        settings: ValidatorSettings,
-    ) -> Self {
-        assert_eq!(
-            keys.issuer(),
-            issuer.into(),
-            "a key set is bound to its issuer"
-        );
-        Self::build(
-            vec![TrustedIssuer::new(keys, clients)],
-            settings,
-            Arc::new(SystemClock),
-            Duration::ZERO,
-            None,
-        )
+    gateway_pub! {
+        /// A validator for tokens of `issuer` signed by `keys`, accepted only for the
+        /// given client ids.
+        ///
+        /// # Panics
+        /// If `keys` belongs to another issuer: keys are bound to their issuer.
+        pub fn new(
+            issuer: impl Into<String>,
+            clients: impl IntoIterator<Item = String>,
+            keys: Arc<KeySet>,
+            settings: ValidatorSettings,
+        ) -> Self {
+            assert_eq!(
+                keys.issuer(),
+                issuer.into(),
+                "a key set is bound to its issuer"
+            );
+            Self::build(
+                vec![TrustedIssuer::new(keys, clients)],
+                settings,
+                Arc::new(SystemClock),
+                Duration::ZERO,
+                None,
+            )
+        }
     }
 
-    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
-    /// A validator for tokens of any of `issuers`, each checked against its own
-    /// key set and its own clients.
-    pub fn for_issuers(
-        issuers: impl IntoIterator<Item = TrustedIssuer>,
-        settings: ValidatorSettings,
-    ) -> Result<Self, TrustError> {
-        Self::checked(issuers, settings, Duration::ZERO)
+    gateway_pub! {
+        /// A validator for tokens of any of `issuers`, each checked against its own
+        /// key set and its own clients.
+        pub fn for_issuers(
+            issuers: impl IntoIterator<Item = TrustedIssuer>,
+            settings: ValidatorSettings,
+        ) -> Result<Self, TrustError> {
+            Self::checked(issuers, settings, Duration::ZERO)
+        }
     }
 
     /// [`CognitoValidator::for_issuers`] where a call waits up to `first_load_wait`
@@ -339,17 +341,18 @@ impl CognitoValidator {
         }
     }
 
-    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
-    /// Replaces the clock (tests). Starts with an empty verified-token cache.
-    pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
-        let i = &self.inner;
-        Self::build(
-            i.issuers.iter().map(|t| t.trusted.clone()).collect(),
-            i.settings(),
-            clock,
-            i.first_load_wait,
-            i.revocations.clone(),
-        )
+    gateway_pub! {
+        /// Replaces the clock (tests). Starts with an empty verified-token cache.
+        pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
+            let i = &self.inner;
+            Self::build(
+                i.issuers.iter().map(|t| t.trusted.clone()).collect(),
+                i.settings(),
+                clock,
+                i.first_load_wait,
+                i.revocations.clone(),
+            )
+        }
     }
 
     /// Refuses revoked clients' and tokens' tokens (REVOKED) from the shared
@@ -384,11 +387,12 @@ impl CognitoValidator {
         }
     }
 
-    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
-    /// The trusted issuers, in order, each with the outcomes of the tokens that
-    /// claimed it.
-    pub fn issuers(&self) -> impl Iterator<Item = (&TrustedIssuer, &ValidationStats)> {
-        self.inner.issuers.iter().map(|t| (&t.trusted, &t.stats))
+    gateway_pub! {
+        /// The trusted issuers, in order, each with the outcomes of the tokens that
+        /// claimed it.
+        pub fn issuers(&self) -> impl Iterator<Item = (&TrustedIssuer, &ValidationStats)> {
+            self.inner.issuers.iter().map(|t| (&t.trusted, &t.stats))
+        }
     }
 
     /// Whether every trusted issuer's first key set has been loaded.
@@ -399,7 +403,7 @@ impl CognitoValidator {
             .all(|t| t.trusted.keys.is_loaded())
     }
 
-    /// Starts one loader per trusted issuer's key set ([`KeySet::spawn_loader`]):
+    /// Starts one loader per trusted issuer's key set:
     /// the first key set with backoff, then a refresh every `period`. Each ends
     /// once its key set is gone (or when its handle is aborted).
     pub fn spawn_loaders(&self, period: Duration) -> Vec<tokio::task::JoinHandle<()>> {
@@ -422,22 +426,25 @@ impl CognitoValidator {
         self.inner.issuers[0].trusted.issuer()
     }
 
-    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
-    /// The (first) issuer's key set.
-    pub fn keys(&self) -> &Arc<KeySet> {
-        &self.inner.issuers[0].trusted.keys
+    gateway_pub! {
+        /// The (first) issuer's key set.
+        pub fn keys(&self) -> &Arc<KeySet> {
+            &self.inner.issuers[0].trusted.keys
+        }
     }
 
-    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
-    /// Outcome counters, all issuers together.
-    pub fn stats(&self) -> &ValidationStats {
-        &self.inner.stats
+    gateway_pub! {
+        /// Outcome counters, all issuers together.
+        pub fn stats(&self) -> &ValidationStats {
+            &self.inner.stats
+        }
     }
 
-    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
-    /// Verified tokens currently remembered (approximate).
-    pub fn cached_verifications(&self) -> u64 {
-        self.inner.verified.as_ref().map_or(0, |c| c.len() as u64)
+    gateway_pub! {
+        /// Verified tokens currently remembered (approximate).
+        pub fn cached_verifications(&self) -> u64 {
+            self.inner.verified.as_ref().map_or(0, |c| c.len() as u64)
+        }
     }
 
     /// Full validation. An unknown `kid` triggers a JWKS refetch of the token's
@@ -461,28 +468,29 @@ impl CognitoValidator {
         result
     }
 
-    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
-    /// Validation with the keys already loaded, never waiting (for synchronous
-    /// interceptors): an unknown `kid` is UNKNOWN_KEY without a refetch.
-    pub fn validate_loaded(
-        &self,
-        token: &str,
-        required_scopes: &[String],
-    ) -> Result<Arc<Claims>, Invalid> {
-        let digest = self.cache_key(token);
-        let mut issuer = None;
-        let result = self
-            .cached(digest.as_ref(), required_scopes, &mut issuer)
-            .unwrap_or_else(|| {
-                let parsed = self.parse(token)?;
-                let (raw, i) = self.issuer_checks(&parsed.payload)?;
-                issuer = Some(i);
-                let key = self.lookup_after_refresh(i, &parsed.kid)?;
-                self.finish(digest, &parsed, raw, i, &key, required_scopes)
-            });
-        let result = self.unrevoked(result);
-        self.record(issuer, &result);
-        result
+    gateway_pub! {
+        /// Validation with the keys already loaded, never waiting (for synchronous
+        /// interceptors): an unknown `kid` is UNKNOWN_KEY without a refetch.
+        pub fn validate_loaded(
+            &self,
+            token: &str,
+            required_scopes: &[String],
+        ) -> Result<Arc<Claims>, Invalid> {
+            let digest = self.cache_key(token);
+            let mut issuer = None;
+            let result = self
+                .cached(digest.as_ref(), required_scopes, &mut issuer)
+                .unwrap_or_else(|| {
+                    let parsed = self.parse(token)?;
+                    let (raw, i) = self.issuer_checks(&parsed.payload)?;
+                    issuer = Some(i);
+                    let key = self.lookup_after_refresh(i, &parsed.kid)?;
+                    self.finish(digest, &parsed, raw, i, &key, required_scopes)
+                });
+            let result = self.unrevoked(result);
+            self.record(issuer, &result);
+            result
+        }
     }
 
     fn record(&self, issuer: Option<usize>, result: &Result<Arc<Claims>, Invalid>) {
