@@ -91,8 +91,9 @@ impl RemoteValidator {
         self
     }
 
-    /// Allows `exp` this far in the past (clock skew), as the local validator's
-    /// `ValidatorSettings::leeway` does.
+    /// Allows `exp` this far in the past (clock skew), as the local validator
+    /// does ([`CognitoValidatorBuilder::leeway`](crate::jwt::CognitoValidatorBuilder::leeway),
+    /// 5 s by default).
     pub fn with_leeway(mut self, leeway: Duration) -> Self {
         self.leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
         self
