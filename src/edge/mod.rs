@@ -53,9 +53,8 @@ const PREFACE_LEN: u64 = 24;
 /// At shutdown, how long a connection without a call in flight is left to h2's
 /// own graceful close (GOAWAY, the last frames flushed) before it is closed.
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(250);
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Longest `grpc-message` sent: error details never grow with the request.
-pub const MAX_STATUS_MESSAGE: usize = 1024;
+pub(crate) const MAX_STATUS_MESSAGE: usize = 1024;
 /// Longest pause between two accept attempts after an accept error.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -66,10 +65,9 @@ pub const REFLECTION_PATHS: [&str; 2] = [
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Server-streaming methods whose answers last (a stream, not one message):
 /// they get the stream lifetime and the stream slots instead of the unary ones.
-pub const LONG_LIVED_PATHS: [&str; 2] = [
+pub(crate) const LONG_LIVED_PATHS: [&str; 2] = [
     "/grpc.health.v1.Health/Watch",
     "/m2m.gateway.v1.Gateway/WatchRevocations",
 ];
@@ -82,11 +80,10 @@ const STALL_GRACE: Duration = Duration::from_secs(2);
 /// Descriptors kept for the process itself (upstream, Redis, admin, logs).
 const RESERVED_DESCRIPTORS: usize = 256;
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// `wanted` connections, lowered to stay below the open-file limit so that the
 /// process never runs out of descriptors for its own sockets (upstream calls,
 /// Redis, logs).
-pub fn connection_cap(wanted: usize) -> usize {
+pub(crate) fn connection_cap(wanted: usize) -> usize {
     let Some(limit) = open_file_limit() else {
         return wanted;
     };
@@ -109,42 +106,31 @@ fn open_file_limit() -> Option<usize> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
 /// Default of [`EdgeSettings::max_connections`] (before [`connection_cap`]).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default of [`EdgeSettings::max_connections_per_peer`]: a tenth of the default
 /// table, so that one address cannot fill it.
-pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 1_000;
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 1_000;
 /// Default of [`EdgeSettings::response_timeout`], in milliseconds (the gateway's
 /// `server.request_timeout_ms`).
-pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 10_000;
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 10_000;
 /// Default of [`EdgeSettings::max_stream_lifetime`], in seconds.
-pub const DEFAULT_MAX_STREAM_SECS: u64 = 300;
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_MAX_STREAM_SECS: u64 = 300;
 /// Default of [`EdgeSettings::max_streams_per_peer`].
-pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 16;
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_MAX_STREAMS_PER_PEER: usize = 16;
 /// Default of [`EdgeSettings::max_streams_per_connection`].
-pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 4;
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 4;
 /// Default of [`EdgeSettings::handshake_timeout`], in milliseconds.
-pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// Default of [`EdgeSettings::idle_timeout`], in seconds.
-pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
 /// Default of [`EdgeSettings::body_timeout`], in milliseconds.
-pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 3_000;
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_BODY_TIMEOUT_MS: u64 = 3_000;
 /// Default of [`EdgeSettings::max_message_bytes`].
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Default of [`EdgeSettings::max_requests_per_peer`] (a quarter of the
 /// gateway's default `max_concurrent_requests`).
-pub const DEFAULT_MAX_REQUESTS_PER_PEER: usize = 256;
+pub(crate) const DEFAULT_MAX_REQUESTS_PER_PEER: usize = 256;
 
 /// Limits of the listener and of every request. The defaults are the gateway's
 /// (`[server]` in its configuration) and suit any tonic service.
