@@ -11,8 +11,8 @@ pub mod gateway {
         pub use super::message::Claims;
     }
 
-    /// `m2m.gateway.admin.v1`: the kill switch's admin API.
-    #[cfg_attr(not(feature = "gateway"), doc(hidden))]
+    /// `m2m.gateway.admin.v1`: the kill switch's admin API (the gateway's).
+    #[cfg(feature = "gateway")]
     pub mod admin {
         /// Version 1.
         pub mod v1 {
@@ -32,18 +32,13 @@ pub mod gateway {
 
 /// `m2m.auth.v1`: the access options declared in `.proto` files, and the view of
 /// descriptor sets that reads them.
-pub mod auth {
+pub(crate) mod auth {
     /// The options' extension messages (google/protobuf/descriptor.proto parts).
     pub(crate) mod internal {
         #![allow(missing_docs, unreachable_pub, clippy::all, dead_code)]
         tonic::include_proto!("m2m.auth.internal");
     }
 }
-
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
-/// `proto/m2m/auth/v1/options.proto`: import it in your `.proto` files to declare
-/// the scopes each method needs (see `AuthPolicy::from_descriptors`).
-pub const AUTH_OPTIONS_PROTO: &str = include_str!("../proto/m2m/auth/v1/options.proto");
 
 /// `m2m.demo.v1`: the demo service of the protected-server example.
 #[cfg_attr(not(any(feature = "gateway", feature = "emulator")), doc(hidden))]
@@ -143,7 +138,7 @@ impl<M: prost::Message + Clone + Default> prost::Message for Shared<M> {
 }
 
 /// Encoded `FileDescriptorSet` of `m2m.gateway.v1` (with its imports).
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+#[cfg(feature = "gateway")]
 pub const GATEWAY_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gateway_descriptor.bin"));
 
@@ -159,9 +154,10 @@ pub const DEMO_DESCRIPTOR_SET: &[u8] =
 /// It is for sending only: decoding into it skips every field and keeps nothing.
 /// `Debug` shows the length, never the bytes (a request may hold a token).
 #[derive(Clone, Default, PartialEq, Eq)]
-#[cfg_attr(not(feature = "gateway"), doc(hidden))]
+#[cfg(any(feature = "gateway", test))]
 pub struct Encoded(pub bytes::Bytes);
 
+#[cfg(any(feature = "gateway", test))]
 impl Encoded {
     /// Encodes `message` once.
     pub fn of(message: &impl prost::Message) -> Self {
@@ -169,12 +165,14 @@ impl Encoded {
     }
 }
 
+#[cfg(any(feature = "gateway", test))]
 impl std::fmt::Debug for Encoded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Encoded({} bytes)", self.0.len())
     }
 }
 
+#[cfg(any(feature = "gateway", test))]
 impl prost::Message for Encoded {
     fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
         buf.put_slice(&self.0);
