@@ -19,9 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `ValidateResponse.claims` is shared between the answers for one verified
     // token (`crate::proto::SharedClaims`); the `Claims` message it holds comes
     // from a second run over the same file, without services, in `claims/`.
-    // The gateway's own server side is not an adopter's API (their clients are).
+    // The gateway's own server side is not an adopter's API (their clients are):
+    // compiled with the gateway feature only.
     tonic_prost_build::configure()
-        .server_mod_attribute(".", r#"#[cfg_attr(not(feature = "gateway"), doc(hidden))]"#)
+        .server_mod_attribute(".", r#"#[cfg(feature = "gateway")]"#)
         .extern_path(".m2m.gateway.v1.Claims", "crate::proto::SharedClaims")
         .file_descriptor_set_path(out_dir.join("gateway_descriptor.bin"))
         .compile_protos(
