@@ -1063,6 +1063,55 @@ mod outbound_tls {
         );
     }
 
+    /// The README's "Outbound HTTPS": a machine without any trusted root logs it
+    /// once, and https calls fail their handshake with the reason.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_any_trusted_root_the_gateway_says_so() {
+        let pki = pki();
+        let emu = emulator(vec![]).await;
+        let upstream = emu
+            .token_endpoint()
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let https = tls_terminator(&pki.cert, &pki.key, upstream).await;
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("no-roots.pem");
+        std::fs::write(&empty, "").unwrap();
+        let cfg = config(
+            dir.path(),
+            &format!("{https}/oauth2/token"),
+            emu.issuer(),
+            &emu.jwks_uri(),
+        );
+        let (mut child, _lines, addr, startup) = serve_process_logged(
+            &cfg,
+            &[
+                ("SSL_CERT_FILE", empty.display().to_string()),
+                ("SSL_CERT_DIR", dir.path().display().to_string()),
+            ],
+        )
+        .await;
+        let mut client = GatewayClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let refused = client.get_token(ask()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("certificate"), "{refused:?}");
+        // Logged once, at the start (the outbound clients are built then).
+        let warned: Vec<_> = startup
+            .iter()
+            .filter(|l| l.contains("no trusted root certificates found"))
+            .collect();
+        assert_eq!(warned.len(), 1, "{startup:#?}");
+        assert!(warned[0].contains("WARN"), "{}", warned[0]);
+        assert_eq!(emu.token_requests(), 0);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// In the library, with the platform's roots only: a certificate from a CA the
     /// machine does not trust is refused, and the error says it was the
     /// certificate.

@@ -320,6 +320,21 @@ pub async fn serve_process(
     tokio::sync::mpsc::UnboundedReceiver<String>,
     String,
 ) {
+    let (child, lines, addr, _) = serve_process_logged(config, envs).await;
+    (child, lines, addr)
+}
+
+/// [`serve_process`], also giving the log lines written before "gateway
+/// listening" (the start).
+pub async fn serve_process_logged(
+    config: &std::path::Path,
+    envs: &[(&str, String)],
+) -> (
+    std::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+    String,
+    Vec<String>,
+) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_m2m-gateway"))
         .args(["serve", "--config"])
@@ -338,10 +353,16 @@ pub async fn serve_process(
             let _ = lines_tx.send(line);
         }
     });
-    let listening = tokio::time::timeout(
-        Duration::from_secs(20),
-        wait_for_line(&mut lines, "gateway listening"),
-    )
+    let mut startup = Vec::new();
+    let listening = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let line = lines.recv().await.expect("gateway exited early");
+            if line.contains("gateway listening") {
+                return line;
+            }
+            startup.push(line);
+        }
+    })
     .await
     .expect("gateway starts");
     let addr = listening
@@ -350,7 +371,7 @@ pub async fn serve_process(
         .and_then(|s| s.split_whitespace().next())
         .expect("address in the log line")
         .to_owned();
-    (child, lines, addr)
+    (child, lines, addr, startup)
 }
 
 /// The next of `lines` that contains `needle`.
