@@ -872,6 +872,27 @@ mod outbound_tls {
         path
     }
 
+    /// The emulator's `host:port` (what a TLS terminator relays to).
+    fn authority(emu: &m2m_gateway::emulator::Emulator) -> String {
+        let endpoint = emu.token_endpoint();
+        let rest = endpoint.trim_start_matches("http://");
+        rest[..rest.find('/').unwrap_or(rest.len())].to_owned()
+    }
+
+    /// A token from GetToken, and Validate accepts it with its scope.
+    async fn token_validates(client: &mut GatewayClient<tonic::transport::Channel>) {
+        let token = client.get_token(ask()).await.unwrap().into_inner();
+        let valid = client
+            .validate(ValidateRequest {
+                token: token.access_token,
+                required_scopes: vec!["orders/read".into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(valid.valid, "{valid:?}");
+    }
+
     fn ask() -> GetTokenRequest {
         GetTokenRequest {
             client_id: CLIENT.into(),
@@ -887,13 +908,7 @@ mod outbound_tls {
     async fn the_gateway_reaches_cognito_over_https_trusting_the_platforms_roots() {
         let pki = pki();
         let emu = emulator(vec![]).await;
-        let upstream = emu
-            .token_endpoint()
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let upstream = authority(&emu);
         let https = tls_terminator(&pki.cert, &pki.key, upstream.clone()).await;
         let secure = |url: String| url.replacen(&format!("http://{upstream}"), &https, 1);
         let dir = tempfile::tempdir().unwrap();
@@ -909,17 +924,8 @@ mod outbound_tls {
         let mut client = GatewayClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
-        let token = client.get_token(ask()).await.unwrap().into_inner();
+        token_validates(&mut client).await;
         assert_eq!(emu.token_requests(), 1);
-        let valid = client
-            .validate(ValidateRequest {
-                token: token.access_token,
-                required_scopes: vec!["orders/read".into()],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(valid.valid, "{valid:?}");
         child.kill().unwrap();
         child.wait().unwrap();
 
@@ -1005,13 +1011,7 @@ mod outbound_tls {
     async fn https_proxy_is_used_for_named_hosts_and_loopback_goes_direct() {
         let pki = pki();
         let emu = emulator(vec![]).await;
-        let upstream = emu
-            .token_endpoint()
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let upstream = authority(&emu);
         // `cache.elsewhere.example` is the name pki()'s second certificate is for
         // (a reserved name that never resolves: only the proxy is ever asked).
         let named =
@@ -1039,16 +1039,7 @@ mod outbound_tls {
         let mut client = GatewayClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
-        let token = client.get_token(ask()).await.unwrap().into_inner();
-        let valid = client
-            .validate(ValidateRequest {
-                token: token.access_token,
-                required_scopes: vec!["orders/read".into()],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(valid.valid, "{valid:?}");
+        token_validates(&mut client).await;
         assert_eq!(emu.token_requests(), 1);
         child.kill().unwrap();
         child.wait().unwrap();
@@ -1069,13 +1060,7 @@ mod outbound_tls {
     async fn without_any_trusted_root_the_gateway_says_so() {
         let pki = pki();
         let emu = emulator(vec![]).await;
-        let upstream = emu
-            .token_endpoint()
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let upstream = authority(&emu);
         let https = tls_terminator(&pki.cert, &pki.key, upstream).await;
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("no-roots.pem");
@@ -1119,13 +1104,7 @@ mod outbound_tls {
     async fn an_untrusted_certificate_is_refused_with_the_reason() {
         let pki = pki();
         let emu = emulator(vec![]).await;
-        let upstream = emu
-            .token_endpoint()
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
+        let upstream = authority(&emu);
         let https = tls_terminator(&pki.cert, &pki.key, upstream).await;
         let tokens = TokenSource::from_cognito(
             format!("{https}/oauth2/token").parse().unwrap(),
