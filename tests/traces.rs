@@ -252,21 +252,12 @@ async fn get_token_spans_join_the_callers_trace_and_go_on_to_the_token_endpoint(
     assert!(checked.valid);
     // A path no service has, made up by the caller: its span is `unknown`.
     let stranger = [0x33; 8];
-    let made_up = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap()
-        .post(format!("http://{addr}/made.Up/Path-{}", "x".repeat(40)))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header(
-            "traceparent",
-            format!("00-{}-{}-01", hex(&trace), hex(&stranger)),
-        )
-        .body(vec![0u8; 5])
-        .send()
-        .await
-        .unwrap();
+    let made_up = raw_call(
+        &format!("http://{addr}/made.Up/Path-{}", "x".repeat(40)),
+        &format!("00-{}-{}-01", hex(&trace), hex(&stranger)),
+        None,
+    )
+    .await;
     // Refused before any service: it carries no token.
     assert_eq!(made_up.headers()["grpc-status"], "16", "UNAUTHENTICATED");
 
@@ -530,25 +521,13 @@ async fn token_source_and_auth_layer_carry_the_trace_across_a_call() {
     // A path the policy meets only under its default, made up by a caller
     // with a valid token: its span is `unknown`, the path is nowhere.
     let stranger = [0x44; 8];
-    let answer = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap()
-        .post(format!("http://{addr}/made.Up/Path"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header(
-            "authorization",
-            format!("Bearer {}", source.token().await.unwrap().expose()),
-        )
-        .header(
-            "traceparent",
-            format!("00-{}-{}-01", hex(&trace), hex(&stranger)),
-        )
-        .body(vec![0u8; 5])
-        .send()
-        .await
-        .unwrap();
+    let bearer = format!("Bearer {}", source.token().await.unwrap().expose());
+    let answer = raw_call(
+        &format!("http://{addr}/made.Up/Path"),
+        &format!("00-{}-{}-01", hex(&trace), hex(&stranger)),
+        Some(&bearer),
+    )
+    .await;
     assert_eq!(answer.headers()["grpc-status"], "12", "UNIMPLEMENTED");
     spans
         .until("the made-up path's span", |all| {
@@ -561,4 +540,21 @@ async fn token_source_and_auth_layer_carry_the_trace_across_a_call() {
     );
     assert!(!format!("{:?}", spans.all).contains("made.Up"));
     let _ = provider.shutdown();
+}
+
+/// One gRPC call over raw HTTP/2 to `url` (any path, an empty message) with
+/// `traceparent` and, when given, `authorization`.
+async fn raw_call(url: &str, traceparent: &str, authorization: Option<&str>) -> reqwest::Response {
+    let mut call = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+        .post(url)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("traceparent", traceparent);
+    if let Some(value) = authorization {
+        call = call.header("authorization", value);
+    }
+    call.body(vec![0u8; 5]).send().await.unwrap()
 }
