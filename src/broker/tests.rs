@@ -974,6 +974,36 @@ mod http {
         json!({"access_token": fake_jwt(scope, 1), "expires_in": 3600, "token_type": "Bearer"})
     }
 
+    /// Invariant 12: a secret never follows a redirect, wherever it points.
+    #[tokio::test]
+    async fn a_redirect_is_never_followed() {
+        let elsewhere = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(ok_body("orders/read")))
+            .expect(0)
+            .mount(&elsewhere)
+            .await;
+        let server = MockServer::start().await;
+        for status in [301, 302, 307, 308] {
+            Mock::given(method("POST"))
+                .and(path("/oauth2/token"))
+                .respond_with(
+                    ResponseTemplate::new(status)
+                        .insert_header("location", format!("{}/steal", elsewhere.uri())),
+                )
+                .up_to_n_times(1)
+                .mount(&server)
+                .await;
+            let b = http_broker(client_for(&server, Duration::from_secs(5)).await);
+            let e = b.get_token(&creds("s3cret"), &[]).await.unwrap_err();
+            assert!(
+                matches!(e, BrokerError::UpstreamUnavailable(_)),
+                "{status}: {e:?}"
+            );
+        }
+        assert!(elsewhere.received_requests().await.unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn request_has_the_cognito_shape() {
         let server = MockServer::start().await;
